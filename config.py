@@ -1,0 +1,147 @@
+"""Command-line flags shared by every entry script, and `--config FILE`.
+
+A config file is JSON whose keys are flag names (`{"dataset": "rings", "epoch": 50}`); its
+values become the defaults and explicit flags still win. Unknown keys and invalid values end
+the program with a one-line error that names the fix and exit status 2, never a traceback.
+
+    parser = config.parser("FCE / NCE on 2D toy data")
+    parser.add_argument("--batch", type=config.positive_int, default=1000)
+    args = config.parse(parser, argv)
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def fail(message, prog=None):
+    """Stop with a one-line error and exit status 2 (bad input, not a bug)."""
+    prog = prog or os.path.basename(sys.argv[0])
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.exit(2)
+
+
+def positive_int(s):
+    try:
+        v = int(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def positive_float(s):
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def nonnegative_float(s):
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def open_unit(s):
+    """A float strictly between 0 and 1 (e.g. the FCE accuracy threshold)."""
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
+    return v
+
+
+def parser(description):
+    """A Parser with the flags every script shares: --config, --seed, --device, --wandb,
+    --project, --out_dir, --resume."""
+    p = Parser(description=description,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="JSON file whose keys are flag names; explicit flags override it")
+    p.add_argument("--seed", type=int, default=42, help="fixes data, initialisation, sampling")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+                   help="auto: online when logged in, else offline (sync later)")
+    p.add_argument("--project", default="ebm-flows", help="wandb project")
+    p.add_argument("--out_dir", default=None,
+                   help="run directory (config, metrics, checkpoint); default runs/<run name>")
+    p.add_argument("--resume", default=None,
+                   help="run directory (or its checkpoint.pt) to continue from")
+    return p
+
+
+def _convert(action, value, source):
+    """Apply a flag's type and choices to a value read from a config file."""
+    def one(v):
+        if action.type is not None and not isinstance(v, bool) and v is not None:
+            try:
+                v = action.type(v if isinstance(v, str) else str(v))
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                raise SystemExit(f"{source}: key {action.dest!r}: {e}")
+        if action.choices is not None and v not in action.choices:
+            raise SystemExit(f"{source}: key {action.dest!r}: {v!r} is not one of "
+                             f"{', '.join(map(str, action.choices))}")
+        return v
+    return [one(v) for v in value] if isinstance(value, list) else one(value)
+
+
+def load_config_file(path, parser_):
+    """Read a JSON config and check it against the parser: unknown keys are an error."""
+    if not os.path.isfile(path):
+        fail(f"config file {path!r} not found; pass an existing JSON file to --config")
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except json.JSONDecodeError as e:
+        fail(f"config file {path!r} is not valid JSON ({e})")
+    if not isinstance(cfg, dict):
+        fail(f"config file {path!r} must hold a JSON object of flag names")
+    actions = {a.dest: a for a in parser_._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(cfg) - set(actions))
+    if unknown:
+        fail(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the flag names: "
+             f"{', '.join(sorted(actions))}")
+    try:
+        return {k: _convert(actions[k], v, path) for k, v in cfg.items()}
+    except SystemExit as e:
+        fail(str(e))
+
+
+def parse(parser_, argv=None):
+    """Parse argv with an optional --config file supplying defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser_.set_defaults(**load_config_file(known.config, parser_))
+    return parser_.parse_args(argv)
+
+
+def run_name(*parts):
+    """A default run name: the given parts and a timestamp, e.g. fce-maf-8gaussians-s42-<time>."""
+    return "-".join(str(p) for p in parts) + time.strftime("-%Y%m%d-%H%M%S")
+
+
+def to_dict(args):
+    """The resolved configuration as a JSON-ready dict."""
+    return {k: v for k, v in sorted(vars(args).items())}

@@ -1,0 +1,390 @@
+"""Normalizing flows q_alpha(x) with one interface: `log_prob(x)`, `sample(n)`,
+`sample_and_log_prob(n)`, `.to(device)`.
+
+A flow is a standard normal base N(0, I) and a list of invertible transforms. Each transform
+maps data towards noise:
+
+    forward(x) -> (z, log|det dz/dx|)        inverse(z) -> (x, log|det dx/dz|)
+
+so  log q(x) = log N(T(x); 0, I) + sum_k log|det J_k|  and sampling runs the inverses.
+Samples are reparameterised: x = T^{-1}(z) with z ~ N(0, I), so gradients flow through them
+(FCE's flow step needs that).
+
+Papers:
+- MADE: Germain et al. 2015. MAF: Papamakarios et al. 2017 (BatchNorm between blocks, sec. 3.4).
+- Glow: Kingma & Dhariwal 2018 (ActNorm, invertible 1x1 conv in LU form, affine coupling).
+- RealNVP affine coupling: Dinh et al. 2017.
+
+Cost of each direction (D = data dimension):
+- MAF: density (forward) one MADE pass; sampling (inverse) D sequential passes.
+- Glow / coupling: one pass either way.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ebm import mlp
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def soft_clamp(x, bound):
+    """bound * tanh(x / bound): identity near 0, never beyond +-bound (keeps exp() finite)."""
+    return bound * torch.tanh(x / bound)
+
+
+def std_normal_log_prob(z):
+    """log N(z; 0, I) summed over the last dimension."""
+    return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+
+class Flow(nn.Module):
+    """Base N(0, I_D) pushed through `transforms` (listed from data side to noise side)."""
+
+    def __init__(self, transforms, dim, spec=None):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+        self.dim = dim
+        self._spec = spec or {}
+        self.register_buffer("_anchor", torch.zeros(()))  # tells device and dtype
+
+    def forward(self, x):
+        """z = T(x) and log|det dz/dx|, shape (N,)."""
+        log_det = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, ld = t(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z):
+        """x = T^{-1}(z) and log|det dx/dz|, shape (N,)."""
+        log_det = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, ld = t.inverse(z)
+            log_det = log_det + ld
+        return z, log_det
+
+    def log_prob(self, x):
+        """log q(x) = log N(T(x)) + log|det dT/dx|."""
+        z, log_det = self(x)
+        return std_normal_log_prob(z) + log_det
+
+    def sample_and_log_prob(self, n):
+        """Reparameterised samples x = T^{-1}(z), z ~ N(0, I), with log q(x) from the same pass."""
+        z = torch.randn(n, self.dim, device=self._anchor.device, dtype=self._anchor.dtype)
+        x, log_det = self.inverse(z)
+        return x, std_normal_log_prob(z) - log_det
+
+    def sample(self, n):
+        return self.sample_and_log_prob(n)[0]
+
+    @torch.no_grad()
+    def initialize(self, x):
+        """Data-dependent initialisation (ActNorm): one density pass on a data batch."""
+        self.log_prob(x)
+        return self
+
+    def spec(self):
+        """Keyword arguments of `build_flow` that rebuild this flow (stored in checkpoints)."""
+        return dict(self._spec)
+
+
+# ----------------------------------------------------------------------------- MADE / MAF
+class MaskedLinear(nn.Linear):
+    """Linear layer whose weight is multiplied by a fixed 0/1 mask (MADE, eq. 10)."""
+
+    def __init__(self, n_in, n_out, mask):
+        super().__init__(n_in, n_out)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def made_degrees(dim, hidden, reverse=False):
+    """Degrees m(k) of the inputs and of each hidden layer (MADE sec. 4).
+
+    Inputs get 1..D (or D..1 when `reverse`); hidden unit k of a layer gets
+    (k mod (D - 1)) + 1, so every degree 1..D-1 is present."""
+    d_in = torch.arange(1, dim + 1)
+    if reverse:
+        d_in = d_in.flip(0)
+    degrees = [d_in]
+    for h in hidden:
+        degrees.append(torch.arange(h) % max(dim - 1, 1) + 1)
+    return degrees
+
+
+class MADE(nn.Module):
+    """Masked autoencoder: outputs[..., i] depend only on inputs x_j of lower degree.
+
+    Hidden masks connect k <- j iff m(k) >= m(j); output masks connect i <- k iff m(i) > m(k).
+    Returns `n_params` tensors of shape (N, D) (e.g. shift and log-scale of an affine MAF)."""
+
+    def __init__(self, dim, hidden=(64, 64), n_params=2, act="relu", reverse=False):
+        super().__init__()
+        self.dim, self.n_params = dim, n_params
+        deg = made_degrees(dim, hidden, reverse)
+        self.input_degrees = deg[0]
+        layers = []
+        for d_prev, d_next in zip(deg[:-1], deg[1:]):
+            mask = (d_next[:, None] >= d_prev[None, :])
+            layers += [MaskedLinear(len(d_prev), len(d_next), mask), _act(act)]
+        out_deg = deg[0].repeat(n_params)
+        out_mask = out_deg[:, None] > deg[-1][None, :]
+        self.out = MaskedLinear(len(deg[-1]), dim * n_params, out_mask)
+        nn.init.zeros_(self.out.weight)  # start as the identity transform
+        nn.init.zeros_(self.out.bias)
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        h = self.out(self.body(x))
+        return h.view(x.shape[0], self.n_params, self.dim).unbind(1)
+
+
+def _act(name):
+    from ebm import ACTIVATIONS
+
+    return ACTIVATIONS[name]()
+
+
+class MAFLayer(nn.Module):
+    """Affine autoregressive transform (MAF eq. 4): z_i = (x_i - mu_i(x_<i)) exp(-alpha_i(x_<i)).
+
+    Density direction (forward): one MADE pass. Sampling direction (inverse): D passes, since
+    x_i needs x_<i first. alpha is soft-clamped to +-`bound` so exp(alpha) stays finite."""
+
+    def __init__(self, dim, hidden=(64, 64), act="relu", reverse=False, bound=6.0):
+        super().__init__()
+        self.made = MADE(dim, hidden, 2, act, reverse)
+        self.bound = bound
+
+    def _mu_alpha(self, x):
+        mu, alpha = self.made(x)
+        return mu, soft_clamp(alpha, self.bound)
+
+    def forward(self, x):
+        mu, alpha = self._mu_alpha(x)
+        return (x - mu) * torch.exp(-alpha), -alpha.sum(-1)
+
+    def inverse(self, z):
+        x = torch.zeros_like(z)
+        for _ in range(z.shape[-1]):  # pass k fixes the coordinate of degree k
+            mu, alpha = self._mu_alpha(x)
+            x = z * torch.exp(alpha) + mu
+        return x, alpha.sum(-1)
+
+
+class BatchNormFlow(nn.Module):
+    """Batch normalisation as a flow (MAF sec. 3.4, RealNVP sec. 3.7):
+    z = (x - m) / sqrt(v + eps) * exp(log_gamma) + beta.
+
+    Training-mode density passes use batch statistics and update running averages; sampling
+    and eval mode use the running averages, so the transform is then fixed and invertible."""
+
+    def __init__(self, dim, momentum=0.05, eps=1e-5):
+        super().__init__()
+        self.log_gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def _stats(self, x):
+        if self.training and x.shape[0] > 1:
+            m, v = x.mean(0), x.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(m, self.momentum)
+                self.running_var.lerp_(v, self.momentum)
+            return m, v
+        return self.running_mean, self.running_var
+
+    def forward(self, x):
+        m, v = self._stats(x)
+        log_scale = self.log_gamma - 0.5 * torch.log(v + self.eps)
+        z = (x - m) * torch.exp(log_scale) + self.beta
+        return z, log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, z):
+        log_scale = self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
+        x = (z - self.beta) * torch.exp(-log_scale) + self.running_mean
+        return x, (-log_scale).sum().expand(z.shape[0])
+
+
+# ----------------------------------------------------------------------------- Glow
+class ActNorm(nn.Module):
+    """z = (x - loc) * exp(-log_scale), per dimension (Glow sec. 3.1).
+
+    Data-dependent init: the first density pass sets loc and log_scale to the batch mean and
+    log std, so z starts standardised. A dimension whose batch std is below 1e-3 keeps scale 1
+    (a constant batch would otherwise give log_scale = -inf)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _init(self, x):
+        std = x.std(0) if x.shape[0] > 1 else torch.ones_like(x[0])
+        std = torch.where(torch.isfinite(std) & (std > 1e-3), std, torch.ones_like(std))
+        self.loc.copy_(x.mean(0))
+        self.log_scale.copy_(std.log())
+        self.initialized.fill_(True)
+
+    def forward(self, x):
+        if not self.initialized:
+            self._init(x)
+        z = (x - self.loc) * torch.exp(-self.log_scale)
+        return z, (-self.log_scale.sum()).expand(x.shape[0])
+
+    def inverse(self, z):
+        x = z * torch.exp(self.log_scale) + self.loc
+        return x, self.log_scale.sum().expand(z.shape[0])
+
+
+class InvertibleLinearLU(nn.Module):
+    """z = W x with W = P L (U + diag(sign(s) exp(log|s|))) (Glow sec. 3.2, LU form):
+    log|det W| = sum log|s| costs O(D); P is a fixed permutation, L unit lower-triangular."""
+
+    def __init__(self, dim):
+        super().__init__()
+        w = torch.linalg.qr(torch.randn(dim, dim))[0]
+        P, L, U = torch.linalg.lu(w)
+        s = torch.diagonal(U)
+        self.register_buffer("P", P)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(dim, dim), -1))
+        self.L = nn.Parameter(L)
+        self.U = nn.Parameter(torch.triu(U, 1))
+        self.log_s = nn.Parameter(torch.log(torch.abs(s)))
+
+    def weight(self):
+        eye = torch.eye(self.P.shape[0], dtype=self.L.dtype, device=self.L.device)
+        L = self.L * self.lower_mask + eye
+        U = self.U * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.P @ L @ U
+
+    def forward(self, x):
+        return x @ self.weight().T, self.log_s.sum().expand(x.shape[0])
+
+    def inverse(self, z):
+        return z @ torch.linalg.inv(self.weight()).T, (-self.log_s.sum()).expand(z.shape[0])
+
+
+class AffineCoupling(nn.Module):
+    """RealNVP/Glow affine coupling: x = (x_a, x_b), x_a passes unchanged and
+    z_b = (x_b - t(x_a)) exp(-s(x_a)); one pass either way, log|det| = -sum s.
+
+    s is soft-clamped to +-`bound`. `swap` conditions on the second half instead of the first.
+    `affine=False` gives NICE's additive coupling (s = 0)."""
+
+    def __init__(self, dim, hidden=(64, 64), act="silu", swap=False, bound=4.0, affine=True):
+        super().__init__()
+        self.d_a = dim // 2 if not swap else dim - dim // 2
+        self.swap, self.bound, self.affine = swap, bound, affine
+        self.net = mlp([self.d_a, *hidden, 2 * (dim - self.d_a)], act)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _split(self, x):
+        if self.swap:
+            x = x.flip(-1)
+        return x[:, : self.d_a], x[:, self.d_a:]
+
+    def _join(self, a, b):
+        x = torch.cat([a, b], -1)
+        return x.flip(-1) if self.swap else x
+
+    def _shift_log_scale(self, a):
+        t, s = self.net(a).chunk(2, -1)
+        return t, (soft_clamp(s, self.bound) if self.affine else torch.zeros_like(s))
+
+    def forward(self, x):
+        a, b = self._split(x)
+        t, s = self._shift_log_scale(a)
+        return self._join(a, (b - t) * torch.exp(-s)), -s.sum(-1)
+
+    def inverse(self, z):
+        a, b = self._split(z)
+        t, s = self._shift_log_scale(a)
+        return self._join(a, b * torch.exp(s) + t), s.sum(-1)
+
+
+# ----------------------------------------------------------------------------- fixed noise
+class AffineGaussian(nn.Module):
+    """Fixed affine map x = mu + L z (L the Cholesky factor of the covariance): the transform
+    that turns N(0, I) into N(mu, L L^T). No parameters: NCE's noise distribution."""
+
+    def __init__(self, mean, cov):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("chol", torch.linalg.cholesky(cov))
+
+    def forward(self, x):
+        z = torch.linalg.solve_triangular(self.chol, (x - self.mean).T, upper=False).T
+        return z, -torch.log(torch.diagonal(self.chol)).sum().expand(x.shape[0])
+
+    def inverse(self, z):
+        x = self.mean + z @ self.chol.T
+        return x, torch.log(torch.diagonal(self.chol)).sum().expand(z.shape[0])
+
+
+# ----------------------------------------------------------------------------- builders
+def maf(dim=2, n_blocks=5, hidden=(64, 64), act="relu", batch_norm=False):
+    """MAF: `n_blocks` MADE layers with the variable order reversed between blocks, optionally
+    BatchNorm between them (MAF paper sec. 3.4)."""
+    layers = []
+    for i in range(n_blocks):
+        layers.append(MAFLayer(dim, hidden, act, reverse=bool(i % 2)))
+        if batch_norm and i < n_blocks - 1:
+            layers.append(BatchNormFlow(dim))
+    spec = {"name": "maf", "dim": dim, "n_blocks": n_blocks, "hidden": list(hidden), "act": act,
+            "batch_norm": batch_norm}
+    return Flow(layers, dim, spec)
+
+
+def glow(dim=2, n_steps=10, hidden=(64, 64), act="silu"):
+    """Glow: `n_steps` of ActNorm -> invertible linear (LU) -> affine coupling."""
+    layers = []
+    for i in range(n_steps):
+        layers += [ActNorm(dim), InvertibleLinearLU(dim),
+                   AffineCoupling(dim, hidden, act, swap=bool(i % 2))]
+    spec = {"name": "glow", "dim": dim, "n_steps": n_steps, "hidden": list(hidden), "act": act}
+    return Flow(layers, dim, spec)
+
+
+def gaussian(dim=2, mean=None, cov=None):
+    """Fixed N(mean, cov) as a Flow (defaults N(0, I)); fit it with `gaussian_fit(data)`."""
+    mean = torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+    cov = torch.eye(dim) if cov is None else torch.as_tensor(cov, dtype=torch.float32)
+    return Flow([AffineGaussian(mean, cov)], dim, {"name": "gaussian", "dim": dim})
+
+
+def gaussian_fit(data):
+    """N(mean, cov) with the sample mean and covariance of `data` (N, D)."""
+    x = data.double()
+    return gaussian(x.shape[1], x.mean(0).float(), torch.cov(x.T).float())
+
+
+BUILDERS = {"maf": maf, "glow": glow, "gaussian": gaussian}
+
+
+def build_flow(name, data=None, **kwargs):
+    """Build flow `name` ('maf', 'glow', 'gaussian'); with `data`, fit the Gaussian to it or
+    run the data-dependent initialisation. kwargs go to the builder (see `Flow.spec()`)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown flow {name!r}; choose one of: {', '.join(BUILDERS)}")
+    if name == "gaussian" and data is not None:
+        return gaussian_fit(data)
+    flow = BUILDERS[name](**kwargs)
+    return flow.initialize(data) if data is not None else flow
+
+
+def flow_from_spec(spec):
+    """Rebuild an (untrained) flow from `Flow.spec()`; load the state_dict afterwards."""
+    spec = dict(spec)
+    return build_flow(spec.pop("name"), **spec)

@@ -1,0 +1,139 @@
+"""Run logging: a local `metrics.jsonl` + `config.json` (the project's own record) and wandb.
+
+wandb never blocks or stops a run:
+- `auto`: online when an API key is configured (checked without prompting or network),
+  otherwise offline, with the `wandb sync` command printed at the end;
+- `online` without a key, or an unreachable server: falls back to offline with a message;
+- `disabled`, or wandb not installed: local files only;
+- any exception inside wandb after start-up is reported once and wandb is switched off.
+If the environment sets WANDB_MODE, `auto` follows it.
+"""
+import json
+import math
+import os
+import sys
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class RunLogger:
+    """Writes `config.json` now, appends one JSON line per `log` to `metrics.jsonl`, and
+    mirrors both to wandb.
+
+        log = RunLogger(out_dir, config, mode="auto", project="ebm-flows", name=run_name)
+        log.log({"value": 1.39, "accuracy": 0.51}, step=100)
+        log.log_image("density", "images/run/epoch_0001.png", step=100)
+        log.finish()
+    """
+
+    def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
+        with open(os.path.join(out_dir, "config.json"), "w") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True, default=str)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self._fh = open(self.metrics_path, "a")
+        self.wandb = None
+        self.run = None
+        self.offline = False
+        self._start_wandb(mode, project, name, config)
+
+    # -- wandb ----------------------------------------------------------------------------
+    def _start_wandb(self, mode, project, name, config):
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
+            return
+        if mode == "auto":
+            env_mode = os.environ.get("WANDB_MODE", "").strip()
+            if env_mode:
+                mode = env_mode
+            else:
+                mode = "online" if self._logged_in(wandb) else "offline"
+        elif mode == "online" and not self._logged_in(wandb):
+            print("wandb: no API key configured (run `wandb login`); logging offline",
+                  file=sys.stderr)
+            mode = "offline"
+        if mode == "disabled":
+            return
+        kwargs = dict(project=project, name=name, config=config, dir=self.out_dir,
+                      reinit="finish_previous")
+        try:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
+                                                                     silent=True), **kwargs)
+        except Exception as e:  # unreachable server, bad key, ...
+            if mode == "offline":
+                print(f"wandb failed to start ({e}); logging to metrics.jsonl only",
+                      file=sys.stderr)
+                return
+            print(f"wandb online failed ({type(e).__name__}); logging offline", file=sys.stderr)
+            try:
+                mode = "offline"
+                self.run = wandb.init(mode=mode, **kwargs)
+            except Exception as e2:
+                print(f"wandb failed to start ({e2}); logging to metrics.jsonl only",
+                      file=sys.stderr)
+                return
+        self.wandb = wandb
+        self.offline = mode == "offline"
+
+    @staticmethod
+    def _logged_in(wandb):
+        try:
+            return bool(wandb.login(prompt=False, verify=False))
+        except Exception:
+            return False
+
+    def _guard(self, fn, *a, **kw):
+        if self.run is None:
+            return
+        try:
+            fn(*a, **kw)
+        except Exception as e:
+            print(f"wandb error ({e}); wandb switched off for this run, "
+                  f"metrics.jsonl continues", file=sys.stderr)
+            self.run = None
+
+    # -- logging --------------------------------------------------------------------------
+    def log(self, metrics, step):
+        """Append {"step": step, **metrics} to metrics.jsonl and send it to wandb."""
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        self._guard(lambda: self.run.log(dict(metrics), step=int(step)))
+
+    def log_image(self, key, path, step):
+        """Log a saved figure by file path (cheap: no re-rendering)."""
+        self._guard(lambda: self.run.log({key: self.wandb.Image(path)}, step=int(step)))
+
+    def summary(self, metrics):
+        """Final numbers: wandb summary and a `summary.json` in the run directory."""
+        with open(os.path.join(self.out_dir, "summary.json"), "w") as fh:
+            json.dump({k: _jsonable(v) for k, v in metrics.items()}, fh, indent=2)
+        self._guard(lambda: self.run.summary.update(dict(metrics)))
+
+    def finish(self):
+        self._fh.close()
+        if self.run is None:
+            return
+        run_dir = getattr(self.run, "dir", None)
+        self._guard(self.run.finish)
+        self.run = None
+        if self.offline and run_dir:
+            print(f"wandb: logged offline; upload with `wandb sync {os.path.dirname(run_dir)}`",
+                  file=sys.stderr)
+
+
+def read_metrics(out_dir):
+    """The rows of `metrics.jsonl` in a run directory, as dicts."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

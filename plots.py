@@ -1,0 +1,87 @@
+"""Figures shared by every script: rows of square panels of 2D densities and samples.
+
+    save_panels("images/run/epoch_0007.png",
+                [("data", samples(x)), ("flow q", density(flow.log_prob)),
+                 ("EBM p", density(lambda x: -ebm(x), normalise=True))],
+                title="epoch 7")
+
+Figures have a fixed size (no tight bounding box), so frames of a gif line up.
+"""
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+from util import on_grid  # noqa: E402
+
+
+def density(log_p_fn, bound=datasets.BOUND, n=150, device="cpu", normalise=True, log=False,
+            cmap="viridis"):
+    """Panel drawer: exp(log_p) on an n x n grid (normalised on the grid when `normalise`,
+    which turns exp(-f) into the EBM's density); `log=True` shows log-density instead."""
+    values, area = on_grid(log_p_fn, bound, n, device)
+    if normalise:
+        values = values - torch.logsumexp(values, 0) - torch.log(torch.tensor(area, dtype=values.dtype))
+    img = values if log else values.exp()
+    if log:
+        img = img.clamp_min(img.max() - 20)  # keep the colour scale readable
+
+    def draw(ax):
+        ax.imshow(img.reshape(n, n).numpy(), origin="lower", cmap=cmap,
+                  extent=[-bound, bound, -bound, bound], interpolation="nearest")
+    return draw
+
+
+def samples(x, bound=datasets.BOUND, bins=150, cmap="viridis"):
+    """Panel drawer: a 2D histogram of samples x (N, 2) (reads better than a scatter at N=10^4)."""
+    x = x.detach().float().cpu().numpy()
+
+    def draw(ax):
+        ax.hist2d(x[:, 0], x[:, 1], bins=bins, range=[[-bound, bound], [-bound, bound]],
+                  cmap=cmap)
+    return draw
+
+
+def save_panels(path, panels, title=None, size=3.0, rows=1):
+    """Draw `panels` [(title, drawer), ...] side by side (in `rows` rows) and save to `path`."""
+    cols = -(-len(panels) // rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + (0.4 if title else 0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (name, draw) in zip(axes.flat, panels):
+        draw(ax)
+        ax.set_title(name, fontsize=9)
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_curves(path, curves, xlabel="iteration", title=None, size=(4.0, 3.0), logy=False):
+    """Line plots: `curves` is {panel title: {label: (x, y)}}, one panel per entry."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(size[0] * len(curves), size[1]),
+                             squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, curves.items()):
+        for label, (x, y) in lines.items():
+            ax.plot(x, y, label=label, lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        if logy:
+            ax.set_yscale("log")
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,185 @@
+"""Shared pieces of every training script: the FCE/NCE value function, exact evaluation of
+2D densities on a grid, seeding and devices, atomic checkpoints, and `load_run`.
+
+Grid integration is in float64: on the square [-b, b]^2 with n x n cell centres of area dA,
+
+    log Z = logsumexp_i(-f(x_i)) + log dA,
+    KL(p || q) = sum_i p(x_i) (log p(x_i) - log q(x_i)) dA.
+"""
+import json
+import math
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import datasets
+
+
+# ----------------------------------------------------------------------------- value function
+def value_function(log_p_data, log_q_data, log_p_noise, log_q_noise):
+    """FCE / NCE value V = E_data log p/(p+q) + E_q log q/(p+q) and classification accuracy.
+
+    log p/(p+q) = logsigmoid(log p - log q), so V is computed in log space. V = 2 log(1/2)
+    when p = q; the EBM maximises V, the flow (FCE) minimises it. The accuracy is that of the
+    classifier "data if p > q", averaged over the two equally sized batches."""
+    d_data = log_p_data - log_q_data
+    d_noise = log_q_noise - log_p_noise
+    V = F.logsigmoid(d_data).mean() + F.logsigmoid(d_noise).mean()
+    acc = 0.5 * ((d_data > 0).float().mean() + (d_noise > 0).float().mean())
+    return V, acc
+
+
+# ----------------------------------------------------------------------------- grid evaluation
+def grid_points(bound, n, dtype=torch.float64, device="cpu"):
+    """Centres of an n x n grid on [-bound, bound]^2, shape (n*n, 2), and the cell area."""
+    h = 2 * bound / n
+    t = torch.linspace(-bound + h / 2, bound - h / 2, n, dtype=dtype, device=device)
+    xx, yy = torch.meshgrid(t, t, indexing="xy")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1), h * h
+
+
+@torch.no_grad()
+def on_grid(fn, bound, n, device="cpu", chunk=65536):
+    """fn evaluated at the grid centres, in float64, shape (n*n,). `fn` receives float32 points
+    on `device` (network parameters are float32) in chunks; the result is promoted to float64."""
+    x, area = grid_points(bound, n)
+    out = torch.cat([fn(c.to(device, torch.float32)).double().cpu() for c in x.split(chunk)])
+    return out, area
+
+
+def grid_log_Z(neg_energy_values, area):
+    """log Z = log sum exp(-f) dA from -f on the grid (float64)."""
+    return float(torch.logsumexp(neg_energy_values.double(), 0) + math.log(area))
+
+
+def grid_kl(log_p, log_q, area):
+    """KL(p || q) = sum p (log p - log q) dA on the grid; terms with p = 0 contribute 0."""
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return float((p * diff).sum() * area)
+
+
+@torch.no_grad()
+def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=datasets.GRID,
+                device="cpu"):
+    """Exact 2D evaluation of an EBM (normalised on the grid) and a flow.
+
+    Returns a dict with, where they apply:
+      log_Z          grid log Z of exp(-f); c_gap = c - log_Z (the learned normaliser's error)
+      nll_ebm        -mean log p_theta(x_test), log p_theta = -f - log_Z (nats)
+      nll_flow       -mean log q(x_test)
+      entropy        H(p_data), the lowest NLL any model can reach (known densities only)
+      kl_ebm/kl_flow KL(p_data || model) on the grid (known densities only)
+      mse_logp       mean over x_test of (log p_theta - log p_data)^2 (the fce-2d metric)
+    """
+    out = {}
+    x_test = x_test.to(device)
+    log_true = None
+    if datasets.has_density(dataset):
+        grid, area = grid_points(bound, n)
+        log_true = datasets.log_density(dataset, grid)
+        out["entropy"] = datasets.entropy(dataset)
+    if ebm is not None:
+        neg_f, area = on_grid(lambda x: -ebm(x), bound, n, device)
+        log_Z = grid_log_Z(neg_f, area)
+        out["log_Z"] = log_Z
+        out["c_gap"] = float(ebm.c.detach()) - log_Z
+        log_p_test = (-ebm(x_test)).double() - log_Z
+        out["nll_ebm"] = float(-log_p_test.mean())
+        if log_true is not None:
+            out["kl_ebm"] = grid_kl(log_true, neg_f - log_Z, area)
+            true_test = datasets.log_density(dataset, x_test.double().cpu())
+            ok = torch.isfinite(true_test)
+            out["mse_logp"] = float(((log_p_test.cpu() - true_test)[ok] ** 2).mean())
+    if flow is not None:
+        out["nll_flow"] = float(-flow.log_prob(x_test).double().mean())
+        if log_true is not None:
+            log_q, area = on_grid(flow.log_prob, bound, n, device)
+            out["kl_flow"] = grid_kl(log_true, log_q, area)
+    return out
+
+
+# ----------------------------------------------------------------------------- runtime
+def set_seed(seed):
+    """Seed Python, NumPy and torch (all devices); returns a NumPy Generator for the data."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def get_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu; other names are passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but CUDA is not available; use --device=auto or cpu")
+    return dev
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then an atomic rename: a crash or Ctrl-C during the
+    write never leaves a truncated checkpoint. Keep `state` to tensors and plain Python types
+    (torch.load uses weights_only=True)."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; check the path or train a run first")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def rng_state():
+    """All random-number-generator states as tensors and plain types (for checkpoints)."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_run(run_dir, device="cpu"):
+    """Load a finished or interrupted run: `run = load_run("runs/<name>")`.
+
+    Returns a namespace with .config (dict), .ebm (callable: f(x) for an (N, 2) tensor, or
+    None), .flow (log_prob / sample, or None), .step and .checkpoint (the raw dict)."""
+    from ebm import EBM
+    from flows import flow_from_spec
+
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
+    ebm = flow = None
+    if "ebm" in ckpt:
+        ebm = EBM(**ckpt["ebm_spec"]).to(device)
+        ebm.load_state_dict(ckpt["ebm"])
+        ebm.eval()
+    if "flow" in ckpt:
+        flow = flow_from_spec(ckpt["flow_spec"]).to(device)
+        flow.load_state_dict(ckpt["flow"])
+        flow.eval()
+    config = ckpt.get("config")
+    if config is None:
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            config = json.load(fh)
+    return SimpleNamespace(config=config, ebm=ebm, flow=flow, step=ckpt.get("step"),
+                           checkpoint=ckpt)
