@@ -1,0 +1,201 @@
+"""Langevin samplers for energies U: R^D -> R, target p(x) ∝ exp(-U(x) / T).
+
+Unadjusted Langevin (ULA), step size eps:
+
+    x <- x - (eps^2 / 2) grad U(x) / T + eps * N(0, I)
+
+With U = (2 / eps^2) F this is the update of Nijkamp et al. (AAAI 2020),
+`x <- x - dF/dx + eps N(0, I)`.
+
+MALA (Metropolis-adjusted Langevin) makes the same proposal and accepts it with probability
+min(1, exp(H - H')), H = U(x) / T + |p|^2 / 2, where (x', p') is one leapfrog step of
+Hamiltonian dynamics from (x, p), p ~ N(0, I). This equals the standard MALA ratio
+p(x') q(x | x') / (p(x) q(x' | x)) exactly; the H form is the one computed here.
+
+    x = langevin(U, x0, n_steps=100, eps=0.1)                 # detached final states
+    x, r = langevin(U, x0, 100, 0.1, return_grad_norm=True)   # r[t] = mean |(eps^2/2) grad U|
+    x, acc = mala(U, x0, n_steps=1000, eps=0.1)               # acc[t]: acceptance rate, step t
+
+Speed: for small MLPs the per-op overhead dominates. The loop updates x in place and draws
+all the noise up front. An energy with a `.grad(x)` method (see `Energy`) is differentiated
+by that method: for an MLP of Linear layers and elementwise activations, `Energy` runs the
+forward pass and the backward pass w.r.t. x by hand (one matmul and one activation-backward
+kernel per layer, no autograd graph). Any other U gets one `autograd.grad` w.r.t. x only per
+step, with the network parameters frozen so that no parameter-gradient work is done.
+
+    U = Energy(ebm, scale=2 / eps**2)      # U(x) = scale * ebm(x), with a fast U.grad(x)
+    x = langevin(U, x0, 100, eps)
+"""
+import contextlib
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Set requires_grad=False on every parameter of `modules` (None entries are skipped)
+    and restore the previous flags on exit, also on error."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+# Backward of each supported activation as one ATen kernel: (grad_out, pre-activation a,
+# activation output h) -> grad w.r.t. a.
+_ACT_BACKWARD = {
+    nn.LeakyReLU: lambda m, g, a, h: torch.ops.aten.leaky_relu_backward(g, a, m.negative_slope,
+                                                                        False),
+    nn.ReLU: lambda m, g, a, h: torch.ops.aten.threshold_backward(g, a, 0.0),
+    nn.SiLU: lambda m, g, a, h: torch.ops.aten.silu_backward(g, a),
+    nn.Tanh: lambda m, g, a, h: torch.ops.aten.tanh_backward(g, h),
+    nn.Softplus: lambda m, g, a, h: torch.ops.aten.softplus_backward(g, a, m.beta, m.threshold),
+    nn.ELU: lambda m, g, a, h: torch.ops.aten.elu_backward(g, m.alpha, 1.0, 1.0, False, a),
+}
+
+
+def _mlp_layers(module):
+    """The nn.Sequential of Linear layers and supported activations inside `module` (the module
+    itself, or its `.net`), ending in a Linear to 1 output; None if it is anything else."""
+    net = module if isinstance(module, nn.Sequential) else getattr(module, "net", None)
+    if not isinstance(net, nn.Sequential) or len(net) == 0:
+        return None
+    layers = list(net)
+    for i, m in enumerate(layers):
+        linear = i % 2 == 0
+        if linear and not isinstance(m, nn.Linear):
+            return None
+        if not linear and type(m) not in _ACT_BACKWARD:
+            return None
+    if not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != 1:
+        return None
+    return layers
+
+
+class Energy:
+    """U(x) = scale * f(x) for an energy network f ((N, D) -> (N,)), with a fast `grad(x)`.
+
+    When f is (or has a `.net` that is) an nn.Sequential MLP of Linear layers and LeakyReLU,
+    ReLU, SiLU, Tanh, Softplus or ELU, `grad` is the hand-written backward pass w.r.t. x
+    (checked against autograd in tests/test_mcmc.py); otherwise it falls back to autograd with
+    f's parameters frozen. Calling U(x) is differentiable as usual (for training losses)."""
+
+    def __init__(self, f, scale=1.0):
+        self.f, self.scale = f, float(scale)
+        self.layers = _mlp_layers(f) if isinstance(f, nn.Module) else None
+
+    def __call__(self, x):
+        return self.f(x) * self.scale
+
+    @torch.no_grad()
+    def grad(self, x):
+        """grad_x U(x), shape (N, D), detached."""
+        if self.layers is None:
+            with frozen(self.f if isinstance(self.f, nn.Module) else None), torch.enable_grad():
+                y = x.detach().requires_grad_(True)
+                return torch.autograd.grad(self(y).sum(), y)[0]
+        acts = []  # (activation module, pre-activation a, output h) of each hidden layer
+        h = x
+        for m in self.layers[:-1]:
+            if isinstance(m, nn.Linear):
+                a = torch.nn.functional.linear(h, m.weight, m.bias)
+            else:
+                h = m.forward(a)
+                acts.append((m, a, h))
+        # dU/dh of the last hidden layer is scale * w_last, the same for every row
+        g = self.layers[-1].weight.mul(self.scale).expand(x.shape[0], -1)
+        hidden = [m for m in self.layers if isinstance(m, nn.Linear)][:-1]
+        for (m, a, h), lin in zip(reversed(acts), reversed(hidden)):
+            g = _ACT_BACKWARD[type(m)](m, g, a, h).mm(lin.weight)
+        return g
+
+
+def _modules(U, freeze):
+    mods = [U] if isinstance(U, nn.Module) else []
+    if freeze is not None:
+        mods += list(freeze) if isinstance(freeze, (list, tuple)) else [freeze]
+    return mods
+
+
+def langevin(U, x, n_steps, eps, temperature=1.0, return_grad_norm=False, freeze=None):
+    """n_steps of unadjusted Langevin dynamics on exp(-U / temperature) from x (N, D).
+
+    U maps (N, D) -> (N,) energies. `freeze`: module(s) whose parameters U uses (an nn.Module
+    U is frozen anyway); freezing them skips all parameter-gradient work. Returns the final
+    states (detached, a new tensor; x is not modified), and with `return_grad_norm` also
+    r (n_steps,): r[t] = mean_i |(eps^2 / 2) grad U(x_i) / T| before step t, which is the
+    paper's mean |dF/dx| when U = (2 / eps^2) F."""
+    step = eps * eps / (2.0 * temperature)
+    x = x.detach().clone()
+    noise = torch.randn((n_steps, *x.shape), dtype=x.dtype, device=x.device).mul_(eps)
+    # per-chain gradient norms, written by one kernel per step and averaged after the loop
+    norms = torch.empty((n_steps, x.shape[0]), dtype=x.dtype, device=x.device) \
+        if return_grad_norm else None
+    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    with frozen(*_modules(U, freeze)), torch.enable_grad():
+        fast = getattr(U, "grad", None)
+        x.requires_grad_(fast is None)
+        for t in range(n_steps):
+            if fast is not None:
+                g = fast(x)
+            else:
+                (g,) = torch.autograd.grad(U(x), x, grad_outputs=ones)
+            with torch.no_grad():
+                if norms is not None:
+                    torch.linalg.vector_norm(g, dim=1, out=norms[t])
+                x.add_(g, alpha=-step).add_(noise[t])
+    x = x.detach()
+    if return_grad_norm:
+        return x, norms.mean(1).mul_(step)
+    return x
+
+
+def mala(U, x, n_steps, eps, temperature=1.0, freeze=None, return_energy=False):
+    """n_steps of MALA on exp(-U / temperature) from x (N, D).
+
+    Each step: p ~ N(0, I); one leapfrog step of size eps,
+        p_half = p - (eps / 2) grad V(x),  x' = x + eps p_half,  p' = p_half - (eps / 2) grad V(x'),
+    with V = U / T (x' is the ULA proposal); accept per chain when log u < H - H',
+    H = V(x) + |p|^2 / 2. Returns (final states, acceptance rate of each step (n_steps,)),
+    plus the final energies U(x) (N,) with `return_energy`."""
+    inv_t = 1.0 / temperature
+    x = x.detach().clone()
+    n = x.shape[0]
+    noise = torch.randn((n_steps, *x.shape), dtype=x.dtype, device=x.device)
+    log_u = torch.rand((n_steps, n), dtype=x.dtype, device=x.device).log_()
+    acc = torch.empty(n_steps, dtype=x.dtype, device=x.device)
+    ones = torch.ones(n, dtype=x.dtype, device=x.device)
+
+    def energy_grad(y):
+        if getattr(U, "grad", None) is not None:
+            with torch.no_grad():
+                return U(y) * inv_t, U.grad(y) * inv_t
+        y = y.detach().requires_grad_(True)
+        u = U(y)
+        (g,) = torch.autograd.grad(u, y, grad_outputs=ones)
+        return u.detach() * inv_t, g * inv_t
+
+    with frozen(*_modules(U, freeze)), torch.enable_grad():
+        v, g = energy_grad(x)
+        for t in range(n_steps):
+            p = noise[t]
+            p_half = p - 0.5 * eps * g
+            x_new = x + eps * p_half
+            v_new, g_new = energy_grad(x_new)
+            p_new = p_half - 0.5 * eps * g_new
+            log_ratio = (v + 0.5 * (p * p).sum(1)) - (v_new + 0.5 * (p_new * p_new).sum(1))
+            ok = log_u[t] < log_ratio  # NaN energies are never accepted
+            acc[t] = ok.to(x.dtype).mean()
+            x = torch.where(ok[:, None], x_new, x)
+            v = torch.where(ok, v_new, v)
+            g = torch.where(ok[:, None], g_new, g)
+    x = x.detach()
+    if return_energy:
+        return x, acc, v * temperature
+    return x, acc
