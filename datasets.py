@@ -121,6 +121,39 @@ def _swissroll(n, rng):
     return x / 5
 
 
+def _gmm(n, rng):
+    """Nijkamp et al. (AAAI 2020) `gmm`: 8 equal Gaussians N(c_k, 0.15^2 I), c_k on the unit
+    circle at angles k pi / 4."""
+    angles = rng.integers(0, 8, n) * (math.pi / 4)
+    return np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2))
+
+
+def _log_gmm(x):
+    angles = torch.arange(8, dtype=x.dtype, device=x.device) * (math.pi / 4)
+    centres = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    s = 0.15
+    d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
+    return torch.logsumexp(-d2 / (2 * s * s), 1) - math.log(2 * math.pi * s * s) - math.log(8)
+
+
+def _rings4(n, rng):
+    """Nijkamp et al. (AAAI 2020) `rings` (named rings4 here; `rings` is FFJORD's): radius
+    r ~ N(k, 0.15^2) with k uniform on {1, 2, 3, 4}, angle uniform."""
+    r = rng.integers(1, 5, n) + 0.15 * rng.standard_normal(n)
+    a = rng.random(n) * 2 * math.pi
+    return r[:, None] * np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _log_rings4(x):
+    """Mixture of N(r; k, 0.15^2) / (2 pi r), k = 1..4, equal weights: the polar density
+    divided by the Jacobian r. (The Gaussians' mass at r < 0 is below 1e-11: ignored.)"""
+    r = x.norm(dim=1).clamp_min(1e-30)
+    k = torch.arange(1, 5, dtype=x.dtype, device=x.device)
+    s = 0.15
+    log_n = -((r[:, None] - k) ** 2) / (2 * s * s) - 0.5 * math.log(2 * math.pi * s * s)
+    return torch.logsumexp(log_n, 1) - math.log(4) - torch.log(2 * math.pi * r)
+
+
 SAMPLERS = {
     "8gaussians": _8gaussians,
     "spiral": _spiral,
@@ -131,8 +164,11 @@ SAMPLERS = {
     "moons": _moons,
     "circles": _circles,
     "swissroll": _swissroll,
+    "gmm": _gmm,
+    "rings4": _rings4,
 }
-LOG_DENSITIES = {"8gaussians": _log_8gaussians, "checkerboard": _log_checkerboard}
+LOG_DENSITIES = {"8gaussians": _log_8gaussians, "checkerboard": _log_checkerboard,
+                 "gmm": _log_gmm, "rings4": _log_rings4}
 NAMES = tuple(SAMPLERS)
 
 

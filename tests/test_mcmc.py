@@ -74,3 +74,16 @@ def test_langevin_fast_and_autograd_paths_agree_and_unfreeze():
     assert ra.shape == (20,) and (ra > 0).all()
     assert all(p.requires_grad for p in ebm.parameters())
     assert not a.requires_grad and not x0.requires_grad
+
+
+@pytest.mark.parametrize("name", ["gmm", "rings4"])
+def test_paper_toys_densities_integrate_and_match_samples(name):
+    import datasets
+    from util import grid_points
+
+    x, area = grid_points(datasets.BOUND, 720, torch.float64)
+    mass = float(datasets.log_density(name, x).exp().sum() * area)
+    assert abs(mass - 1) < 1e-4  # rings4 has 1.6e-5 of its mass outside [-4.5, 4.5]^2
+    xs = datasets.sample(name, 50000, 0).double()
+    # E_p[-log p] = H(p): the samplers and the densities describe the same distribution
+    assert abs(float(-datasets.log_density(name, xs).mean()) - datasets.entropy(name)) < 0.02
