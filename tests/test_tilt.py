@@ -1,0 +1,149 @@
+"""Tests of the tilting experiments (issue 5): splits, VAE early stopping, log Z by importance
+sampling, SNIR, the 2D mixture and a tiny end-to-end run. Tiny budgets: the file runs in
+well under a minute on 2 cores."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tilt
+import tilt_data as td
+import vae as vae_mod
+from util import grid_log_Z, on_grid
+
+
+# ----------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def digits():
+    return td.load_digits_data()
+
+
+@pytest.mark.parametrize("per_class", [10, None])
+def test_split_counts_and_disjoint(digits, per_class):
+    X, y = digits
+    assert X.shape == (1797, 64) and 0 <= X.min() and X.max() == 1.0
+    s = td.biased_unbiased_split(y, np.random.default_rng(0), per_class=per_class)
+    n04 = int(np.isin(y, td.CLASSES).sum())
+    assert len(s.biased) == n04 // 2 == 450
+    counts = np.bincount(y[s.biased], minlength=10)
+    for c, p in td.BIASED_PROPORTIONS.items():
+        assert counts[c] == s.biased_counts[c]
+        assert abs(counts[c] - p * 450) <= 1
+    assert counts[5:].sum() == 0
+    # unbiased: equal per class, digits 0-4 only; "all" is what the scarcest leftover allows
+    ucounts = np.bincount(y[s.unbiased], minlength=10)
+    expected = per_class or min(int((y == c).sum()) - s.biased_counts[c] for c in td.CLASSES)
+    assert list(ucounts[:5]) == [expected] * 5 and ucounts[5:].sum() == 0
+    assert not set(s.biased) & set(s.unbiased)
+    assert len(set(s.biased) | set(s.unbiased) | set(s.rest)) == len(y)
+
+
+def test_split_is_shuffled_and_seeded(digits):
+    _, y = digits
+    a = td.biased_unbiased_split(y, np.random.default_rng(1), per_class=10)
+    b = td.biased_unbiased_split(y, np.random.default_rng(1), per_class=10)
+    c = td.biased_unbiased_split(y, np.random.default_rng(2), per_class=10)
+    assert np.array_equal(a.biased, b.biased)
+    assert not np.array_equal(np.sort(a.biased), np.sort(c.biased))
+    # shuffling before truncation: not simply the first images of each class
+    first = np.concatenate([np.flatnonzero(y == k)[:n] for k, n in a.biased_counts.items()])
+    assert not np.array_equal(np.sort(a.biased), np.sort(first))
+
+
+def test_split_rejects_impossible_per_class(digits):
+    _, y = digits
+    with pytest.raises(ValueError, match="per_class"):
+        td.biased_unbiased_split(y, np.random.default_rng(0), per_class=1000)
+
+
+def test_mnist_idx_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 30).astype(np.uint8)
+    td.write_idx(tmp_path / "img", images)
+    td.write_idx(tmp_path / "lab", labels)
+    X, y = td.load_mnist_idx(str(tmp_path / "img"), str(tmp_path / "lab"))
+    assert X.shape == (30, 784) and X.dtype == np.float32
+    np.testing.assert_allclose(X, images.reshape(30, -1) / 255.0, atol=1e-7)
+    assert np.array_equal(y, labels)
+    with pytest.raises(FileNotFoundError):
+        td.load_mnist_idx(str(tmp_path / "missing"), str(tmp_path / "lab"))
+
+
+def test_tv_to_uniform():
+    assert td.tv_to_uniform([0, 1, 2, 3, 4] * 10) == pytest.approx(0.0)
+    assert td.tv_to_uniform([7] * 10) == pytest.approx(1.0)
+    assert td.tv_to_uniform([0] * 10) == pytest.approx(0.8)
+
+
+# ----------------------------------------------------------------------------- VAE
+def test_vae_loss_falls_and_early_stopping_restores_best(digits):
+    torch.manual_seed(0)
+    X, _ = digits
+    x = torch.tensor(X)
+    # 40 training images and a big decoder over-fit quickly: the validation ELBO peaks and
+    # falls again, so the last epoch is not the best one.
+    model = vae_mod.VAE(64, z_dim=2, hidden=(128,))
+    hist = vae_mod.fit(model, x[:40], x[1000:1200], epochs=400, batch=40, lr=3e-3, patience=40)
+    assert hist["train"][-1] < hist["train"][0] - 10
+    assert hist["stopped_early"]
+    assert hist["best_epoch"] < len(hist["val"]) - 1
+    assert hist["val"][-1] < hist["best_val"]
+    # the model now holds the best weights (a real copy, not the last epoch's)
+    again = vae_mod.validation_elbo(model, x[1000:1200], hist["val_eps"])
+    assert again == pytest.approx(hist["best_val"], abs=1e-4)
+    assert again > hist["val"][-1] + 1e-3
+
+
+def test_vae_gaussian_likelihood_and_shapes():
+    torch.manual_seed(0)
+    model = vae_mod.VAE(10, z_dim=3, hidden=(16,), likelihood="gaussian")
+    x = torch.rand(5, 10)
+    assert model.elbo(x).shape == (5,)
+    imgs, z = model.sample(7)
+    assert imgs.shape == (7, 10) and z.shape == (7, 3)
+    assert 0 <= imgs.min() and imgs.max() <= 1
+    with pytest.raises(ValueError):
+        vae_mod.VAE(10, likelihood="poisson")
+
+
+# ----------------------------------------------------------------------------- log Z and SNIR
+def test_importance_log_Z_matches_grid():
+    """E(z) = a |z - m|^2 / 2 tilting N(0, I): log Z = log E_N exp(-E) has a closed form and a
+    grid value; the IS estimate from 200k prior samples matches both."""
+    torch.manual_seed(0)
+    m = torch.tensor([0.5, -0.3])
+    a = 0.7
+
+    def E(z):
+        return 0.5 * a * ((z - m) ** 2).sum(-1)
+
+    log_N = lambda z: -0.5 * (z * z).sum(-1) - math.log(2 * math.pi)  # noqa: E731
+    values, area = on_grid(lambda z: -E(z) + log_N(z), 8.0, 400)
+    grid = grid_log_Z(values, area)
+    exact = -math.log(1 + a) - 0.5 * a / (1 + a) * float((m * m).sum())
+    assert grid == pytest.approx(exact, abs=1e-6)
+    est = float(tilt.log_Z_importance(E, torch.randn(200_000, 2)))
+    assert est == pytest.approx(grid, abs=0.01)
+
+
+def test_snir_zero_energy_returns_base_samples():
+    torch.manual_seed(0)
+    base = torch.randn(500, 2)
+    idx, ess = tilt.snir(torch.zeros(500), 500)
+    assert torch.equal(base[idx], base)
+    assert ess == pytest.approx(500.0)
+
+
+def test_snir_recovers_known_weights():
+    """Weights 1:3 on two halves of the base: resampling returns about 25% / 75%; the ESS
+    equals (sum w)^2 / sum w^2."""
+    g = torch.Generator().manual_seed(0)
+    log_w = torch.cat([torch.zeros(1000), torch.full((1000,), math.log(3.0))])
+    for method in ("systematic", "multinomial"):
+        idx, ess = tilt.snir(log_w, 4000, generator=g, method=method)
+        assert (idx >= 1000).float().mean().item() == pytest.approx(0.75, abs=0.02)
+    assert ess == pytest.approx(4000.0 ** 2 / (1000 + 9000), rel=1e-6)  # float32 log 3
