@@ -388,3 +388,322 @@ def flow_from_spec(spec):
     """Rebuild an (untrained) flow from `Flow.spec()`; load the state_dict afterwards."""
     spec = dict(spec)
     return build_flow(spec.pop("name"), **spec)
+
+
+# ============================================================================= VI flows
+# Flows for variational inference: fit q_K to an unnormalised p(z) ∝ exp(-U(z)) by reverse KL
+# (Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows", sec. 6.1; train_vi.py).
+# VI needs the *sampling* direction z0 -> z_K with log q of its own samples, so each
+# transform's `inverse` (noise -> data) is the paper's f_k and costs one pass. The density
+# direction `forward` (data -> noise, for Flow.log_prob on given points) is:
+#   Planar  f(z) = z + u_hat tanh(w.z + b): numerical inverse (1D bisection along w, exact).
+#   Radial  f(z) = z + beta h(alpha, r)(z - z0): closed-form inverse (a quadratic in r).
+#   IAF     x = z exp(alpha(z)) + mu(z): the core's MADE run on the noise side; sampling is
+#           one pass, the density of arbitrary points D passes (MAF the other way round).
+#   NICE / RealNVP: AffineCoupling (affine=False is NICE's additive coupling), one pass both.
+# The base q0 is N(0, I) ("fixed") or a learnable diagonal Gaussian ("learned", the
+# GaussianBase transform on the noise side; for NICE it plays the role of the final scaling).
+# PlanarStack trains T targets' planar flows as one batched module (leading target dimension,
+# bmm), which removes most of the per-op overhead that dominates planar flows on CPU.
+LOG_E_MINUS_1 = math.log(math.e - 1)  # softplus^{-1}(1): m(w.u) = 0 when w.u = this
+
+
+class GaussianBase(nn.Module):
+    """Learnable diagonal Gaussian base q0 = N(mu, diag(sigma^2)) as a transform on the noise
+    side: sampling x = mu + sigma z with z ~ N(0, I), log|det dx/dz| = sum log sigma."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(dim))
+        self.log_sigma = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return (x - self.mu) * torch.exp(-self.log_sigma), (-self.log_sigma.sum()).expand(x.shape[0])
+
+    def inverse(self, z):
+        return self.mu + z * torch.exp(self.log_sigma), self.log_sigma.sum().expand(z.shape[0])
+
+
+def planar_m(x):
+    """m(x) = -1 + softplus(x) > -1 (R&M appendix A.1)."""
+    return F.softplus(x) - 1
+
+
+def planar_u_hat(u, w):
+    """u_hat = u + (m(w.u) - w.u) w / |w|^2 (R&M appendix A.1; the norm is *squared*), so that
+    w . u_hat = m(w.u) > -1 and f is invertible. Any leading dimensions (..., D)."""
+    wu = (w * u).sum(-1, keepdim=True)
+    w2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)  # only w == 0
+    return u + (planar_m(wu) - wu) * w / w2
+
+
+def _init_planar(u, w, b, scale=1.0):
+    """w ~ N(0, scale^2 I), b = 0, u = softplus^{-1}(1) w / |w|^2 + N(0, 0.01^2): then
+    w.u_hat = m(w.u) ~ 0 and u_hat ~ 0, so every layer starts near the identity (plain small
+    random u, w would give w.u_hat ~ m(0) = -0.31, a contraction by every layer)."""
+    with torch.no_grad():
+        w.normal_(0, scale)
+        b.zero_()
+        u.copy_(LOG_E_MINUS_1 * w / (w * w).sum(-1, keepdim=True) + 0.01 * torch.randn_like(u))
+
+
+class Planar(nn.Module):
+    """Planar flow (R&M eq. 10-12): x = f(z) = z + u_hat tanh(w.z + b),
+    log|det df/dz| = log|1 + u_hat . psi(z)| with psi = tanh'(w.z + b) w, i.e.
+    log(1 + (w.u_hat) sech^2(w.z + b)) (> 0 inside the log since w.u_hat > -1).
+
+    `inverse` (sampling) is f, one pass. `forward` (density) inverts f numerically: along w,
+    a = w.z + b solves a + (w.u_hat) tanh(a) = w.x + b, a strictly increasing 1D equation with
+    |a - (w.x + b)| <= |w.u_hat|, solved by float64 bisection to machine precision, then one
+    Newton step with autograd so gradients are those of the exact inverse; z = x - u_hat tanh(a).
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.u = nn.Parameter(torch.empty(dim))
+        self.w = nn.Parameter(torch.empty(dim))
+        self.b = nn.Parameter(torch.empty(()))
+        _init_planar(self.u, self.w, self.b)
+
+    def u_hat(self):
+        return planar_u_hat(self.u, self.w)
+
+    def inverse(self, z):
+        u_hat = self.u_hat()
+        t = torch.tanh(z @ self.w + self.b)
+        log_det = torch.log1p((self.w @ u_hat) * (1 - t * t))
+        return z + t[:, None] * u_hat, log_det
+
+    def forward(self, x, iters=80):
+        u_hat = self.u_hat()
+        c = self.w @ u_hat
+        y = x @ self.w + self.b
+        with torch.no_grad():
+            y64, c64 = y.double(), c.double()
+            lo, hi = y64 - c64.abs() - 1e-12, y64 + c64.abs() + 1e-12
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                below = mid + c64 * torch.tanh(mid) < y64
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            a0 = (0.5 * (lo + hi)).to(x.dtype)
+        t0 = torch.tanh(a0)
+        a = a0 - (a0 + c * t0 - y) / (1 + c * (1 - t0 * t0))  # zero at a0; carries the gradient
+        t = torch.tanh(a)
+        return x - t[:, None] * u_hat, -torch.log1p(c * (1 - t * t))
+
+
+class Radial(nn.Module):
+    """Radial flow (R&M eq. 14): x = f(z) = z + beta h(alpha, r)(z - z0), r = |z - z0|,
+    h = 1 / (alpha + r), with alpha = softplus(a) > 0 and beta = -alpha + softplus(b') >= -alpha
+    (the invertibility condition) by reparametrisation. Exact log-det:
+        log|det df/dz| = (D - 1) log(1 + beta h) + log(1 + beta h + beta h'(r) r)
+                       = (D - 1) log(1 + beta h) + log(1 + beta alpha / (alpha + r)^2).
+
+    Both directions are closed form: |x - z0| = r (1 + beta / (alpha + r)) is a quadratic in r,
+    r = 2 r' alpha / (c + sqrt(c^2 + 4 r' alpha)) with c = alpha + beta - r' (the stable root)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.z0 = nn.Parameter(torch.randn(dim))
+        self.a = nn.Parameter(torch.randn(()))
+        self.b_raw = nn.Parameter(0.1 * torch.randn(()) - 2.0)  # beta ~ -alpha + 0.13: mild
+
+    def alpha_beta(self):
+        alpha = F.softplus(self.a)
+        return alpha, F.softplus(self.b_raw) - alpha
+
+    def _log_det(self, r, alpha, beta):
+        bh = beta / (alpha + r)
+        d = self.z0.shape[0]
+        return (d - 1) * torch.log1p(bh) + torch.log1p(beta * alpha / (alpha + r) ** 2)
+
+    def inverse(self, z):
+        alpha, beta = self.alpha_beta()
+        dz = z - self.z0
+        r = dz.norm(dim=-1)
+        return z + (beta / (alpha + r))[:, None] * dz, self._log_det(r, alpha, beta)
+
+    def forward(self, x):
+        alpha, beta = self.alpha_beta()
+        dx = x - self.z0
+        r_out = dx.norm(dim=-1)
+        c = alpha + beta - r_out
+        disc = torch.sqrt(c * c + 4 * r_out * alpha)
+        r = torch.where(c > 0, 2 * r_out * alpha / (c + disc), 0.5 * (disc - c))
+        z = self.z0 + dx / (1 + beta / (alpha + r))[:, None]
+        return z, -self._log_det(r, alpha, beta)
+
+
+class IAFLayer(nn.Module):
+    """Inverse autoregressive flow (Kingma et al. 2016), affine form: the core's MADE run on the
+    noise side, x_i = z_i exp(alpha_i(z_<i)) + mu_i(z_<i), log|det dx/dz| = sum alpha.
+
+    Sampling (`inverse`) and log q of its own samples: one MADE pass. Density of arbitrary x
+    (`forward`): D passes, since z_i needs z_<i first. alpha is soft-clamped to +-`bound`."""
+
+    def __init__(self, dim, hidden=(64, 64), act="relu", reverse=False, bound=6.0):
+        super().__init__()
+        self.made = MADE(dim, hidden, 2, act, reverse)
+        self.bound = bound
+
+    def _mu_alpha(self, z):
+        mu, alpha = self.made(z)
+        return mu, soft_clamp(alpha, self.bound)
+
+    def inverse(self, z):
+        mu, alpha = self._mu_alpha(z)
+        return z * torch.exp(alpha) + mu, alpha.sum(-1)
+
+    def forward(self, x):
+        z = torch.zeros_like(x)
+        for _ in range(x.shape[-1]):  # pass k fixes the coordinate of degree k
+            mu, alpha = self._mu_alpha(z)
+            z = (x - mu) * torch.exp(-alpha)
+        return z, -alpha.sum(-1)
+
+
+def _vi_flow(layers, dim, base, spec):
+    """A Flow applying `layers` in sampling order z0 -> z_K after the base q0."""
+    if base not in ("learned", "fixed"):
+        raise ValueError(f"unknown base {base!r}; choose 'learned' or 'fixed'")
+    layers = ([GaussianBase(dim)] if base == "learned" else []) + list(layers)
+    return Flow(layers[::-1], dim, spec)  # Flow lists transforms from data side to noise side
+
+
+def planar(dim=2, K=32, base="learned"):
+    """K planar layers (R&M sec. 4.1) on a learnable (or fixed N(0, I)) Gaussian base."""
+    return _vi_flow([Planar(dim) for _ in range(K)], dim, base,
+                    {"name": "planar", "dim": dim, "K": K, "base": base})
+
+
+def radial(dim=2, K=32, base="learned"):
+    """K radial layers (R&M sec. 4.1)."""
+    return _vi_flow([Radial(dim) for _ in range(K)], dim, base,
+                    {"name": "radial", "dim": dim, "K": K, "base": base})
+
+
+def iaf(dim=2, K=4, hidden=(64, 64), act="relu", base="learned"):
+    """K affine IAF layers, variable order reversed between layers."""
+    layers = [IAFLayer(dim, hidden, act, reverse=bool(k % 2)) for k in range(K)]
+    return _vi_flow(layers, dim, base, {"name": "iaf", "dim": dim, "K": K,
+                                        "hidden": list(hidden), "act": act, "base": base})
+
+
+def realnvp(dim=2, K=8, hidden=(64, 64), act="silu", base="learned"):
+    """K RealNVP affine couplings (Dinh et al. 2017), alternating halves."""
+    layers = [AffineCoupling(dim, hidden, act, swap=bool(k % 2)) for k in range(K)]
+    return _vi_flow(layers, dim, base, {"name": "realnvp", "dim": dim, "K": K,
+                                        "hidden": list(hidden), "act": act, "base": base})
+
+
+def nice(dim=2, K=8, hidden=(64, 64), act="silu", base="learned"):
+    """K NICE additive couplings (Dinh et al. 2015; volume preserving, log-det 0): the learned
+    diagonal base is NICE's final scaling layer, the only source of volume change."""
+    layers = [AffineCoupling(dim, hidden, act, swap=bool(k % 2), affine=False) for k in range(K)]
+    return _vi_flow(layers, dim, base, {"name": "nice", "dim": dim, "K": K,
+                                        "hidden": list(hidden), "act": act, "base": base})
+
+
+class FlowStack(nn.Module):
+    """T independent flows q_1..q_T, one per target, trained in one loop:
+    `sample_and_log_prob(n)` returns x (T, n, D) and log q (T, n); `flow(t)` is q_t as a Flow.
+    This generic version runs the flows one after another (the straightforward loop)."""
+
+    def __init__(self, flows, spec):
+        super().__init__()
+        self.flows = nn.ModuleList(flows)
+        self._spec = spec
+
+    def __len__(self):
+        return len(self.flows)
+
+    def flow(self, t):
+        return self.flows[t]
+
+    def sample_and_log_prob(self, n):
+        xs, lqs = zip(*(f.sample_and_log_prob(n) for f in self.flows))
+        return torch.stack(xs), torch.stack(lqs)
+
+    def log_prob(self, x):
+        """log q_t(x) for every t: (T, N) from x (N, D)."""
+        return torch.stack([f.log_prob(x) for f in self.flows])
+
+    def spec(self):
+        return dict(self._spec)
+
+
+class PlanarStack(FlowStack):
+    """T planar flows of K layers as one batched module: parameters u, w (T, K, D), b (T, K),
+    base mu, log_sigma (T, D). u_hat for all layers is computed in one vectorised call and each
+    layer is two batched matrix products, so a step costs about the op count of a single flow
+    whatever T is (planar flows are op-overhead bound on CPU). Same maths as `Planar`;
+    `flow(t)` returns target t's flow as a plain `Flow` of `Planar` layers."""
+
+    def __init__(self, n_targets, dim=2, K=32, base="learned", spec=None):
+        nn.Module.__init__(self)
+        T = n_targets
+        self.T, self.dim, self.K, self.base = T, dim, K, base
+        self.u = nn.Parameter(torch.empty(T, K, dim))
+        self.w = nn.Parameter(torch.empty(T, K, dim))
+        self.b = nn.Parameter(torch.empty(T, K))
+        _init_planar(self.u, self.w, self.b)
+        self.mu = nn.Parameter(torch.zeros(T, dim), requires_grad=base == "learned")
+        self.log_sigma = nn.Parameter(torch.zeros(T, dim), requires_grad=base == "learned")
+        self._spec = spec or {}
+
+    def __len__(self):
+        return self.T
+
+    def sample_and_log_prob(self, n, z=None):
+        """x (T, n, D) and log q_K(x) (T, n); z (T, n, D) ~ N(0, I) unless given."""
+        if z is None:
+            z = torch.randn(self.T, n, self.dim, device=self.u.device, dtype=self.u.dtype)
+        log_q0 = std_normal_log_prob(z) - self.log_sigma.sum(-1, keepdim=True)
+        x = self.mu[:, None] + z * torch.exp(self.log_sigma)[:, None]
+        u_hat = planar_u_hat(self.u, self.w)            # (T, K, D)
+        c = (self.w * u_hat).sum(-1)                      # w . u_hat, (T, K)
+        w_col = self.w.unsqueeze(-1)                      # (T, K, D, 1)
+        u_row = u_hat.unsqueeze(2)                        # (T, K, 1, D)
+        b = self.b[:, :, None, None]                      # (T, K, 1, 1)
+        log_det = []
+        for k in range(self.K):
+            t = torch.tanh(torch.baddbmm(b[:, k], x, w_col[:, k]))     # (T, n, 1)
+            x = torch.baddbmm(x, t, u_row[:, k])                        # x + t u_hat^T
+            log_det.append(torch.log1p(c[:, k, None, None] * (1 - t * t)))
+        if not log_det:
+            return x, log_q0
+        return x, log_q0 - torch.cat(log_det, -1).sum(-1)
+
+    def flow(self, t):
+        f = planar(self.dim, self.K, self.base)
+        layers = list(f.transforms)[::-1]                # sampling order: base, layer 0, ...
+        with torch.no_grad():
+            if self.base == "learned":
+                layers[0].mu.copy_(self.mu[t])
+                layers[0].log_sigma.copy_(self.log_sigma[t])
+                layers = layers[1:]
+            for k, layer in enumerate(layers):
+                layer.u.copy_(self.u[t, k])
+                layer.w.copy_(self.w[t, k])
+                layer.b.copy_(self.b[t, k])
+        return f.to(self.u.device)
+
+    def log_prob(self, x):
+        return torch.stack([self.flow(t).log_prob(x) for t in range(self.T)])
+
+
+def stack(flow_spec, n_targets, batched=True):
+    """T copies of the flow described by `flow_spec` (a `Flow.spec()` dict), one per target:
+    a batched PlanarStack for planar flows when `batched`, else a FlowStack loop."""
+    flow_spec = dict(flow_spec)
+    spec = {"name": "stack", "flow_spec": dict(flow_spec), "n_targets": n_targets,
+            "batched": batched}
+    name = flow_spec.pop("name")
+    if name == "planar" and batched:
+        return PlanarStack(n_targets, spec=spec, **flow_spec)
+    return FlowStack([build_flow(name, **flow_spec) for _ in range(n_targets)], spec)
+
+
+BUILDERS.update({"planar": planar, "radial": radial, "iaf": iaf, "realnvp": realnvp,
+                 "nice": nice, "stack": stack})
+VI_FLOWS = ("planar", "radial", "iaf", "realnvp", "nice")
