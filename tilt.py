@@ -144,6 +144,46 @@ def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, 
     return hist
 
 
+# ----------------------------------------------------------------------------- data space
+def data_U(E, vae):
+    """U(x) = E(x) - ELBO(x) ~ -log(exp(-E(x)) p_phi(x)), the data-space tilt's energy."""
+    return lambda x: E(x) - vae.elbo(x)
+
+
+def fit_data_tilt(E, x_pos, vae, steps, lr=1e-3, n_neg=128, langevin_steps=20, eps=0.02,
+                  reg=0.1, on_step=None):
+    """Data-space tilt p_theta(x) ∝ exp(-E(x)) p_phi(x), log p_phi(x) ~ ELBO(x).
+
+    Contrastive-divergence estimate of the ML gradient: negatives are short Langevin chains
+    on E(x) - ELBO(x) started at VAE samples (decoded means of prior draws), loss
+    mean E(x+) - mean E(x-) + reg (mean E+^2 + mean E-^2); the L2 term keeps the energies
+    from drifting. Stops at a non-finite loss with the last finite weights (hist["nan_step"])."""
+    from samplers import langevin
+
+    opt = torch.optim.Adam(E.parameters(), lr=lr)
+    hist = {"loss": [], "nan_step": None}
+    good = copy.deepcopy(E.state_dict())
+    U = data_U(E, vae)
+    for step in range(steps):
+        x0, _ = vae.sample(n_neg)
+        x_neg = langevin(U, x0, langevin_steps, eps, freeze=(E, vae)) if langevin_steps else x0
+        e_pos, e_neg = E(x_pos), E(x_neg)
+        loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        if not math.isfinite(loss.item()):
+            hist["nan_step"] = step
+            E.load_state_dict(good)
+            break
+        good = copy.deepcopy(E.state_dict())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist["loss"].append(loss.item())
+        if on_step is not None:
+            on_step(step, {"loss": loss.item(), "E_pos": e_pos.mean().item(),
+                           "E_neg": e_neg.mean().item()})
+    return hist
+
+
 # ----------------------------------------------------------------------------- latent space
 def latent_U(E):
     """U(z) = E(z) + |z|^2 / 2 = -log(exp(-E(z)) N(z; 0, I)) + const, for Langevin."""

@@ -1,0 +1,378 @@
+"""De-biasing a VAE trained on class-imbalanced digits with an EBM tilt (issue 5).
+
+    python train_tilt.py                              # digits, latent ML tilt (about 30 s)
+    python train_tilt.py --objective both --data_tilt # + hackathon recipe + data-space tilt
+    python train_tilt.py --experiment mixture         # the 2D Gaussian-mixture example
+    python train_tilt.py --data mnist --mnist_images train-images-idx3-ubyte \
+        --mnist_labels train-labels-idx1-ubyte --latent 8
+
+The story, top to bottom:
+1. data: a biased set (digits 0-4 in proportions .12/.33/.28/.20/.07) and a small unbiased set
+   (equal counts per class, disjoint from it); a logistic-regression classifier on all ten
+   digits labels generated images.
+2. base model p_phi: a VAE on the biased set, early-stopped on a validation split.
+3. latent tilt p_theta(z) ∝ exp(-E(z)) N(z; 0, I), trained on the encoder means of the
+   unbiased images (tilt.py: "ml" = exact maximum likelihood with importance-sampled log Z,
+   the default; "hackathon" = the critic-style recipe).
+4. sampling: self-normalised importance resampling (SNIR) of prior draws (ESS reported) and
+   Langevin on E(z) + |z|^2 / 2; decoded and labelled by the classifier.
+5. optional data-space tilt exp(-E(x)) p_phi(x) with ELBO(x) as log p_phi(x).
+6. metric: TV distance between the label histogram of 1,000 decoded samples and the uniform
+   distribution over 0-4 (labels 5-9 count as error); figures; checkpoint.
+
+Outputs: runs/<run>/ (config.json, metrics.jsonl, summary.json, checkpoint.pt) and figures in
+images/<run>/; wandb (online when logged in, else offline).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import config
+import plots
+import tilt
+import tilt_data
+import tilt_plots
+import util
+from ebm import EBM
+from logger import RunLogger
+from samplers import langevin
+from vae import VAE, fit as fit_vae
+
+
+# ----------------------------------------------------------------------------- config
+def get_parser():
+    p = config.parser("EBM tilts of a VAE trained on class-imbalanced digits (issue 5)")
+    p.add_argument("--experiment", default="digits", choices=["digits", "mixture"],
+                   help="digits: de-bias a VAE; mixture: the 2D Gaussian-mixture example")
+    p.add_argument("--name", default=None, help="run name (default: tilt-<experiment>-s<seed>-<time>)")
+    p.add_argument("--image_dir", default=None, help="default images/<run name>")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    # data
+    p.add_argument("--data", default="digits", choices=["digits", "mnist"],
+                   help="digits: scikit-learn's 8x8 digits (offline); mnist: local IDX files")
+    p.add_argument("--mnist_images", default=None, help="MNIST images IDX file (.gz allowed)")
+    p.add_argument("--mnist_labels", default=None, help="MNIST labels IDX file (.gz allowed)")
+    p.add_argument("--per_class", type=int, default=0,
+                   help="unbiased images per class; 0: all that the scarcest class leaves")
+    p.add_argument("--val_frac", type=config.open_unit, default=0.15,
+                   help="fraction of the biased set held out for VAE early stopping")
+    # VAE
+    p.add_argument("--latent", type=config.positive_int, default=2, help="latent size")
+    p.add_argument("--vae_hidden", type=config.positive_int, nargs="+", default=[128, 128])
+    p.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"])
+    p.add_argument("--vae_epochs", type=config.positive_int, default=400)
+    p.add_argument("--vae_batch", type=config.positive_int, default=64)
+    p.add_argument("--vae_lr", type=config.positive_float, default=2e-3)
+    p.add_argument("--patience", type=config.positive_int, default=30,
+                   help="early stopping: epochs without a better validation ELBO")
+    # latent tilt
+    p.add_argument("--objective", default="ml", choices=["ml", "hackathon", "both"],
+                   help="ml: maximum likelihood with importance-sampled log Z (default); "
+                        "hackathon: the critic recipe; both: train and report the two")
+    p.add_argument("--tilt_hidden", type=config.positive_int, nargs="+", default=[64, 64])
+    p.add_argument("--tilt_steps", type=config.positive_int, default=500)
+    p.add_argument("--tilt_lr", type=config.positive_float, default=1e-3)
+    p.add_argument("--n_base", type=config.positive_int, default=4096,
+                   help="fresh base samples per step (importance samples of log Z / negatives)")
+    p.add_argument("--reg", type=config.nonnegative_float, default=0.1,
+                   help="hackathon / data tilt: weight of the energy L2 term")
+    p.add_argument("--gp", type=config.nonnegative_float, default=1.0,
+                   help="hackathon: weight of the gradient-norm penalty at interpolates")
+    # sampling and evaluation
+    p.add_argument("--n_samples", type=config.positive_int, default=1000,
+                   help="decoded samples labelled by the classifier")
+    p.add_argument("--pool", type=config.positive_int, default=20000,
+                   help="base draws that SNIR resamples from")
+    p.add_argument("--langevin_steps", type=int, default=200)
+    p.add_argument("--langevin_eps", type=config.positive_float, default=0.1)
+    # data-space tilt
+    p.add_argument("--data_tilt", action="store_true", help="also train the data-space tilt")
+    p.add_argument("--data_tilt_steps", type=config.positive_int, default=150)
+    p.add_argument("--data_tilt_hidden", type=config.positive_int, nargs="+", default=[128, 128])
+    p.add_argument("--data_langevin_steps", type=int, default=20)
+    p.add_argument("--data_langevin_eps", type=config.positive_float, default=0.02)
+    # 2D mixture
+    p.add_argument("--n_unbiased_2d", type=config.positive_int, default=100)
+    p.add_argument("--mix_steps", type=config.positive_int, default=500)
+    return p
+
+
+def get_args(argv):
+    p = get_parser()
+    args = config.parse(p, argv)
+    if args.resume:
+        config.fail("--resume is not supported by train_tilt.py (a run takes under two "
+                    "minutes); start it again with the same --seed")
+    if args.per_class < 0:
+        config.fail(f"--per_class must be >= 0 (0 = all that the data allows), got {args.per_class}")
+    if args.langevin_steps < 0 or args.data_langevin_steps < 0:
+        config.fail("--langevin_steps and --data_langevin_steps must be >= 0")
+    if args.pool < args.n_samples:
+        config.fail(f"--pool ({args.pool}) must be at least --n_samples ({args.n_samples})")
+    return args
+
+
+class NonFinite(Exception):
+    """A loss became NaN/inf: training stopped, the last finite weights were kept."""
+
+
+# ----------------------------------------------------------------------------- digits
+def load_data(args):
+    if args.data == "digits":
+        return tilt_data.load_digits_data()
+    try:
+        return tilt_data.load_mnist_idx(args.mnist_images, args.mnist_labels)
+    except (FileNotFoundError, ValueError) as e:
+        config.fail(str(e))
+
+
+def run_digits(args, device, log, save):
+    t0 = time.perf_counter()
+    rng = util.set_seed(args.seed)
+    X, y = load_data(args)
+    try:
+        split = tilt_data.biased_unbiased_split(y, rng, per_class=args.per_class or None)
+    except ValueError as e:
+        config.fail(str(e))
+    clf, clf_acc = tilt_data.train_classifier(X, y, rng)
+    x_biased = torch.tensor(X[split.biased], device=device)
+    x_unbiased = torch.tensor(X[split.unbiased], device=device)
+    n_val = max(1, int(args.val_frac * len(x_biased)))
+    print(f"data: {args.data}, biased set {len(split.biased)} images {split.biased_counts}, "
+          f"unbiased {len(split.unbiased)} ({split.per_class} per class); classifier test "
+          f"accuracy {clf_acc:.3f}")
+
+    def labels_of(images):
+        return clf.predict(images.detach().cpu().numpy())
+
+    # -- base model: the VAE on the biased set, early-stopped on a validation split
+    vae = VAE(X.shape[1], args.latent, args.vae_hidden, args.likelihood).to(device)
+    try:
+        hist = fit_vae(vae, x_biased[n_val:], x_biased[:n_val], args.vae_epochs, args.vae_batch,
+                       args.vae_lr, args.patience,
+                       on_epoch=lambda e, tr, va: log.log({"vae/train_loss": tr, "vae/val_elbo": va}, e))
+    except FloatingPointError as e:
+        raise NonFinite(str(e))
+    print(f"VAE: {len(hist['val'])} epochs, best validation ELBO {hist['best_val']:.2f} at epoch "
+          f"{hist['best_epoch']} (weights restored)")
+    state = {"config": config.to_dict(args), "vae": vae.state_dict(), "vae_spec": vae.spec(),
+             "stage": "vae"}
+    save(state)
+
+    summary = {"classifier_accuracy": clf_acc, "vae_best_val_elbo": hist["best_val"],
+               "vae_epochs": len(hist["val"]), "n_biased": len(split.biased),
+               "n_unbiased": len(split.unbiased)}
+    hists = {"biased set": tilt_data.label_histogram(y[split.biased]),
+             "unbiased set": tilt_data.label_histogram(y[split.unbiased])}
+    with torch.no_grad():
+        base_x, _ = vae.sample(args.n_samples)
+        base_labels = labels_of(base_x)
+        z_pos, _ = vae.encode(x_unbiased)  # positives: encoder means of the unbiased images
+    summary["tv_base"] = tilt_data.tv_to_uniform(base_labels)
+    hists["base VAE"] = tilt_data.label_histogram(base_labels)
+    print(f"base VAE samples: TV to uniform(0-4) = {summary['tv_base']:.3f}")
+    grids = {"base VAE": base_x.cpu().numpy()}
+    latent_tilts = {"base prior N(0, I)": (None, None)}
+
+    # -- latent tilts
+    objectives = ["ml", "hackathon"] if args.objective == "both" else [args.objective]
+    for obj in objectives:
+        E = EBM(args.latent, args.tilt_hidden, "silu").to(device)
+        t_obj = time.perf_counter()
+
+        def on_step(step, m, obj=obj):
+            if step % 10 == 0:
+                log.log({f"{obj}/{k}": v for k, v in m.items()}, step)
+
+        th = tilt.fit_tilt(E, z_pos, lambda s: torch.randn(args.n_base, args.latent, device=device),
+                           args.tilt_steps, obj, args.tilt_lr, reg=args.reg, gp=args.gp,
+                           on_step=on_step)
+        state[f"ebm_{obj}"], state[f"ebm_{obj}_spec"] = E.state_dict(), E.spec()
+        if th["nan_step"] is not None:
+            save(state)
+            raise NonFinite(f"{obj} tilt loss is not finite at step {th['nan_step']}")
+        E.eval()
+        with torch.no_grad():
+            pool = torch.randn(args.pool, args.latent, device=device)
+            idx, ess = tilt.snir(-E(pool), args.n_samples)
+            z_snir = pool[idx]
+            x_snir = vae.decode(z_snir)
+            log_Z = float(tilt.log_Z_importance(E, pool))
+        z_lang = langevin(tilt.latent_U(E), torch.randn(args.n_samples, args.latent, device=device),
+                          args.langevin_steps, args.langevin_eps, freeze=E)
+        with torch.no_grad():
+            x_lang = vae.decode(z_lang)
+        lab_snir, lab_lang = labels_of(x_snir), labels_of(x_lang)
+        summary.update({f"tv_{obj}_snir": tilt_data.tv_to_uniform(lab_snir),
+                        f"tv_{obj}_langevin": tilt_data.tv_to_uniform(lab_lang),
+                        f"ess_{obj}": ess, f"ess_frac_{obj}": ess / args.pool,
+                        f"log_Z_{obj}": log_Z, f"time_{obj}_s": time.perf_counter() - t_obj})
+        if args.latent == 2:  # the IS estimate of log Z against grid integration
+            neg, area = util.on_grid(tilt.latent_log_density(E), 6.0, 300, device)
+            summary[f"log_Z_grid_{obj}"] = util.grid_log_Z(neg, area)
+        print(f"{obj} tilt: SNIR TV {summary[f'tv_{obj}_snir']:.3f} (ESS {ess:.0f} of "
+              f"{args.pool}), Langevin TV {summary[f'tv_{obj}_langevin']:.3f}, log Z {log_Z:.3f}")
+        hists[f"{obj} tilt (SNIR)"] = tilt_data.label_histogram(lab_snir)
+        grids[f"{obj} tilt (SNIR)"] = x_snir.cpu().numpy()
+        latent_tilts[f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
+    save(state)
+
+    # -- data-space tilt: exp(-E(x)) p_phi(x), log p_phi ~ ELBO
+    if args.data_tilt:
+        t_dt = time.perf_counter()
+        Ex = EBM(X.shape[1], args.data_tilt_hidden, "silu").to(device)
+        dh = tilt.fit_data_tilt(
+            Ex, x_unbiased, vae, args.data_tilt_steps, args.tilt_lr, n_neg=128,
+            langevin_steps=args.data_langevin_steps, eps=args.data_langevin_eps, reg=args.reg,
+            on_step=lambda s, m: log.log({f"data/{k}": v for k, v in m.items()}, s))
+        state["ebm_data"], state["ebm_data_spec"] = Ex.state_dict(), Ex.spec()
+        if dh["nan_step"] is not None:
+            save(state)
+            raise NonFinite(f"data-space tilt loss is not finite at step {dh['nan_step']}")
+        Ex.eval()
+        with torch.no_grad():
+            pool_x, _ = vae.sample(args.pool)
+            idx, ess = tilt.snir(-Ex(pool_x), args.n_samples)
+            x_dsnir = pool_x[idx]
+        x_dlang = langevin(tilt.data_U(Ex, vae), base_x, args.data_langevin_steps,
+                           args.data_langevin_eps, freeze=(Ex, vae)).clamp(0, 1)
+        lab_d, lab_dl = labels_of(x_dsnir), labels_of(x_dlang)
+        summary.update({"tv_data_snir": tilt_data.tv_to_uniform(lab_d),
+                        "tv_data_langevin": tilt_data.tv_to_uniform(lab_dl), "ess_data": ess,
+                        "time_data_s": time.perf_counter() - t_dt})
+        print(f"data-space tilt: SNIR TV {summary['tv_data_snir']:.3f} (ESS {ess:.0f}), "
+              f"Langevin from VAE samples TV {summary['tv_data_langevin']:.3f}")
+        hists["data tilt (SNIR)"] = tilt_data.label_histogram(lab_d)
+        grids["data tilt (SNIR)"] = x_dsnir.cpu().numpy()
+        save(state)
+
+    # -- figures
+    img = args.image_dir
+    target = np.r_[np.full(5, 0.2), np.zeros(5)]
+    f = tilt_plots.label_histograms(os.path.join(img, "label_histograms.png"), hists,
+                                    "labels of data and of 1,000 decoded samples "
+                                    "(dashed: uniform over 0-4)", target=target)
+    log.log_image("label_histograms", f, 0)
+    if X.shape[1] in (64, 784):
+        f = tilt_plots.image_grids(os.path.join(img, "samples.png"), grids)
+        log.log_image("samples", f, 0)
+    if args.latent == 2:
+        with torch.no_grad():
+            z_all, _ = vae.encode(torch.cat([x_biased, x_unbiased]))
+        lab_all = np.r_[y[split.biased], y[split.unbiased]]
+        f = tilt_plots.latent_panels(os.path.join(img, "latent.png"), z_all.cpu(), lab_all,
+                                     latent_tilts, title="encoder means of biased + unbiased "
+                                     "images by label; contours: log prior; dots: SNIR samples")
+        log.log_image("latent", f, 0)
+    summary["time_total_s"] = time.perf_counter() - t0
+    return summary
+
+
+# ----------------------------------------------------------------------------- 2D mixture
+def run_mixture(args, device, log, save):
+    """Base: mixture with weights BASE_WEIGHTS; 100 points with TARGET_WEIGHTS teach the tilt;
+    SNIR from 20,000 base draws (whose components are known) gives the component histogram."""
+    t0 = time.perf_counter()
+    util.set_seed(args.seed)
+    x_pos, c_pos = tilt.mixture_sample(args.n_unbiased_2d, tilt.TARGET_WEIGHTS)
+    log_base = tilt.mixture_log_prob(tilt.BASE_WEIGHTS)
+    E = EBM(2, args.tilt_hidden, "silu").to(device)
+    objective = "hackathon" if args.objective == "hackathon" else "ml"
+    th = tilt.fit_tilt(E, x_pos.to(device),
+                       lambda s: tilt.mixture_sample(args.n_base, tilt.BASE_WEIGHTS)[0].to(device),
+                       args.mix_steps, objective, args.tilt_lr, reg=args.reg, gp=args.gp,
+                       on_step=lambda s, m: log.log({f"mix/{k}": v for k, v in m.items()}, s)
+                       if s % 10 == 0 else None)
+    state = {"config": config.to_dict(args), "ebm": E.state_dict(), "ebm_spec": E.spec(),
+             "stage": "mixture"}
+    save(state)
+    if th["nan_step"] is not None:
+        raise NonFinite(f"mixture tilt loss is not finite at step {th['nan_step']}")
+    E.eval()
+    with torch.no_grad():
+        pool, comp = tilt.mixture_sample(args.pool, tilt.BASE_WEIGHTS)
+        idx, ess = tilt.snir(-E(pool.to(device)), args.n_samples)
+        hist = np.bincount(comp[idx.cpu()].numpy(), minlength=3) / args.n_samples
+        emp = np.bincount(c_pos.numpy(), minlength=3) / len(c_pos)
+        log_Z = float(tilt.log_Z_importance(E, pool.to(device)))
+    tilted = lambda x: -E(x) + log_base(x)  # noqa: E731
+    neg, area = util.on_grid(tilted, tilt.MIXTURE_BOUND + 1.5, 300, device)
+    summary = {"mix_hist": hist.tolist(), "mix_tv": tilt.tv(hist, tilt.TARGET_WEIGHTS),
+               "mix_unbiased_hist": emp.tolist(),
+               "mix_tv_unbiased_sample": tilt.tv(emp, tilt.TARGET_WEIGHTS),
+               "mix_tv_base": tilt.tv(tilt.BASE_WEIGHTS, tilt.TARGET_WEIGHTS), "mix_ess": ess,
+               "mix_log_Z_is": log_Z, "mix_log_Z_grid": util.grid_log_Z(neg, area)}
+    print(f"2D mixture ({objective}): component histogram of {args.n_samples} resampled points "
+          f"{np.round(hist, 3).tolist()}, TV to {list(tilt.TARGET_WEIGHTS)} = "
+          f"{summary['mix_tv']:.3f} (base {summary['mix_tv_base']:.2f}; the 100 points "
+          f"themselves {summary['mix_tv_unbiased_sample']:.3f}); ESS {ess:.0f} of {args.pool}")
+    b = tilt.MIXTURE_BOUND
+    xs = pool[idx.cpu()]
+
+    def bars(ax):
+        w = np.arange(3)
+        ax.bar(w - 0.2, tilt.BASE_WEIGHTS, 0.2, label="base")
+        ax.bar(w, hist, 0.2, label="resampled")
+        ax.bar(w + 0.2, tilt.TARGET_WEIGHTS, 0.2, label="target")
+        ax.legend(fontsize=6)
+        ax.set_aspect("auto")
+
+    f = plots.save_panels(os.path.join(args.image_dir, "mixture.png"), [
+        ("base p_phi", plots.density(log_base, bound=b)),
+        (f"{args.n_unbiased_2d} unbiased points", plots.samples(x_pos, bound=b, bins=40)),
+        ("tilted exp(-E) p_phi", plots.density(tilted, bound=b)),
+        (f"SNIR: {args.n_samples} resampled", plots.samples(xs, bound=b, bins=60)),
+        ("component histogram", bars)], title=f"2D mixture tilt, TV {summary['mix_tv']:.3f}")
+    log.log_image("mixture", f, 0)
+    summary["time_total_s"] = time.perf_counter() - t0
+    return summary
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        device = util.get_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        config.fail(str(e))
+    if args.data == "mnist" and args.experiment == "digits":
+        for flag in ("mnist_images", "mnist_labels"):
+            path = getattr(args, flag)
+            if not path or not os.path.isfile(path):
+                config.fail(f"--{flag}: file {path!r} not found; pass a local MNIST IDX file "
+                            f"(no download at run time) or use --data digits")
+    name = args.name or config.run_name("tilt", args.experiment, f"s{args.seed}")
+    args.out_dir = args.out_dir or os.path.join("runs", name)
+    run = os.path.basename(os.path.normpath(args.out_dir))
+    args.image_dir = args.image_dir or os.path.join("images", run)
+    os.makedirs(args.image_dir, exist_ok=True)
+    log = RunLogger(args.out_dir, config.to_dict(args), args.wandb, args.project, run)
+    print(f"run {run}: experiment {args.experiment}, device {device}; outputs in "
+          f"{args.out_dir}, figures in {args.image_dir}")
+
+    def save(state):
+        util.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), state)
+
+    try:
+        summary = (run_digits if args.experiment == "digits" else run_mixture)(args, device, log, save)
+    except NonFinite as e:
+        print(f"error: {e}; stopped, the last finite weights are in "
+              f"{args.out_dir}/checkpoint.pt. Try a lower learning rate or another --seed.",
+              file=sys.stderr)
+        log.finish()
+        return 1
+    log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, 10 ** 6)
+    log.summary(summary)
+    log.finish()
+    print(f"done in {summary['time_total_s']:.1f} s: {args.out_dir} (summary.json), "
+          f"figures in {args.image_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
