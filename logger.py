@@ -32,7 +32,8 @@ class RunLogger:
         log.finish()
     """
 
-    def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None):
+    def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None,
+                 run_id=None):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir = out_dir
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
@@ -42,10 +43,15 @@ class RunLogger:
         self.wandb = None
         self.run = None
         self.offline = False
-        self._start_wandb(mode, project, name, config)
+        self._start_wandb(mode, project, name, config, run_id)
+
+    @property
+    def run_id(self):
+        """The wandb run id (stored in checkpoints so a resumed run continues it), or None."""
+        return getattr(self.run, "id", None)
 
     # -- wandb ----------------------------------------------------------------------------
-    def _start_wandb(self, mode, project, name, config):
+    def _start_wandb(self, mode, project, name, config, run_id=None):
         if mode == "disabled":
             return
         try:
@@ -66,7 +72,7 @@ class RunLogger:
         if mode == "disabled":
             return
         kwargs = dict(project=project, name=name, config=config, dir=self.out_dir,
-                      reinit="finish_previous")
+                      reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
                                                                      silent=True), **kwargs)

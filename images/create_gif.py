@@ -1,0 +1,57 @@
+"""Turn the per-epoch figures of a run into a looping gif.
+
+    python images/create_gif.py images/<run>            # writes images/<run>.gif
+    python images/create_gif.py images/<run> --fps 8 --out my.gif
+
+Frames are the PNGs in the folder, ordered by the number in their names (epoch_0002 before
+epoch_0010, whatever the padding), converted to RGB at a fixed size.
+"""
+import argparse
+import glob
+import os
+import re
+import sys
+
+from PIL import Image
+
+
+def frame_number(path):
+    """The last integer in the file name (the epoch), or -1 when there is none."""
+    nums = re.findall(r"\d+", os.path.basename(path))
+    return int(nums[-1]) if nums else -1
+
+
+def make_gif(folder, out=None, fps=5):
+    """Write the gif and return its path; raises FileNotFoundError when no PNG is found."""
+    frames = sorted(glob.glob(os.path.join(folder, "*.png")), key=lambda p: (frame_number(p), p))
+    if not frames:
+        raise FileNotFoundError(f"no .png frames in {folder!r}; run a training script first "
+                                f"or pass the folder that holds its figures")
+    out = out or os.path.normpath(folder) + ".gif"
+    images = [Image.open(p).convert("RGB") for p in frames]
+    size = images[0].size
+    images = [im if im.size == size else im.resize(size) for im in images]
+    images[0].save(out, save_all=True, append_images=images[1:],
+                   duration=int(1000 / fps), loop=0)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folder", help="folder of PNG frames, e.g. images/<run>")
+    p.add_argument("--out", default=None, help="gif path (default: <folder>.gif)")
+    p.add_argument("--fps", type=float, default=5.0)
+    args = p.parse_args(argv)
+    if not args.fps > 0:
+        p.error("--fps must be positive")
+    try:
+        out = make_gif(args.folder, args.out, args.fps)
+    except FileNotFoundError as e:
+        print(f"create_gif.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Flow maths: invertibility, log-dets against autograd Jacobians, MADE masks, normalisation."""
+import math
+
+import pytest
+import torch
+
+import flows
+import util
+from flows import MADE, build_flow
+
+
+def randomise(module, scale=0.3, seed=0):
+    """Perturb every parameter (flows start at the identity, which would test little)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def make(name, **kw):
+    torch.manual_seed(0)
+    data = torch.randn(512, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -1.0])
+    if name == "maf_bn":
+        flow = build_flow("maf", data, batch_norm=True, **kw)
+        flow.train()
+        flow.log_prob(data)  # set running statistics away from their initial values
+    else:
+        flow = build_flow(name, data, **kw)
+    if name != "gaussian":  # mild: 5-10 random layers compound quickly (cond(J) ~ e^25 at 0.3)
+        randomise(flow, scale=0.1)
+    return flow.eval()
+
+
+ALL = ["maf", "maf_bn", "glow", "gaussian"]
+
+
+def jacobian_logdet(fn, x):
+    """log|det J| of fn at each row of x, from the autograd Jacobian and slogdet (float64)."""
+    out = []
+    for xi in x:
+        J = torch.autograd.functional.jacobian(lambda v: fn(v[None])[0], xi)
+        out.append(torch.linalg.slogdet(J)[1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inverse_round_trip(name):
+    flow = make(name).double()
+    x = torch.randn(200, 2, dtype=torch.float64) * 2
+    z, ld = flow(x)
+    x_back, ld_inv = flow.inverse(z)
+    assert torch.allclose(x_back, x, atol=1e-8)
+    assert torch.allclose(ld, -ld_inv, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logdet_matches_autograd_jacobian(name):
+    flow = make(name).double()
+    x = torch.randn(6, 2, dtype=torch.float64) * 2
+    _, ld = flow(x)
+    assert torch.allclose(ld, jacobian_logdet(lambda v: flow(v)[0], x), atol=1e-8)
+    z = torch.randn(6, 2, dtype=torch.float64)
+    _, ld_inv = flow.inverse(z)
+    assert torch.allclose(ld_inv, jacobian_logdet(lambda v: flow.inverse(v)[0], z), atol=1e-8)
+
+
+@pytest.mark.parametrize("layer,dim", [
+    (lambda: flows.MAFLayer(2, (16, 16)), 2), (lambda: flows.MAFLayer(3, (16,), reverse=True), 3),
+    (lambda: flows.ActNorm(2), 2), (lambda: flows.InvertibleLinearLU(3), 3),
+    (lambda: flows.AffineCoupling(3, (16,)), 3),
+    (lambda: flows.AffineCoupling(3, (16,), swap=True), 3),
+    (lambda: flows.AffineCoupling(2, (16,), affine=False), 2),
+    (lambda: flows.BatchNormFlow(3).eval(), 3)])
+def test_each_transform_logdet(layer, dim):
+    torch.manual_seed(1)
+    t = randomise(layer()).double()
+    x = torch.randn(5, dim, dtype=torch.float64)
+    z, ld = t(x)
+    assert torch.allclose(ld, jacobian_logdet(lambda v: t(v)[0], x), atol=1e-8)
+    x_back, _ = t.inverse(z)
+    assert torch.allclose(x_back, x, atol=1e-8)
+
+
+@pytest.mark.parametrize("dim,reverse", [(2, False), (4, False), (5, True)])
+def test_made_is_autoregressive(dim, reverse):
+    """d out_i / d x_j = 0 unless x_j comes strictly before x_i in the order."""
+    made = randomise(MADE(dim, (32, 32), n_params=2, reverse=reverse), scale=0.5).double()
+    x = torch.randn(1, dim, dtype=torch.float64)
+    deg = made.input_degrees
+    for out in range(2):
+        J = torch.autograd.functional.jacobian(lambda v: made(v)[out][0], x)[:, 0, :]
+        allowed = deg[None, :] < deg[:, None]
+        assert (J[~allowed] == 0).all()
+        assert (J[allowed] != 0).all()  # and the connections that may exist do
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_density_integrates_to_one(name):
+    """The grid integral of q over a box equals the mass of q's samples inside the box
+    (randomised flows have heavy tails, so the box does not hold all the mass)."""
+    flow = make(name)
+    bound = 14.0
+    values, area = util.on_grid(flow.log_prob, bound, 500)
+    integral = math.exp(torch.logsumexp(values, 0)) * area
+    with torch.no_grad():
+        s = flow.sample(200_000)
+    inside = float((s.abs() < bound).all(1).double().mean())
+    assert inside > 0.95
+    assert abs(integral - inside) < 3e-3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_samples_log_prob_and_gradients(name):
+    flow = make(name).double()
+    x, lq = flow.sample_and_log_prob(64)
+    assert torch.allclose(lq, flow.log_prob(x), atol=1e-8)
+    if name != "gaussian":  # reparameterised: every parameter gets a gradient through x
+        (x.sum() + lq.sum()).backward()
+        grads = [p.grad for p in flow.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) > 0 for g in grads) >= 0.9 * len(grads)
+
+
+@pytest.mark.parametrize("name", ["maf", "glow"])
+def test_extreme_inputs_stay_finite(name):
+    flow = randomise(make(name), scale=0.3)
+    x = torch.tensor([[1e4, -1e4], [0.0, 0.0], [-300.0, 50.0]])
+    assert torch.isfinite(flow(x)[1]).all()
+    z = torch.randn(1000, 2) * 10
+    assert torch.isfinite(flow.inverse(z)[1]).all()
+
+
+def test_actnorm_guards_zero_variance():
+    layer = flows.ActNorm(2)
+    x = torch.ones(100, 2)
+    z, ld = layer(x)
+    assert torch.isfinite(z).all() and torch.isfinite(ld).all()
+    assert torch.allclose(layer.log_scale, torch.zeros(2))
+
+
+def test_gaussian_noise_fits_data_and_is_fixed():
+    data = torch.randn(20000, 2) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]]) + 3
+    flow = build_flow("gaussian", data)
+    assert not any(p.requires_grad for p in flow.parameters())
+    s = flow.sample(20000)
+    assert torch.allclose(s.mean(0), data.mean(0), atol=0.1)
+    assert torch.allclose(torch.cov(s.T), torch.cov(data.T), atol=0.15)
+
+
+@pytest.mark.parametrize("name", ["maf", "glow", "gaussian"])
+def test_rebuild_from_spec(name):
+    flow = make(name)
+    copy = flows.flow_from_spec(flow.spec())
+    copy.load_state_dict(flow.state_dict())
+    x = torch.randn(10, 2)
+    assert torch.allclose(copy.eval().log_prob(x), flow.log_prob(x))
+
+
+def test_unknown_flow_names_valid_ones():
+    with pytest.raises(ValueError, match="maf, glow, gaussian"):
+        build_flow("realnvp9")
