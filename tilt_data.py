@@ -142,7 +142,7 @@ def tv_to_uniform(labels, classes=CLASSES, n_classes=10):
     return 0.5 * float(np.abs(h - target).sum())
 
 
-def train_classifier(X, y, rng, test_frac=0.25, max_train=10000):
+def train_classifier(X, y, rng, test_frac=0.25, max_train=10000, max_iter=1000):
     """Multinomial logistic regression on all ten digits (a held-out quarter gives its test
     accuracy); it labels decoded samples. Returns (classifier, test accuracy)."""
     from sklearn.linear_model import LogisticRegression
@@ -150,6 +150,6 @@ def train_classifier(X, y, rng, test_frac=0.25, max_train=10000):
     perm = rng.permutation(len(y))
     n_test = int(test_frac * len(y))
     test, train = perm[:n_test], perm[n_test:][:max_train]
-    clf = LogisticRegression(max_iter=1000, C=1.0)
+    clf = LogisticRegression(max_iter=max_iter, C=1.0)
     clf.fit(X[train], y[train])
     return clf, float((clf.predict(X[test]) == y[test]).mean())

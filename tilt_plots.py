@@ -94,3 +94,30 @@ def image_grids(path, grids, rows=8, title=None):
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def mixture_figure(path, panels, bars, title=None, size=2.6):
+    """Square 2D panels [(title, plots drawer), ...] and a bar chart of component histograms
+    `bars` {label: fractions per component}."""
+    k = len(panels) + 1
+    fig, axes = plt.subplots(1, k, figsize=(size * k, size + (0.3 if title else 0)),
+                             squeeze=False)
+    for ax, (name, draw) in zip(axes.flat, panels):
+        draw(ax)
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        ax.set_title(name, fontsize=8)
+    ax = axes.flat[-1]
+    width = 0.8 / len(bars)
+    for i, (label, h) in enumerate(bars.items()):
+        h = np.asarray(h, float)
+        ax.bar(np.arange(len(h)) + (i - (len(bars) - 1) / 2) * width, h, width, label=label)
+    ax.set_xticks(range(len(h)))
+    ax.set_xlabel("component", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    ax.set_title("component histogram", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -59,6 +59,8 @@ def get_parser():
                    help="unbiased images per class; 0: all that the scarcest class leaves")
     p.add_argument("--val_frac", type=config.open_unit, default=0.15,
                    help="fraction of the biased set held out for VAE early stopping")
+    p.add_argument("--clf_max_iter", type=config.positive_int, default=1000,
+                   help="iterations of the logistic-regression classifier (lbfgs)")
     # VAE
     p.add_argument("--latent", type=config.positive_int, default=2, help="latent size")
     p.add_argument("--vae_hidden", type=config.positive_int, nargs="+", default=[128, 128])
@@ -86,8 +88,8 @@ def get_parser():
                    help="decoded samples labelled by the classifier")
     p.add_argument("--pool", type=config.positive_int, default=20000,
                    help="base draws that SNIR resamples from")
-    p.add_argument("--langevin_steps", type=int, default=200)
-    p.add_argument("--langevin_eps", type=config.positive_float, default=0.1)
+    p.add_argument("--langevin_steps", type=int, default=500)
+    p.add_argument("--langevin_eps", type=config.positive_float, default=0.2)
     # data-space tilt
     p.add_argument("--data_tilt", action="store_true", help="also train the data-space tilt")
     p.add_argument("--data_tilt_steps", type=config.positive_int, default=150)
@@ -96,7 +98,8 @@ def get_parser():
     p.add_argument("--data_langevin_eps", type=config.positive_float, default=0.02)
     # 2D mixture
     p.add_argument("--n_unbiased_2d", type=config.positive_int, default=100)
-    p.add_argument("--mix_steps", type=config.positive_int, default=500)
+    p.add_argument("--mix_steps", type=config.positive_int, default=600)
+    p.add_argument("--mix_lr", type=config.positive_float, default=3e-3)
     return p
 
 
@@ -137,7 +140,7 @@ def run_digits(args, device, log, save):
         split = tilt_data.biased_unbiased_split(y, rng, per_class=args.per_class or None)
     except ValueError as e:
         config.fail(str(e))
-    clf, clf_acc = tilt_data.train_classifier(X, y, rng)
+    clf, clf_acc = tilt_data.train_classifier(X, y, rng, max_iter=args.clf_max_iter)
     x_biased = torch.tensor(X[split.biased], device=device)
     x_unbiased = torch.tensor(X[split.unbiased], device=device)
     n_val = max(1, int(args.val_frac * len(x_biased)))
@@ -256,7 +259,7 @@ def run_digits(args, device, log, save):
                                     "labels of data and of 1,000 decoded samples "
                                     "(dashed: uniform over 0-4)", target=target)
     log.log_image("label_histograms", f, 0)
-    if X.shape[1] in (64, 784):
+    if int(np.sqrt(X.shape[1])) ** 2 == X.shape[1]:  # square images: sample grids
         f = tilt_plots.image_grids(os.path.join(img, "samples.png"), grids)
         log.log_image("samples", f, 0)
     if args.latent == 2:
@@ -283,7 +286,7 @@ def run_mixture(args, device, log, save):
     objective = "hackathon" if args.objective == "hackathon" else "ml"
     th = tilt.fit_tilt(E, x_pos.to(device),
                        lambda s: tilt.mixture_sample(args.n_base, tilt.BASE_WEIGHTS)[0].to(device),
-                       args.mix_steps, objective, args.tilt_lr, reg=args.reg, gp=args.gp,
+                       args.mix_steps, objective, args.mix_lr, reg=args.reg, gp=args.gp,
                        on_step=lambda s, m: log.log({f"mix/{k}": v for k, v in m.items()}, s)
                        if s % 10 == 0 else None)
     state = {"config": config.to_dict(args), "ebm": E.state_dict(), "ebm_spec": E.spec(),
@@ -312,20 +315,14 @@ def run_mixture(args, device, log, save):
     b = tilt.MIXTURE_BOUND
     xs = pool[idx.cpu()]
 
-    def bars(ax):
-        w = np.arange(3)
-        ax.bar(w - 0.2, tilt.BASE_WEIGHTS, 0.2, label="base")
-        ax.bar(w, hist, 0.2, label="resampled")
-        ax.bar(w + 0.2, tilt.TARGET_WEIGHTS, 0.2, label="target")
-        ax.legend(fontsize=6)
-        ax.set_aspect("auto")
-
-    f = plots.save_panels(os.path.join(args.image_dir, "mixture.png"), [
-        ("base p_phi", plots.density(log_base, bound=b)),
-        (f"{args.n_unbiased_2d} unbiased points", plots.samples(x_pos, bound=b, bins=40)),
-        ("tilted exp(-E) p_phi", plots.density(tilted, bound=b)),
-        (f"SNIR: {args.n_samples} resampled", plots.samples(xs, bound=b, bins=60)),
-        ("component histogram", bars)], title=f"2D mixture tilt, TV {summary['mix_tv']:.3f}")
+    f = tilt_plots.mixture_figure(
+        os.path.join(args.image_dir, "mixture.png"),
+        [("base p_phi", plots.density(log_base, bound=b)),
+         (f"{args.n_unbiased_2d} unbiased points", plots.samples(x_pos, bound=b, bins=40)),
+         ("tilted exp(-E) p_phi", plots.density(tilted, bound=b)),
+         (f"SNIR: {args.n_samples} resampled", plots.samples(xs, bound=b, bins=60))],
+        {"base": tilt.BASE_WEIGHTS, "resampled": hist, "target": tilt.TARGET_WEIGHTS},
+        title=f"2D mixture tilt: component histogram TV {summary['mix_tv']:.3f} to target")
     log.log_image("mixture", f, 0)
     summary["time_total_s"] = time.perf_counter() - t0
     return summary

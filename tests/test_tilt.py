@@ -147,3 +147,108 @@ def test_snir_recovers_known_weights():
         idx, ess = tilt.snir(log_w, 4000, generator=g, method=method)
         assert (idx >= 1000).float().mean().item() == pytest.approx(0.75, abs=0.02)
     assert ess == pytest.approx(4000.0 ** 2 / (1000 + 9000), rel=1e-6)  # float32 log 3
+
+
+def test_mixture_log_prob_integrates_to_one():
+    lp, area = on_grid(tilt.mixture_log_prob(tilt.BASE_WEIGHTS), 4.0, 300)
+    assert math.exp(grid_log_Z(lp, area)) == pytest.approx(1.0, abs=1e-4)
+    x, comp = tilt.mixture_sample(20000, tilt.TARGET_WEIGHTS, torch.Generator().manual_seed(0))
+    h = np.bincount(comp.numpy(), minlength=3) / 20000
+    assert tilt.tv(h, tilt.TARGET_WEIGHTS) < 0.01
+
+
+def test_ml_tilt_recovers_component_weights():
+    """ML with importance-sampled log Z on 2,000 target points (a large sample, so that the
+    sampling noise of the positives is small) moves the base 0.8/0.1/0.1 to about 0.3/0.4/0.3."""
+    torch.manual_seed(0)
+    from ebm import EBM
+    x_pos, _ = tilt.mixture_sample(2000, tilt.TARGET_WEIGHTS)
+    E = EBM(2, (32, 32))
+    tilt.fit_tilt(E, x_pos, lambda s: tilt.mixture_sample(2048, tilt.BASE_WEIGHTS)[0], 300,
+                  "ml", lr=5e-3)
+    with torch.no_grad():
+        pool, comp = tilt.mixture_sample(20000, tilt.BASE_WEIGHTS)
+        idx, ess = tilt.snir(-E(pool), 4000)
+    h = np.bincount(comp[idx].numpy(), minlength=3) / 4000
+    assert tilt.tv(h, tilt.TARGET_WEIGHTS) < 0.05
+    assert 0 < ess < 20000
+
+
+# ----------------------------------------------------------------------------- end to end
+TINY = ["--wandb", "disabled", "--vae_epochs", "3", "--tilt_steps", "3", "--n_base", "256",
+        "--pool", "1000", "--n_samples", "200", "--langevin_steps", "3", "--vae_hidden", "32"]
+
+
+def _run(tmp_path, name, extra):
+    import train_tilt
+
+    out = tmp_path / "runs" / name
+    code = train_tilt.main(TINY + ["--out_dir", str(out), "--image_dir",
+                                   str(tmp_path / "images" / name)] + extra)
+    return code, out, tmp_path / "images" / name
+
+
+def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
+    code, out, img = _run(tmp_path, "d", ["--objective", "both", "--data_tilt",
+                                          "--data_tilt_steps", "2", "--per_class", "10"])
+    assert code == 0
+    for f in ("label_histograms.png", "latent.png", "samples.png"):
+        assert (img / f).stat().st_size > 1000
+    from logger import read_metrics
+    rows = read_metrics(str(out))
+    assert any("vae/val_elbo" in r for r in rows) and any("ml/log_Z" in r for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    for k in ("tv_base", "tv_ml_snir", "tv_hackathon_snir", "tv_data_snir", "ess_ml"):
+        assert 0 <= summary[k]
+    assert summary["n_unbiased"] == 50
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {"vae", "ebm_ml", "ebm_hackathon", "ebm_data"} <= set(ckpt)
+
+
+def test_end_to_end_mnist_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30).astype(np.uint8)
+    # a small MNIST-format file: 14 x 14 images whose brightness encodes the label
+    images = (rng.random((300, 14, 14)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
+    td.write_idx(tmp_path / "img.idx", images)
+    td.write_idx(tmp_path / "lab.idx", labels)
+    code, out, img = _run(tmp_path, "m", ["--data", "mnist", "--mnist_images",
+                                          str(tmp_path / "img.idx"), "--mnist_labels",
+                                          str(tmp_path / "lab.idx"), "--clf_max_iter", "50"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_biased"] == 75
+    assert (img / "label_histograms.png").exists()
+
+
+def test_end_to_end_mixture(tmp_path):
+    code, out, img = _run(tmp_path, "x", ["--experiment", "mixture", "--mix_steps", "3"])
+    assert code == 0 and (img / "mixture.png").exists()
+    s = json.loads((out / "summary.json").read_text())
+    assert abs(sum(s["mix_hist"]) - 1) < 1e-9
+    assert s["mix_log_Z_is"] == pytest.approx(s["mix_log_Z_grid"], abs=0.05)
+
+
+def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
+    def nan_loss(E, x_pos, x_base):
+        e = E(x_pos)
+        return e.mean() * float("nan"), e.mean(), e
+    monkeypatch.setattr(tilt, "ml_loss", nan_loss)
+    code, out, _ = _run(tmp_path, "n", ["--experiment", "mixture", "--mix_steps", "5"])
+    assert code == 1
+    assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "mnist", "--mnist_images", "/nonexistent"], "not found"),
+    (["--latent", "0"], "positive integer"),
+    (["--per_class", "1000"], "per_class"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    import train_tilt
+
+    with pytest.raises(SystemExit) as e:
+        train_tilt.main(TINY + ["--out_dir", str(tmp_path / "r")] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
