@@ -87,3 +87,132 @@ def test_paper_toys_densities_integrate_and_match_samples(name):
     xs = datasets.sample(name, 50000, 0).double()
     # E_p[-log p] = H(p): the samplers and the densities describe the same distribution
     assert abs(float(-datasets.log_density(name, xs).mean()) - datasets.entropy(name)) < 0.02
+
+
+# ----------------------------------------------------------------------------- training
+TINY = ["--dataset", "gmm", "--n_train", "2000", "--n_test", "1000", "--L", "20",
+        "--batch", "64", "--bank_size", "500", "--n_kde", "500", "--wandb", "disabled",
+        "--log_every", "10", "--eval_every", "20", "--lr", "2.0"]
+
+
+def _gap(F, x_data, x_noise):
+    with torch.no_grad():
+        return float(F(x_data).mean() - F(x_noise).mean())
+
+
+def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
+    import datasets
+    import train_mcmc
+    from logger import read_metrics
+    from util import load_run
+
+    out = str(tmp_path / "run")
+    x_data = datasets.sample("gmm", 2000, 1)
+    x_noise = torch.rand(2000, 2) * 4 - 2
+    torch.manual_seed(42)
+    gap0 = _gap(EBM(2, (32, 64, 64, 64), "leakyrelu"), x_data, x_noise)  # the seed-42 init
+    summary = train_mcmc.main(TINY + ["--n_iter", "60", "--out_dir", out,
+                                      "--image_dir", str(tmp_path / "img")])
+    assert summary["status"] == "done" and summary["step"] == 60
+    run = load_run(out)
+    F = EBM(**run.checkpoint["ebm_spec"])
+    F.load_state_dict(run.checkpoint["F"])
+    # learning pushed the energy of data below that of noise
+    assert _gap(F, x_data, x_noise) < gap0 - 1e-3
+    # load_run's ebm is U = (2 / eps^2) F
+    x = torch.randn(5, 2)
+    assert torch.allclose(run.ebm(x), F(x) * 2 / 0.125 ** 2, rtol=1e-4, atol=1e-4)
+    rows = read_metrics(out)
+    assert all(k in rows[-1] for k in ("kl_ebm", "kl_kde", "nll_ebm"))
+    d = [r["d_t"] for r in rows if "d_t" in r]
+    assert len(d) == 7 and all("r_t" in r for r in rows if "d_t" in r)
+    assert len(run.checkpoint["d_hist"]) == 60
+    for f in ("diagnostics.png", "landscape.png", "config.json", "checkpoint.pt"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    assert os.path.isfile(tmp_path / "img" / "run" / "landscape_000060.png")
+
+
+def _rows(x):
+    return x[torch.argsort(x[:, 0])]
+
+
+def test_persistent_bank_updated_in_place(monkeypatch, tmp_path):
+    import train_mcmc
+
+    calls = []
+    real = train_mcmc.langevin
+
+    def spy(U, x0, *a, **kw):
+        out = real(U, x0, *a, **kw)
+        calls.append((x0.clone(), (out[0] if isinstance(out, tuple) else out).clone()))
+        return out
+    monkeypatch.setattr(train_mcmc, "langevin", spy)
+    # a bank of exactly one batch: each iteration must start from what the last one wrote
+    train_mcmc.main(TINY + ["--n_iter", "3", "--bank_size", "64", "--eval_every", "1000",
+                            "--out_dir", str(tmp_path / "r"), "--image_dir", str(tmp_path)])
+    (s1, e1), (s2, e2), (s3, e3) = calls[:3]
+    assert s1.abs().max() <= 1.0  # the bank starts U[-1, 1]^2
+    assert torch.equal(_rows(s2), _rows(e1)) and torch.equal(_rows(s3), _rows(e2))
+    assert not torch.equal(_rows(s2), _rows(s1))
+    bank = torch.load(str(tmp_path / "r" / "checkpoint.pt"), weights_only=True)["bank"]
+    assert torch.equal(_rows(bank), _rows(e3))
+
+
+def test_resume_continues_exactly(tmp_path):
+    import train_mcmc
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    img = ["--image_dir", str(tmp_path / "img")]
+    train_mcmc.main(TINY + ["--n_iter", "40", "--out_dir", a] + img)
+    train_mcmc.main(TINY + ["--n_iter", "20", "--out_dir", b] + img)
+    train_mcmc.main(["--resume", b, "--n_iter", "40"])
+    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
+    assert cb["step"] == 40
+    for k in ca["F"]:
+        assert torch.equal(ca["F"][k], cb["F"][k]), k
+    assert torch.equal(ca["bank"], cb["bank"])
+
+
+# ----------------------------------------------------------------------------- configs
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("name", ["gmm_convergent", "gmm_nonconvergent", "rings4_convergent",
+                                  "rings4_nonconvergent"])
+def test_configs_load(name):
+    import config
+    import train_mcmc
+
+    path = os.path.join(CONFIGS, f"mcmc_{name}.json")
+    args = config.parse(train_mcmc.get_parser(), ["--config", path])
+    with open(path) as fh:
+        raw = json.load(fh)
+    assert args.dataset == raw["dataset"] and args.eps == raw["eps"]
+    if name.endswith("_convergent"):
+        assert args.init == "persistent" and args.eps == 0.125 and args.optimizer == "sgd"
+    else:
+        assert args.init in ("gaussian", "uniform") and args.eps == 0.01
+        assert args.optimizer == "adam" and args.lr == 1e-4 and args.L == 100
+
+
+def test_unknown_config_key_rejected(tmp_path, capsys):
+    import config
+    import train_mcmc
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"dataset": "gmm", "num_mcmc_steps": 100}))
+    with pytest.raises(SystemExit) as e:
+        config.parse(train_mcmc.get_parser(), ["--config", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key(s) num_mcmc_steps" in err and "\n" not in err
+
+
+def test_bad_flag_one_line_error(capsys):
+    import train_mcmc
+
+    with pytest.raises(SystemExit) as e:
+        train_mcmc.main(["--eps", "-1"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
