@@ -49,8 +49,8 @@ def latent_panels(path, z_data, labels, tilts, bound=3.0, n=120, title=None):
     {panel title: (E or None, re-weighted samples z (M, 2) or None)}, contours of the tilted
     prior log density -E(z) + log N(z) and the samples as black dots."""
     k = len(tilts)
-    fig, axes = plt.subplots(1, k, figsize=(3.4 * k, 3.4 + (0.3 if title else 0)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(3.0 * k + 0.8, 3.2 + (0.3 if title else 0)),
+                             squeeze=False, layout="constrained")
     g, _ = grid_points(bound, n, torch.float32)
     log_n = -0.5 * (g * g).sum(1)
     zd = np.asarray(z_data)
@@ -83,7 +83,7 @@ def image_grids(path, grids, rows=8, title=None):
     for ax, (name, x) in zip(axes.flat, grids.items()):
         x = np.asarray(x)[: rows * rows]
         side = int(math.isqrt(x.shape[1]))
-        canvas = np.ones((rows * (side + 1), rows * (side + 1)))
+        canvas = np.zeros((rows * (side + 1), rows * (side + 1)))  # white gaps
         for i, img in enumerate(x):
             r, c = divmod(i, rows)
             canvas[r * (side + 1): r * (side + 1) + side,
