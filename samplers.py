@@ -47,16 +47,22 @@ def frozen(*modules):
             p.requires_grad_(f)
 
 
-# Backward of each supported activation as one ATen kernel: (grad_out, pre-activation a,
-# activation output h) -> grad w.r.t. a.
-_ACT_BACKWARD = {
-    nn.LeakyReLU: lambda m, g, a, h: torch.ops.aten.leaky_relu_backward(g, a, m.negative_slope,
-                                                                        False),
-    nn.ReLU: lambda m, g, a, h: torch.ops.aten.threshold_backward(g, a, 0.0),
-    nn.SiLU: lambda m, g, a, h: torch.ops.aten.silu_backward(g, a),
-    nn.Tanh: lambda m, g, a, h: torch.ops.aten.tanh_backward(g, h),
-    nn.Softplus: lambda m, g, a, h: torch.ops.aten.softplus_backward(g, a, m.beta, m.threshold),
-    nn.ELU: lambda m, g, a, h: torch.ops.aten.elu_backward(g, m.alpha, 1.0, 1.0, False, a),
+# Each supported activation as (forward, backward) C-level calls, for a module m:
+# forward(a) -> h, backward(grad_h, a, h) -> grad_a (one ATen kernel each, no Python wrapper).
+_aten = torch.ops.aten
+_ACTIVATIONS = {
+    nn.LeakyReLU: lambda m: (
+        lambda a: torch._C._nn.leaky_relu(a, m.negative_slope),
+        lambda g, a, h: _aten.leaky_relu_backward.default(g, a, m.negative_slope, False)),
+    nn.ReLU: lambda m: (torch.relu, lambda g, a, h: _aten.threshold_backward.default(g, a, 0.0)),
+    nn.SiLU: lambda m: (torch._C._nn.silu, lambda g, a, h: _aten.silu_backward.default(g, a)),
+    nn.Tanh: lambda m: (torch.tanh, lambda g, a, h: _aten.tanh_backward.default(g, h)),
+    nn.Softplus: lambda m: (
+        lambda a: torch._C._nn.softplus(a, m.beta, m.threshold),
+        lambda g, a, h: _aten.softplus_backward.default(g, a, m.beta, m.threshold)),
+    nn.ELU: lambda m: (
+        lambda a: torch._C._nn.elu(a, m.alpha),
+        lambda g, a, h: _aten.elu_backward.default(g, m.alpha, 1.0, 1.0, False, a)),
 }
 
 
@@ -71,7 +77,7 @@ def _mlp_layers(module):
         linear = i % 2 == 0
         if linear and not isinstance(m, nn.Linear):
             return None
-        if not linear and type(m) not in _ACT_BACKWARD:
+        if not linear and type(m) not in _ACTIVATIONS:
             return None
     if not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != 1:
         return None
@@ -93,27 +99,41 @@ class Energy:
     def __call__(self, x):
         return self.f(x) * self.scale
 
+    def grad_fn(self):
+        """A function x -> grad_x U(x) for the current weights, with everything that does not
+        depend on x (transposed weights, scaled last layer, activation kernels) prepared once:
+        call it once per sampling run, not once per step."""
+        if self.layers is None:
+            return self._autograd_grad
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        acts = [_ACTIVATIONS[type(m)](m) for m in self.layers if not isinstance(m, nn.Linear)]
+        plan = [(lin.weight.detach(), lin.weight.detach().t(), lin.bias.detach(), fwd, bwd)
+                for lin, (fwd, bwd) in zip(linears[:-1], acts)]
+        w_last = linears[-1].weight.detach() * self.scale  # dU/dh of the last hidden layer
+        addmm = torch.addmm
+
+        def grad(x):
+            saved = []
+            h = x
+            for W, Wt, b, fwd, _ in plan:
+                a = addmm(b, h, Wt)
+                h = fwd(a)
+                saved.append((a, h))
+            g = w_last.expand(x.shape[0], -1)
+            for (W, _, _, _, bwd), (a, h) in zip(reversed(plan), reversed(saved)):
+                g = bwd(g, a, h).mm(W)
+            return g
+        return grad
+
+    def _autograd_grad(self, x):
+        with frozen(self.f if isinstance(self.f, nn.Module) else None), torch.enable_grad():
+            y = x.detach().requires_grad_(True)
+            return torch.autograd.grad(self(y).sum(), y)[0]
+
     @torch.no_grad()
     def grad(self, x):
         """grad_x U(x), shape (N, D), detached."""
-        if self.layers is None:
-            with frozen(self.f if isinstance(self.f, nn.Module) else None), torch.enable_grad():
-                y = x.detach().requires_grad_(True)
-                return torch.autograd.grad(self(y).sum(), y)[0]
-        acts = []  # (activation module, pre-activation a, output h) of each hidden layer
-        h = x
-        for m in self.layers[:-1]:
-            if isinstance(m, nn.Linear):
-                a = torch.nn.functional.linear(h, m.weight, m.bias)
-            else:
-                h = m.forward(a)
-                acts.append((m, a, h))
-        # dU/dh of the last hidden layer is scale * w_last, the same for every row
-        g = self.layers[-1].weight.mul(self.scale).expand(x.shape[0], -1)
-        hidden = [m for m in self.layers if isinstance(m, nn.Linear)][:-1]
-        for (m, a, h), lin in zip(reversed(acts), reversed(hidden)):
-            g = _ACT_BACKWARD[type(m)](m, g, a, h).mm(lin.weight)
-        return g
+        return self.grad_fn()(x)
 
 
 def _modules(U, freeze):
@@ -138,18 +158,23 @@ def langevin(U, x, n_steps, eps, temperature=1.0, return_grad_norm=False, freeze
     norms = torch.empty((n_steps, x.shape[0]), dtype=x.dtype, device=x.device) \
         if return_grad_norm else None
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-    with frozen(*_modules(U, freeze)), torch.enable_grad():
-        fast = getattr(U, "grad", None)
-        x.requires_grad_(fast is None)
-        for t in range(n_steps):
-            if fast is not None:
+    fast = U.grad_fn() if hasattr(U, "grad_fn") else getattr(U, "grad", None)
+    if fast is not None:  # no autograd at all: x never requires grad
+        with torch.no_grad():
+            for t in range(n_steps):
                 g = fast(x)
-            else:
-                (g,) = torch.autograd.grad(U(x), x, grad_outputs=ones)
-            with torch.no_grad():
                 if norms is not None:
                     torch.linalg.vector_norm(g, dim=1, out=norms[t])
                 x.add_(g, alpha=-step).add_(noise[t])
+    else:
+        with frozen(*_modules(U, freeze)), torch.enable_grad():
+            x.requires_grad_(True)
+            for t in range(n_steps):
+                (g,) = torch.autograd.grad(U(x), x, grad_outputs=ones)
+                with torch.no_grad():
+                    if norms is not None:
+                        torch.linalg.vector_norm(g, dim=1, out=norms[t])
+                    x.add_(g, alpha=-step).add_(noise[t])
     x = x.detach()
     if return_grad_norm:
         return x, norms.mean(1).mul_(step)
@@ -172,10 +197,12 @@ def mala(U, x, n_steps, eps, temperature=1.0, freeze=None, return_energy=False):
     acc = torch.empty(n_steps, dtype=x.dtype, device=x.device)
     ones = torch.ones(n, dtype=x.dtype, device=x.device)
 
+    fast = U.grad_fn() if hasattr(U, "grad_fn") else getattr(U, "grad", None)
+
     def energy_grad(y):
-        if getattr(U, "grad", None) is not None:
+        if fast is not None:
             with torch.no_grad():
-                return U(y) * inv_t, U.grad(y) * inv_t
+                return U(y) * inv_t, fast(y) * inv_t
         y = y.detach().requires_grad_(True)
         u = U(y)
         (g,) = torch.autograd.grad(u, y, grad_outputs=ones)

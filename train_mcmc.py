@@ -243,6 +243,7 @@ def main(argv=None):
           f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations -> {out_dir}")
     status, metrics = "done", {}
     t_loop, n_timed = 0.0, 0
+    cpu0 = time.process_time()  # CPU seconds of this process: fair on a shared machine
     try:
         while step < args.n_iter:
             t0 = time.perf_counter()
@@ -282,6 +283,7 @@ def main(argv=None):
             if step % args.eval_every == 0 or step == args.n_iter:
                 metrics = evaluate(step)
                 metrics["sec_per_iter"] = t_loop / max(n_timed, 1)
+                metrics["cpu_sec"] = time.process_time() - cpu0
                 log.log(metrics, step)
                 print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                      if k in ("kl_ebm", "kl_kde", "nll_ebm")))

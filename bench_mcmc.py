@@ -1,0 +1,126 @@
+"""Benchmark of short-run MCMC learning: Langevin speed, and the two regimes' numbers.
+
+    python bench_mcmc.py                 # speed table + results of finished runs in runs/
+    python bench_mcmc.py --train         # first train the 4 configs (configs/mcmc_*.json)
+    python bench_mcmc.py --speed_only
+
+Speed: one training iteration at L = 100, batch 100 (the paper's toy MLP), comparing the
+straightforward loop (autograd of F(x).sum() with parameter gradients on, a fresh
+randn_like and new tensors every step, as in the paper's train_toy.py) with
+`samplers.langevin` (hand-written input gradient, in-place updates, noise drawn up front).
+Median of repeats, one torch thread; wall-clock and process CPU time are both printed.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import train_mcmc
+from ebm import EBM
+from samplers import Energy, langevin
+
+RUNS = [("gmm", "convergent"), ("gmm", "nonconvergent"),
+        ("rings4", "convergent"), ("rings4", "nonconvergent")]
+
+
+def naive_langevin(F, x, L, eps):
+    """The straightforward loop (reference for the speed-up)."""
+    x = x.clone().requires_grad_(True)
+    r = torch.zeros(())
+    for _ in range(L):
+        g = torch.autograd.grad(F(x).sum(), [x])[0]
+        x.data += -g + eps * torch.randn_like(x)
+        r += g.norm(dim=1).mean()
+    return x.detach(), r / L
+
+
+def iteration(F, opt, x_pos, x0, L, eps, fast):
+    if fast:
+        x_neg, r = langevin(Energy(F, 2 / eps ** 2), x0, L, eps, return_grad_norm=True)
+        r = r.mean()
+    else:
+        x_neg, r = naive_langevin(F, x0, L, eps)
+    d = F(x_pos).mean() - F(x_neg).mean()
+    opt.zero_grad()
+    (d * 2 / eps ** 2).backward()
+    opt.step()
+    return float(d), float(r)
+
+
+def time_it(fn, repeats):
+    fn()  # warm-up
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def speed(L=100, batch=100, repeats=30):
+    torch.manual_seed(0)
+    F = EBM(2, (32, 64, 64, 64), "leakyrelu")
+    opt = torch.optim.SGD(F.energy_params(), lr=1e-4)
+    x_pos, x0 = torch.randn(batch, 2), torch.rand(batch, 2) * 2 - 1
+    eps = 0.125
+    out = {}
+    for label, fast in (("straightforward", False), ("samplers.langevin", True)):
+        out[label] = time_it(lambda: iteration(F, opt, x_pos, x0, L, eps, fast), repeats)
+    print(f"\nseconds per training iteration (L = {L}, batch {batch}, 1 thread, median of "
+          f"{repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
+    print("| Langevin loop | wall s/it | CPU s/it |")
+    print("|---|---|---|")
+    for label, (w, c) in out.items():
+        print(f"| {label} | {w:.4f} | {c:.4f} |")
+    (w0, c0), (w1, c1) = out["straightforward"], out["samplers.langevin"]
+    print(f"| speed-up | {w0 / w1:.2f}x | {c0 / c1:.2f}x |")
+    return out
+
+
+def results(train, runs_dir="runs"):
+    rows = []
+    for ds, regime in RUNS:
+        name = f"mcmc-{ds}-{regime}"
+        cfg = os.path.join("configs", f"mcmc_{ds}_{regime}.json")
+        run_dir = os.path.join(runs_dir, name)
+        if train:
+            train_mcmc.main(["--config", cfg, "--wandb", "disabled", "--out_dir", run_dir])
+        path = os.path.join(run_dir, "summary.json")
+        if not os.path.isfile(path):
+            rows.append((name, None))
+            continue
+        with open(path) as fh:
+            rows.append((name, json.load(fh)))
+    print("\n| run (config) | iterations | KL(p_data‖p_θ) EBM | KL(p_data‖KDE of short-run) "
+          "| KDE floor (true samples) | s/it (wall) | CPU s total |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in rows:
+        if s is None:
+            print(f"| {name} | not run: `python train_mcmc.py --config configs/"
+                  f"{name[5:].replace('-', '_')}.json` | | | | | |")
+            continue
+        print(f"| {name} | {s['step']} | {s.get('kl_ebm', float('nan')):.3f} | "
+              f"{s.get('kl_kde', float('nan')):.3f} | {s.get('kl_kde_floor', float('nan')):.3f} | "
+              f"{s.get('sec_per_iter', float('nan')):.4f} | {s.get('cpu_sec', float('nan')):.0f} |")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", action="store_true", help="train the 4 configs first")
+    p.add_argument("--speed_only", action="store_true")
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    speed(repeats=args.repeats)
+    if not args.speed_only:
+        results(args.train)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
