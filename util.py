@@ -43,11 +43,12 @@ def grid_points(bound, n, dtype=torch.float64, device="cpu"):
 
 
 @torch.no_grad()
-def on_grid(fn, bound, n, device="cpu", chunk=65536):
-    """fn evaluated at the grid centres, in float64, shape (n*n,). `fn` receives float32 points
-    on `device` (network parameters are float32) in chunks; the result is promoted to float64."""
+def on_grid(fn, bound, n, device="cpu", chunk=65536, dtype=torch.float32):
+    """fn evaluated at the grid centres, in float64, shape (n*n,). `fn` receives points of
+    `dtype` on `device` in chunks (float32 for float32 networks; float64 for analytic
+    functions); the result is promoted to float64."""
     x, area = grid_points(bound, n)
-    out = torch.cat([fn(c.to(device, torch.float32)).double().cpu() for c in x.split(chunk)])
+    out = torch.cat([fn(c.to(device, dtype)).double().cpu() for c in x.split(chunk)])
     return out, area
 
 
