@@ -437,6 +437,12 @@ def planar_u_hat(u, w):
     return u + (planar_m(wu) - wu) * w / w2
 
 
+def planar_w_dot_u_hat(u, w):
+    """w . u_hat computed exactly as m(w . u) >= -1 (the dot product of the computed u_hat can
+    round below -1 when |w||u| is huge; the log-det uses this value instead)."""
+    return planar_m((w * u).sum(-1))
+
+
 def _init_planar(u, w, b, scale=1.0):
     """w ~ N(0, scale^2 I), b = 0, u = softplus^{-1}(1) w / |w|^2 + N(0, 0.01^2): then
     w.u_hat = m(w.u) ~ 0 and u_hat ~ 0, so every layer starts near the identity (plain small
@@ -471,12 +477,12 @@ class Planar(nn.Module):
     def inverse(self, z):
         u_hat = self.u_hat()
         t = torch.tanh(z @ self.w + self.b)
-        log_det = torch.log1p((self.w @ u_hat) * (1 - t * t))
+        log_det = torch.log1p(planar_w_dot_u_hat(self.u, self.w) * (1 - t * t))
         return z + t[:, None] * u_hat, log_det
 
     def forward(self, x, iters=80):
         u_hat = self.u_hat()
-        c = self.w @ u_hat
+        c = planar_w_dot_u_hat(self.u, self.w)
         y = x @ self.w + self.b
         with torch.no_grad():
             y64, c64 = y.double(), c.double()
@@ -661,7 +667,7 @@ class PlanarStack(FlowStack):
         log_q0 = std_normal_log_prob(z) - self.log_sigma.sum(-1, keepdim=True)
         x = self.mu[:, None] + z * torch.exp(self.log_sigma)[:, None]
         u_hat = planar_u_hat(self.u, self.w)            # (T, K, D)
-        c = (self.w * u_hat).sum(-1)                      # w . u_hat, (T, K)
+        c = planar_w_dot_u_hat(self.u, self.w)           # w . u_hat, (T, K)
         w_col = self.w.unsqueeze(-1)                      # (T, K, D, 1)
         u_row = u_hat.unsqueeze(2)                        # (T, K, 1, D)
         b = self.b[:, :, None, None]                      # (T, K, 1, 1)

@@ -1,0 +1,234 @@
+"""Issue 4: flows fit to energy functions by reverse KL (targets.py, the VI section of
+flows.py, train_vi.py). Tiny budgets: the whole file runs in well under 40 s on 2 cores."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import flows
+import targets
+import train_vi
+import util
+
+VI = ["planar", "radial", "iaf", "realnvp", "nice"]
+
+
+def _random_flow(name, K=3, seed=0):
+    """A flow in float64 whose parameters are pushed far from their (near-identity) init."""
+    torch.manual_seed(seed)
+    kw = {"hidden": [16, 16]} if name in ("iaf", "realnvp", "nice") else {}
+    f = flows.build_flow(name, dim=2, K=K, **kw).double()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.7 * torch.randn_like(p))
+    return f
+
+
+# ----------------------------------------------------------------------------- flows
+@pytest.mark.parametrize("name", VI)
+def test_inverse_round_trip_every_layer(name):
+    """Sampling direction then density direction gives back z, and the log-dets cancel
+    (planar: numerical inverse by bisection; radial: closed form; IAF: D passes)."""
+    f = _random_flow(name)
+    z = 1.5 * torch.randn(200, 2, dtype=torch.float64)
+    for t in f.transforms:
+        x, ld_fwd = t.inverse(z)
+        z_back, ld_back = t(x)
+        assert torch.allclose(z_back, z, atol=1e-9), type(t).__name__
+        assert torch.allclose(ld_fwd, -ld_back, atol=1e-9)
+    x, ld = f.inverse(z)
+    assert torch.allclose(f.log_prob(x), flows.std_normal_log_prob(z) - ld, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", VI)
+def test_log_det_matches_autograd_jacobian(name):
+    f = _random_flow(name, seed=1)
+    z = torch.randn(8, 2, dtype=torch.float64)
+    for t in f.transforms:
+        _, ld = t.inverse(z)
+        J = torch.stack([jacobian(lambda v: t.inverse(v[None])[0][0], zi) for zi in z])
+        sign, logabs = torch.linalg.slogdet(J)
+        assert torch.all(sign > 0)                       # orientation-preserving: invertible
+        assert torch.allclose(ld, logabs, atol=1e-10), type(t).__name__
+
+
+def test_planar_constraint_holds_for_any_parameters():
+    """w . u_hat = m(w . u) >= -1 for random u, w over 8 orders of magnitude, including u
+    anti-parallel to w (where the unconstrained w . u is far below -1)."""
+    torch.manual_seed(0)
+    scales = 10.0 ** torch.arange(-4, 5, dtype=torch.float64)
+    u = torch.randn(9, 500, 2, dtype=torch.float64) * scales[:, None, None]
+    w = torch.randn(9, 500, 2, dtype=torch.float64) * scales.flip(0)[:, None, None]
+    u[:, :250] = -w[:, :250] * scales[:, None, None]     # anti-parallel
+    u_hat = flows.planar_u_hat(u, w)
+    wu_hat = (w * u_hat).sum(-1)
+    rounding = 1e-14 * (w.norm(dim=-1) * u.norm(dim=-1) + 1)  # float64 cancellation in u_hat
+    assert (wu_hat >= -1 - rounding).all()
+    assert ((w * u).sum(-1) < -1).any()                  # the raw parameters did violate it
+    exact = flows.planar_w_dot_u_hat(u, w)               # the value the log-det uses
+    assert (exact >= -1).all()
+    assert ((wu_hat - exact).abs() <= rounding + 1e-12).all()
+
+
+def test_planar_uses_squared_norm():
+    """With |w| != 1 the |w| (not |w|^2) variant of some implementations breaks w.u_hat = m."""
+    u, w = torch.tensor([-10.0, 0.0]), torch.tensor([0.3, 0.1])   # w.u = -3, |w| = 0.32
+    wu = float(w @ u)
+    assert float(w @ flows.planar_u_hat(u, w)) == pytest.approx(math.log1p(math.exp(wu)) - 1,
+                                                                abs=1e-6)
+    wrong = u + (flows.planar_m(torch.tensor(wu)) - wu) * w / w.norm()
+    assert float(w @ wrong) < -1                         # the bug gives a non-invertible layer
+
+
+def test_radial_beta_at_least_minus_alpha_and_monotone():
+    torch.manual_seed(0)
+    layer = flows.Radial(2).double()
+    for a, b in [(-30.0, -30.0), (5.0, -50.0), (0.0, 30.0), (-10.0, 10.0)]:
+        with torch.no_grad():
+            layer.a.fill_(a)
+            layer.b_raw.fill_(b)
+        alpha, beta = layer.alpha_beta()
+        assert alpha > 0 and beta >= -alpha
+        r = torch.linspace(0, 10, 1001, dtype=torch.float64)
+        r_out = r * (1 + beta / (alpha + r))             # |f(z) - z0| as a function of r
+        assert (r_out.diff() >= 0).all()
+
+
+def test_planar_stack_equals_per_target_flows():
+    """The batched module computes exactly the per-target planar flows it represents."""
+    torch.manual_seed(0)
+    s = flows.stack({"name": "planar", "dim": 2, "K": 6, "base": "learned"}, 3)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    z = torch.randn(3, 64, 2)
+    x, log_q = s.sample_and_log_prob(64, z)
+    for t in range(3):
+        xt, ld = s.flow(t).inverse(z[t])
+        assert torch.allclose(xt, x[t], atol=1e-5)
+        assert torch.allclose(flows.std_normal_log_prob(z[t]) - ld, log_q[t], atol=1e-4)
+
+
+def test_flows_rebuild_from_spec():
+    for name in VI:
+        f = _random_flow(name).float()
+        g = flows.flow_from_spec(f.spec())
+        g.load_state_dict(f.state_dict())
+        x = torch.randn(16, 2)
+        assert torch.allclose(f.log_prob(x), g.log_prob(x), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- targets
+def test_energies_against_hand_computed_values():
+    # U1(0, 0) = (2/0.4)^2/2 - log(2 exp(-(2/0.6)^2/2)) = 12.5 + 50/9 - log 2
+    assert float(targets.U1(torch.tensor([[0.0, 0.0]]))) == pytest.approx(
+        12.5 + 50 / 9 - math.log(2), abs=1e-5)
+    # U1(2, 0) = 0 - log(1 + exp(-(4/0.6)^2/2)) ~ -2.2e-10
+    assert abs(float(targets.U1(torch.tensor([[2.0, 0.0]])))) < 1e-6
+    # U2(1, 1) = 0 (w1(1) = sin(pi/2) = 1); U2(0, 1) = (1/0.4)^2 / 2 = 3.125
+    u2 = targets.U2(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    assert torch.allclose(u2, torch.tensor([0.0, 3.125]), atol=1e-6)
+    # U3(0, 0): w1 = 0, w2 = 3 exp(-(1/0.6)^2/2); U3 = -log(1 + exp(-(w2/0.35)^2/2))
+    w2 = 3 * math.exp(-0.5 / 0.36)
+    assert float(targets.U3(torch.tensor([[0.0, 0.0]]))) == pytest.approx(
+        -math.log1p(math.exp(-0.5 * (w2 / 0.35) ** 2)), abs=1e-6)
+    # U4(1, 0): w1 = 1, w3 = 3 sigma(0) = 1.5; d = -1
+    assert float(targets.U4(torch.tensor([[1.0, 0.0]]))) == pytest.approx(
+        -math.log(math.exp(-0.5 / 0.16) + math.exp(-0.5 * (0.5 / 0.35) ** 2)), abs=1e-6)
+
+
+def test_energies_stay_finite_far_away_and_confinement():
+    z = torch.tensor([[50.0, -80.0], [1e3, 1e3], [-3.0, 2.0]], dtype=torch.float64)
+    for n in targets.NAMES:
+        u, uc = targets.energy(n, z, confined=False), targets.energy(n, z)
+        assert torch.isfinite(u).all() and torch.isfinite(uc).all()
+        assert uc[2] == u[2]                                 # inside the box: unchanged
+        assert (uc[:2] > u[:2] + 1e5).all()                  # outside: the wall
+
+
+def test_log_Z_U1_on_grid():
+    assert targets.log_Z("U1") == pytest.approx(1.8775, abs=2e-4)
+    assert targets.log_Z("U1", confined=False) == pytest.approx(1.8775, abs=2e-4)
+    # U2 is improper: its log Z grows with the box when not confined
+    assert targets.log_Z("U2", confined=False, bound=8.0, n=800) > \
+        targets.log_Z("U2", confined=False, bound=4.5, n=450) + 0.5
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _argv(out, *extra):
+    return ["--target=U1,U2", "--K=4", "--steps=120", "--eval_every=60", "--batch=64",
+            "--eval_samples=4000", "--final_samples=4000", "--anneal_steps=60", "--lr=1e-2",
+            "--wandb=disabled", f"--out_dir={out}", *extra]
+
+
+def test_short_reverse_kl_run_lowers_bound_and_writes_figures(in_tmp):
+    out = str(in_tmp / "runs" / "vi")
+    assert train_vi.main(_argv(out)) == 0
+    rows = [r for r in json.load(open(os.path.join(out, "summary.json"))).items()]
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    first = next(r for r in metrics if r["step"] == 0)
+    last = [r for r in metrics if "U1/kl" in r][-1]
+    for n in ("U1", "U2"):
+        assert last[f"{n}/bound"] < first[f"{n}/bound"] - 1.0
+    assert dict(rows)["U1/mass_left"] + dict(rows)["U1/mass_right"] == pytest.approx(1.0)
+    assert os.path.isfile(in_tmp / "images" / "vi" / "final.png")
+    assert os.path.isfile(in_tmp / "images" / "vi" / "training.gif")
+    run = util.load_run(out)
+    assert run.step == 120
+    kl = train_vi.evaluate(run.flow, ["U1", "U2"], 4000)
+    assert kl["U1"]["kl"] == pytest.approx(last["U1/kl"], abs=0.2)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(in_tmp, monkeypatch):
+    out = str(in_tmp / "runs" / "nan")
+    real = targets.energies
+    calls = {"n": 0}
+
+    def poisoned(names, x, confined=True):
+        calls["n"] += 1
+        u = real(names, x, confined)
+        return u * float("nan") if calls["n"] > 70 else u
+
+    monkeypatch.setattr(targets, "energies", poisoned)
+    assert train_vi.main(_argv(out)) == 1
+    ckpt = util.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ckpt["step"] == 60
+    assert all(torch.isfinite(v).all() for v in ckpt["flow"].values())
+
+
+def test_interrupt_saves_and_resume_continues(in_tmp, monkeypatch):
+    out = str(in_tmp / "runs" / "int")
+    real = targets.energies
+    calls = {"n": 0}
+
+    def interrupt(names, x, confined=True):
+        calls["n"] += 1
+        if calls["n"] == 91:
+            raise KeyboardInterrupt
+        return real(names, x, confined)
+
+    monkeypatch.setattr(targets, "energies", interrupt)
+    assert train_vi.main(_argv(out)) == 130
+    assert util.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 90
+    monkeypatch.setattr(targets, "energies", real)
+    assert train_vi.main(["--resume", out, "--steps=120", "--wandb=disabled"]) == 0
+    assert util.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 120
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == sorted(steps)
+
+
+@pytest.mark.parametrize("argv", [["--target=U9"], ["--K=0"], ["--flow=maf"],
+                                  ["--lr=-1"]])
+def test_bad_flags_exit_2(argv, in_tmp):
+    with pytest.raises(SystemExit) as e:
+        train_vi.main(argv + ["--wandb=disabled"])
+    assert e.value.code == 2
