@@ -1,0 +1,187 @@
+"""End-to-end behaviour of train.py: outputs, wandb offline log, resume, Ctrl-C, NaN, bad flags."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+import util
+from logger import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--samples", "2000", "--batch", "200", "--test_samples", "2000", "--ebm_hidden", "32",
+        "--flow_hidden", "16", "--flow_layers", "2", "--log_every", "5"]
+
+
+def run_train(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    code = train.main([*TINY, "--out_dir", str(out), "--image_dir", str(tmp_path / "img" / name),
+                       *extra])
+    return code, out
+
+
+def test_short_run_writes_everything(tmp_path):
+    code, out = run_train(tmp_path, "--epoch", "2", "--eval_every", "1", "--wandb", "offline")
+    assert code == 0
+    frames = sorted(os.listdir(tmp_path / "img" / "run"))
+    assert frames == ["epoch_0001.png", "epoch_0002.png"]
+    assert Image.open(tmp_path / "img" / "run" / frames[0]).size == Image.open(
+        tmp_path / "img" / "run" / frames[1]).size
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["dataset"] == "8gaussians" and cfg["flow"] == "maf" and cfg["seed"] == 42
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "value" in r]
+    eval_rows = [r for r in rows if "kl_ebm" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+    assert [r["epoch"] for r in eval_rows] == [1, 2]
+    for key in ("nll_ebm", "nll_flow", "kl_flow", "mse_logp", "c_gap", "entropy", "log_Z"):
+        assert key in eval_rows[-1]
+    assert all(0 <= r["accuracy"] <= 1 and r["it_per_s"] > 0 for r in train_rows)
+    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["step"] == 20 and ckpt["epoch"] == 2
+    # the offline wandb log is readable without a server
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    res = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary",
+                          "--json", str(out / "wandb" / runs[0])],
+                         capture_output=True, text=True, timeout=120)
+    summary = json.loads(res.stdout)
+    assert summary["config"]["dataset"] == "8gaussians"
+    assert summary["summary"]["kl_ebm"] == pytest.approx(eval_rows[-1]["kl_ebm"])
+    assert summary["step"] == 20
+
+
+def test_resume_continues_exactly(tmp_path):
+    """1 epoch + resume to 2 epochs ends with the same weights as 2 epochs straight (constant
+    learning rate: a cosine schedule depends on the total length, which --epoch changes)."""
+    common = ["--wandb", "disabled", "--plot_every", "5", "--eval_every", "5",
+              "--lr_schedule", "constant"]
+    assert run_train(tmp_path, "--epoch", "2", *common, name="straight")[0] == 0
+    assert run_train(tmp_path, "--epoch", "1", *common, name="split")[0] == 0
+    assert train.main(["--resume", str(tmp_path / "split"), "--epoch", "2"]) == 0
+    a = util.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
+    b = util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
+    assert b["step"] == 20
+    for k in a["ebm"]:
+        assert torch.equal(a["ebm"][k], b["ebm"][k]), k
+    for k in a["flow"]:
+        assert torch.equal(a["flow"][k], b["flow"][k]), k
+    steps = [r["step"] for r in read_metrics(tmp_path / "split") if "value" in r]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--batch", "100",
+           "--epoch", "500", "--wandb", "disabled", "--eval_every", "500", "--plot_every", "500",
+           "--out_dir", str(out), "--image_dir", str(tmp_path / "img")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and len(read_metrics(out)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["step"] >= 15
+    epoch = ckpt["epoch"]
+    assert train.main(["--resume", str(out), "--epoch", str(epoch + 1)]) == 0
+    after = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert after["epoch"] == epoch + 1 and after["step"] == (epoch + 1) * 20
+
+
+def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train.fce_step
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 15:  # in the second epoch
+            return torch.tensor(float("nan")), torch.tensor(0.5), None
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "fce_step", flaky)
+    code, out = run_train(tmp_path, "--epoch", "3", "--wandb", "disabled")
+    assert code == 1
+    assert "non-finite" in capsys.readouterr().err
+    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["ebm"].values())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--dataset", "nope"], "invalid choice"),
+    (["--flow", "realnvp"], "invalid choice"),
+    (["--threshold", "1.5"], "(0, 1)"),
+    (["--threshold", "0"], "(0, 1)"),
+    (["--batch", "0"], "positive"),
+    (["--samples", "-5"], "positive"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--config", "/nonexistent.json"], "not found"),
+])
+def test_bad_flags_exit_2_with_one_line(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_config_file_sets_flags_and_rejects_unknown_keys(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"dataset": "rings", "batch": 500, "threshold": 0.7}))
+    args, _ = train.get_args(["--config", str(good), "--batch", "250"])
+    assert (args.dataset, args.batch, args.threshold) == ("rings", 250, 0.7)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dataset": "rings", "learning_rate": 1}))
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--config", str(bad)])
+    assert e.value.code == 2 and "learning_rate" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"threshold": 3}))
+    with pytest.raises(SystemExit):
+        train.get_args(["--config", str(wrong)])
+
+
+def test_cli_error_has_no_traceback():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "choose from" in res.stderr
+
+
+def test_load_run_rebuilds_models(tmp_path):
+    code, out = run_train(tmp_path, "--epoch", "1", "--wandb", "disabled", "--flow", "glow")
+    run = util.load_run(str(out))
+    assert run.config["flow"] == "glow" and run.step == 10
+    x = torch.randn(7, 2)
+    assert run.ebm(x).shape == (7,)
+    s = run.flow.sample(5)
+    assert s.shape == (5, 2) and torch.isfinite(run.flow.log_prob(s)).all()
+
+
+def test_gif_frames_in_epoch_order(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "images"))
+    from create_gif import make_gif
+
+    for epoch, shade in [(10, 200), (2, 100), (1, 50)]:
+        Image.new("RGB", (20, 20), (shade, 0, 0)).save(tmp_path / f"epoch_{epoch}.png")
+    gif = Image.open(make_gif(str(tmp_path)))
+    assert gif.n_frames == 3 and gif.info.get("loop") == 0
+    reds = []
+    for i in range(3):
+        gif.seek(i)
+        reds.append(gif.convert("RGB").getpixel((5, 5))[0])
+    assert reds == sorted(reds)
+    with pytest.raises(FileNotFoundError):
+        make_gif(str(tmp_path / "empty"))
