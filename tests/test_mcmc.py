@@ -131,6 +131,14 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
         assert os.path.getsize(os.path.join(out, f)) > 0
     assert os.path.isfile(tmp_path / "img" / "run" / "landscape_000060.png")
 
+    # long-run sampling from the checkpoint: MALA reports acceptance per step, energy per chain
+    import sample_mcmc
+    res = sample_mcmc.main(["--run", out, "--steps", "30", "--chunk", "15", "--n", "200",
+                            "--image_dir", str(tmp_path / "img")])
+    assert res["acceptance"].shape == (30,) and res["energy"].shape == (200,)
+    assert 0 <= float(res["acceptance"].min()) and float(res["acceptance"].max()) <= 1
+    assert os.path.isfile(tmp_path / "img" / "run" / "longrun_mala_30.png")
+
 
 def _rows(x):
     return x[torch.argsort(x[:, 0])]
