@@ -59,6 +59,8 @@ def save_panels(path, panels, title=None, size=3.0, rows=1):
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.86 if title else 0.92,
+                        wspace=0.06, hspace=0.15)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
