@@ -170,11 +170,14 @@ class MAFLayer(nn.Module):
         return (x - mu) * torch.exp(-alpha), -alpha.sum(-1)
 
     def inverse(self, z):
-        x = torch.zeros_like(z)
-        for _ in range(z.shape[-1]):  # pass k fixes the coordinate of degree k
+        # pass k fixes the coordinate of degree k. The first pass sees x = 0 in every row,
+        # so it runs on one row and broadcasts: D - 1 full passes instead of D.
+        mu, alpha = self._mu_alpha(z.new_zeros(1, z.shape[-1]))
+        x = z * torch.exp(alpha) + mu
+        for _ in range(z.shape[-1] - 1):
             mu, alpha = self._mu_alpha(x)
             x = z * torch.exp(alpha) + mu
-        return x, alpha.sum(-1)
+        return x, alpha.sum(-1).expand(z.shape[0])
 
 
 class BatchNormFlow(nn.Module):
