@@ -281,7 +281,8 @@ def main(argv=None):
                 print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
                       f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
             if step % args.eval_every == 0 or step == args.n_iter:
-                metrics = evaluate(step)
+                with torch.random.fork_rng(devices=[]):  # evaluating never changes training
+                    metrics = evaluate(step)
                 metrics["sec_per_iter"] = t_loop / max(n_timed, 1)
                 metrics["cpu_sec"] = time.process_time() - cpu0
                 log.log(metrics, step)
