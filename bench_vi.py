@@ -1,0 +1,186 @@
+"""Benchmark of the VI flows (issue 4): speed of a planar training step, and the quality table
+flow x K x target (KL(q || p), ESS, seconds) with the Figure-3-style figures.
+
+    python bench_vi.py --speed_only          # ms per step: per-target loop vs batched module
+    python bench_vi.py                       # + trains every run (10,000 steps each) and
+                                             #   writes images/readme/vi_*.png, runs/bench_vi/
+
+Every run trains the four confined targets U1-U4 at once with train_vi.py (planar flows as one
+batched module, other flows one after another) with the same settings; `--jobs 2` trains two
+runs side by side (then each run's seconds include sharing the CPU with the other).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+import flows
+import plots
+import targets
+import util
+
+NAMES = list(targets.NAMES)
+OUT = os.path.join("runs", "bench_vi")
+
+
+# ----------------------------------------------------------------------------- speed
+def _loop_step(fs, opts, batch):
+    """The straightforward way: one planar Flow (a Module per layer) per target, in turn."""
+    for name, f, opt in zip(NAMES, fs, opts):
+        x, log_q = f.sample_and_log_prob(batch)
+        loss = (log_q + targets.energy(name, x)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _batched_step(stack, opt, batch):
+    x, log_q = stack.sample_and_log_prob(batch)
+    loss = (log_q + targets.energies(NAMES, x)).mean(1).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def speed(K=32, batch=256, steps=50, repeats=5):
+    """Median ms per training step for all four targets, measured interleaved (loop, batched,
+    loop, ...) so that load from other processes hits both alike. One torch thread."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    fs = [flows.planar(2, K) for _ in NAMES]
+    opts = [torch.optim.Adam(f.parameters(), 1e-3) for f in fs]
+    stack = flows.stack({"name": "planar", "dim": 2, "K": K, "base": "learned"}, len(NAMES))
+    opt = torch.optim.Adam(stack.parameters(), 1e-3)
+    runs = {"loop": lambda: _loop_step(fs, opts, batch), "batched": lambda: _batched_step(stack, opt, batch)}
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        for _ in range(10):
+            fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[k].append(1000 * (time.perf_counter() - t) / steps)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"K": K, "batch": batch, "loop_ms": med["loop"], "batched_ms": med["batched"],
+            "loop_ms_per_target": med["loop"] / len(NAMES),
+            "batched_ms_per_target": med["batched"] / len(NAMES),
+            "speedup": med["loop"] / med["batched"]}
+
+
+# ----------------------------------------------------------------------------- quality
+def _run_dir(flow, K):
+    """runs/bench_vi-<flow>-K<K> (figures of the run: images/bench_vi-<flow>-K<K>)."""
+    return os.path.join("runs", f"bench_vi-{flow}-K{K}")
+
+
+def _train(job):
+    """One train_vi run on U1-U4; returns its summary.json (runs in a worker process)."""
+    flow, K, steps, extra = job
+    import train_vi
+
+    torch.set_num_threads(1)
+    out = _run_dir(flow, K)
+    argv = ["--target=all", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
+            "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
+    with open(os.path.join(OUT, f"{flow}-K{K}.log"), "w") as fh:
+        sys.stderr = sys.stdout = fh
+        code = train_vi.main(argv)
+    with open(os.path.join(out, "summary.json")) as fh:
+        return {"flow": flow, "K": K, "status": code, **json.load(fh)}
+
+
+def parse_runs(spec):
+    """'planar:2,8,32 nice:2,8' -> [('planar', 2), ('planar', 8), ...]."""
+    out = []
+    for part in spec.split():
+        name, ks = part.split(":")
+        if name not in flows.VI_FLOWS:
+            raise SystemExit(f"bench_vi.py: error: unknown flow {name!r} in --runs")
+        out += [(name, int(k)) for k in ks.split(",")]
+    return out
+
+
+def table(results):
+    rows = ["| flow | K | " + " | ".join(f"{n} KL | {n} ESS" for n in NAMES)
+            + " | U1 mass left/right | seconds (4 targets) |",
+            "|---|---|" + "---|---|" * len(NAMES) + "---|---|"]
+    for r in results:
+        cells = " | ".join(f"{r[f'{n}/kl']:.3f} | {r[f'{n}/ess']:.2f}" for n in NAMES)
+        rows.append(f"| {r['flow']} | {r['K']} | {cells} | {r['U1/mass_left']:.3f}/"
+                    f"{r['U1/mass_right']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120):
+    """Figure 3 of the paper: rows U1-U4; true density, then q_K for each K."""
+    panels = []
+    have = {r["K"] for r in results if r["flow"] == flow}
+    Ks = [k for k in Ks if k in have]
+    for t, name in enumerate(NAMES):
+        panels.append((f"exp(-{name})", plots.density(lambda z: -targets.energy(name, z),
+                                                      bound=targets.BOX, n=n)))
+        for K in Ks:
+            run = util.load_run(_run_dir(flow, K))
+            panels.append((f"{flow} K={K}", plots.density(run.flow.flow(t).log_prob,
+                                                          bound=targets.BOX, n=n,
+                                                          normalise=False)))
+    return plots.save_panels(path, panels, rows=len(NAMES), size=1.9)
+
+
+def figure3d(results, path):
+    """Figure 3(d): KL(q || p) = bound + log Z against K, one line per flow, per target."""
+    curves = {}
+    for name in NAMES:
+        lines = {}
+        for flow in sorted({r["flow"] for r in results}):
+            rs = sorted((r for r in results if r["flow"] == flow), key=lambda r: r["K"])
+            if len(rs) > 1:
+                lines[flow] = ([r["K"] for r in rs], [r[f"{name}/kl"] for r in rs])
+        curves[f"{name}: KL(q||p) (nats)"] = lines
+    return plots.save_curves(path, curves, xlabel="K", logy=True, size=(2.8, 2.4))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--speed_only", action="store_true")
+    p.add_argument("--runs", default="planar:2,8,32 nice:2,8")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--extra", default="",
+                   help="extra train_vi.py flags for every run")
+    args = p.parse_args(argv)
+
+    s = speed()
+    print(f"planar K={s['K']}, batch {s['batch']}, one training step for all four targets, "
+          f"1 thread: per-target loop {s['loop_ms']:.1f} ms ({s['loop_ms_per_target']:.1f} ms "
+          f"per target), batched module {s['batched_ms']:.1f} ms ({s['batched_ms_per_target']:.1f}"
+          f" ms per target): {s['speedup']:.1f}x faster")
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "speed.json"), "w") as fh:
+        json.dump(s, fh, indent=2)
+    if args.speed_only:
+        return 0
+
+    jobs = [(f, K, args.steps, args.extra.split()) for f, K in parse_runs(args.runs)]
+    with ProcessPoolExecutor(args.jobs) as ex:
+        results = list(ex.map(_train, jobs))
+    with open(os.path.join(OUT, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    md = table(results)
+    with open(os.path.join(OUT, "table.md"), "w") as fh:
+        fh.write(md + "\n")
+    print(md)
+    os.makedirs(os.path.join("images", "readme"), exist_ok=True)
+    print(figure3(results, os.path.join("images", "readme", "vi_figure3.png")))
+    print(figure3d(results, os.path.join("images", "readme", "vi_bound_vs_K.png")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
