@@ -94,6 +94,14 @@ def get_parser():
     p.add_argument("--data_tilt", action="store_true", help="also train the data-space tilt")
     p.add_argument("--data_tilt_steps", type=config.positive_int, default=150)
     p.add_argument("--data_tilt_hidden", type=config.positive_int, nargs="+", default=[128, 128])
+    p.add_argument("--data_objective", default="ml", choices=["ml", "cd"],
+                   help="data tilt: ml = maximum likelihood, log Z by importance sampling over "
+                        "VAE samples; cd = contrastive divergence with Langevin negatives started "
+                        "at VAE samples and an energy L2 term --reg")
+    p.add_argument("--data_pos", default="recon", choices=["recon", "images"],
+                   help="data-tilt positives: VAE reconstructions (decoder means at the encoder "
+                        "means) of the unbiased images, like the decoded VAE samples they are "
+                        "compared with, or the raw images")
     p.add_argument("--data_langevin_steps", type=int, default=20)
     p.add_argument("--data_langevin_eps", type=config.positive_float, default=0.02)
     # 2D mixture
@@ -227,10 +235,17 @@ def run_digits(args, device, log, save):
     if args.data_tilt:
         t_dt = time.perf_counter()
         Ex = EBM(X.shape[1], args.data_tilt_hidden, "silu").to(device)
-        dh = tilt.fit_data_tilt(
-            Ex, x_unbiased, vae, args.data_tilt_steps, args.tilt_lr, n_neg=128,
-            langevin_steps=args.data_langevin_steps, eps=args.data_langevin_eps, reg=args.reg,
-            on_step=lambda s, m: log.log({f"data/{k}": v for k, v in m.items()}, s))
+        with torch.no_grad():
+            x_dpos = vae.decode(z_pos) if args.data_pos == "recon" else x_unbiased
+        on_step = lambda s, m: log.log({f"data/{k}": v for k, v in m.items()}, s)  # noqa: E731
+        if args.data_objective == "ml":
+            dh = tilt.fit_tilt(Ex, x_dpos, lambda s: vae.sample(args.n_base // 4)[0],
+                               args.data_tilt_steps, "ml", args.tilt_lr, on_step=on_step)
+        else:
+            dh = tilt.fit_data_tilt(
+                Ex, x_dpos, vae, args.data_tilt_steps, args.tilt_lr, n_neg=128,
+                langevin_steps=args.data_langevin_steps, eps=args.data_langevin_eps,
+                reg=args.reg, on_step=on_step)
         state["ebm_data"], state["ebm_data_spec"] = Ex.state_dict(), Ex.spec()
         if dh["nan_step"] is not None:
             save(state)

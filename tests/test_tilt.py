@@ -252,3 +252,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_contrastive_data_tilt_runs_and_lowers_positive_energy():
+    """The CD variant: Langevin negatives on E(x) - ELBO(x) from VAE samples; after a few
+    steps the positives' energy is below the negatives'."""
+    torch.manual_seed(0)
+    from ebm import EBM
+    model = vae_mod.VAE(16, z_dim=2, hidden=(16,))
+    x_pos = torch.rand(32, 16).round()
+    E = EBM(16, (16,))
+    hist = tilt.fit_data_tilt(E, x_pos, model, steps=30, lr=1e-2, n_neg=32, langevin_steps=3,
+                              eps=0.02)
+    assert hist["nan_step"] is None and len(hist["loss"]) == 30
+    assert hist["loss"][-1] < hist["loss"][0]
+    with torch.no_grad():
+        assert E(x_pos).mean() < E(model.sample(256)[0]).mean()
