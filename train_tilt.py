@@ -126,6 +126,23 @@ def get_args(argv):
     return args
 
 
+class StageLog:
+    """wandb needs one increasing step across the stages (VAE epochs, tilt steps, ...): every
+    row gets the next global step and carries the stage's own step as `<stage>/step`."""
+
+    def __init__(self, log):
+        self.log, self.step = log, 0
+
+    def __call__(self, stage, local_step, metrics):
+        row = {f"{stage}/{k}": v for k, v in metrics.items()}
+        row[f"{stage}/step"] = local_step
+        self.log.log(row, self.step)
+        self.step += 1
+
+    def image(self, key, path):
+        self.log.log_image(key, path, self.step)
+
+
 class NonFinite(Exception):
     """A loss became NaN/inf: training stopped, the last finite weights were kept."""
 
@@ -164,7 +181,7 @@ def run_digits(args, device, log, save):
     try:
         hist = fit_vae(vae, x_biased[n_val:], x_biased[:n_val], args.vae_epochs, args.vae_batch,
                        args.vae_lr, args.patience,
-                       on_epoch=lambda e, tr, va: log.log({"vae/train_loss": tr, "vae/val_elbo": va}, e))
+                       on_epoch=lambda e, tr, va: log("vae", e, {"train_loss": tr, "val_elbo": va}))
     except FloatingPointError as e:
         raise NonFinite(str(e))
     print(f"VAE: {len(hist['val'])} epochs, best validation ELBO {hist['best_val']:.2f} at epoch "
@@ -196,7 +213,7 @@ def run_digits(args, device, log, save):
 
         def on_step(step, m, obj=obj):
             if step % 10 == 0:
-                log.log({f"{obj}/{k}": v for k, v in m.items()}, step)
+                log(obj, step, m)
 
         th = tilt.fit_tilt(E, z_pos, lambda s: torch.randn(args.n_base, args.latent, device=device),
                            args.tilt_steps, obj, args.tilt_lr, reg=args.reg, gp=args.gp,
@@ -231,13 +248,13 @@ def run_digits(args, device, log, save):
         latent_tilts[f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
     save(state)
 
-    # -- data-space tilt: exp(-E(x)) p_phi(x), log p_phi ~ ELBO
+    # -- data-space tilt: exp(-E(x)) p_phi(x) (ELBO ~ log p_phi(x) for Langevin and "cd")
     if args.data_tilt:
         t_dt = time.perf_counter()
         Ex = EBM(X.shape[1], args.data_tilt_hidden, "silu").to(device)
         with torch.no_grad():
             x_dpos = vae.decode(z_pos) if args.data_pos == "recon" else x_unbiased
-        on_step = lambda s, m: log.log({f"data/{k}": v for k, v in m.items()}, s)  # noqa: E731
+        on_step = lambda s, m: log("data", s, m) if s % 10 == 0 else None  # noqa: E731
         if args.data_objective == "ml":
             dh = tilt.fit_tilt(Ex, x_dpos, lambda s: vae.sample(args.n_base // 4)[0],
                                args.data_tilt_steps, "ml", args.tilt_lr, on_step=on_step)
@@ -273,10 +290,10 @@ def run_digits(args, device, log, save):
     f = tilt_plots.label_histograms(os.path.join(img, "label_histograms.png"), hists,
                                     "labels of data and of 1,000 decoded samples "
                                     "(dashed: uniform over 0-4)", target=target)
-    log.log_image("label_histograms", f, 0)
+    log.image("label_histograms", f)
     if int(np.sqrt(X.shape[1])) ** 2 == X.shape[1]:  # square images: sample grids
         f = tilt_plots.image_grids(os.path.join(img, "samples.png"), grids)
-        log.log_image("samples", f, 0)
+        log.image("samples", f)
     if args.latent == 2:
         with torch.no_grad():
             z_all, _ = vae.encode(torch.cat([x_biased, x_unbiased]))
@@ -284,7 +301,7 @@ def run_digits(args, device, log, save):
         f = tilt_plots.latent_panels(os.path.join(img, "latent.png"), z_all.cpu(), lab_all,
                                      latent_tilts, title="encoder means of biased + unbiased "
                                      "images by label; contours: log prior; dots: SNIR samples")
-        log.log_image("latent", f, 0)
+        log.image("latent", f)
     summary["time_total_s"] = time.perf_counter() - t0
     return summary
 
@@ -302,8 +319,7 @@ def run_mixture(args, device, log, save):
     th = tilt.fit_tilt(E, x_pos.to(device),
                        lambda s: tilt.mixture_sample(args.n_base, tilt.BASE_WEIGHTS)[0].to(device),
                        args.mix_steps, objective, args.mix_lr, reg=args.reg, gp=args.gp,
-                       on_step=lambda s, m: log.log({f"mix/{k}": v for k, v in m.items()}, s)
-                       if s % 10 == 0 else None)
+                       on_step=lambda s, m: log("mix", s, m) if s % 10 == 0 else None)
     state = {"config": config.to_dict(args), "ebm": E.state_dict(), "ebm_spec": E.spec(),
              "stage": "mixture"}
     save(state)
@@ -338,7 +354,7 @@ def run_mixture(args, device, log, save):
          (f"SNIR: {args.n_samples} resampled", plots.samples(xs, bound=b, bins=60))],
         {"base": tilt.BASE_WEIGHTS, "resampled": hist, "target": tilt.TARGET_WEIGHTS},
         title=f"2D mixture tilt: component histogram TV {summary['mix_tv']:.3f} to target")
-    log.log_image("mixture", f, 0)
+    log.image("mixture", f)
     summary["time_total_s"] = time.perf_counter() - t0
     return summary
 
@@ -371,14 +387,16 @@ def main(argv=None):
         util.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), state)
 
     try:
-        summary = (run_digits if args.experiment == "digits" else run_mixture)(args, device, log, save)
+        stage_log = StageLog(log)
+        summary = (run_digits if args.experiment == "digits" else run_mixture)(args, device,
+                                                                               stage_log, save)
     except NonFinite as e:
         print(f"error: {e}; stopped, the last finite weights are in "
               f"{args.out_dir}/checkpoint.pt. Try a lower learning rate or another --seed.",
               file=sys.stderr)
         log.finish()
         return 1
-    log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, 10 ** 6)
+    log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, stage_log.step)
     log.summary(summary)
     log.finish()
     print(f"done in {summary['time_total_s']:.1f} s: {args.out_dir} (summary.json), "

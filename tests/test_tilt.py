@@ -197,6 +197,8 @@ def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
     from logger import read_metrics
     rows = read_metrics(str(out))
     assert any("vae/val_elbo" in r for r in rows) and any("ml/log_Z" in r for r in rows)
+    steps = [r["step"] for r in rows]
+    assert all(a < b for a, b in zip(steps, steps[1:]))  # wandb drops non-increasing steps
     summary = json.loads((out / "summary.json").read_text())
     for k in ("tv_base", "tv_ml_snir", "tv_hackathon_snir", "tv_data_snir", "ess_ml"):
         assert 0 <= summary[k]
