@@ -92,7 +92,7 @@ def results(train, runs_dir="runs"):
             train_mcmc.main(["--config", cfg, "--wandb", "disabled", "--out_dir", run_dir])
         path = os.path.join(run_dir, "summary.json")
         if not os.path.isfile(path):
-            rows.append((name, None))
+            rows.append((name, cfg))
             continue
         with open(path) as fh:
             rows.append((name, json.load(fh)))
@@ -100,9 +100,8 @@ def results(train, runs_dir="runs"):
           "| KDE floor (true samples) | s/it (wall) | CPU s total |")
     print("|---|---|---|---|---|---|---|")
     for name, s in rows:
-        if s is None:
-            print(f"| {name} | not run: `python train_mcmc.py --config configs/"
-                  f"{name[5:].replace('-', '_')}.json` | | | | | |")
+        if isinstance(s, str):
+            print(f"| {name} | not run: `python train_mcmc.py --config {s}` | | | | | |")
             continue
         print(f"| {name} | {s['step']} | {s.get('kl_ebm', float('nan')):.3f} | "
               f"{s.get('kl_kde', float('nan')):.3f} | {s.get('kl_kde_floor', float('nan')):.3f} | "
