@@ -20,7 +20,9 @@ import time
 import torch
 
 import datasets
+import plots
 import train
+import util
 from flows import build_flow
 from logger import read_metrics
 
@@ -40,8 +42,19 @@ def run_one(flow, dataset, epoch, seed, root):
             "s_per_it": 1 / statistics.median(speeds) if speeds else float("nan"), **summary}
 
 
+def gallery_panels(out, dataset):
+    """(data, flow, EBM) panels of a finished run, for the gallery figure."""
+    run = util.load_run(out)
+    x = datasets.sample(dataset, 20000, 0)
+    name = run.config["flow"]
+    return [(f"{dataset}: data", plots.samples(x)),
+            (f"{name} q", plots.density(run.flow.log_prob, normalise=False)),
+            ("EBM p", plots.density(lambda v: -run.ebm(v)))]
+
+
 def table(args):
     root = tempfile.mkdtemp(prefix="bench-")
+    panels = []
     lines = ["| estimator | dataset | s / iteration | EBM NLL | flow NLL | entropy H | "
              "KL(p_data \\|\\| p_theta) | c - log Z | status |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -55,6 +68,11 @@ def table(args):
                          f"{fmt(m, 'nll_flow')} | {fmt(m, 'entropy')} | {fmt(m, 'kl_ebm')} | "
                          f"{fmt(m, 'c_gap')} | {m['status']} |")
             print(lines[-1], flush=True)
+            if args.gallery and m["status"] == "ok":
+                panels += gallery_panels(os.path.join(root, f"{flow}-{ds}"), ds)
+    if args.gallery and panels:
+        plots.save_panels(args.gallery, panels, rows=len(panels) // 3, size=2.2)
+        print(f"wrote {args.gallery}")
     return lines
 
 
@@ -116,6 +134,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--only", choices=["table", "zuko"], default=None)
     p.add_argument("--out", default=None, help="also write the markdown tables to this file")
+    p.add_argument("--gallery", default=None,
+                   help="also save a figure: data, flow and EBM density of every run")
     args = p.parse_args(argv)
     lines = []
     if args.only != "table":
