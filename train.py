@@ -138,6 +138,30 @@ def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold):
 
 
 # ----------------------------------------------------------------------------- outputs
+class _Lines:
+    """A stream for tqdm off a terminal: each refresh becomes one plain line (no carriage
+    returns piling up in log files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, initial, desc):
+    """tqdm on a terminal; off one (CI, nohup, redirected logs), a plain line every 30 s."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc[:40])
+    return tqdm(total=total, initial=initial, ncols=100, mininterval=30, ascii=True,
+                desc=desc[:30], file=_Lines(sys.stderr))
+
+
 def save_figure(args, ebm, flow, x_show, epoch, device):
     path = os.path.join(args.image_dir, f"epoch_{epoch:04d}.png")
     was_training = flow.training
@@ -240,8 +264,7 @@ def main(argv=None):
         tqdm.write(" | ".join(parts))
         return m
 
-    bar = tqdm(total=total, initial=step, dynamic_ncols=True, disable=None,
-               mininterval=0.5, desc=run[:40])
+    bar = progress_bar(total, step, run)
     acc_sum = v_sum = n_ebm = n_rows = 0
     t_last, step_last = time.perf_counter(), step
     metrics = {}

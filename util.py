@@ -48,7 +48,7 @@ def on_grid(fn, bound, n, device="cpu", chunk=65536, dtype=torch.float32):
     `dtype` on `device` in chunks (float32 for float32 networks; float64 for analytic
     functions); the result is promoted to float64."""
     x, area = grid_points(bound, n)
-    out = torch.cat([fn(c.to(device, dtype)).double().cpu() for c in x.split(chunk)])
+    out = torch.cat([fn(c.to(device, dtype)).cpu().double() for c in x.split(chunk)])
     return out, area
 
 
@@ -89,15 +89,15 @@ def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=da
         log_Z = grid_log_Z(neg_f, area)
         out["log_Z"] = log_Z
         out["c_gap"] = float(ebm.c.detach()) - log_Z
-        log_p_test = (-ebm(x_test)).double() - log_Z
+        log_p_test = (-ebm(x_test)).cpu().double() - log_Z  # .cpu() first: no float64 on MPS
         out["nll_ebm"] = float(-log_p_test.mean())
         if log_true is not None:
             out["kl_ebm"] = grid_kl(log_true, neg_f - log_Z, area)
-            true_test = datasets.log_density(dataset, x_test.double().cpu())
+            true_test = datasets.log_density(dataset, x_test.cpu().double())
             ok = torch.isfinite(true_test)
-            out["mse_logp"] = float(((log_p_test.cpu() - true_test)[ok] ** 2).mean())
+            out["mse_logp"] = float(((log_p_test - true_test)[ok] ** 2).mean())
     if flow is not None:
-        out["nll_flow"] = float(-flow.log_prob(x_test).double().mean())
+        out["nll_flow"] = float(-flow.log_prob(x_test).cpu().double().mean())
         if log_true is not None:
             log_q, area = on_grid(flow.log_prob, bound, n, device)
             out["kl_flow"] = grid_kl(log_true, log_q, area)
