@@ -49,7 +49,10 @@ def get_parser():
                    help="digits: de-bias a VAE; mixture: the 2D Gaussian-mixture example")
     p.add_argument("--name", default=None, help="run name (default: tilt-<experiment>-s<seed>-<time>)")
     p.add_argument("--image_dir", default=None, help="default images/<run name>")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default); the networks are tiny, so one "
+                        "thread is fastest, avoids oversubscribing a shared CPU and makes runs "
+                        "bit-reproducible")
     # data
     p.add_argument("--data", default="digits", choices=["digits", "mnist"],
                    help="digits: scikit-learn's 8x8 digits (offline); mnist: local IDX files")
