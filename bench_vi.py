@@ -152,10 +152,14 @@ def main(argv=None):
     p.add_argument("--runs", default="planar:2,8,32 nice:2,8")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--report_only", action="store_true",
+                   help="no training: table and figures from the finished runs/bench_vi-* runs")
     p.add_argument("--extra", default="",
                    help="extra train_vi.py flags for every run")
     args = p.parse_args(argv)
 
+    if args.report_only:
+        return report(_finished(parse_runs(args.runs)))
     s = speed()
     print(f"planar K={s['K']}, batch {s['batch']}, one training step for all four targets, "
           f"1 thread: per-target loop {s['loop_ms']:.1f} ms ({s['loop_ms_per_target']:.1f} ms "
@@ -170,6 +174,25 @@ def main(argv=None):
     jobs = [(f, K, args.steps, args.extra.split()) for f, K in parse_runs(args.runs)]
     with ProcessPoolExecutor(args.jobs) as ex:
         results = list(ex.map(_train, jobs))
+    return report(results)
+
+
+def _finished(runs):
+    """Summaries of the runs among `runs` that finished (have a summary.json)."""
+    results = []
+    for flow, K in runs:
+        path = os.path.join(_run_dir(flow, K), "summary.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                results.append({"flow": flow, "K": K, **json.load(fh)})
+        else:
+            print(f"{flow} K={K}: not finished, left out", file=sys.stderr)
+    return results
+
+
+def report(results):
+    """Table (printed and runs/bench_vi/table.md) and the two figures under images/readme/."""
+    os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "results.json"), "w") as fh:
         json.dump(results, fh, indent=2)
     md = table(results)
