@@ -362,6 +362,31 @@ def run_mixture(args, device, log, save):
     return summary
 
 
+# ----------------------------------------------------------------------------- reload
+def load_tilt_run(run_dir, device="cpu"):
+    """A finished run: `r = load_tilt_run("runs/<run>")` gives r.config, r.vae (or None) and
+    r.energies {"ml" | "hackathon" | "data" | "mixture": EBM}, all in eval mode.
+
+        z = torch.randn(20000, 2); idx, ess = tilt.snir(-r.energies["ml"](z), 1000)
+        images = r.vae.decode(z[idx])"""
+    from types import SimpleNamespace
+
+    ckpt = util.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
+    vae = None
+    if "vae" in ckpt:
+        vae = VAE(**ckpt["vae_spec"]).to(device)
+        vae.load_state_dict(ckpt["vae"])
+        vae.eval()
+    energies = {}
+    for key, name in (("ebm_ml", "ml"), ("ebm_hackathon", "hackathon"), ("ebm_data", "data"),
+                      ("ebm", "mixture")):
+        if key in ckpt:
+            energies[name] = EBM(**ckpt[f"{key}_spec"]).to(device)
+            energies[name].load_state_dict(ckpt[key])
+            energies[name].eval()
+    return SimpleNamespace(config=ckpt["config"], vae=vae, energies=energies)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args(argv)

@@ -205,6 +205,12 @@ def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
     assert summary["n_unbiased"] == 50
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"vae", "ebm_ml", "ebm_hackathon", "ebm_data"} <= set(ckpt)
+    import train_tilt
+    run = train_tilt.load_tilt_run(str(out))
+    assert set(run.energies) == {"ml", "hackathon", "data"} and run.config["seed"] == 42
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        assert run.vae.decode(z).shape == (5, 64) and run.energies["ml"](z).shape == (5,)
 
 
 def test_end_to_end_mnist_idx(tmp_path):
