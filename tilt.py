@@ -203,10 +203,29 @@ TARGET_WEIGHTS = (0.3, 0.4, 0.3)
 MIXTURE_BOUND = 2.5  # plotting / grid half-width
 
 
-def mixture_sample(n, weights, generator=None):
-    """n points of the Gaussian mixture with component `weights`, and their components."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    comp = torch.multinomial(w, n, replacement=True, generator=generator)
+def stratified_counts(n, weights):
+    """Per-component counts summing exactly to n: floor(w n), then +1 for the largest
+    remainders (30/40/30 for n = 100 and weights .3/.4/.3)."""
+    raw = np.asarray(weights, float) / np.sum(weights) * n
+    counts = np.floor(raw + 1e-9).astype(int)
+    order = np.argsort(-(raw - counts), kind="stable")
+    counts[order[: n - counts.sum()]] += 1
+    return counts.tolist()
+
+
+def mixture_sample(n, weights, generator=None, stratified=False):
+    """n points of the Gaussian mixture with component `weights`, and their components.
+
+    stratified=False: components i.i.d. from `weights` (the counts are multinomial);
+    stratified=True: exactly stratified_counts(n, weights) points per component, in random
+    order, so only the positions within each component are random."""
+    if stratified:
+        counts = stratified_counts(n, weights)
+        comp = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        comp = comp[torch.randperm(n, generator=generator)]
+    else:
+        w = torch.tensor(weights, dtype=torch.float64)
+        comp = torch.multinomial(w, n, replacement=True, generator=generator)
     means = torch.tensor(MIXTURE_MEANS, dtype=torch.float32)
     x = means[comp] + MIXTURE_STD * torch.randn(n, 2, generator=generator)
     return x, comp

@@ -157,6 +157,24 @@ def test_mixture_log_prob_integrates_to_one():
     assert tilt.tv(h, tilt.TARGET_WEIGHTS) < 0.01
 
 
+def test_stratified_teaching_set_is_exactly_30_40_30():
+    """--mix_teaching stratified (the default): exactly 30/40/30 of 100 points, shuffled, each
+    point from its own component; i.i.d. draws have multinomial counts."""
+    g = torch.Generator().manual_seed(3)
+    x, comp = tilt.mixture_sample(100, tilt.TARGET_WEIGHTS, g, stratified=True)
+    assert x.shape == (100, 2) and np.bincount(comp.numpy(), minlength=3).tolist() == [30, 40, 30]
+    assert not torch.equal(comp, comp.sort().values)  # shuffled, not in component blocks
+    means = torch.tensor(tilt.MIXTURE_MEANS)
+    nearest = ((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == comp).float().mean() > 0.8  # std 0.3: most points nearest their mean
+    assert tilt.stratified_counts(100, tilt.BASE_WEIGHTS) == [80, 10, 10]
+    assert tilt.stratified_counts(7, tilt.TARGET_WEIGHTS) == [2, 3, 2]  # sums exactly to n
+    # i.i.d. draws: the counts vary from draw to draw around 30/40/30
+    iid = [np.bincount(tilt.mixture_sample(100, tilt.TARGET_WEIGHTS, g)[1].numpy(),
+                       minlength=3).tolist() for _ in range(20)]
+    assert all(sum(c) == 100 for c in iid) and len({tuple(c) for c in iid}) > 5
+
+
 def test_ml_tilt_recovers_component_weights():
     """ML with importance-sampled log Z on 2,000 target points (a large sample, so that the
     sampling noise of the positives is small) moves the base 0.8/0.1/0.1 to about 0.3/0.4/0.3."""
@@ -235,6 +253,15 @@ def test_end_to_end_mixture(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert abs(sum(s["mix_hist"]) - 1) < 1e-9
     assert s["mix_log_Z_is"] == pytest.approx(s["mix_log_Z_grid"], abs=0.05)
+    # default teaching set: stratified, exactly 30/40/30 of 100 points
+    assert s["mix_teaching"] == "stratified"
+    assert s["mix_unbiased_hist"] == pytest.approx([0.3, 0.4, 0.3], abs=1e-12)
+    assert s["mix_tv_unbiased_sample"] == pytest.approx(0.0, abs=1e-12)
+    assert abs(sum(s["mix_tilt_weights"]) - 1) < 1e-9
+    code, out, _ = _run(tmp_path, "xi", ["--experiment", "mixture", "--mix_steps", "3",
+                                         "--mix_teaching", "iid"])
+    s = json.loads((out / "summary.json").read_text())
+    assert code == 0 and s["mix_teaching"] == "iid"
 
 
 def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
