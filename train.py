@@ -268,7 +268,7 @@ def main(argv=None):
 
     bar = progress_bar(total, step, run)
     acc_sum = v_sum = n_ebm = n_rows = 0
-    t_last, step_last = time.perf_counter(), step
+    t_last, cpu_last, step_last = time.perf_counter(), time.process_time(), step
     metrics = {}
     try:
         while epoch < args.epoch:
@@ -292,18 +292,19 @@ def main(argv=None):
                 n_rows += 1
                 bar.update(1)
                 if step % args.log_every == 0:
-                    now = time.perf_counter()
+                    now, cpu = time.perf_counter(), time.process_time()
                     row = {"value": -v_sum / n_rows, "accuracy": acc_sum / n_rows,
                            "ebm_step_fraction": n_ebm / n_rows, "epoch": epoch,
                            "lr_ebm": opt_ebm.param_groups[0]["lr"],
-                           "it_per_s": (step - step_last) / (now - t_last)}
+                           "it_per_s": (step - step_last) / (now - t_last),
+                           "cpu_s_per_it": (cpu - cpu_last) / (step - step_last)}
                     if opt_flow is not None:
                         row["lr_flow"] = opt_flow.param_groups[0]["lr"]
                     log.log(row, step)
                     bar.set_postfix(value=f"{row['value']:.3f}", acc=f"{row['accuracy']:.3f}",
                                     refresh=False)
                     acc_sum = v_sum = n_ebm = n_rows = 0
-                    t_last, step_last = now, step
+                    t_last, cpu_last, step_last = now, cpu, step
             epoch, it, perm = epoch + 1, 0, None
             if epoch % args.eval_every == 0 or epoch == args.epoch:
                 metrics = evaluate(epoch)
