@@ -3,12 +3,17 @@
     python bench_mcmc.py                 # speed table + results of finished runs in runs/
     python bench_mcmc.py --train         # first train the 4 configs (configs/mcmc_*.json)
     python bench_mcmc.py --speed_only
+    python bench_mcmc.py --figures       # also write the README figures (images/readme/mcmc_*)
 
 Speed: one training iteration at L = 100, batch 100 (the paper's toy MLP), comparing the
 straightforward loop (autograd of F(x).sum() with parameter gradients on, a fresh
 randn_like and new tensors every step, as in the paper's train_toy.py) with
 `samplers.langevin` (hand-written input gradient, in-place updates, noise drawn up front).
 Median of repeats, one torch thread; wall-clock and process CPU time are both printed.
+
+Figures (--figures): for each dataset, the final landscapes of the convergent (left) and
+non-convergent (right) runs side by side, and their diagnostics stacked (convergent on top),
+copied from runs/<name>/{landscape,diagnostics}.png into images/readme/mcmc_<dataset>_*.png.
 """
 import argparse
 import json
@@ -21,6 +26,7 @@ import torch
 
 import train_mcmc
 from ebm import EBM
+from logger import read_metrics
 from samplers import Energy, langevin
 
 RUNS = [("gmm", "convergent"), ("gmm", "nonconvergent"),
@@ -82,6 +88,16 @@ def speed(L=100, batch=100, repeats=30):
     return out
 
 
+def last_run(rows):
+    """The rows of the latest run in a metrics.jsonl: those after the last point where the step
+    went back (an earlier run into the same directory; a resumed run continues its steps)."""
+    start = 0
+    for i in range(1, len(rows)):
+        if rows[i]["step"] < rows[i - 1]["step"]:
+            start = i
+    return rows[start:]
+
+
 def results(train, runs_dir="runs"):
     rows = []
     for ds, regime in RUNS:
@@ -95,30 +111,78 @@ def results(train, runs_dir="runs"):
             rows.append((name, cfg))
             continue
         with open(path) as fh:
-            rows.append((name, json.load(fh)))
+            s = json.load(fh)
+        # the EBM's KL at every evaluation, to show where in its oscillation the run ended
+        s["kl_ebm_trace"] = [r["kl_ebm"] for r in last_run(read_metrics(run_dir)) if "kl_ebm" in r]
+        rows.append((name, s))
     print("\n| run (config) | iterations | KL(p_data‖p_θ) EBM | KL(p_data‖KDE of short-run) "
-          "| KDE floor (true samples) | s/it (wall) | CPU s total |")
-    print("|---|---|---|---|---|---|---|")
+          "| KDE floor (true samples) | s/it (wall) | CPU s total | EBM KL at each evaluation |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, s in rows:
         if isinstance(s, str):
-            print(f"| {name} | not run: `python train_mcmc.py --config {s}` | | | | | |")
+            print(f"| {name} | not run: `python train_mcmc.py --config {s}` | | | | | | |")
             continue
+        trace = " / ".join(f"{v:.3g}" for v in s["kl_ebm_trace"])
         print(f"| {name} | {s['step']} | {s.get('kl_ebm', float('nan')):.3f} | "
               f"{s.get('kl_kde', float('nan')):.3f} | {s.get('kl_kde_floor', float('nan')):.3f} | "
-              f"{s.get('sec_per_iter', float('nan')):.4f} | {s.get('cpu_sec', float('nan')):.0f} |")
+              f"{s.get('sec_per_iter', float('nan')):.4f} | {s.get('cpu_sec', float('nan')):.0f} | "
+              f"{trace} |")
     return rows
+
+
+def _join(paths, out, horizontal, max_bytes=200_000):
+    """Concatenate PNGs side by side (or stacked) into `out`, palette-quantised so that the file
+    stays under max_bytes (README figures)."""
+    from PIL import Image
+
+    ims = [Image.open(p).convert("RGB") for p in paths]
+    if horizontal:
+        size = (sum(i.width for i in ims), max(i.height for i in ims))
+    else:
+        size = (max(i.width for i in ims), sum(i.height for i in ims))
+    canvas = Image.new("RGB", size, "white")
+    pos = 0
+    for im in ims:
+        canvas.paste(im, (pos, 0) if horizontal else (0, pos))
+        pos += im.width if horizontal else im.height
+    for colors in (256, 128, 64):
+        canvas.quantize(colors=colors).save(out, optimize=True)
+        if os.path.getsize(out) < max_bytes:
+            break
+    print(f"wrote {out} ({os.path.getsize(out) // 1000} KB)")
+    return out
+
+
+def figures(runs_dir="runs", out_dir=os.path.join("images", "readme")):
+    """README figures from the finished runs (see the module docstring)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for ds in dict(RUNS):
+        dirs = [os.path.join(runs_dir, f"mcmc-{ds}-{r}") for r in ("convergent", "nonconvergent")]
+        # (figure name, file in each run, side by side?)
+        for fig, src, horizontal in (("landscapes", "landscape.png", True),
+                                     ("diagnostics", "diagnostics.png", False)):
+            paths = [os.path.join(d, src) for d in dirs]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                print(f"skipping mcmc_{ds}_{fig}.png: no {', '.join(missing)}")
+                continue
+            _join(paths, os.path.join(out_dir, f"mcmc_{ds}_{fig}.png"), horizontal)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", action="store_true", help="train the 4 configs first")
     p.add_argument("--speed_only", action="store_true")
+    p.add_argument("--figures", action="store_true",
+                   help="write the README figures images/readme/mcmc_* from the runs")
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     speed(repeats=args.repeats)
     if not args.speed_only:
         results(args.train)
+        if args.figures:
+            figures()
 
 
 if __name__ == "__main__":

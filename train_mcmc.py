@@ -19,6 +19,7 @@ Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2)
 `util.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
 """
 import copy
+import json
 import math
 import os
 import shutil
@@ -207,6 +208,20 @@ def main(argv=None):
             x0 = init_states(n)[0]
         return langevin(U, x0, args.L, eps)
 
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    cpu_before = 0.0
+    if ckpt is None:  # a fresh run into an old directory: metrics.jsonl must not mix runs
+        for stale in (metrics_path, os.path.join(out_dir, "summary.json")):
+            if os.path.isfile(stale):
+                os.remove(stale)
+    elif os.path.isfile(metrics_path):  # resumed: drop rows logged after the checkpoint
+        with open(metrics_path) as fh:
+            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as fh:
+            fh.writelines(kept)
+        # CPU time before the checkpoint, for checkpoints that do not store it
+        cpu_before = ([r["cpu_sec"] for r in map(json.loads, kept) if "cpu_sec" in r]
+                      or [0.0])[-1]
     log = RunLogger(out_dir, cfg, mode=args.wandb, project=args.project, name=name)
 
     def save(step_):
@@ -214,6 +229,7 @@ def main(argv=None):
             "ebm": scaled_ebm(F, scale).state_dict(), "ebm_spec": F.spec(), "F": F.state_dict(),
             "energy_scale": scale, "config": cfg, "step": step_,
             "optimizer": opt.state_dict(), "bank": bank, "rng": rng_state(),
+            "cpu_sec": time.process_time() - cpu0,
             "d_hist": torch.tensor(d_hist, dtype=torch.float64),
             "r_hist": torch.tensor(r_hist, dtype=torch.float64)})
 
@@ -243,7 +259,9 @@ def main(argv=None):
           f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations -> {out_dir}")
     status, metrics = "done", {}
     t_loop, n_timed = 0.0, 0
-    cpu0 = time.process_time()  # CPU seconds of this process: fair on a shared machine
+    # CPU seconds of the run (this process plus, when resumed, the ones before the checkpoint):
+    # a fair measure on a shared machine
+    cpu0 = time.process_time() - (float(ckpt.get("cpu_sec", cpu_before)) if ckpt else 0.0)
     try:
         while step < args.n_iter:
             t0 = time.perf_counter()

@@ -169,11 +169,22 @@ def test_persistent_bank_updated_in_place(monkeypatch, tmp_path):
 def test_resume_continues_exactly(tmp_path):
     import train_mcmc
 
+    from logger import read_metrics
+
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     img = ["--image_dir", str(tmp_path / "img")]
+    os.makedirs(a)
+    with open(os.path.join(a, "metrics.jsonl"), "w") as fh:  # an older run in the same dir
+        fh.write(json.dumps({"step": 1000, "d_t": 5.0}) + "\n")
     train_mcmc.main(TINY + ["--n_iter", "40", "--out_dir", a] + img)
     train_mcmc.main(TINY + ["--n_iter", "20", "--out_dir", b] + img)
+    with open(os.path.join(b, "metrics.jsonl"), "a") as fh:  # logged after the checkpoint
+        fh.write(json.dumps({"step": 30, "d_t": 5.0}) + "\n")
     train_mcmc.main(["--resume", b, "--n_iter", "40"])
+    # metrics.jsonl holds exactly one run: the fresh run dropped the old file, the resumed run
+    # the rows after its checkpoint
+    ra, rb = ([(r["step"], r["d_t"]) for r in read_metrics(d) if "d_t" in r] for d in (a, b))
+    assert ra == rb and [s for s, _ in ra] == [1, 10, 20, 30, 40]
     ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
     cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
     assert cb["step"] == 40
