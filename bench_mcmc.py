@@ -54,7 +54,7 @@ def iteration(F, opt, x_pos, x0, L, eps, fast):
     opt.zero_grad()
     (d * 2 / eps ** 2).backward()
     opt.step()
-    return float(d), float(r)
+    return float(d.detach()), float(r)
 
 
 def time_it(fn, repeats):
