@@ -92,7 +92,8 @@ def save_diagnostics(path, d, r, max_lag=30, window=None, title=None):
                                                   "r_t": (lags, autocorr(rw, max_lag))},
         "cross-corr(d_t, r_t+k)": {"corr": (xl, xc)},
     }
-    return plots.save_curves(path, curves, title=title)
+    return plots.save_curves(path, curves, title=title,
+                             xlabel=["iteration", "iteration", "lag k", "lag k"])
 
 
 def _grid_drawer(values, bound, n, log):

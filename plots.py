@@ -68,14 +68,16 @@ def save_panels(path, panels, title=None, size=3.0, rows=1):
 
 
 def save_curves(path, curves, xlabel="iteration", title=None, size=(4.0, 3.0), logy=False):
-    """Line plots: `curves` is {panel title: {label: (x, y)}}, one panel per entry."""
+    """Line plots: `curves` is {panel title: {label: (x, y)}}, one panel per entry; `xlabel`
+    is one label for all panels or a list with one per panel."""
+    xlabels = list(xlabel) if isinstance(xlabel, (list, tuple)) else [xlabel] * len(curves)
     fig, axes = plt.subplots(1, len(curves), figsize=(size[0] * len(curves), size[1]),
                              squeeze=False)
-    for ax, (name, lines) in zip(axes.flat, curves.items()):
+    for ax, (name, lines), xl in zip(axes.flat, curves.items(), xlabels):
         for label, (x, y) in lines.items():
             ax.plot(x, y, label=label, lw=1)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xl)
         if logy:
             ax.set_yscale("log")
         if len(lines) > 1:
