@@ -543,21 +543,13 @@ class Radial(nn.Module):
         return z, -self._log_det(r, alpha, beta)
 
 
-class IAFLayer(nn.Module):
+class IAFLayer(MAFLayer):
     """Inverse autoregressive flow (Kingma et al. 2016), affine form: the core's MADE run on the
     noise side, x_i = z_i exp(alpha_i(z_<i)) + mu_i(z_<i), log|det dx/dz| = sum alpha.
 
     Sampling (`inverse`) and log q of its own samples: one MADE pass. Density of arbitrary x
-    (`forward`): D passes, since z_i needs z_<i first. alpha is soft-clamped to +-`bound`."""
-
-    def __init__(self, dim, hidden=(64, 64), act="relu", reverse=False, bound=6.0):
-        super().__init__()
-        self.made = MADE(dim, hidden, 2, act, reverse)
-        self.bound = bound
-
-    def _mu_alpha(self, z):
-        mu, alpha = self.made(z)
-        return mu, soft_clamp(alpha, self.bound)
+    (`forward`): D passes, since z_i needs z_<i first. Same network and soft clamp as
+    `MAFLayer`, with the cheap and the sequential direction swapped."""
 
     def inverse(self, z):
         mu, alpha = self._mu_alpha(z)
