@@ -30,12 +30,12 @@ from logger import read_metrics
 ESTIMATORS = {"FCE (MAF)": "maf", "FCE (Glow)": "glow", "NCE (Gaussian)": "gaussian"}
 
 
-def run_one(flow, dataset, epoch, seed, root):
+def run_one(flow, dataset, epoch, seed, root, extra=()):
     out = os.path.join(root, f"{flow}-{dataset}")
     code = train.main(["--flow", flow, "--dataset", dataset, "--epoch", str(epoch),
                        "--seed", str(seed), "--wandb", "disabled", "--out_dir", out,
                        "--image_dir", os.path.join(out, "images"), "--eval_every", str(epoch),
-                       "--plot_every", str(epoch), "--threads", "1"])
+                       "--plot_every", str(epoch), "--threads", "1", *extra])
     rows = read_metrics(out)
     speeds = [r["it_per_s"] for r in rows if "it_per_s" in r]
     cpu = [r["cpu_s_per_it"] for r in rows if "cpu_s_per_it" in r]
@@ -67,7 +67,7 @@ def table(args):
         if args.estimators and flow not in args.estimators:
             continue
         for ds in args.datasets:
-            m = run_one(flow, ds, args.epoch, args.seed, root)
+            m = run_one(flow, ds, args.epoch, args.seed, root, args.train_args.split())
             lines.append(f"| {est} | {ds} | {m['cpu_per_it']:.4f} | {m['s_per_it']:.4f} | "
                          f"{fmt(m, 'nll_ebm')} | "
                          f"{fmt(m, 'nll_flow')} | {fmt(m, 'entropy')} | {fmt(m, 'kl_ebm')} | "
@@ -139,6 +139,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--only", choices=["table", "zuko"], default=None)
     p.add_argument("--out", default=None, help="also write the markdown tables to this file")
+    p.add_argument("--train_args", default="",
+                   help='more train.py flags for every run, e.g. "--lr_ebm 1e-3"')
     p.add_argument("--gallery", default=None,
                    help="also save a figure: data, flow and EBM density of every run")
     args = p.parse_args(argv)
