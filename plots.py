@@ -59,8 +59,9 @@ def save_panels(path, panels, title=None, size=3.0, rows=1):
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.86 if title else 0.92,
-                        wspace=0.06, hspace=0.15)
+    height = fig.get_size_inches()[1]
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02,
+                        top=1 - (0.55 if title else 0.3) / height, wspace=0.06, hspace=0.15)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
