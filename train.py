@@ -51,9 +51,7 @@ def get_args(argv=None):
     p.add_argument("--batch", type=config.positive_int, default=1000)
     p.add_argument("--threshold", type=config.open_unit, default=0.6,
                    help="update the EBM while the accuracy is below this, else the flow")
-    p.add_argument("--lr_ebm", type=config.positive_float, default=2e-3,
-                   help="twice fce-2d's 1e-3: with the cosine decay the EBM reaches a lower KL "
-                        "in the same time (see README)")
+    p.add_argument("--lr_ebm", type=config.positive_float, default=1e-3)
     p.add_argument("--lr_flow", type=config.positive_float, default=7e-4)
     p.add_argument("--b1", type=config.open_unit, default=0.9, help="Adam beta1")
     p.add_argument("--b2", type=config.open_unit, default=0.999, help="Adam beta2")
