@@ -4,10 +4,15 @@ flow x K x target (KL(q || p), ESS, seconds) with the Figure-3-style figures.
     python bench_vi.py --speed_only          # ms per step: per-target loop vs batched module
     python bench_vi.py                       # + trains every run (10,000 steps each) and
                                              #   writes images/readme/vi_*.png, runs/bench_vi/
+    python bench_vi.py --best --jobs 2       # the "best flow" row only: RealNVP K=8, one
+                                             #   process per target (runs/bench_vi/table-best.md)
 
 Every run trains the four confined targets U1-U4 at once with train_vi.py (planar flows as one
 batched module, other flows one after another) with the same settings; `--jobs 2` trains two
 runs side by side (then each run's seconds include sharing the CPU with the other).
+`--split` trains each target in its own process instead (for flows other than planar, which
+run the targets one after another anyway); the row's seconds are then the sum over the four.
+`--seed` is passed to train_vi.py; run directories of seeds other than 42 end in -s<seed>.
 """
 import argparse
 import json
@@ -25,6 +30,7 @@ import util
 
 NAMES = list(targets.NAMES)
 OUT = os.path.join("runs", "bench_vi")
+BEST_RUNS = "realnvp:8"  # the best flow of the collection: RealNVP, 8 couplings, (64, 64) MLPs
 
 
 # ----------------------------------------------------------------------------- speed
@@ -74,25 +80,57 @@ def speed(K=32, batch=256, steps=50, repeats=5):
 
 
 # ----------------------------------------------------------------------------- quality
-def _run_dir(flow, K):
-    """runs/bench_vi-<flow>-K<K> (figures of the run: images/bench_vi-<flow>-K<K>)."""
-    return os.path.join("runs", f"bench_vi-{flow}-K{K}")
+DEFAULT_SEED = 42
+
+
+def _run_name(flow, K, seed=DEFAULT_SEED, target="all"):
+    """bench_vi-<flow>-K<K>[-<target>][-s<seed>]: the run's directory under runs/ and images/."""
+    return (f"bench_vi-{flow}-K{K}" + (f"-{target}" if target != "all" else "")
+            + (f"-s{seed}" if seed != DEFAULT_SEED else ""))
+
+
+def _run_dir(flow, K, seed=DEFAULT_SEED, target="all"):
+    """runs/<run name> (figures of the run: images/<run name>)."""
+    return os.path.join("runs", _run_name(flow, K, seed, target))
 
 
 def _train(job):
-    """One train_vi run on U1-U4; returns its summary.json (runs in a worker process)."""
-    flow, K, steps, extra = job
+    """One train_vi run (U1-U4, or one target with --split); returns its summary.json (runs in
+    a worker process)."""
+    flow, K, target, seed, steps, extra = job
     import train_vi
 
     torch.set_num_threads(1)
-    out = _run_dir(flow, K)
-    argv = ["--target=all", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
-            "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
-    with open(os.path.join(OUT, f"{flow}-K{K}.log"), "w") as fh:
+    out = _run_dir(flow, K, seed, target)
+    argv = [f"--target={target}", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
+            f"--seed={seed}", "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
+    with open(os.path.join(OUT, _run_name(flow, K, seed, target)[len("bench_vi-"):] + ".log"),
+              "w") as fh:
         sys.stderr = sys.stdout = fh
         code = train_vi.main(argv)
     with open(os.path.join(out, "summary.json")) as fh:
-        return {"flow": flow, "K": K, "status": code, **json.load(fh)}
+        return {"flow": flow, "K": K, "seed": seed, "status": code, **json.load(fh)}
+
+
+def merge(results):
+    """Per-target results of one (flow, K) -> one row; seconds are summed (CPU time of the
+    single-target runs), status is the worst."""
+    rows = {}
+    for r in results:
+        key = (r["flow"], r["K"])
+        if key not in rows:
+            rows[key] = dict(r)
+        else:
+            row = rows[key]
+            seconds, status = row["seconds"] + r["seconds"], max(row["status"], r["status"])
+            row.update(r)
+            row.update(seconds=seconds, status=status)
+    return list(rows.values())
+
+
+def _jobs(runs, split, seed, steps, extra):
+    targets_ = NAMES if split else ["all"]
+    return [(f, K, t, seed, steps, extra) for f, K in runs for t in targets_]
 
 
 def parse_runs(spec):
@@ -120,13 +158,13 @@ def table(results):
 def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120):
     """Figure 3 of the paper: rows U1-U4; true density, then q_K for each K."""
     panels = []
-    have = {r["K"] for r in results if r["flow"] == flow}
+    have = {r["K"]: r.get("seed", DEFAULT_SEED) for r in results if r["flow"] == flow}
     Ks = [k for k in Ks if k in have]
     for t, name in enumerate(NAMES):
         panels.append((f"exp(-{name})", plots.density(lambda z: -targets.energy(name, z),
                                                       bound=targets.BOX, n=n)))
         for K in Ks:
-            run = util.load_run(_run_dir(flow, K))
+            run = util.load_run(_run_dir(flow, K, have[K]))
             panels.append((f"{flow} K={K}", plots.density(run.flow.flow(t).log_prob,
                                                           bound=targets.BOX, n=n,
                                                           normalise=False)))
@@ -156,10 +194,25 @@ def main(argv=None):
                    help="no training: table and figures from the finished runs/bench_vi-* runs")
     p.add_argument("--extra", default="",
                    help="extra train_vi.py flags for every run")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="train_vi.py --seed")
+    p.add_argument("--split", action="store_true",
+                   help="one train_vi.py process per target (U1..U4) instead of one for all four")
+    p.add_argument("--figures", default=True, action=argparse.BooleanOptionalAction,
+                   help="write images/readme/vi_figure3.png and vi_bound_vs_K.png")
+    p.add_argument("--best", action="store_true",
+                   help="the best flow of the collection only: --runs realnvp:8 --split "
+                        "--no-figures, no speed test, table in runs/bench_vi/table-best.md")
     args = p.parse_args(argv)
+    tag = ""
+    if args.best:
+        args.runs, args.split, args.figures, tag = BEST_RUNS, True, False, "-best"
+    runs = parse_runs(args.runs)
 
     if args.report_only:
-        return report(_finished(parse_runs(args.runs)))
+        return report(_finished(runs, args.split, args.seed), args.figures, tag)
+    if args.best:
+        os.makedirs(OUT, exist_ok=True)
+        return _bench(runs, args, tag)
     s = speed()
     print(f"planar K={s['K']}, batch {s['batch']}, one training step for all four targets, "
           f"1 thread: per-target loop {s['loop_ms']:.1f} ms ({s['loop_ms_per_target']:.1f} ms "
@@ -171,37 +224,45 @@ def main(argv=None):
     if args.speed_only:
         return 0
 
-    jobs = [(f, K, args.steps, args.extra.split()) for f, K in parse_runs(args.runs)]
+    return _bench(runs, args, tag)
+
+
+def _bench(runs, args, tag):
+    jobs = _jobs(runs, args.split, args.seed, args.steps, args.extra.split())
     with ProcessPoolExecutor(args.jobs) as ex:
-        results = list(ex.map(_train, jobs))
-    return report(results)
+        results = merge(list(ex.map(_train, jobs)))
+    return report(results, args.figures, tag)
 
 
-def _finished(runs):
+def _finished(runs, split=False, seed=DEFAULT_SEED):
     """Summaries of the runs among `runs` that finished (have a summary.json)."""
     results = []
     for flow, K in runs:
-        path = os.path.join(_run_dir(flow, K), "summary.json")
-        if os.path.isfile(path):
-            with open(path) as fh:
-                results.append({"flow": flow, "K": K, **json.load(fh)})
-        else:
-            print(f"{flow} K={K}: not finished, left out", file=sys.stderr)
-    return results
+        for t in (NAMES if split else ["all"]):
+            path = os.path.join(_run_dir(flow, K, seed, t), "summary.json")
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    results.append({"flow": flow, "K": K, "seed": seed, "status": 0,
+                                **json.load(fh)})
+            else:
+                print(f"{_run_name(flow, K, seed, t)}: not finished, left out", file=sys.stderr)
+    return [r for r in merge(results) if all(f"{n}/kl" in r for n in NAMES)]
 
 
-def report(results):
-    """Table (printed and runs/bench_vi/table.md) and the two figures under images/readme/."""
+def report(results, figures=True, tag=""):
+    """Table (printed and runs/bench_vi/table<tag>.md) and, with `figures`, the two figures
+    under images/readme/."""
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "results.json"), "w") as fh:
+    with open(os.path.join(OUT, f"results{tag}.json"), "w") as fh:
         json.dump(results, fh, indent=2)
     md = table(results)
-    with open(os.path.join(OUT, "table.md"), "w") as fh:
+    with open(os.path.join(OUT, f"table{tag}.md"), "w") as fh:
         fh.write(md + "\n")
     print(md)
-    os.makedirs(os.path.join("images", "readme"), exist_ok=True)
-    print(figure3(results, os.path.join("images", "readme", "vi_figure3.png")))
-    print(figure3d(results, os.path.join("images", "readme", "vi_bound_vs_K.png")))
+    if figures:
+        os.makedirs(os.path.join("images", "readme"), exist_ok=True)
+        print(figure3(results, os.path.join("images", "readme", "vi_figure3.png")))
+        print(figure3d(results, os.path.join("images", "readme", "vi_bound_vs_K.png")))
     return 0
 
 
