@@ -12,7 +12,12 @@ batched module, other flows one after another) with the same settings; `--jobs 2
 runs side by side (then each run's seconds include sharing the CPU with the other).
 `--split` trains each target in its own process instead (for flows other than planar, which
 run the targets one after another anyway); the row's seconds are then the sum over the four.
-`--seed` is passed to train_vi.py; run directories of seeds other than 42 end in -s<seed>.
+`--seed` is passed to train_vi.py (several seeds: one row each); run directories of seeds other
+than 42 end in -s<seed>, and `--tag T` (for runs with `--extra` flags) adds -T to run directories
+and table files, so such runs never overwrite the default ones, e.g.
+
+    python bench_vi.py --runs planar:32 --extra="--lr=3e-3" --tag lr3e-3 --seed 42 0 1 \
+        --jobs 2 --no-speed --no-figures
 """
 import argparse
 import json
@@ -83,28 +88,29 @@ def speed(K=32, batch=256, steps=50, repeats=5):
 DEFAULT_SEED = 42
 
 
-def _run_name(flow, K, seed=DEFAULT_SEED, target="all"):
-    """bench_vi-<flow>-K<K>[-<target>][-s<seed>]: the run's directory under runs/ and images/."""
+def _run_name(flow, K, seed=DEFAULT_SEED, target="all", tag=""):
+    """bench_vi-<flow>-K<K>[-<target>][-s<seed>][-<tag>]: the run's directory under runs/ and
+    images/."""
     return (f"bench_vi-{flow}-K{K}" + (f"-{target}" if target != "all" else "")
-            + (f"-s{seed}" if seed != DEFAULT_SEED else ""))
+            + (f"-s{seed}" if seed != DEFAULT_SEED else "") + (f"-{tag}" if tag else ""))
 
 
-def _run_dir(flow, K, seed=DEFAULT_SEED, target="all"):
+def _run_dir(flow, K, seed=DEFAULT_SEED, target="all", tag=""):
     """runs/<run name> (figures of the run: images/<run name>)."""
-    return os.path.join("runs", _run_name(flow, K, seed, target))
+    return os.path.join("runs", _run_name(flow, K, seed, target, tag))
 
 
 def _train(job):
     """One train_vi run (U1-U4, or one target with --split); returns its summary.json (runs in
     a worker process)."""
-    flow, K, target, seed, steps, extra = job
+    flow, K, target, seed, steps, extra, tag = job
     import train_vi
 
     torch.set_num_threads(1)
-    out = _run_dir(flow, K, seed, target)
+    out = _run_dir(flow, K, seed, target, tag)
     argv = [f"--target={target}", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
             f"--seed={seed}", "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
-    with open(os.path.join(OUT, _run_name(flow, K, seed, target)[len("bench_vi-"):] + ".log"),
+    with open(os.path.join(OUT, _run_name(flow, K, seed, target, tag)[len("bench_vi-"):] + ".log"),
               "w") as fh:
         sys.stderr = sys.stdout = fh
         code = train_vi.main(argv)
@@ -117,7 +123,7 @@ def merge(results):
     single-target runs), status is the worst."""
     rows = {}
     for r in results:
-        key = (r["flow"], r["K"])
+        key = (r["flow"], r["K"], r.get("seed", DEFAULT_SEED))
         if key not in rows:
             rows[key] = dict(r)
         else:
@@ -128,9 +134,9 @@ def merge(results):
     return list(rows.values())
 
 
-def _jobs(runs, split, seed, steps, extra):
+def _jobs(runs, split, seeds, steps, extra, tag=""):
     targets_ = NAMES if split else ["all"]
-    return [(f, K, t, seed, steps, extra) for f, K in runs for t in targets_]
+    return [(f, K, t, s, steps, extra, tag) for s in seeds for f, K in runs for t in targets_]
 
 
 def parse_runs(spec):
@@ -145,12 +151,12 @@ def parse_runs(spec):
 
 
 def table(results):
-    rows = ["| flow | K | " + " | ".join(f"{n} KL | {n} ESS" for n in NAMES)
+    rows = ["| flow | K | seed | " + " | ".join(f"{n} KL | {n} ESS" for n in NAMES)
             + " | U1 mass left/right | seconds (4 targets) |",
-            "|---|---|" + "---|---|" * len(NAMES) + "---|---|"]
+            "|---|---|---|" + "---|---|" * len(NAMES) + "---|---|"]
     for r in results:
         cells = " | ".join(f"{r[f'{n}/kl']:.3f} | {r[f'{n}/ess']:.2f}" for n in NAMES)
-        rows.append(f"| {r['flow']} | {r['K']} | {cells} | {r['U1/mass_left']:.3f}/"
+        rows.append(f"| {r['flow']} | {r['K']} | {r.get('seed', DEFAULT_SEED)} | {cells} | {r['U1/mass_left']:.3f}/"
                     f"{r['U1/mass_right']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(rows)
 
@@ -194,7 +200,11 @@ def main(argv=None):
                    help="no training: table and figures from the finished runs/bench_vi-* runs")
     p.add_argument("--extra", default="",
                    help="extra train_vi.py flags for every run")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="train_vi.py --seed")
+    p.add_argument("--seed", type=int, nargs="+", default=[DEFAULT_SEED],
+                   help="train_vi.py --seed; several seeds give one row each")
+    p.add_argument("--tag", default="", help="suffix of run directories and table files")
+    p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
+                   help="time the planar training step first")
     p.add_argument("--split", action="store_true",
                    help="one train_vi.py process per target (U1..U4) instead of one for all four")
     p.add_argument("--figures", default=True, action=argparse.BooleanOptionalAction,
@@ -203,14 +213,14 @@ def main(argv=None):
                    help="the best flow of the collection only: --runs realnvp:8 --split "
                         "--no-figures, no speed test, table in runs/bench_vi/table-best.md")
     args = p.parse_args(argv)
-    tag = ""
     if args.best:
-        args.runs, args.split, args.figures, tag = BEST_RUNS, True, False, "-best"
+        args.runs, args.split, args.figures, args.speed = BEST_RUNS, True, False, False
     runs = parse_runs(args.runs)
+    tag = "".join(f"-{t}" for t in (args.tag, "best" if args.best else "") if t)  # table file
 
     if args.report_only:
-        return report(_finished(runs, args.split, args.seed), args.figures, tag)
-    if args.best:
+        return report(_finished(runs, args.split, args.seed, args.tag), args.figures, tag)
+    if not args.speed:
         os.makedirs(OUT, exist_ok=True)
         return _bench(runs, args, tag)
     s = speed()
@@ -228,24 +238,26 @@ def main(argv=None):
 
 
 def _bench(runs, args, tag):
-    jobs = _jobs(runs, args.split, args.seed, args.steps, args.extra.split())
+    jobs = _jobs(runs, args.split, args.seed, args.steps, args.extra.split(), args.tag)
     with ProcessPoolExecutor(args.jobs) as ex:
         results = merge(list(ex.map(_train, jobs)))
     return report(results, args.figures, tag)
 
 
-def _finished(runs, split=False, seed=DEFAULT_SEED):
+def _finished(runs, split=False, seeds=(DEFAULT_SEED,), tag=""):
     """Summaries of the runs among `runs` that finished (have a summary.json)."""
     results = []
-    for flow, K in runs:
-        for t in (NAMES if split else ["all"]):
-            path = os.path.join(_run_dir(flow, K, seed, t), "summary.json")
-            if os.path.isfile(path):
-                with open(path) as fh:
-                    results.append({"flow": flow, "K": K, "seed": seed, "status": 0,
-                                **json.load(fh)})
-            else:
-                print(f"{_run_name(flow, K, seed, t)}: not finished, left out", file=sys.stderr)
+    for seed in seeds:
+        for flow, K in runs:
+            for t in (NAMES if split else ["all"]):
+                path = os.path.join(_run_dir(flow, K, seed, t, tag), "summary.json")
+                if os.path.isfile(path):
+                    with open(path) as fh:
+                        results.append({"flow": flow, "K": K, "seed": seed, "status": 0,
+                                        **json.load(fh)})
+                else:
+                    print(f"{_run_name(flow, K, seed, t, tag)}: not finished, left out",
+                          file=sys.stderr)
     return [r for r in merge(results) if all(f"{n}/kl" in r for n in NAMES)]
 
 

@@ -240,7 +240,8 @@ def test_bench_split_rows_merge_per_flow():
 
     assert bench_vi._run_name("realnvp", 8, 42, "U3") == "bench_vi-realnvp-K8-U3"
     assert bench_vi._run_name("planar", 32, 0) == "bench_vi-planar-K32-s0"
-    jobs = bench_vi._jobs([("realnvp", 8)], True, 42, 100, [])
+    assert bench_vi._run_name("planar", 32, 0, tag="lr3e-3") == "bench_vi-planar-K32-s0-lr3e-3"
+    jobs = bench_vi._jobs([("realnvp", 8)], True, [42], 100, [])
     assert [j[2] for j in jobs] == list(targets.NAMES)
     parts = [{"flow": "realnvp", "K": 8, "status": 0, "seconds": 10.0 * (i + 1),
               f"{n}/kl": 0.01 * i, f"{n}/ess": 0.5, **({"U1/mass_left": 0.5,
@@ -249,4 +250,4 @@ def test_bench_split_rows_merge_per_flow():
     (row,) = bench_vi.merge(parts)
     assert row["seconds"] == 100.0
     assert [row[f"{n}/kl"] for n in targets.NAMES] == [0.0, 0.01, 0.02, 0.03]
-    assert "| realnvp | 8 | 0.000 | 0.50 | 0.010 |" in bench_vi.table([row])
+    assert "| realnvp | 8 | 42 | 0.000 | 0.50 | 0.010 |" in bench_vi.table([row])
