@@ -81,8 +81,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--batch", "100",
            "--epoch", "500", "--wandb", "disabled", "--eval_every", "500", "--plot_every", "500",
            "--out_dir", str(out), "--image_dir", str(tmp_path / "img")]
+    # a shell's background jobs inherit SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
