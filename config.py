@@ -73,7 +73,7 @@ def open_unit(s):
 
 def parser(description):
     """A Parser with the flags every script shares: --config, --seed, --device, --wandb,
-    --project, --out_dir, --resume."""
+    --project, --out_dir, --resume, --threads."""
     p = Parser(description=description,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
@@ -87,7 +87,18 @@ def parser(description):
                    help="run directory (config, metrics, checkpoint); default runs/<run name>")
     p.add_argument("--resume", default=None,
                    help="run directory (or its checkpoint.pt) to continue from")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default). The networks here are small, "
+                        "so one thread is fastest and does not oversubscribe a shared CPU")
     return p
+
+
+def apply_threads(args):
+    """torch.set_num_threads(--threads) unless it is 0 (torch's default)."""
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
 
 def _convert(action, value, source):

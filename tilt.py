@@ -106,6 +106,20 @@ def hackathon_loss(E, x_pos, x_neg, reg=0.1, gp=1.0):
     return loss, e_pos, e_neg
 
 
+def finite_step(E, opt, loss, good):
+    """One optimiser step of E on `loss`, guarded: on a non-finite loss E is restored to the
+    `good` weights and None is returned (the caller stops); otherwise the weights before the
+    step are returned as the new last-good copy (a deep copy, not a live reference)."""
+    if not math.isfinite(loss.item()):
+        E.load_state_dict(good)
+        return None
+    good = copy.deepcopy(E.state_dict())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return good
+
+
 def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, weight_decay=0.0,
              reg=0.1, gp=1.0, on_step=None):
     """Train the energy E of the tilt exp(-E) p_phi on the positives x_pos.
@@ -130,14 +144,10 @@ def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, 
             loss, e_pos, e_neg = hackathon_loss(E, xp, xb, reg=reg, gp=gp)
             metrics = {"loss": loss.item(), "E_pos": e_pos.mean().item(),
                        "E_neg": e_neg.mean().item()}
-        if not math.isfinite(metrics["loss"]):
+        good = finite_step(E, opt, loss, good)
+        if good is None:
             hist["nan_step"] = step
-            E.load_state_dict(good)
             break
-        good = copy.deepcopy(E.state_dict())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
         hist["loss"].append(metrics["loss"])
         hist["log_Z"].append(metrics.get("log_Z", float("nan")))
         if on_step is not None:
@@ -170,14 +180,10 @@ def fit_data_tilt(E, x_pos, vae, steps, lr=1e-3, n_neg=128, langevin_steps=20, e
         x_neg = langevin(U, x0, langevin_steps, eps, freeze=(E, vae)) if langevin_steps else x0
         e_pos, e_neg = E(x_pos), E(x_neg)
         loss = e_pos.mean() - e_neg.mean() + reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-        if not math.isfinite(loss.item()):
+        good = finite_step(E, opt, loss, good)
+        if good is None:
             hist["nan_step"] = step
-            E.load_state_dict(good)
             break
-        good = copy.deepcopy(E.state_dict())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
         hist["loss"].append(loss.item())
         if on_step is not None:
             on_step(step, {"loss": loss.item(), "E_pos": e_pos.mean().item(),

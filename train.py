@@ -72,9 +72,6 @@ def get_args(argv=None):
     p.add_argument("--log_every", type=config.positive_int, default=20,
                    help="iterations between metric rows")
     p.add_argument("--image_dir", default=None, help="default images/<run name>")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default); the small ops here run "
-                        "fastest on one")
     return config.parse(p, argv), p
 
 
@@ -204,8 +201,7 @@ def resolve_resume(args, parser):
 def main(argv=None):
     args, parser = get_args(argv)
     ckpt = resolve_resume(args, parser) if args.resume else None
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    config.apply_threads(args)
     try:
         device = util.get_device(args.device)
     except (ValueError, RuntimeError) as e:

@@ -91,9 +91,6 @@ def get_parser():
                    help="short-run samples for the KDE")
     p.add_argument("--kde_bw", type=config.positive_float, default=0.05)
     p.add_argument("--max_lag", type=config.positive_int, default=30)
-    p.add_argument("--threads", type=config.positive_int, default=1,
-                   help="torch CPU threads (1 is fastest for these small MLPs; more threads "
-                        "on a busy machine can be 100x slower)")
     p.add_argument("--image_dir", default="images", help="landscape frames go to <dir>/<run name>/")
     return p
 
@@ -153,7 +150,7 @@ def main(argv=None):
     cfg = config.to_dict(args)
     cfg["hidden"] = list(args.hidden)
 
-    torch.set_num_threads(args.threads)
+    config.apply_threads(args)
 
     # -------------------------------------------------------------------- data
     rng = set_seed(args.seed)

@@ -49,10 +49,6 @@ def get_parser():
                    help="digits: de-bias a VAE; mixture: the 2D Gaussian-mixture example")
     p.add_argument("--name", default=None, help="run name (default: tilt-<experiment>-s<seed>-<time>)")
     p.add_argument("--image_dir", default=None, help="default images/<run name>")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: torch's default); the networks are tiny, so one "
-                        "thread is fastest, avoids oversubscribing a shared CPU and makes runs "
-                        "bit-reproducible")
     # data
     p.add_argument("--data", default="digits", choices=["digits", "mnist"],
                    help="digits: scikit-learn's 8x8 digits (offline); mnist: local IDX files")
@@ -403,8 +399,7 @@ def load_tilt_run(run_dir, device="cpu"):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    config.apply_threads(args)
     try:
         device = util.get_device(args.device)
     except (ValueError, RuntimeError) as e:

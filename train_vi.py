@@ -162,7 +162,7 @@ def main(argv=None):
               f"until the end", file=sys.stderr)
 
     # -- setup: seed, device, targets, run directory --
-    torch.set_num_threads(1)  # batches of 256 2D points: op-overhead bound, threads only add cost
+    config.apply_threads(args)  # batches of 256 2D points: op-overhead bound
     util.set_seed(cfg["seed"])
     device = util.get_device(cfg["device"])
     names = parse_targets(cfg["target"])
