@@ -26,24 +26,40 @@ class RunLogger:
     """Writes `config.json` now, appends one JSON line per `log` to `metrics.jsonl`, and
     mirrors both to wandb.
 
-        log = RunLogger(out_dir, config, mode="auto", project="ebm-flows", name=run_name)
+        log = RunLogger(out_dir, config, mode="auto", project="ebm-flows", name=run_name,
+                        resume_step=None)   # or the checkpoint's step when resuming
         log.log({"value": 1.39, "accuracy": 0.51}, step=100)
         log.log_image("density", "images/run/epoch_0001.png", step=100)
         log.finish()
     """
 
     def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None,
-                 run_id=None):
+                 run_id=None, resume_step=None):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir = out_dir
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True, default=str)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self._reset_metrics(resume_step)
         self._fh = open(self.metrics_path, "a")
         self.wandb = None
         self.run = None
         self.offline = False
         self._start_wandb(mode, project, name, config, run_id)
+
+    def _reset_metrics(self, resume_step):
+        """A fresh run (resume_step None) starts metrics.jsonl and summary.json anew, so two
+        runs never mix in one directory; a resumed run keeps the rows up to its checkpoint's
+        step and drops later ones (they are done again)."""
+        if resume_step is None:
+            for path in (self.metrics_path, os.path.join(self.out_dir, "summary.json")):
+                if os.path.isfile(path):
+                    os.remove(path)
+        elif os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as fh:
+                kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            with open(self.metrics_path, "w") as fh:
+                fh.writelines(kept)
 
     @property
     def run_id(self):

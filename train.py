@@ -30,7 +30,7 @@ import datasets
 import plots
 import util
 from ebm import EBM
-from flows import build_flow, flow_from_spec
+from flows import build_flow
 from logger import RunLogger
 
 # keys a resumed run may change; everything else comes from the checkpoint
@@ -237,7 +237,8 @@ def main(argv=None):
                 if opt is not None]
 
     log = RunLogger(args.out_dir, config.to_dict(args), args.wandb, args.project, run,
-                    run_id=ckpt.get("wandb_id") if ckpt else None)
+                    run_id=ckpt.get("wandb_id") if ckpt else None,
+                    resume_step=step if ckpt else None)
     entropy = datasets.entropy(args.dataset)
     print(f"run {run}: {args.dataset}, flow={args.flow}, {total} iterations "
           f"({args.epoch} epochs x {iters}), device={device}; outputs in {args.out_dir}, "

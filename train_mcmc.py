@@ -19,8 +19,6 @@ Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2)
 `util.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
 """
 import copy
-import json
-import math
 import os
 import shutil
 import sys
@@ -32,7 +30,7 @@ import config
 import datasets
 import diagnostics
 from ebm import ACTIVATIONS, EBM
-from logger import RunLogger
+from logger import RunLogger, read_metrics
 from samplers import Energy, langevin
 from util import (evaluate_2d, get_device, load_checkpoint, rng_state, save_checkpoint,
                   set_rng_state, set_seed)
@@ -205,21 +203,13 @@ def main(argv=None):
             x0 = init_states(n)[0]
         return langevin(U, x0, args.L, eps)
 
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    # a fresh run starts metrics.jsonl anew; a resumed one keeps the rows up to its checkpoint
+    log = RunLogger(out_dir, cfg, mode=args.wandb, project=args.project, name=name,
+                    resume_step=step if ckpt is not None else None)
     cpu_before = 0.0
-    if ckpt is None:  # a fresh run into an old directory: metrics.jsonl must not mix runs
-        for stale in (metrics_path, os.path.join(out_dir, "summary.json")):
-            if os.path.isfile(stale):
-                os.remove(stale)
-    elif os.path.isfile(metrics_path):  # resumed: drop rows logged after the checkpoint
-        with open(metrics_path) as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        with open(metrics_path, "w") as fh:
-            fh.writelines(kept)
-        # CPU time before the checkpoint, for checkpoints that do not store it
-        cpu_before = ([r["cpu_sec"] for r in map(json.loads, kept) if "cpu_sec" in r]
+    if ckpt is not None:  # CPU time before the checkpoint, for checkpoints that do not store it
+        cpu_before = ([r["cpu_sec"] for r in read_metrics(out_dir) if "cpu_sec" in r]
                       or [0.0])[-1]
-    log = RunLogger(out_dir, cfg, mode=args.wandb, project=args.project, name=name)
 
     def save(step_):
         save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), {

@@ -187,9 +187,9 @@ def main(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         util.set_rng_state(ckpt["rng"])
-        _truncate_metrics(out_dir, step)
         print(f"resuming {out_dir} at step {step}", file=sys.stderr)
-    log = RunLogger(out_dir, cfg, mode=cfg["wandb"], project=cfg["project"], name=run)
+    log = RunLogger(out_dir, cfg, mode=cfg["wandb"], project=cfg["project"], name=run,
+                    resume_step=step if ckpt is not None else None)
 
     def checkpoint(at):
         util.save_checkpoint(ckpt_path, {
@@ -277,19 +277,6 @@ def main(argv=None):
         print(f"figures in {img_dir}/, run in {out_dir}/")
     log.finish()
     return status
-
-
-def _truncate_metrics(out_dir, step):
-    """Drop metrics rows logged after the checkpoint we resume from (they will be redone)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    import json
-
-    with open(path) as fh:
-        rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as fh:
-        fh.writelines(rows)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,13 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+def test_fresh_run_into_an_old_directory_starts_its_metrics_anew(tmp_path):
+    for _ in range(2):
+        assert run_train(tmp_path, "--epoch", "1", "--wandb", "disabled")[0] == 0
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "value" in r]
+    assert steps == [5, 10]
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--batch", "100",
