@@ -3,7 +3,6 @@ sampling, SNIR, the 2D mixture and a tiny end-to-end run. Tiny budgets: the file
 well under a minute on 2 cores."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
