@@ -148,6 +148,35 @@ def parse(parser_, argv=None):
     return parser_.parse_args(argv)
 
 
+def given_flags(argv=None):
+    """Names of the flags typed on the command line (not defaults, not --config values)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.split("=")[0][2:] for a in argv if a.startswith("--")}
+
+
+def load_resume(args, argv=None, overridable=None):
+    """For --resume (a run directory or its checkpoint.pt): the checkpoint and the run's saved
+    configuration as a Namespace, with the `overridable` flags (all, when None) that were typed
+    on this command line on top; out_dir is the checkpoint's directory. A missing checkpoint
+    ends with a one-line error and exit status 2."""
+    import util  # local: util pulls in torch, config stays light
+
+    path = args.resume
+    if not path.endswith(".pt"):
+        path = os.path.join(path, "checkpoint.pt")
+    try:
+        ckpt = util.load_checkpoint(path)
+    except FileNotFoundError as e:
+        fail(f"--resume: {e}")
+    saved = dict(ckpt["config"])
+    for k in given_flags(argv) - {"resume", "config"}:
+        if overridable is None or k in overridable:
+            saved[k] = getattr(args, k)
+    saved["resume"] = args.resume
+    saved["out_dir"] = os.path.dirname(os.path.abspath(path))
+    return argparse.Namespace(**saved), ckpt
+
+
 def run_name(*parts):
     """A default run name: the given parts and a timestamp, e.g. fce-maf-8gaussians-s42-<time>."""
     return "-".join(str(p) for p in parts) + time.strftime("-%Y%m%d-%H%M%S")

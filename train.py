@@ -72,7 +72,7 @@ def get_args(argv=None):
     p.add_argument("--log_every", type=config.positive_int, default=20,
                    help="iterations between metric rows")
     p.add_argument("--image_dir", default=None, help="default images/<run name>")
-    return config.parse(p, argv), p
+    return config.parse(p, argv)
 
 
 # ----------------------------------------------------------------------------- models
@@ -179,28 +179,11 @@ def checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, epoch, it, step, perm, 
             "perm": perm, "rng": util.rng_state(), "wandb_id": wandb_id}
 
 
-def resolve_resume(args, parser):
-    """Load the checkpoint of --resume and take the run's configuration from it."""
-    path = args.resume
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        config.fail(f"--resume: no checkpoint at {path}; pass a run directory that holds "
-                    f"checkpoint.pt")
-    ckpt = util.load_checkpoint(path)
-    saved = ckpt["config"]
-    for k, v in saved.items():
-        explicit = getattr(args, k, None) != parser.get_default(k)
-        if k not in RESUME_OVERRIDES or not explicit:
-            setattr(args, k, v)
-    args.out_dir = os.path.dirname(os.path.abspath(path))
-    return ckpt
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, parser = get_args(argv)
-    ckpt = resolve_resume(args, parser) if args.resume else None
+    args, ckpt = get_args(argv), None
+    if args.resume:
+        args, ckpt = config.load_resume(args, argv, RESUME_OVERRIDES)
     config.apply_threads(args)
     try:
         device = util.get_device(args.device)

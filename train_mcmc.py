@@ -32,7 +32,7 @@ import diagnostics
 from ebm import ACTIVATIONS, EBM
 from logger import RunLogger, read_metrics
 from samplers import Energy, langevin
-from util import (evaluate_2d, get_device, load_checkpoint, rng_state, save_checkpoint,
+from util import (evaluate_2d, get_device, rng_state, save_checkpoint,
                   set_rng_state, set_seed)
 
 
@@ -111,21 +111,8 @@ def main(argv=None):
 
     # -------------------------------------------------------------------- resume / config
     ckpt = None
-    if args.resume:
-        path = args.resume
-        path = path if path.endswith(".pt") else os.path.join(path, "checkpoint.pt")
-        try:
-            ckpt = load_checkpoint(path)
-        except FileNotFoundError as e:
-            config.fail(str(e))
-        # the saved configuration, with the flags given explicitly now on top (e.g. --n_iter)
-        explicit = {a.split("=")[0][2:] for a in argv if a.startswith("--")} - {"resume", "config"}
-        saved = dict(ckpt["config"])
-        for k in explicit:
-            saved[k] = getattr(args, k)
-        saved["resume"] = args.resume
-        saved["out_dir"] = os.path.dirname(path)
-        args = config.argparse.Namespace(**saved)
+    if args.resume:  # the saved configuration, with the flags typed now on top (e.g. --n_iter)
+        args, ckpt = config.load_resume(args, argv)
         args.hidden = tuple(args.hidden)
     if args.lr_min is None:
         args.lr_min = args.lr

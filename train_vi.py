@@ -145,18 +145,11 @@ def make_gif(frame_dir, out):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = config.parse(build_parser(), argv)
-    cfg = config.to_dict(args)
     ckpt = None
     if args.resume:  # continue a run: its own config, this command's --steps and logging flags
-        path = args.resume
-        path = path if path.endswith(".pt") else os.path.join(path, "checkpoint.pt")
-        try:
-            ckpt = util.load_checkpoint(path)
-        except FileNotFoundError as e:
-            config.fail(str(e))
-        keep = {k: cfg[k] for k in ("steps", "wandb", "project", "resume", "device")}
-        cfg = {**ckpt["config"], **keep}
-        cfg["out_dir"] = os.path.dirname(path)
+        args, ckpt = config.load_resume(args, argv, ("steps", "wandb", "project", "device",
+                                                     "threads"))
+    cfg = config.to_dict(args)
     if cfg["anneal_steps"] > cfg["steps"] and cfg["anneal"]:
         print(f"note: anneal_steps={cfg['anneal_steps']} > steps={cfg['steps']}: beta < 1 "
               f"until the end", file=sys.stderr)

@@ -150,7 +150,7 @@ def test_bad_flags_exit_2_with_one_line(args, needle, capsys):
 def test_config_file_sets_flags_and_rejects_unknown_keys(tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"dataset": "rings", "batch": 500, "threshold": 0.7}))
-    args, _ = train.get_args(["--config", str(good), "--batch", "250"])
+    args = train.get_args(["--config", str(good), "--batch", "250"])
     assert (args.dataset, args.batch, args.threshold) == ("rings", 250, 0.7)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dataset": "rings", "learning_rate": 1}))
