@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from flows import std_normal_log_prob
+from util import effective_sample_size
 
 OBJECTIVES = ("ml", "hackathon")
 
@@ -49,11 +50,6 @@ def log_Z_importance(E, x_base):
     """log Z = log E_{p_phi} exp(-E(x)) from base samples x_base (M, D), by logsumexp."""
     return log_mean_exp(-E(x_base))
 
-
-def effective_sample_size(log_w):
-    """ESS = (sum w)^2 / sum w^2 of unnormalised log-weights, in log space (Kong 1992)."""
-    log_w = log_w.double()
-    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
 
 
 def snir(log_w, n, generator=None, method="systematic"):

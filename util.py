@@ -57,6 +57,13 @@ def grid_log_Z(neg_energy_values, area):
     return float(torch.logsumexp(neg_energy_values.double(), 0) + math.log(area))
 
 
+def effective_sample_size(log_w):
+    """ESS = (sum w)^2 / sum w^2 of unnormalised log importance weights, in log space
+    (Kong 1992); between 1 and len(log_w)."""
+    log_w = log_w.double()
+    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+
+
 def grid_kl(log_p, log_q, area):
     """KL(p || q) = sum p (log p - log q) dA on the grid; terms with p = 0 contribute 0."""
     p = log_p.exp()
