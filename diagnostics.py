@@ -96,19 +96,6 @@ def save_diagnostics(path, d, r, max_lag=30, window=None, title=None):
                              xlabel=["iteration", "iteration", "lag k", "lag k"])
 
 
-def _grid_drawer(values, bound, n, log):
-    img = values.reshape(n, n)
-    if log:
-        img = img.clamp_min(img.max() - 20)
-    else:
-        img = img.exp()
-
-    def draw(ax):
-        ax.imshow(img.numpy(), origin="lower", cmap="viridis",
-                  extent=[-bound, bound, -bound, bound], interpolation="nearest")
-    return draw
-
-
 def save_landscape(path, dataset, U, x_short, bw, bound=datasets.BOUND, n=150, title=None):
     """Rows density / log-density; columns: true density (when known), the EBM exp(-U)
     normalised on the grid, and the Gaussian KDE of the short-run samples x_short."""
@@ -121,6 +108,6 @@ def save_landscape(path, dataset, U, x_short, bw, bound=datasets.BOUND, n=150, t
     neg_u, area = on_grid(lambda x: -U(x), bound, n)
     cols.append(("EBM exp(-U)/Z", neg_u - torch.logsumexp(neg_u, 0) - math.log(area)))
     cols.append((f"short-run KDE (bw {bw})", kde_log_density(x_short, bw, bound, n)))
-    panels = [(f"{name}", _grid_drawer(v, bound, n, False)) for name, v in cols]
-    panels += [(f"log {name}", _grid_drawer(v, bound, n, True)) for name, v in cols]
+    panels = [(f"{name}", plots.grid_image(v, bound, n)) for name, v in cols]
+    panels += [(f"log {name}", plots.grid_image(v, bound, n, log=True)) for name, v in cols]
     return plots.save_panels(path, panels, title=title, rows=2)

@@ -26,9 +26,14 @@ def density(log_p_fn, bound=datasets.BOUND, n=150, device="cpu", normalise=True,
     values, area = on_grid(log_p_fn, bound, n, device)
     if normalise:
         values = values - torch.logsumexp(values, 0) - torch.log(torch.tensor(area, dtype=values.dtype))
-    img = values if log else values.exp()
-    if log:
-        img = img.clamp_min(img.max() - 20)  # keep the colour scale readable
+    return grid_image(values, bound, n, log, cmap)
+
+
+def grid_image(log_values, bound=datasets.BOUND, n=150, log=False, cmap="viridis"):
+    """Panel drawer for log-density values already on the n x n grid: exp(values), or the
+    values themselves with `log=True` (clamped to 20 nats below the maximum, so the colour
+    scale stays readable)."""
+    img = log_values.clamp_min(log_values.max() - 20) if log else log_values.exp()
 
     def draw(ax):
         ax.imshow(img.reshape(n, n).numpy(), origin="lower", cmap=cmap,

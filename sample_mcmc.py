@@ -106,8 +106,8 @@ def main(argv=None):
     torch.save({"x": x, "energy": energy, "acceptance": acc, "eps": eps,
                 "temperature": args.temperature}, stem + ".pt")
     panels = [("chains (histogram)", plots.samples(x)),
-              (f"KDE (bw {args.kde_bw})", diagnostics._grid_drawer(
-                  diagnostics.kde_log_density(x, args.kde_bw, n=150), datasets.BOUND, 150, False))]
+              (f"KDE (bw {args.kde_bw})", plots.grid_image(
+                  diagnostics.kde_log_density(x, args.kde_bw, n=150), datasets.BOUND, 150))]
     plots.save_panels(stem + ".png", panels, title=f"{name}: {args.sampler} x {args.steps}, "
                       f"eps {eps}, T {args.temperature}")
     curves = {"mean energy U": {"U": ([s for s, _ in mean_u], [v for _, v in mean_u])}}
