@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import config
 import train_mcmc
 from ebm import EBM
 from logger import read_metrics
@@ -171,9 +172,9 @@ def figures(runs_dir="runs", out_dir=os.path.join("images", "readme")):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", action="store_true", help="train the 4 configs first")
-    p.add_argument("--speed_only", action="store_true")
-    p.add_argument("--figures", action="store_true",
+    config.add_flag(p, "--train", help="train the 4 configs first")
+    config.add_flag(p, "--speed_only")
+    config.add_flag(p, "--figures",
                    help="write the README figures images/readme/mcmc_* from the runs")
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args(argv)

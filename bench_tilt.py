@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+import config
 import train_tilt
 
 START, END = "<!-- bench_tilt:start -->", "<!-- bench_tilt:end -->"
@@ -116,7 +117,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--out", default="runs/bench_tilt")
-    p.add_argument("--write_readme", action="store_true",
+    config.add_flag(p, "--write_readme",
                    help="replace the table in README.md and copy seed 0's figures to images/readme")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

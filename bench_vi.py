@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+import config
 import flows
 import plots
 import targets
@@ -192,24 +193,24 @@ def figure3d(results, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--speed_only", action="store_true")
+    config.add_flag(p, "--speed_only")
     p.add_argument("--runs", default="planar:2,8,32 nice:2,8")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--report_only", action="store_true",
+    config.add_flag(p, "--report_only",
                    help="no training: table and figures from the finished runs/bench_vi-* runs")
     p.add_argument("--extra", default="",
                    help="extra train_vi.py flags for every run")
     p.add_argument("--seed", type=int, nargs="+", default=[DEFAULT_SEED],
                    help="train_vi.py --seed; several seeds give one row each")
     p.add_argument("--tag", default="", help="suffix of run directories and table files")
-    p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
+    config.add_flag(p, "--speed", default=True,
                    help="time the planar training step first")
-    p.add_argument("--split", action="store_true",
+    config.add_flag(p, "--split",
                    help="one train_vi.py process per target (U1..U4) instead of one for all four")
-    p.add_argument("--figures", default=True, action=argparse.BooleanOptionalAction,
+    config.add_flag(p, "--figures", default=True,
                    help="write images/readme/vi_figure3.png and vi_bound_vs_K.png")
-    p.add_argument("--best", action="store_true",
+    config.add_flag(p, "--best",
                    help="the best flow of the collection only: --runs realnvp:8 --split "
                         "--no-figures, no speed test, table in runs/bench_vi/table-best.md")
     args = p.parse_args(argv)

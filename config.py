@@ -71,6 +71,45 @@ def open_unit(s):
     return v
 
 
+def boolean(s):
+    """A boolean flag value: true/false, yes/no, on/off, 1/0 in any case (a wandb agent passes
+    `--flag=True` / `--flag=False`)."""
+    if isinstance(s, bool):
+        return s
+    v = str(s).strip().lower()
+    if v in ("true", "1", "yes", "y", "on"):
+        return True
+    if v in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class Flag(argparse.Action):
+    """A boolean flag in every form a person or a sweep agent writes it: `--flag` (true),
+    `--flag=true|false|1|0` or `--flag false`, and `--no-flag` (false)."""
+
+    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", const=None, type=boolean,
+                         default=default, metavar="{true,false}", help=help)
+
+    def __call__(self, parser_, namespace, values, option_string=None):
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                parser_.error(f"{option_string} takes no value; write --{self.dest}=true or "
+                              f"--{self.dest}=false")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+def add_flag(parser_, name, default=False, help=None):
+    """A boolean flag `--name` (and `--no-name`) that also takes `--name=True/False`, which
+    store_true and BooleanOptionalAction reject:
+
+        config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")"""
+    return parser_.add_argument(name, f"--no-{name[2:]}", action=Flag, default=default,
+                                help=help)
+
+
 def parser(description):
     """A Parser with the flags every script shares: --config, --seed, --device, --wandb,
     --project, --out_dir, --resume, --threads."""
@@ -145,13 +184,29 @@ def parse(parser_, argv=None):
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser_.set_defaults(**load_config_file(known.config, parser_))
-    return parser_.parse_args(argv)
+    args = parser_.parse_args(argv)
+    if getattr(args, "out_dir", "") is None and not getattr(args, "resume", None):
+        args.out_dir = agent_out_dir()
+    return args
+
+
+def agent_out_dir():
+    """runs/sweep-<sweep id>/<run id> for a run started by a wandb sweep agent (which sets
+    WANDB_SWEEP_ID and WANDB_RUN_ID), else None. The scripts' default folder names end in a
+    time stamp to the second, or (train_mcmc.py with a --config) in none at all: two agents
+    on one machine would write into the same folder; the run id cannot collide, and
+    `python gather.py runs/sweep-<id>` collects one sweep."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run:
+        return os.path.join("runs", f"sweep-{sweep}", run)
+    return None
 
 
 def given_flags(argv=None):
     """Names of the flags typed on the command line (not defaults, not --config values)."""
     argv = sys.argv[1:] if argv is None else argv
-    return {a.split("=")[0][2:] for a in argv if a.startswith("--")}
+    names = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no-") else n for n in names}  # --no-flag of config.add_flag
 
 
 def load_resume(args, argv=None, overridable=None):

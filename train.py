@@ -64,7 +64,7 @@ def get_args(argv=None):
     p.add_argument("--flow_layers", type=config.positive_int, default=None,
                    help="MADE blocks (maf, default 5) or steps (glow, default 10)")
     p.add_argument("--flow_hidden", type=config.positive_int, nargs="+", default=[64, 64])
-    p.add_argument("--maf_bn", action="store_true", help="BatchNorm between MAF blocks")
+    config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")
     p.add_argument("--eval_every", type=config.positive_int, default=5,
                    help="epochs between exact grid evaluations (and the last epoch)")
     p.add_argument("--plot_every", type=config.positive_int, default=1,

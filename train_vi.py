@@ -19,7 +19,6 @@ Writes runs/<run name>/ (config.json, metrics.jsonl, summary.json, checkpoint.pt
 images/<run name>/ (frames/q_<step>.png, training.gif, final.png). Several targets in one run
 train side by side; planar flows then run as one batched module (flows.PlanarStack).
 """
-import argparse
 import math
 import os
 import sys
@@ -47,14 +46,14 @@ def build_parser():
                    help="hidden sizes of the iaf/realnvp/nice networks")
     p.add_argument("--base", default="learned", choices=["learned", "fixed"],
                    help="q0: learnable diagonal Gaussian, or fixed N(0, I)")
-    p.add_argument("--batched", default=True, action=argparse.BooleanOptionalAction,
+    config.add_flag(p, "--batched", default=True,
                    help="planar flows of several targets as one batched module")
     p.add_argument("--steps", type=config.positive_int, default=10000)
     p.add_argument("--batch", type=config.positive_int, default=256)
     p.add_argument("--lr", type=config.positive_float, default=1e-3)
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"],
                    help="cosine: decay lr to 0 over --steps")
-    p.add_argument("--anneal", default=True, action=argparse.BooleanOptionalAction,
+    config.add_flag(p, "--anneal", default=True,
                    help="beta_t = min(1, 0.01 + t / anneal_steps) on the U term")
     p.add_argument("--anneal_steps", type=config.positive_int, default=5000,
                    help="the paper uses 10000 (of 500k iterations); with a 10k-step budget "
@@ -63,7 +62,7 @@ def build_parser():
                    help="steps between evaluations, frames and checkpoints")
     p.add_argument("--eval_samples", type=config.positive_int, default=20000)
     p.add_argument("--final_samples", type=config.positive_int, default=200000)
-    p.add_argument("--frames", default=True, action=argparse.BooleanOptionalAction,
+    config.add_flag(p, "--frames", default=True,
                    help="a q-density frame per evaluation and a gif at the end")
     return p
 
