@@ -27,6 +27,8 @@ step, with the network parameters frozen so that no parameter-gradient work is d
     x = langevin(U, x0, 100, eps)
 """
 import contextlib
+import math
+import warnings
 
 import torch
 from torch import nn
@@ -226,3 +228,131 @@ def mala(U, x, n_steps, eps, temperature=1.0, freeze=None, return_energy=False):
     if return_energy:
         return x, acc, v * temperature
     return x, acc
+
+
+# ----------------------------------------------------------------------------- images
+def _conv_layers(module):
+    """The nn.Sequential of Conv2d layers and supported activations in `module.net` (conv,
+    act, conv, ..., conv with one output channel), for a module that reads flattened images
+    through `module.shape` (C, H, W) and an optional constant padding `module.pad` with -1;
+    None if it is anything else."""
+    net = getattr(module, "net", None)
+    if not isinstance(net, nn.Sequential) or len(net) == 0 or not hasattr(module, "shape"):
+        return None
+    layers = list(net)
+    for i, m in enumerate(layers):
+        if i % 2 == 0:
+            if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros" \
+                    or isinstance(m.padding, str):
+                return None
+        elif type(m) not in _ACTIVATIONS:
+            return None
+    if not isinstance(layers[-1], nn.Conv2d) or layers[-1].out_channels != 1:
+        return None
+    return layers
+
+
+class ConvEnergy:
+    """U(x) = scale * f(x) for a ConvNet energy f of flattened images x (N, C*H*W) -> (N,)
+    (e.g. mcmc_images.ConvEBM), with a fast `grad(x)`: the image counterpart of `Energy`.
+
+    Images travel flattened, so `langevin` and `mala` run on them unchanged (r_t is then the
+    mean per-image norm of dF/dx over all pixels). When f.net is an nn.Sequential of Conv2d
+    layers and supported activations, `grad_fn()` prepares the detached weights once and each
+    call runs the forward convolutions and the backward pass w.r.t. the input only (one ATen
+    `convolution_backward` with output_mask (input, -, -) and one activation-backward kernel
+    per layer): no autograd graph, no weight or bias gradients. Otherwise it falls back to
+    autograd with f's parameters frozen.
+
+    `dtype` (e.g. torch.bfloat16) runs the gradient in that precision (weights cast once, x
+    cast per call, the gradient returned in x's dtype); the chains themselves stay in x's
+    dtype. None: x's dtype."""
+
+    def __init__(self, f, scale=1.0, dtype=None):
+        self.f, self.scale, self.dtype = f, float(scale), dtype
+        self.layers = _conv_layers(f) if isinstance(f, nn.Module) else None
+        self._checked = None  # whether the hand-written gradient matched autograd on f
+
+    def __call__(self, x):
+        return self.f(x) * self.scale
+
+    @property
+    def fast(self):
+        """Whether `grad` uses the hand-written backward pass: f has the supported layers and,
+        checked once per instance on two random images, the hand-written gradient equals
+        autograd's (a subclass whose forward does something else fails the check: autograd)."""
+        if self.layers is None:
+            return False
+        if self._checked is None:
+            w = self.layers[0].weight
+            with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                x = 2 * torch.rand(2, math.prod(self.f.shape), dtype=w.dtype, device=w.device) - 1
+            dtype, self.dtype = self.dtype, None  # the check is in full precision
+            try:
+                with torch.no_grad():
+                    g = self._hand_grad_fn()(x)
+                ok = torch.allclose(g, self._autograd_grad(x), rtol=1e-4, atol=1e-6 * self.scale)
+            except Exception:
+                ok = False
+            finally:
+                self.dtype = dtype
+            if not ok:
+                warnings.warn(f"samplers.ConvEnergy: the hand-written gradient does not match "
+                              f"autograd for {type(self.f).__name__}; using autograd",
+                              RuntimeWarning, stacklevel=3)
+            self._checked = bool(ok)
+        return self._checked
+
+    def grad_fn(self):
+        """A function x (N, D) -> grad_x U(x) (N, D) for the current weights, everything that
+        does not depend on x prepared once: call it once per sampling run."""
+        if not self.fast:
+            return self._autograd_grad
+        return self._hand_grad_fn()
+
+    def _hand_grad_fn(self):
+        convs = self.layers[0::2]
+        acts = [_ACTIVATIONS[type(m)](m) for m in self.layers[1::2]] + [None]
+        dt = self.dtype
+        plan = [(c.weight.detach().to(dt) if dt else c.weight.detach(),
+                 None if c.bias is None else (c.bias.detach().to(dt) if dt else c.bias.detach()),
+                 c.stride, c.padding, c.dilation, c.groups, act)
+                for c, act in zip(convs, acts)]
+        shape, pad, scale = tuple(self.f.shape), int(getattr(self.f, "pad", 0) or 0), self.scale
+        conv2d, conv_bwd = torch.conv2d, _aten.convolution_backward.default
+        mask = [True, False, False]  # gradient w.r.t. the input only
+
+        def grad(x):
+            n = x.shape[0]
+            h = x.reshape(n, *shape)
+            if dt is not None:
+                h = h.to(dt)
+            if pad:
+                h = torch.constant_pad_nd(h, [pad] * 4, -1.0)
+            saved = []
+            for W, b, s, p, d, groups, act in plan:
+                a = conv2d(h, W, b, s, p, d, groups)
+                h_out = act[0](a) if act is not None else a
+                saved.append((h, a, h_out))
+                h = h_out
+            g = torch.full_like(h, scale)  # dU/d(output) = scale
+            for (W, _, s, p, d, groups, act), (h_in, a, h_out) in zip(reversed(plan),
+                                                                      reversed(saved)):
+                if act is not None:
+                    g = act[1](g, a, h_out)
+                g = conv_bwd(g, h_in, W, None, s, p, d, False, [0, 0], groups, mask)[0]
+            if pad:
+                g = g[:, :, pad:-pad, pad:-pad]
+            return g.reshape(n, -1).to(x.dtype)
+        return grad
+
+    def _autograd_grad(self, x):
+        with frozen(self.f if isinstance(self.f, nn.Module) else None), torch.enable_grad():
+            y = x.detach().requires_grad_(True)
+            return torch.autograd.grad(self(y).sum(), y)[0]
+
+    @torch.no_grad()
+    def grad(self, x):
+        """grad_x U(x), shape (N, D), detached."""
+        return self.grad_fn()(x)

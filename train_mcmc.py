@@ -1,4 +1,4 @@
-"""Short-run MCMC maximum-likelihood learning of an EBM on 2D toy data.
+"""Short-run MCMC maximum-likelihood learning of an EBM on 2D toy data and on digit images.
 
 Nijkamp, Hill, Han, Zhu, Wu, "On the Anatomy of MCMC-Based Maximum Likelihood Learning of
 Energy-Based Models" (AAAI 2020). The model is p(x) ∝ exp(-U(x)), U = (2 / eps^2) F(x; theta),
@@ -11,12 +11,24 @@ F an MLP. Each iteration:
 Diagnostics d_t = mean F(x+) - mean F(x-) and r_t = mean |dF/dx| along the chains are logged
 every iteration (diagnostics.py).
 
+Images (`--dataset digits|mnist`, mcmc_images.py): F is a ConvNet (`--net conv8` for 8x8
+digits, `vanilla` for 28px MNIST padded to 32), images travel as flattened rows in [-1, 1],
+`samplers.ConvEnergy` gives the fast input gradient, and the persistent bank holds one chain
+per training image (at most --bank_size). Every evaluation scores n_eval short-run samples
+(Frechet distance on classifier features and pixels, label-histogram TV; mcmc_images.
+SampleMetric) and saves a grid of the current negatives; the grids become a gif at the end.
+
+    python train_mcmc.py --config configs/mcmc_digits_nonconvergent.json
+    python train_mcmc.py --dataset mnist --mnist_images train-images-idx3-ubyte.gz \
+        --mnist_labels train-labels-idx1-ubyte.gz --init uniform --eps 0.015 --optimizer adam
+
     python train_mcmc.py --config configs/mcmc_gmm_convergent.json
     python train_mcmc.py --dataset rings4 --init persistent --eps 0.125 --n_iter 2000
     python train_mcmc.py --resume runs/<name>            # continue an interrupted run
 
 Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2), so
 `util.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
+Image runs store U under "image_ebm"/"image_ebm_spec" instead (mcmc_images.load_image_ebm).
 """
 import copy
 import os
@@ -29,9 +41,10 @@ import torch
 import config
 import datasets
 import diagnostics
+import mcmc_images
 from ebm import ACTIVATIONS, EBM
 from logger import RunLogger, read_metrics
-from samplers import Energy, langevin
+from samplers import ConvEnergy, Energy, langevin
 from util import (evaluate_2d, get_device, rng_state, save_checkpoint,
                   set_rng_state, set_seed)
 
@@ -47,11 +60,23 @@ def hidden_sizes(s):
     return sizes
 
 
+def make_gif(folder, fps=4):
+    """images/create_gif.py's make_gif (images/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images", "create_gif.py")
+    spec = importlib.util.spec_from_file_location("create_gif", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_gif(folder, fps=fps)
+
+
 def get_parser():
     p = config.parser("Short-run MCMC maximum-likelihood learning of an EBM (Nijkamp et al. 2020)")
     p.add_argument("--name", default=None, help="run name (default mcmc-<dataset>-<init>-...)")
     # data
-    p.add_argument("--dataset", default="gmm", choices=datasets.NAMES)
+    p.add_argument("--dataset", default="gmm",
+                   choices=list(datasets.NAMES) + list(mcmc_images.IMAGE_DATASETS))
     p.add_argument("--n_train", type=config.positive_int, default=100000)
     p.add_argument("--n_test", type=config.positive_int, default=10000)
     p.add_argument("--data_epsilon", type=config.nonnegative_float, default=0.0,
@@ -60,6 +85,17 @@ def get_parser():
     p.add_argument("--hidden", type=hidden_sizes, default=(32, 64, 64, 64),
                    help="hidden widths of F (paper: 2-32-64-64-64-1)")
     p.add_argument("--act", default="leakyrelu", choices=list(ACTIVATIONS))
+    # images (--dataset digits / mnist)
+    p.add_argument("--net", default="auto", choices=["auto", *mcmc_images.ConvEBM.ARCHS],
+                   help="image energy: conv8 (8x8 digits) or vanilla (28px MNIST); auto picks")
+    p.add_argument("--n_f", type=config.positive_int, default=16,
+                   help="channels of the first conv layer (then 2x, 4x, ...)")
+    p.add_argument("--mnist_images", default=None, help="local MNIST images IDX file (.gz ok)")
+    p.add_argument("--mnist_labels", default=None, help="local MNIST labels IDX file (.gz ok)")
+    p.add_argument("--n_eval", type=config.positive_int, default=500,
+                   help="short-run samples scored by the image metric every evaluation")
+    p.add_argument("--langevin_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the images' Langevin gradient (the chains stay float32)")
     # Langevin
     p.add_argument("--eps", type=config.positive_float, default=0.125, help="Langevin noise std")
     p.add_argument("--L", type=config.positive_int, default=100, help="Langevin steps per iteration")
@@ -68,7 +104,8 @@ def get_parser():
                    help="where the chains start")
     p.add_argument("--init_scale", type=config.positive_float, default=1.0,
                    help="noise init: U[-s, s]^2 or N(0, s^2 I); the bank starts U[-s, s]^2")
-    p.add_argument("--bank_size", type=config.positive_int, default=10000)
+    p.add_argument("--bank_size", type=config.positive_int, default=10000,
+                   help="persistent chains (images: at most one per training image)")
     # optimisation
     p.add_argument("--n_iter", type=config.positive_int, default=2000)
     p.add_argument("--batch", type=config.positive_int, default=100)
@@ -139,26 +176,60 @@ def main(argv=None):
 
     # -------------------------------------------------------------------- data
     rng = set_seed(args.seed)
-    x_train = datasets.sample(args.dataset, args.n_train, rng).to(device)
-    x_test = datasets.sample(args.dataset, args.n_test, rng)
-    # the floor of the KDE metric: KDE of n_kde true samples, same bandwidth
-    kl_kde_floor = diagnostics.kde_kl(args.dataset, datasets.sample(args.dataset, args.n_kde, rng),
-                                      args.kde_bw)
+    image = args.dataset in mcmc_images.IMAGE_DATASETS
+    if image:  # flattened rows in [-1, 1]; the metric's classifier sees the same training split
+        try:
+            x_train, y_train, x_test, y_test = mcmc_images.load_images(
+                args.dataset, args.mnist_images, args.mnist_labels)
+        except mcmc_images.DataError as e:
+            config.fail(str(e))
+        x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+        metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=args.n_eval)
+        print(f"{args.dataset}: {len(x_train)} training / {len(x_test)} test images; metric "
+              f"classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
+              f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
+        x_train = x_train.to(device)
+    else:
+        x_train = datasets.sample(args.dataset, args.n_train, rng).to(device)
+        x_test = datasets.sample(args.dataset, args.n_test, rng)
+        # the floor of the KDE metric: KDE of n_kde true samples, same bandwidth
+        kl_kde_floor = diagnostics.kde_kl(args.dataset,
+                                          datasets.sample(args.dataset, args.n_kde, rng),
+                                          args.kde_bw)
+    dim = x_train.shape[1]
+    # images: one persistent chain per training image, at most --bank_size
+    bank_size = min(args.bank_size, len(x_train)) if image else args.bank_size
+    if args.init == "persistent" and bank_size < args.batch:
+        config.fail(f"the persistent bank ({bank_size} chains) is smaller than --batch "
+                    f"{args.batch}; lower --batch")
 
     # -------------------------------------------------------------------- model, optimizer
     eps = args.eps
     scale = 2.0 / eps ** 2  # U = scale * F
-    F = EBM(2, args.hidden, args.act).to(device)
+    if image:
+        arch = mcmc_images.default_arch(args.dataset) if args.net == "auto" else args.net
+        try:
+            F = mcmc_images.ConvEBM(arch, mcmc_images.image_shape(args.dataset), args.n_f)
+        except ValueError as e:
+            config.fail(f"--net {arch}: {e}")
+        F = F.to(device)
+        cfg["net"] = arch
+    else:
+        F = EBM(2, args.hidden, args.act).to(device)
     params = F.energy_params()  # the learned normaliser c plays no part in ML learning
     lr_factor = eps ** 2 / 2 if args.optimizer == "sgd" else 1.0
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.lr * lr_factor)
     else:
         opt = torch.optim.Adam(params, lr=args.lr)
-    U = Energy(F, scale)
+    if image:
+        U = ConvEnergy(F, scale, dtype=getattr(torch, args.langevin_dtype)
+                       if args.langevin_dtype != "float32" else None)
+    else:
+        U = Energy(F, scale)
     bank = None
     if args.init == "persistent":
-        bank = args.init_scale * (2 * torch.rand(args.bank_size, 2, device=device) - 1)
+        bank = args.init_scale * (2 * torch.rand(bank_size, dim, device=device) - 1)
     step = 0
     d_hist, r_hist = [], []
     if ckpt is not None:
@@ -174,18 +245,18 @@ def main(argv=None):
     def init_states(n):
         """Chain starts and, for the persistent bank, their indices."""
         if args.init == "persistent":
-            idx = torch.randperm(args.bank_size, device=device)[:n]
+            idx = torch.randperm(bank_size, device=device)[:n]
             return bank[idx], idx
         if args.init == "uniform":
-            return args.init_scale * (2 * torch.rand(n, 2, device=device) - 1), None
+            return args.init_scale * (2 * torch.rand(n, dim, device=device) - 1), None
         if args.init == "gaussian":
-            return args.init_scale * torch.randn(n, 2, device=device), None
+            return args.init_scale * torch.randn(n, dim, device=device), None
         return x_train[torch.randint(len(x_train), (n,), device=device)], None
 
     def short_run_samples(n):
         """n samples of the short-run distribution (the bank is read, not updated)."""
         if args.init == "persistent":
-            x0 = bank[torch.randperm(args.bank_size, device=device)[:n]]
+            x0 = bank[torch.randperm(bank_size, device=device)[:n]]
         else:
             x0 = init_states(n)[0]
         return langevin(U, x0, args.L, eps)
@@ -199,16 +270,40 @@ def main(argv=None):
                       or [0.0])[-1]
 
     def save(step_):
+        ebm_key = "image_ebm" if image else "ebm"  # util.load_run builds "ebm" as an MLP
         save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), {
-            "ebm": scaled_ebm(F, scale).state_dict(), "ebm_spec": F.spec(), "F": F.state_dict(),
-            "energy_scale": scale, "config": cfg, "step": step_,
+            ebm_key: scaled_ebm(F, scale).state_dict(), f"{ebm_key}_spec": F.spec(),
+            "F": F.state_dict(), "energy_scale": scale, "config": cfg, "step": step_,
             "optimizer": opt.state_dict(), "bank": bank, "rng": rng_state(),
             "cpu_sec": time.process_time() - cpu0,
             "d_hist": torch.tensor(d_hist, dtype=torch.float64),
             "r_hist": torch.tensor(r_hist, dtype=torch.float64)})
 
-    def evaluate(step_):
+    def diagnostics_figure(step_, title):
+        if len(d_hist) > 2:
+            diag = diagnostics.save_diagnostics(os.path.join(out_dir, "diagnostics.png"), d_hist,
+                                                r_hist, args.max_lag, title=title)
+            log.log_image("diagnostics", diag, step_)
+
+    def evaluate_images(step_, x_neg):
+        """Sample-quality metric of n_eval short-run samples, the grid of the current
+        negatives (images/<run>/negatives/, a gif frame) and the d_t / r_t figure."""
+        x_short = short_run_samples(args.n_eval)
+        m = metric(x_short)
+        m.update({f"{k}_floor": metric.floor[k] for k in ("fd", "fd_pixels", "label_tv")})
+        m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
+        title = f"{name}  iteration {step_}"
+        grid = mcmc_images.save_grid(os.path.join(image_dir, "negatives", f"step_{step_:06d}.png"),
+                                     x_neg[:100], F.shape, title=title)
+        shutil.copyfile(grid, os.path.join(out_dir, "negatives.png"))
+        log.log_image("negatives", grid, step_)
+        diagnostics_figure(step_, title)
+        return m
+
+    def evaluate(step_, x_neg):
         """Grid KL of the EBM and of the short-run KDE, figures; returns the metrics."""
+        if image:
+            return evaluate_images(step_, x_neg)
         Uq = scaled_ebm(F, scale)
         m = evaluate_2d(args.dataset, x_test, ebm=Uq, device=device)
         m.pop("c_gap", None)
@@ -222,10 +317,7 @@ def main(argv=None):
                                           args.dataset, Uq, x_short, args.kde_bw, title=title)
         shutil.copyfile(land, os.path.join(out_dir, "landscape.png"))
         log.log_image("landscape", land, step_)
-        if len(d_hist) > 2:
-            diag = diagnostics.save_diagnostics(os.path.join(out_dir, "diagnostics.png"), d_hist,
-                                                r_hist, args.max_lag, title=title)
-            log.log_image("diagnostics", diag, step_)
+        diagnostics_figure(step_, title)
         return m
 
     # -------------------------------------------------------------------- training loop
@@ -274,18 +366,21 @@ def main(argv=None):
                       f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
             if step % args.eval_every == 0 or step == args.n_iter:
                 with torch.random.fork_rng(devices=[]):  # evaluating never changes training
-                    metrics = evaluate(step)
+                    metrics = evaluate(step, x_neg)
                 metrics["sec_per_iter"] = t_loop / max(n_timed, 1)
                 metrics["cpu_sec"] = time.process_time() - cpu0
                 log.log(metrics, step)
                 print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                     if k in ("kl_ebm", "kl_kde", "nll_ebm")))
+                                                     if k in ("kl_ebm", "kl_kde", "nll_ebm",
+                                                              "fd", "fd_pixels", "label_tv")))
                 save(step)
     except KeyboardInterrupt:
         status = "interrupted"
         save(step)
         print(f"\ninterrupted at iteration {step}; checkpoint saved, continue with "
               f"`python train_mcmc.py --resume {out_dir}`", file=sys.stderr)
+    if image and os.path.isdir(os.path.join(image_dir, "negatives")):
+        print(f"wrote {make_gif(os.path.join(image_dir, 'negatives'), fps=4)}")
     summary = {"status": status, "step": step, **metrics}
     log.summary(summary)
     log.finish()
