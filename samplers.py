@@ -18,10 +18,14 @@ p(x') q(x | x') / (p(x) q(x' | x)) exactly; the H form is the one computed here.
 
 Speed: for small MLPs the per-op overhead dominates. The loop updates x in place and draws
 all the noise up front. An energy with a `.grad(x)` method (see `Energy`) is differentiated
-by that method: for an MLP of Linear layers and elementwise activations, `Energy` runs the
-forward pass and the backward pass w.r.t. x by hand (one matmul and one activation-backward
-kernel per layer, no autograd graph). Any other U gets one `autograd.grad` w.r.t. x only per
-step, with the network parameters frozen so that no parameter-gradient work is done.
+by that method: for exactly the architecture it knows (an `ebm.EBM`, or a bare nn.Sequential,
+of Linear layers and elementwise activations, without hooks), `Energy` runs the forward pass
+and the backward pass w.r.t. x by hand (one matmul and one activation-backward kernel per
+layer, no autograd graph). The activation kernels are private torch calls: each is checked
+once per process against autograd, and any that is missing or disagrees sends `Energy` back to
+autograd (with a warning). Anything else (a subclass, another module that has a `.net`, a
+function) gets one `autograd.grad` w.r.t. x only per step, with the network parameters frozen
+so that no parameter-gradient work is done.
 
     U = Energy(ebm, scale=2 / eps**2)      # U(x) = scale * ebm(x), with a fast U.grad(x)
     x = langevin(U, x0, 100, eps)
@@ -32,6 +36,8 @@ import warnings
 
 import torch
 from torch import nn
+
+import ebm as _ebm
 
 
 @contextlib.contextmanager
@@ -69,30 +75,73 @@ _ACTIVATIONS = {
 
 
 def _mlp_layers(module):
-    """The nn.Sequential of Linear layers and supported activations inside `module` (the module
-    itself, or its `.net`), ending in a Linear to 1 output; None if it is anything else."""
-    net = module if isinstance(module, nn.Sequential) else getattr(module, "net", None)
-    if not isinstance(net, nn.Sequential) or len(net) == 0:
+    """The layers of `module` when the hand-written gradient computes exactly its forward pass:
+    `module` is an `ebm.EBM` (f(x) = net(x).squeeze(-1)) or a bare nn.Sequential, of exactly
+    these types (a subclass may override forward), with no hooks, and the Sequential is
+    Linear, activation, ..., Linear to 1 output (exact nn.Linear with a bias, activations of
+    the supported types). None for anything else: the caller then uses autograd."""
+    if type(module) is _ebm.EBM and "forward" not in vars(module):
+        net = module.net
+    elif type(module) is nn.Sequential:
+        net = module
+    else:
+        return None
+    if type(net) is not nn.Sequential or len(net) % 2 == 0:
         return None
     layers = list(net)
     for i, m in enumerate(layers):
-        linear = i % 2 == 0
-        if linear and not isinstance(m, nn.Linear):
+        if i % 2 == 0 and (type(m) is not nn.Linear or m.bias is None):
             return None
-        if not linear and type(m) not in _ACTIVATIONS:
+        if i % 2 == 1 and type(m) not in _ACTIVATIONS:
             return None
-    if not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != 1:
+    if layers[-1].out_features != 1:
         return None
+    for m in {module, net, *layers}:
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
+            return None
     return layers
+
+
+_KERNELS_OK = {}  # (activation repr, dtype, device type) -> whether its fast kernels are right
+
+
+def _kernels_ok(act, dtype, device):
+    """Whether the private forward/backward kernels of activation module `act` exist in this
+    torch and agree with autograd on `act` itself (checked once per process and setting)."""
+    key = (type(act), repr(act), dtype, torch.device(device).type)
+    if key not in _KERNELS_OK:
+        try:
+            fwd, bwd = _ACTIVATIONS[type(act)](act)
+            a = torch.linspace(-5, 5, 101, dtype=dtype, device=device).reshape(-1, 1)
+            g_out = torch.linspace(0.5, 1.5, 101, dtype=dtype, device=device).reshape(-1, 1)
+            with torch.no_grad():
+                h = fwd(a)
+                g = bwd(g_out, a, h)
+            with torch.enable_grad():
+                a_ref = a.clone().requires_grad_(True)
+                h_ref = act(a_ref)
+                (g_ref,) = torch.autograd.grad(h_ref, a_ref, grad_outputs=g_out)
+            tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+            ok = bool(torch.allclose(h, h_ref.detach(), rtol=tol, atol=tol)
+                      and torch.allclose(g, g_ref, rtol=tol, atol=tol))
+        except Exception:  # a private call renamed or removed in this torch version
+            ok = False
+        if not ok:
+            warnings.warn(f"samplers.Energy: the fast gradient kernels of {act!r} are missing or "
+                          f"wrong in torch {torch.__version__}; using autograd (slower, same "
+                          f"result)", RuntimeWarning, stacklevel=3)
+        _KERNELS_OK[key] = ok
+    return _KERNELS_OK[key]
 
 
 class Energy:
     """U(x) = scale * f(x) for an energy network f ((N, D) -> (N,)), with a fast `grad(x)`.
 
-    When f is (or has a `.net` that is) an nn.Sequential MLP of Linear layers and LeakyReLU,
-    ReLU, SiLU, Tanh, Softplus or ELU, `grad` is the hand-written backward pass w.r.t. x
-    (checked against autograd in tests/test_mcmc.py); otherwise it falls back to autograd with
-    f's parameters frozen. Calling U(x) is differentiable as usual (for training losses)."""
+    When f is exactly an `ebm.EBM` or an nn.Sequential MLP of Linear layers and LeakyReLU,
+    ReLU, SiLU, Tanh, Softplus or ELU (see `_mlp_layers`) and this torch's kernels pass their
+    check, `grad` is the hand-written backward pass w.r.t. x (`self.fast` is True; checked
+    against autograd in tests/test_mcmc.py and tests/test_signs.py); otherwise it is autograd
+    with f's parameters frozen. Calling U(x) is differentiable as usual (training losses)."""
 
     def __init__(self, f, scale=1.0):
         self.f, self.scale = f, float(scale)
@@ -101,14 +150,22 @@ class Energy:
     def __call__(self, x):
         return self.f(x) * self.scale
 
+    @property
+    def fast(self):
+        """Whether `grad` uses the hand-written backward pass (else autograd)."""
+        if self.layers is None:
+            return False
+        w = self.layers[0].weight
+        return all(_kernels_ok(m, w.dtype, w.device) for m in self.layers[1::2])
+
     def grad_fn(self):
         """A function x -> grad_x U(x) for the current weights, with everything that does not
         depend on x (transposed weights, scaled last layer, activation kernels) prepared once:
         call it once per sampling run, not once per step."""
-        if self.layers is None:
+        if not self.fast:
             return self._autograd_grad
-        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
-        acts = [_ACTIVATIONS[type(m)](m) for m in self.layers if not isinstance(m, nn.Linear)]
+        linears = self.layers[0::2]
+        acts = [_ACTIVATIONS[type(m)](m) for m in self.layers[1::2]]
         plan = [(lin.weight.detach(), lin.weight.detach().t(), lin.bias.detach(), fwd, bwd)
                 for lin, (fwd, bwd) in zip(linears[:-1], acts)]
         w_last = linears[-1].weight.detach() * self.scale  # dU/dh of the last hidden layer

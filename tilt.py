@@ -22,7 +22,10 @@ Objectives (`objective=`):
 
 Sampling: self-normalised importance resampling (SNIR) from the base with log-weights -E
 (`snir`, which reports the effective sample size), or Langevin (samplers.langevin) on
-E(z) + |z|^2 / 2 in latent space / E(x) - ELBO(x) in data space.
+E(z) + |z|^2 / 2 in latent space. The data-space tilt is sampled under the model it was trained
+on (`sample_data_tilt`): "ml" trains exp(-E(x)) times the law of the VAE's decoded means, so
+its Langevin chains run in latent space on E(decode(z)) + |z|^2 / 2; "cd" trains
+exp(-E(x)) exp(ELBO(x)) and its chains run in data space on E(x) - ELBO(x).
 
 The 2D example: the base is a 3-component Gaussian mixture with weights BASE_WEIGHTS, and
 100 samples from the same components with weights TARGET_WEIGHTS teach the tilt (stratified by
@@ -185,6 +188,44 @@ def fit_data_tilt(E, x_pos, vae, steps, lr=1e-3, n_neg=128, langevin_steps=20, e
             on_step(step, {"loss": loss.item(), "E_pos": e_pos.mean().item(),
                            "E_neg": e_neg.mean().item()})
     return hist
+
+
+def data_tilt_latent_U(E, vae):
+    """U(z) = E(decode(z)) + |z|^2 / 2. Langevin on it in latent space gives z whose decoded
+    means x = decode(z) follow exp(-E(x)) p_dec(x) / Z exactly, p_dec the law of the decoded
+    means of prior draws (`vae.sample`): the model that the "ml" data tilt is trained on."""
+    return lambda z: E(vae.decode(z)) + 0.5 * (z * z).sum(-1)
+
+
+# which model each data-tilt objective trains, as printed and stored with the samples
+DATA_TILT_MODELS = {
+    "ml": "exp(-E(x)) p_dec(x), p_dec = decoded means of N(0, I) draws (the training base)",
+    "cd": "exp(-E(x)) exp(ELBO(x)) (the contrastive-divergence model)",
+}
+
+
+def sample_data_tilt(E, vae, objective, n, steps, eps, x0=None):
+    """n Langevin samples of the data-space tilt that `objective` trained, and its description
+    (DATA_TILT_MODELS): training and sampling target the same model.
+
+    "ml" (fit_tilt with base samples vae.sample): the base is the law of decoded means, so
+    the chains run in latent space on `data_tilt_latent_U` from N(0, I) draws (no ELBO) and
+    are decoded. "cd" (fit_data_tilt): data-space Langevin on E(x) - ELBO(x) from VAE samples
+    (or x0), as its negatives are made, clamped to [0, 1] at the end."""
+    from samplers import langevin
+
+    if objective == "ml":
+        device = next(vae.parameters()).device
+        z = langevin(data_tilt_latent_U(E, vae), torch.randn(n, vae.z_dim, device=device),
+                     steps, eps, freeze=(E, vae))
+        with torch.no_grad():
+            return vae.decode(z), DATA_TILT_MODELS["ml"]
+    if objective == "cd":
+        if x0 is None:
+            x0, _ = vae.sample(n)
+        x = langevin(data_U(E, vae), x0, steps, eps, freeze=(E, vae)).clamp(0, 1)
+        return x, DATA_TILT_MODELS["cd"]
+    raise ValueError(f"unknown data-tilt objective {objective!r}; choose ml or cd")
 
 
 # ----------------------------------------------------------------------------- latent space

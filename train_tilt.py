@@ -16,7 +16,9 @@ The story, top to bottom:
    the default; "hackathon" = the critic-style recipe).
 4. sampling: self-normalised importance resampling (SNIR) of prior draws (ESS reported) and
    Langevin on E(z) + |z|^2 / 2; decoded and labelled by the classifier.
-5. optional data-space tilt exp(-E(x)) p_phi(x) with ELBO(x) as log p_phi(x).
+5. optional data-space tilt exp(-E(x)) p_phi(x): "ml" with p_phi = the law of decoded means
+   of prior draws (Langevin in latent space on E(decode(z)) + |z|^2 / 2), "cd" with
+   log p_phi = ELBO (Langevin in data space on E(x) - ELBO(x)); the output names the model.
 6. metric: TV distance between the label histogram of 1,000 decoded samples and the uniform
    distribution over 0-4 (labels 5-9 count as error); figures; checkpoint.
 
@@ -101,7 +103,9 @@ def get_parser():
                    help="data-tilt positives: VAE reconstructions (decoder means at the encoder "
                         "means) of the unbiased images, like the decoded VAE samples they are "
                         "compared with, or the raw images")
-    p.add_argument("--data_langevin_steps", type=int, default=20)
+    p.add_argument("--data_langevin_steps", type=int, default=20,
+                   help="cd data tilt: data-space Langevin steps (negatives and samples); the ml "
+                        "data tilt is sampled in latent space with --langevin_steps/_eps")
     p.add_argument("--data_langevin_eps", type=config.positive_float, default=0.02)
     # 2D mixture
     p.add_argument("--n_unbiased_2d", type=config.positive_int, default=100)
@@ -251,7 +255,7 @@ def run_digits(args, device, log, save):
         latent_tilts[f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
     save(state)
 
-    # -- data-space tilt: exp(-E(x)) p_phi(x) (ELBO ~ log p_phi(x) for Langevin and "cd")
+    # -- data-space tilt: exp(-E(x)) p_phi(x); p_phi = decoded means ("ml") or exp(ELBO) ("cd")
     if args.data_tilt:
         t_dt = time.perf_counter()
         Ex = EBM(X.shape[1], args.data_tilt_hidden, "silu").to(device)
@@ -275,14 +279,26 @@ def run_digits(args, device, log, save):
             pool_x, _ = vae.sample(args.pool)
             idx, ess = tilt.snir(-Ex(pool_x), args.n_samples)
             x_dsnir = pool_x[idx]
-        x_dlang = langevin(tilt.data_U(Ex, vae), base_x, args.data_langevin_steps,
-                           args.data_langevin_eps, freeze=(Ex, vae)).clamp(0, 1)
+        # Langevin under the model that was trained (tilt.sample_data_tilt): ml in latent space
+        # with the latent Langevin settings, cd in data space from the base VAE samples
+        if args.data_objective == "ml":
+            x_dlang, model = tilt.sample_data_tilt(Ex, vae, "ml", args.n_samples,
+                                                   args.langevin_steps, args.langevin_eps)
+        else:
+            x_dlang, model = tilt.sample_data_tilt(Ex, vae, "cd", args.n_samples,
+                                                   args.data_langevin_steps,
+                                                   args.data_langevin_eps, x0=base_x)
+        snir_model = tilt.DATA_TILT_MODELS["ml"]  # SNIR reweights decoded means of prior draws
         lab_d, lab_dl = labels_of(x_dsnir), labels_of(x_dlang)
         summary.update({"tv_data_snir": tilt_data.tv_to_uniform(lab_d),
                         "tv_data_langevin": tilt_data.tv_to_uniform(lab_dl), "ess_data": ess,
+                        "data_tilt_trained": model, "data_tilt_langevin_samples": model,
+                        "data_tilt_snir_samples": snir_model,
                         "time_data_s": time.perf_counter() - t_dt})
-        print(f"data-space tilt: SNIR TV {summary['tv_data_snir']:.3f} (ESS {ess:.0f}), "
-              f"Langevin from VAE samples TV {summary['tv_data_langevin']:.3f}")
+        print(f"data-space tilt ({args.data_objective}), trained and Langevin-sampled model: "
+              f"{model}: SNIR TV {summary['tv_data_snir']:.3f} (ESS {ess:.0f}"
+              + ("" if snir_model == model else f"; SNIR samples {snir_model}")
+              + f"), Langevin TV {summary['tv_data_langevin']:.3f}")
         hists["data tilt (SNIR)"] = tilt_data.label_histogram(lab_d)
         grids["data tilt (SNIR)"] = x_dsnir.cpu().numpy()
         save(state)
