@@ -1,0 +1,232 @@
+"""Benchmark of short-run MCMC learning on digits: both regimes, two seeds, long-run chains,
+and the speed of the image Langevin loop. Prints one table.
+
+    python bench_mcmc_images.py                    # train what is missing, sample, print the table
+    python bench_mcmc_images.py --seeds 0 1 --steps 10000 --n 500
+    python bench_mcmc_images.py --speed_only
+    python bench_mcmc_images.py --figures          # also docs/figures/mcmc_digits_*.png
+
+Resumable: finished runs (runs/bench_mcmc_images/<config name>-s<seed>/summary.json with status
+"done") and finished long runs (images/<run>/longrun_ula_<init>.json with the same settings)
+are kept and skipped; an interrupted training run is continued from its checkpoint. Each run
+is its own process with one torch thread (`--threads 1`); CPU seconds are process CPU time.
+
+Per run: the sample metric of the short-run samples at the end of training (train_mcmc.py's
+last evaluation, n_eval = 500 chains of L steps from the run's own initialisation), then
+`sample_mcmc.py --sampler ula --steps S --save_at 0,100,1000,S` with 300 chains: the
+non-convergent run from uniform noise (its own initialisation, so step 100 is its short run
+again), the convergent run from training images. FD is the Frechet distance on the features
+of the metric's classifier (mcmc_images.SampleMetric), its floor that of 500 real training
+images (at the same number of samples: FD grows as n shrinks, so short-run scores at
+n = 500 and long-run scores at n = 300 each come with their own floor); label TV is the
+total variation of the predicted-label histogram to the test labels'.
+
+Speed: one Langevin step (batch 100, the digit net) of the straightforward autograd loop
+(parameters requiring grad, autograd.grad of F(x).sum(), randn_like and a new x every step)
+and of samplers.langevin with samplers.ConvEnergy (float32 and bfloat16 gradients),
+interleaved repeats in this process, median process CPU time.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mcmc_images import ConvEBM
+from samplers import ConvEnergy, langevin
+
+REGIMES = {"nonconvergent": "uniform", "convergent": "data"}  # regime -> long-run start
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- speed
+def naive_langevin(F, x, L, eps):
+    """The straightforward loop (reference for the speed-up), as in the paper's code."""
+    x = x.clone().requires_grad_(True)
+    for _ in range(L):
+        g = torch.autograd.grad(F(x).sum(), [x])[0]
+        x.data += -g + eps * torch.randn_like(x)
+    return x.detach()
+
+
+def speed(n_fs=(16, 32), L=50, batch=100, repeats=7, eps=0.015):
+    """ms per Langevin step, median process CPU time over interleaved repeats."""
+    rows = []
+    for n_f in n_fs:
+        torch.manual_seed(0)
+        F = ConvEBM("conv8", (1, 8, 8), n_f)
+        x0 = 2 * torch.rand(batch, 64) - 1
+        loops = {
+            "straightforward autograd": lambda: naive_langevin(F, x0, L, eps),
+            "samplers.langevin + ConvEnergy": lambda: langevin(
+                ConvEnergy(F, 2 / eps ** 2), x0, L, eps, return_grad_norm=True),
+            "  same, bfloat16 gradient": lambda: langevin(
+                ConvEnergy(F, 2 / eps ** 2, dtype=torch.bfloat16), x0, L, eps,
+                return_grad_norm=True),
+        }
+        times = {k: [] for k in loops}
+        for fn in loops.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for k, fn in loops.items():
+                c = time.process_time()
+                fn()
+                times[k].append((time.process_time() - c) / L * 1e3)
+        base = statistics.median(times["straightforward autograd"])
+        for k, v in times.items():
+            rows.append((n_f, k, statistics.median(v), base / statistics.median(v)))
+    print(f"\nms per Langevin step (8x8 digits, batch {batch}, conv8 net, 1 thread, median of "
+          f"{repeats} interleaved repeats of {L} steps, process CPU time; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
+    print("| channels | Langevin loop | ms / step | speed-up |")
+    print("|---|---|---|---|")
+    for n_f, k, ms, up in rows:
+        print(f"| {n_f}-{2 * n_f}-{4 * n_f} | {k} | {ms:.2f} | {up:.2f}x |")
+    return rows
+
+
+# ----------------------------------------------------------------------------- runs
+def run_dir(runs_dir, regime, seed):
+    return os.path.join(runs_dir, f"mcmc-digits-{regime}-s{seed}")
+
+
+def finished(path):
+    s = os.path.join(path, "summary.json")
+    if not os.path.isfile(s):
+        return False
+    with open(s) as fh:
+        return json.load(fh).get("status") == "done"
+
+
+def call(args):
+    """Run a script of this project in its own process (one thread, wandb off)."""
+    cmd = [sys.executable, *args, "--threads", "1", "--wandb", "disabled"]
+    if args[0] == "sample_mcmc.py":
+        cmd.remove("--wandb"), cmd.remove("disabled")
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    res = subprocess.run(cmd, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"bench_mcmc_images.py: {' '.join(cmd[1:])} failed "
+                         f"(exit {res.returncode}); rerun to continue from where it stopped")
+
+
+def train(regime, seed, runs_dir, image_dir):
+    out = run_dir(runs_dir, regime, seed)
+    if finished(out):
+        return out
+    if os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        call(["train_mcmc.py", "--resume", out])
+    else:
+        call(["train_mcmc.py", "--config", os.path.join("configs", f"mcmc_digits_{regime}.json"),
+              "--seed", str(seed), "--out_dir", out, "--name", os.path.basename(out),
+              "--image_dir", image_dir])
+    return out
+
+
+def long_run(out, init, steps, n, image_dir, seed):
+    name = os.path.basename(out)
+    path = os.path.join(image_dir, name, f"longrun_ula_{init}.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            rec = json.load(fh)
+        if rec["steps"] == steps and rec["n"] == n and rec["seed"] == seed:
+            return rec
+    save_at = ",".join(str(s) for s in sorted({0, 100, 1000, steps}) if s <= steps)
+    call(["sample_mcmc.py", "--run", out, "--sampler", "ula", "--init", init, "--steps",
+          str(steps), "--n", str(n), "--save_at", save_at, "--seed", str(seed),
+          "--image_dir", image_dir])
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def last_eval(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r for r in rows if "fd" in r][-1]
+
+
+def table(results, steps):
+    cols = sorted({r["step"] for res in results for r in res["long"]["results"]})
+    n_long = results[0]["long"]["n"]
+    print(f"\nFD = Frechet distance to 449 held-out digits on classifier features; short-run: "
+          f"the run's last evaluation, {results[0]['eval'].get('n_eval', 500)} samples, floor "
+          f"(500 real training digits) in brackets; long-run: ULA, {n_long} chains, eps of the "
+          f"run, floor {results[0]['long']['floor']['fd']:.1f} ({n_long} real digits); label "
+          f"TV to the test-label histogram\n")
+    head = " | ".join(f"FD @ {c}" for c in cols)
+    print(f"| regime | seed | train CPU s | short-run FD (floor) | short-run label TV | "
+          f"long-run from | {head} | FD {cols[-1]} / FD 100 | label TV @ {cols[-1]} | "
+          f"long-run CPU s |")
+    print("|---|---|---|---|---|---|" + "---|" * len(cols) + "---|---|---|")
+    for res in results:
+        ev, lr = res["eval"], res["long"]
+        by_step = {r["step"]: r for r in lr["results"]}
+        fds = " | ".join(f"{by_step[c]['fd']:.1f}" for c in cols)
+        ratio = by_step[cols[-1]]["fd"] / by_step[100]["fd"] if 100 in by_step else float("nan")
+        print(f"| {res['regime']} | {res['seed']} | {ev['cpu_sec']:.0f} | {ev['fd']:.1f} "
+              f"({ev['fd_floor']:.1f}) | {ev['label_tv']:.3f} | {lr['init']} | {fds} | "
+              f"{ratio:.2f} | {by_step[cols[-1]]['label_tv']:.3f} | {lr['cpu_sec']:.0f} |")
+
+
+# ----------------------------------------------------------------------------- figures
+def figures(results, image_dir, out_dir=os.path.join("docs", "figures")):
+    """Short-run vs long-run grids of both regimes (seed of the first row), stacked; their
+    d_t / r_t figures; the gif of the non-convergent run's negatives."""
+    from sample_mcmc import join_images
+
+    os.makedirs(out_dir, exist_ok=True)
+    seed = results[0]["seed"]
+    mine = {r["regime"]: r for r in results if r["seed"] == seed}
+    if set(mine) != set(REGIMES):
+        print("figures: need both regimes of one seed")
+        return
+    grids, diags = [], []
+    for regime in ("nonconvergent", "convergent"):
+        r = mine[regime]
+        name = os.path.basename(r["out"])
+        grids.append(os.path.join(image_dir, name, f"longrun_ula_{REGIMES[regime]}.png"))
+        diags.append(os.path.join(r["out"], "diagnostics.png"))
+        gif = os.path.join(image_dir, name, "negatives.gif")
+        if os.path.isfile(gif):
+            shutil.copyfile(gif, os.path.join(out_dir, f"mcmc_digits_{regime}_training.gif"))
+    for fig, paths in (("longrun", grids), ("diagnostics", diags)):
+        out = join_images(paths, os.path.join(out_dir, f"mcmc_digits_{fig}.png"),
+                          horizontal=False)
+        print(f"wrote {out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=10000, help="long-run ULA steps")
+    p.add_argument("--n", type=int, default=300, help="long-run chains (= samples scored)")
+    p.add_argument("--runs_dir", default=os.path.join("runs", "bench_mcmc_images"))
+    p.add_argument("--image_dir", default="images")
+    p.add_argument("--speed_only", action="store_true")
+    p.add_argument("--no_speed", action="store_true")
+    p.add_argument("--figures", action="store_true", help="write docs/figures/mcmc_digits_*")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if not args.no_speed:
+        speed()
+    if args.speed_only:
+        return 0
+    results = []
+    for seed in args.seeds:
+        for regime, init in REGIMES.items():
+            out = train(regime, seed, args.runs_dir, args.image_dir)
+            results.append({"regime": regime, "seed": seed, "out": out, "eval": last_eval(out),
+                            "long": long_run(out, init, args.steps, args.n, args.image_dir,
+                                             seed)})
+    table(results, args.steps)
+    if args.figures:
+        figures(results, args.image_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
