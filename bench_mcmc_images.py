@@ -37,6 +37,7 @@ import time
 
 import torch
 
+import config
 from mcmc_images import ConvEBM
 from samplers import ConvEnergy, langevin
 
@@ -206,9 +207,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=300, help="long-run chains (= samples scored)")
     p.add_argument("--runs_dir", default=os.path.join("runs", "bench_mcmc_images"))
     p.add_argument("--image_dir", default="images")
-    p.add_argument("--speed_only", action="store_true")
-    p.add_argument("--no_speed", action="store_true")
-    p.add_argument("--figures", action="store_true", help="write docs/figures/mcmc_digits_*")
+    config.add_flag(p, "--speed_only")
+    config.add_flag(p, "--no_speed")
+    config.add_flag(p, "--figures", help="write docs/figures/mcmc_digits_*")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if not args.no_speed:

@@ -205,8 +205,25 @@ def test_agent_out_dir_is_unique_per_run(monkeypatch):
     assert parse_as_program("train_vi.py", [])[0].out_dir is None
 
 
-@pytest.mark.parametrize("program", ["train.py", "train_mcmc.py", "train_vi.py",
-                                     "train_tilt.py", "sample_mcmc.py"])
+def _source(path):
+    with open(path) as fh:
+        return fh.read()
+
+
+# every script whose flags come from config.parser (so with --wandb)
+ENTRY_SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))
+                       if "config.parser(" in _source(p) and p != os.path.join(ROOT, "config.py"))
+
+
+def test_no_script_has_a_flag_an_agent_cannot_set():
+    """store_true and BooleanOptionalAction reject --flag=True, which is what an agent passes."""
+    bad = [os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))
+           if p != os.path.join(ROOT, "config.py")
+           and ('action="store_true"' in _source(p) or "BooleanOptionalAction" in _source(p))]
+    assert bad == [], "use config.add_flag in " + ", ".join(bad)
+
+
+@pytest.mark.parametrize("program", ENTRY_SCRIPTS)
 def test_wandb_flag_follows_the_environment_by_default(program):
     """A --wandb default of "online" would override the WANDB_MODE an agent (or a user)
     sets, and an online run without a server waits on it."""
