@@ -152,7 +152,9 @@ def _convert(action, value, source):
             raise SystemExit(f"{source}: key {action.dest!r}: {v!r} is not one of "
                              f"{', '.join(map(str, action.choices))}")
         return v
-    return [one(v) for v in value] if isinstance(value, list) else one(value)
+    if isinstance(value, list) and action.nargs not in (None, "?"):
+        return [one(v) for v in value]
+    return one(value)  # a list for a one-value flag (train_mcmc's --hidden) goes whole
 
 
 def load_config_file(path, parser_):
@@ -166,6 +168,9 @@ def load_config_file(path, parser_):
         fail(f"config file {path!r} is not valid JSON ({e})")
     if not isinstance(cfg, dict):
         fail(f"config file {path!r} must hold a JSON object of flag names")
+    # a run's saved config.json names the file it was made from: its values are already in
+    # it, so the key is dropped and a saved configuration works as --config (sweep runs)
+    cfg.pop("config", None)
     actions = {a.dest: a for a in parser_._actions if a.dest not in ("help", "config")}
     unknown = sorted(set(cfg) - set(actions))
     if unknown:

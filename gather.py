@@ -294,8 +294,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:5]))
     p.add_argument("paths", nargs="*", help="run folders or folders holding them (globs too)")
-    p.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT[/SWEEP_ID]",
-                   help="read the runs of a sweep (or project) from the wandb server instead")
+    p.add_argument("--wandb", nargs="+", default=None, metavar="ENTITY/PROJECT[/SWEEP_ID]",
+                   help="read the runs of sweeps (or projects) from the wandb server")
     p.add_argument("--keys", nargs="+", default=None,
                    help=f"summary keys to tabulate (default: those of {' '.join(DEFAULT_KEYS)} "
                         f"that the runs have, else every numeric key)")
@@ -313,11 +313,12 @@ def main(argv=None):
         paths = [m for pat in args.paths for m in (sorted(glob.glob(pat)) or [pat])]
         rows += collect(paths, args.by)
     if args.wandb:
-        try:
-            rows += from_wandb(args.wandb, args.by)
-        except RuntimeError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return 2
+        for path in args.wandb:
+            try:
+                rows += from_wandb(path, args.by)
+            except RuntimeError as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
     if not rows:
         print(f"{prog}: error: no finished runs found", file=sys.stderr)
         return 1

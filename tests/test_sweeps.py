@@ -311,6 +311,15 @@ def test_agent_command_runs_and_logs_the_metric(agent_runs, name):
                 assert logged[k] == v or math.isclose(float(logged[k]), float(v)), k
         assert logged["out_dir"] == os.path.join("runs", f"sweep-{SWEEP_ID}",
                                                  os.path.basename(out_dir))
+        # ... and reproduces the run as a --config file (its own folders taken out)
+        again = {k: v for k, v in logged.items() if k not in ("out_dir", "image_dir")}
+        with open(os.path.join(out_dir, "again.json"), "w") as fh:
+            json.dump(again, fh)
+        args, err = parse_as_program(cfg["program"], ["--config", fh.name])
+        assert err == "", err
+        for k, v in again.items():
+            got = getattr(args, k)
+            assert k == "config" or (list(got) if isinstance(got, tuple) else got) == v, k
         # and went to wandb (offline here: an agent's run is online), under the agent's run id
         run_id = os.path.basename(out_dir)
         assert name != "grid.yaml" or glob.glob(os.path.join(out_dir, "wandb", f"offline-run-*-{run_id}")), \
