@@ -18,13 +18,26 @@ def gaussian_energy(x):
     return 0.5 * ((d @ PREC) * d).sum(1)
 
 
+def ula_stationary_cov(eps):
+    """ULA's own stationary covariance on the Gaussian: x' = A x + eps xi with
+    A = I - (eps^2 / 2) PREC, so C = A C A^T + eps^2 I (solved exactly, float64)."""
+    A = torch.eye(2, dtype=torch.float64) - 0.5 * eps ** 2 * PREC.double()
+    vec = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - torch.kron(A, A),
+                             eps ** 2 * torch.eye(2, dtype=torch.float64).reshape(-1))
+    return vec.reshape(2, 2)
+
+
 def test_ula_recovers_gaussian():
     torch.manual_seed(0)
-    x = langevin(gaussian_energy, torch.randn(4000, 2), n_steps=600, eps=0.3)
-    # ULA on a Gaussian is biased by O(eps^2) in the covariance only; at eps = 0.3 the
-    # stationary covariance is within ~3% of COV
-    assert torch.allclose(x.mean(0), MU, atol=0.06)
-    assert torch.allclose(torch.cov(x.T), COV, atol=0.06)
+    x = langevin(gaussian_energy, torch.randn(20000, 2), n_steps=600, eps=0.3)
+    # ULA on a Gaussian is biased by O(eps^2) in the covariance only: its stationary law is
+    # N(MU, C) with C from ula_stationary_cov, within 6% of COV at eps = 0.3. Standard errors
+    # with 20,000 chains: 0.007 on the mean, <= 0.01 on the covariance entries.
+    C = ula_stationary_cov(0.3)
+    assert torch.allclose(C, COV.double(), rtol=0.06)
+    assert not torch.allclose(C, COV.double(), rtol=0.02)  # the bias is real
+    assert torch.allclose(x.mean(0), MU, atol=0.03)
+    assert torch.allclose(torch.cov(x.T.double()), C, atol=0.03)
 
 
 def test_mala_recovers_gaussian():
@@ -136,7 +149,11 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
     res = sample_mcmc.main(["--run", out, "--steps", "30", "--chunk", "15", "--n", "200",
                             "--image_dir", str(tmp_path / "img")])
     assert res["acceptance"].shape == (30,) and res["energy"].shape == (200,)
-    assert 0 <= float(res["acceptance"].min()) and float(res["acceptance"].max()) <= 1
+    # MALA on this smooth energy at the run's eps = 0.125 accepts almost every proposal (about
+    # 0.98 here), and the returned energies are U of the returned states
+    assert float(res["acceptance"].mean()) > 0.8
+    with torch.no_grad():
+        assert torch.allclose(res["energy"], run.ebm(res["x"]), rtol=1e-5, atol=1e-4)
     assert os.path.isfile(tmp_path / "img" / "run" / "longrun_mala_30.png")
 
 
