@@ -44,15 +44,15 @@ def note(message):
 def label(cfg, by=()):
     """The row label of a run from its resolved config.
 
-    train.py: `nce` (EBM against a fixed Gaussian), `fce-<flow>` (EBM against a learned flow),
-    `mle-<flow>` (flow alone); older configs without --estimator: flow `gaussian` is NCE, any
-    other flow FCE. train_vi.py: `<flow>-K<K>`. Other scripts: the stem of their --config file
+    train.py: `nce` (EBM against a fixed Gaussian: --estimator=nce or --flow=gaussian),
+    `fce-<flow>` (EBM against a learned flow), `mle-<flow>` (flow alone); configs from before
+    --estimator are FCE unless their flow is gaussian. train_vi.py: `<flow>-K<K>`. Other scripts: the stem of their --config file
     (e.g. `mcmc_gmm_convergent`), else their --name / --experiment, else `run`. `by` appends
     `flag=value` for the named flags, to tell a hyper-parameter search's points apart."""
     est, flow = cfg.get("estimator"), cfg.get("flow")
     if "target" in cfg and "K" in cfg:  # train_vi.py
         out = f"{flow}-K{cfg['K']}"
-    elif est == "nce" or (est is None and flow == "gaussian"):
+    elif est == "nce" or flow == "gaussian":  # a fixed Gaussian noise model is NCE
         out = "nce"
     elif est is not None or (flow is not None and "dataset" in cfg):
         out = f"{est or 'fce'}-{flow}" if flow else str(est)
@@ -78,7 +78,7 @@ def row(cfg, summary, run_dir, by=()):
                           or "-"),
            "seed": cfg.get("seed"), "run_dir": run_dir}
     for k, v in summary.items():
-        if k in out:
+        if k in out or k.startswith("_"):  # wandb's own _step, _runtime, _timestamp
             continue
         if is_number(v):
             out[k] = v
@@ -137,6 +137,9 @@ def collect(paths, by=()):
                 continue
             if not isinstance(cfg, dict) or not isinstance(summary, dict):
                 note(f"skip {d}: config.json or summary.json is not a JSON object")
+                continue
+            if summary.get("status", "done") != "done":  # train_mcmc.py: interrupted, nan
+                note(f"skip {d}: not finished (status {summary['status']})")
                 continue
             rows.append(row(cfg, summary, d, by))
     return rows

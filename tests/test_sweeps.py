@@ -346,6 +346,11 @@ def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, ca
         d.update(change)
         with open(os.path.join(second, f), "w") as fh:
             json.dump(d, fh)
+    stopped = os.path.join(sweep_dir, "stopped")  # train_mcmc.py writes a summary on Ctrl-C
+    shutil.copytree(os.path.join(sweep_dir, "mcmcregimes"), stopped,
+                    ignore=shutil.ignore_patterns("wandb", "*.pt"))
+    with open(os.path.join(stopped, "summary.json"), "w") as fh:
+        json.dump({"status": "interrupted", "step": 2, "kl_ebm": 9.0}, fh)
     broken = os.path.join(sweep_dir, "broken")
     os.makedirs(broken)
     for f, text in (("config.json", "{}"), ("summary.json", "{not json")):
@@ -354,8 +359,9 @@ def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, ca
 
     rows = gather.collect([sweep_dir, os.path.join(work, "nosuchdir")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("gather: skip ") for line in err), err
+    assert len(err) == 5 and all(line.startswith("gather: skip ") for line in err), err
     assert sum("unfinished" in line for line in err) == 1
+    assert sum("status interrupted" in line for line in err) == 1
     labels = {(r["label"], r["dataset"]) for r in rows}
     assert ("nce", "8gaussians") in labels  # grid.yaml's first cell, seeds 0 and 1
     assert len(rows) == len(SWEEP_FILES) + 1
@@ -388,7 +394,8 @@ def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, ca
 def test_gather_from_wandb_reads_a_sweep_and_fails_in_one_line_offline(monkeypatch, capsys):
     class Run:
         def __init__(self, i, state, seed):
-            self.id, self.state, self.summary = f"r{i}", state, {"kl_ebm": 0.1 * (i + 1)}
+            self.id, self.state = f"r{i}", state
+            self.summary = {"kl_ebm": 0.1 * (i + 1), "_step": 10, "_runtime": 3.0}
             self.config = {"estimator": "fce", "flow": "maf", "dataset": "rings",
                            "seed": seed, "_wandb": {}}
 
@@ -400,6 +407,7 @@ def test_gather_from_wandb_reads_a_sweep_and_fails_in_one_line_offline(monkeypat
 
     rows = gather.from_wandb("ent/proj/sweeps/abc", api=Api())
     assert [r["label"] for r in rows] == ["fce-maf", "fce-maf"]
+    assert not any(k.startswith("_") for r in rows for k in r)
     assert "skip ent/proj/r2: running" in capsys.readouterr().err
     agg = gather.aggregate(rows, ["kl_ebm"])
     assert agg[0]["n"] == 2 and math.isclose(agg[0]["kl_ebm"], 0.15)
