@@ -416,3 +416,15 @@ def test_gather_from_wandb_reads_a_sweep_and_fails_in_one_line_offline(monkeypat
     assert gather.main(["--wandb", "ent/proj/abc"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "WANDB_MODE=offline" in err
+
+
+def test_gather_from_wandb_without_a_key_says_so_in_one_line(monkeypatch):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "login", lambda **kw: False)
+    with pytest.raises(RuntimeError, match="no API key configured") as e:
+        gather.from_wandb("ent/proj/abc")
+    assert "\n" not in str(e.value)
+    with pytest.raises(RuntimeError, match="entity/project"):
+        gather.from_wandb("just-a-name", api=object())
