@@ -26,6 +26,7 @@ coverage). Samples are clamped to [-1, 1] (what the image shows) before scoring.
 the score of `n` real training images, which the samples are compared to; FD grows with
 fewer samples, so samples are always scored at the same n (`SampleMetric.n`).
 """
+import hashlib
 import math
 import os
 import warnings
@@ -246,6 +247,17 @@ def train_classifier(x, y, seed=0, steps=600, batch=256, noise=0.05):
     return clf.eval()
 
 
+_CLASSIFIERS = {}  # (data hash, seed, steps) -> trained classifier, shared within a process
+
+
+def cached_classifier(x, y, seed=0, steps=600):
+    """train_classifier(x, y, seed, steps), trained once per process for the same inputs."""
+    key = (hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest(), seed, steps)
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS[key] = train_classifier(x, y, seed=seed, steps=steps)
+    return _CLASSIFIERS[key]
+
+
 class SampleMetric:
     """Scores flattened image samples against the held-out test images (module docstring).
 
@@ -258,7 +270,7 @@ class SampleMetric:
 
     def __init__(self, x_train, y_train, x_test, y_test, n=500, seed=0, steps=600, n_floor=5):
         self.n = n
-        self.clf = train_classifier(x_train, y_train, seed=seed, steps=steps)
+        self.clf = cached_classifier(x_train.cpu(), y_train.cpu(), seed=seed, steps=steps)
         with torch.no_grad():
             self.test_accuracy = float((self.clf(x_test).argmax(1) == y_test).float().mean())
             self.ref_feat = _stats(self.clf.features(x_test).numpy())
