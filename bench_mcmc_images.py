@@ -23,8 +23,9 @@ total variation of the predicted-label histogram to the test labels'.
 
 Speed: one Langevin step (batch 100, the digit net) of the straightforward autograd loop
 (parameters requiring grad, autograd.grad of F(x).sum(), randn_like and a new x every step)
-and of samplers.langevin with samplers.ConvEnergy (float32 and bfloat16 gradients),
-interleaved repeats in this process, median process CPU time.
+and of samplers.langevin with samplers.ConvEnergy (its convolution and dense modes in
+float32, and its default mode with a bfloat16 gradient), interleaved repeats in this process,
+median process CPU time; "(auto)" marks the mode ConvEnergy picks by default.
 """
 import argparse
 import json
@@ -62,11 +63,14 @@ def speed(n_fs=(16, 32), L=50, batch=100, repeats=7, eps=0.015):
         torch.manual_seed(0)
         F = ConvEBM("conv8", (1, 8, 8), n_f)
         x0 = 2 * torch.rand(batch, 64) - 1
+        auto = ConvEnergy(F, 2 / eps ** 2).mode
         loops = {
             "straightforward autograd": lambda: naive_langevin(F, x0, L, eps),
-            "samplers.langevin + ConvEnergy": lambda: langevin(
-                ConvEnergy(F, 2 / eps ** 2), x0, L, eps, return_grad_norm=True),
-            "  same, bfloat16 gradient": lambda: langevin(
+            "samplers.langevin + ConvEnergy(mode='conv')": lambda: langevin(
+                ConvEnergy(F, 2 / eps ** 2, mode="conv"), x0, L, eps, return_grad_norm=True),
+            "samplers.langevin + ConvEnergy(mode='dense')": lambda: langevin(
+                ConvEnergy(F, 2 / eps ** 2, mode="dense"), x0, L, eps, return_grad_norm=True),
+            f"  bfloat16 gradient, mode='{auto}' (auto)": lambda: langevin(
                 ConvEnergy(F, 2 / eps ** 2, dtype=torch.bfloat16), x0, L, eps,
                 return_grad_norm=True),
         }
@@ -87,7 +91,9 @@ def speed(n_fs=(16, 32), L=50, batch=100, repeats=7, eps=0.015):
     print("| channels | Langevin loop | ms / step | speed-up |")
     print("|---|---|---|---|")
     for n_f, k, ms, up in rows:
-        print(f"| {n_f}-{2 * n_f}-{4 * n_f} | {k} | {ms:.2f} | {up:.2f}x |")
+        auto = " (auto)" if k.endswith(f"'{ConvEnergy(ConvEBM('conv8', (1, 8, 8), n_f)).mode}')") \
+            else ""
+        print(f"| {n_f}-{2 * n_f}-{4 * n_f} | {k}{auto} | {ms:.2f} | {up:.2f}x |", flush=True)
     return rows
 
 
