@@ -281,6 +281,9 @@ def figure(agg, key, path):
                 ms.append(a[key])
                 sds.append(a[f"{key}_sd"] if math.isfinite(a[f"{key}_sd"]) else 0.0)
         ax.bar(xs, ms, w, yerr=sds, capsize=2, label=lab)
+    means = [a[key] for a in agg if key in a and math.isfinite(a[key])]
+    if means and min(means) > 0 and max(means) > 20 * min(means):
+        ax.set_yscale("log")  # KLs of different datasets span decades
     ax.set_xticks(range(len(data)), data, rotation=30, ha="right")
     ax.set_ylabel(f"{key} (mean ± sd over seeds)")
     ax.legend(fontsize=7, ncols=min(len(labels), 5))
