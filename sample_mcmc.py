@@ -127,12 +127,14 @@ def main(argv=None):
     with torch.no_grad():
         energy = U(x)
     acc = torch.cat(acc_all) if acc_all else None
-    kl = diagnostics.kde_kl(dataset, x, args.kde_bw) if dataset in datasets.NAMES else None
+    kl, outside = (diagnostics.kde_kl(dataset, x, args.kde_bw, return_outside=True)
+                   if dataset in datasets.NAMES else (None, None))
     print(f"{args.steps} steps in {secs:.1f} s; final energy per chain: mean "
           f"{float(energy.mean()):+.3f}, quantiles 5/50/95% "
           f"{', '.join(f'{float(q):+.3f}' for q in energy.quantile(torch.tensor([.05, .5, .95])))}"
           + (f"; mean acceptance {float(acc.mean()):.3f}" if acc is not None else "")
-          + (f"; KL(p_data || KDE of chains) {kl:.3f}" if kl is not None else ""))
+          + (f"; KL(p_data || KDE of chains) {kl:.3f} ({outside:.2%} of the KDE outside the "
+             f"grid)" if kl is not None else ""))
 
     out = os.path.join(args.image_dir, name)
     os.makedirs(out, exist_ok=True)
@@ -149,7 +151,7 @@ def main(argv=None):
         curves["MALA acceptance rate per step"] = {"acc": (range(1, len(acc) + 1), acc.numpy())}
     plots.save_curves(stem + "_curves.png", curves, xlabel="step")
     print(f"wrote {stem}.png, {stem}_curves.png, {stem}.pt")
-    return {"x": x, "energy": energy, "acceptance": acc, "kl_kde": kl}
+    return {"x": x, "energy": energy, "acceptance": acc, "kl_kde": kl, "kde_outside": outside}
 
 
 def sample_images(args, run):
