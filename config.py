@@ -60,6 +60,17 @@ def nonnegative_float(s):
     return v
 
 
+def unit_interval(s):
+    """A float in [0, 1]."""
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
+    return v
+
+
 def open_unit(s):
     """A float strictly between 0 and 1 (e.g. the FCE accuracy threshold)."""
     try:
@@ -85,20 +96,26 @@ def boolean(s):
 
 
 class Flag(argparse.Action):
-    """A boolean flag in every form a person or a sweep agent writes it: `--flag` (true),
-    `--flag=true|false|1|0` or `--flag false`, and `--no-flag` (false)."""
+    """A boolean flag in the forms a person or a sweep agent writes it: `--flag` (true),
+    `--flag=true|false|1|0` or `--flag false`; `config.add_flag` adds `--no-flag` (false)."""
 
     def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
         super().__init__(option_strings, dest, nargs="?", const=None, type=boolean,
                          default=default, metavar="{true,false}", help=help)
 
     def __call__(self, parser_, namespace, values, option_string=None):
-        if option_string and option_string.startswith("--no-"):
-            if values is not None:
-                parser_.error(f"{option_string} takes no value; write --{self.dest}=true or "
-                              f"--{self.dest}=false")
-            values = False
         setattr(namespace, self.dest, True if values is None else values)
+
+
+class _NoFlag(argparse.Action):
+    """`--no-flag`: sets the flag false (hidden from --help; takes no value)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+
+    def __call__(self, parser_, namespace, values, option_string=None):
+        setattr(namespace, self.dest, False)
 
 
 def add_flag(parser_, name, default=False, help=None):
@@ -106,8 +123,11 @@ def add_flag(parser_, name, default=False, help=None):
     store_true and BooleanOptionalAction reject:
 
         config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")"""
-    return parser_.add_argument(name, f"--no-{name[2:]}", action=Flag, default=default,
-                                help=help)
+    off = f"off: --no-{name[2:]}"
+    action = parser_.add_argument(name, action=Flag, default=default,
+                                  help=f"{help} ({off})" if help else off)
+    parser_.add_argument(f"--no-{name[2:]}", dest=action.dest, action=_NoFlag)
+    return action
 
 
 def parser(description):
@@ -171,7 +191,8 @@ def load_config_file(path, parser_):
     # a run's saved config.json names the file it was made from: its values are already in
     # it, so the key is dropped and a saved configuration works as --config (sweep runs)
     cfg.pop("config", None)
-    actions = {a.dest: a for a in parser_._actions if a.dest not in ("help", "config")}
+    actions = {a.dest: a for a in reversed(parser_._actions)  # first declared wins (--no-x)
+               if a.dest not in ("help", "config")}
     unknown = sorted(set(cfg) - set(actions))
     if unknown:
         fail(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the flag names: "
