@@ -99,7 +99,12 @@ def _run_dirs(path, depth=0):
     if depth >= 2 or not os.path.isdir(path):
         return []
     out = []
-    for name in sorted(os.listdir(path)):
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        note(f"skip {path}: cannot list it ({e.strerror})")
+        return []
+    for name in names:
         sub = os.path.join(path, name)
         if os.path.isdir(sub) and not name.startswith("."):
             found = _run_dirs(sub, depth + 1)
