@@ -1,158 +1,228 @@
-"""Benchmarks of the FCE/NCE core (numbers for README; not a test).
+"""The estimator comparison: every estimator on every toy set, measured exactly, at an equal
+CPU-second budget per run (numbers for README and docs/fce.md; not a test).
 
-    python bench.py                     # estimators x datasets table + MAF step vs zuko
-    python bench.py --only zuko         # just the MAF maximum-likelihood step timing
-    python bench.py --datasets 8gaussians --epoch 60
+    python bench.py --jobs 2                          # 5 estimators x 9 datasets x 3 seeds
+    python bench.py --datasets rings --seeds 0 --budget 30
+    python bench.py --only flows                      # NSF / MAF against zuko: step time, NLL
 
-Table: each (estimator, dataset) runs the real `train.py` (wandb off, one thread) and reads
-its own metrics back: seconds per iteration (training loop only, from the logged it/s) and
-the final exact grid evaluation. Runs are single-threaded, so CPU seconds per iteration are
-what the wall clock shows on an idle machine; both are printed. MAF step: maximum likelihood, batch 1000, 5 MADE layers
-with two hidden layers of 64, one CPU thread, median over interleaved repeats, ours against
-zuko's MAF (`pip install zuko`; skipped when absent).
+Grid: each run is the real `train.py` in its own process (one thread, wandb off) with the
+estimator's flags on top of train.py's defaults, `--budget` CPU-seconds of training (each
+estimator runs as many iterations as fit) and one exact evaluation at the end. Runs live in
+`<root>/<label>-<dataset>-s<seed>/`; a finished run (summary.json) is kept and skipped, an
+unfinished one is started again, so an interrupted benchmark resumes where it stopped.
+The table (mean ± sd over seeds, via gather.py) and a figure grid (rows: datasets; columns:
+data and each estimator's density, the EBM's or, for mle, the flow's) are written to --out.
+
+Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF and MAF against
+zuko's with the same architecture, interleaved so machine load hits both alike, and the test
+NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when absent).
 """
 import argparse
-import json
 import os
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
+import config
 import datasets
-import plots
-import train
-import util
-from flows import build_flow
-from logger import read_metrics
+import gather
 
-ESTIMATORS = {"FCE (MAF)": "maf", "FCE (Glow)": "glow", "NCE (Gaussian)": "gaussian"}
-
-
-def run_one(flow, dataset, epoch, seed, root, extra=()):
-    out = os.path.join(root, f"{flow}-{dataset}")
-    code = train.main(["--flow", flow, "--dataset", dataset, "--epoch", str(epoch),
-                       "--seed", str(seed), "--wandb", "disabled", "--out_dir", out,
-                       "--image_dir", os.path.join(out, "images"), "--eval_every", str(epoch),
-                       "--plot_every", str(epoch), "--threads", "1", *extra])
-    rows = read_metrics(out)
-    speeds = [r["it_per_s"] for r in rows if "it_per_s" in r]
-    cpu = [r["cpu_s_per_it"] for r in rows if "cpu_s_per_it" in r]
-    summary = json.load(open(os.path.join(out, "summary.json"))) if code == 0 else {}
-    nan = float("nan")
-    return {"status": "ok" if code == 0 else f"failed ({code})",
-            "s_per_it": 1 / statistics.median(speeds) if speeds else nan,
-            "cpu_per_it": statistics.median(cpu) if cpu else nan, **summary}
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ESTIMATORS = {  # label: train.py flags on top of its defaults
+    "nce": ["--estimator", "nce"],
+    "fce-maf": ["--estimator", "fce", "--flow", "maf"],
+    "fce-glow": ["--estimator", "fce", "--flow", "glow"],
+    "fce-nsf": ["--estimator", "fce", "--flow", "nsf"],
+    "mle-nsf": ["--estimator", "mle", "--flow", "nsf"],
+}
+TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", "moons",
+       "circles", "swissroll")
+KEYS = ["kl_ebm", "nll_ebm", "kl_flow", "nll_flow", "entropy", "steps", "cpu_s"]
 
 
-def gallery_panels(out, dataset):
-    """(data, flow, EBM) panels of a finished run, for the gallery figure."""
-    run = util.load_run(out)
-    x = datasets.sample(dataset, 20000, 0)
-    name = run.config["flow"]
-    return [(f"{dataset}: data", plots.samples(x)),
-            (f"{name} q", plots.density(run.flow.log_prob, normalise=False)),
-            ("EBM p", plots.density(lambda v: -run.ebm(v)))]
+# ----------------------------------------------------------------------------- the grid
+def run_dir(root, label, dataset, seed):
+    return os.path.join(root, f"{label}-{dataset}-s{seed}")
 
 
-def table(args):
-    root = tempfile.mkdtemp(prefix="bench-")
+def run_one(root, label, dataset, seed, budget, extra=()):
+    """One train.py run in a subprocess; returns (run folder, exit code). Skips finished runs."""
+    out = run_dir(root, label, dataset, seed)
+    if os.path.isfile(os.path.join(out, "summary.json")):
+        return out, 0
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *ESTIMATORS[label],
+           "--dataset", dataset, "--seed", str(seed), "--budget", str(budget),
+           "--epoch", "100000", "--eval_every", "100000", "--plot_every", "100000",
+           "--wandb", "disabled", "--threads", "1", "--out_dir", out,
+           "--image_dir", os.path.join(out, "images"), *extra]
+    env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
+    with open(os.path.join(out, "log.txt"), "w") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    return out, code
+
+
+def run_grid(args):
+    jobs = [(lab, ds, s) for ds in args.datasets for lab in args.estimators for s in args.seeds]
+    print(f"{len(jobs)} runs of {args.budget:g} CPU-s in {args.root} ({args.jobs} at a time)",
+          flush=True)
+
+    def one(job):
+        t = time.time()
+        out, code = run_one(args.root, *job, args.budget, args.train_args.split())
+        print(f"{'ok ' if code == 0 else f'FAILED ({code})'} {out} ({time.time() - t:.0f} s)",
+              flush=True)
+        return code
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(one, jobs))
+    return sum(c != 0 for c in codes)
+
+
+def gallery(agg, root, seed, path):
+    """Rows: datasets; columns: data and each estimator's density (seed `seed`)."""
+    import plots
+    import util
+
+    labels = list(dict.fromkeys(a["label"] for a in agg))
+    data = list(dict.fromkeys(a["dataset"] for a in agg))
     panels = []
-    lines = ["| estimator | dataset | CPU s / it | wall s / it | EBM NLL | flow NLL | entropy H | "
-             "KL(p_data \\|\\| p_theta) | c - log Z | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda m, k: f"{m[k]:.4f}" if k in m else "n/a"  # noqa: E731
-    for est, flow in ESTIMATORS.items():
-        if args.estimators and flow not in args.estimators:
-            continue
-        for ds in args.datasets:
-            m = run_one(flow, ds, args.epoch, args.seed, root, args.train_args.split())
-            lines.append(f"| {est} | {ds} | {m['cpu_per_it']:.4f} | {m['s_per_it']:.4f} | "
-                         f"{fmt(m, 'nll_ebm')} | "
-                         f"{fmt(m, 'nll_flow')} | {fmt(m, 'entropy')} | {fmt(m, 'kl_ebm')} | "
-                         f"{fmt(m, 'c_gap')} | {m['status']} |")
-            print(lines[-1], flush=True)
-            if args.gallery and m["status"] == "ok":
-                panels += gallery_panels(os.path.join(root, f"{flow}-{ds}"), ds)
-    if args.gallery and panels:
-        plots.save_panels(args.gallery, panels, rows=len(panels) // 3, size=2.2)
-        print(f"wrote {args.gallery}")
+    for ds in data:
+        panels.append((f"{ds}: data", plots.samples(datasets.sample(ds, 20000, 0))))
+        for lab in labels:
+            out = run_dir(root, lab, ds, seed)
+            if not os.path.isfile(os.path.join(out, "summary.json")):
+                panels.append((f"{lab}: missing", lambda ax: None))
+                continue
+            run = util.load_run(out)
+            fn = (lambda v, r=run: -r.ebm(v)) if run.ebm is not None else run.flow.log_prob
+            panels.append((lab, plots.density(fn, n=120)))
+    return plots.save_panels(path, panels, rows=len(data), size=1.9)
+
+
+def report(args):
+    """Table and figures of the finished runs under --root (never overwrites with nothing)."""
+    rows = [r for r in gather.collect([args.root]) if r["dataset"] in args.datasets
+            and r["label"] in args.estimators]
+    if not rows:
+        print(f"no finished runs under {args.root}: nothing written", file=sys.stderr)
+        return []
+    agg = gather.aggregate(rows, KEYS)
+    lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
+             f"seeds {' '.join(map(str, args.seeds))}.", "", gather.markdown(agg, KEYS)]
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "table.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        gather.figure(agg, "kl_ebm", os.path.join(args.out, "kl_ebm.png"))
+        print(f"wrote {gallery(agg, args.root, args.seeds[0], os.path.join(args.out, 'grid.png'))}")
     return lines
 
 
-def time_steps(step, n, repeats):
-    """Median seconds per call of step() over `repeats` blocks of n calls."""
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        out.append((time.perf_counter() - t) / n)
-    return out
+# ----------------------------------------------------------------------------- flows vs zuko
+def flow_pairs():
+    """(name, ours, zuko) with the same architecture: 5 transforms, MADE(64, 64), 8 bins."""
+    import zuko
+
+    from flows import build_flow
+
+    return [("NSF", lambda: build_flow("nsf", n_blocks=5, hidden=(64, 64), bins=8),
+             lambda: zuko.flows.NSF(features=2, transforms=5, hidden_features=(64, 64), bins=8)),
+            ("MAF", lambda: build_flow("maf", n_blocks=5, hidden=(64, 64)),
+             lambda: zuko.flows.MAF(features=2, transforms=5, hidden_features=(64, 64)))]
 
 
-def maf_vs_zuko(steps=100, repeats=5):
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    x = datasets.sample("8gaussians", 1000, 0)
-    ours = build_flow("maf", n_blocks=5, hidden=(64, 64))
-    models = {"ours (flows.maf)": (ours, lambda: ours.log_prob(x))}
+def flows_vs_zuko(dataset_names, steps, seed=0, timing_steps=50, repeats=5):
+    """Step time (median over interleaved blocks) and test NLL after `steps` MLE steps."""
+    import torch
+
     try:
-        import zuko
-
-        z = zuko.flows.MAF(features=2, transforms=5, hidden_features=(64, 64))
-        models["zuko.flows.MAF"] = (z, lambda: z().log_prob(x))
+        pairs = flow_pairs()
     except ImportError:
         print("zuko not installed: `pip install zuko` to compare")
-    opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, (m, _) in models.items()}
+        return []
+    torch.set_num_threads(1)
+    lines = ["| flow | dataset | ours: ms / step | zuko: ms / step | ours: test NLL | "
+             "zuko: test NLL | entropy H |", "|---|---|---|---|---|---|---|"]
+    for name, make_ours, make_zuko in pairs:
+        for ds in dataset_names:
+            x_train = datasets.sample(ds, 100_000, seed)
+            x_test = datasets.sample(ds, 20_000, seed + 1)
+            torch.manual_seed(seed)
+            models = {"ours": make_ours(), "zuko": make_zuko()}
+            log_prob = {"ours": lambda x, m=models["ours"]: m.log_prob(x),
+                        "zuko": lambda x, m=models["zuko"]: m().log_prob(x)}
+            opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in models.items()}
+            gen = torch.Generator().manual_seed(seed)
+            batches = [torch.randint(0, len(x_train), (1000,), generator=gen)
+                       for _ in range(steps)]
 
-    def stepper(k):
-        def step():
-            loss = -models[k][1]().mean()
-            opts[k].zero_grad()
-            loss.backward()
-            opts[k].step()
-        return step
+            def step(k, i):
+                loss = -log_prob[k](x_train[batches[i % steps]]).mean()
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
 
-    times = {k: [] for k in models}
-    for _ in range(repeats):  # interleave so that machine load hits both alike
-        for k in models:
-            stepper(k)()  # warm-up
-            times[k] += time_steps(stepper(k), steps, 1)
-    lines = ["| MAF maximum-likelihood step (batch 1000, 5 x MADE(64, 64), 1 thread) | "
-             "median ms / step | min ms / step |", "|---|---|---|"]
-    for k, ts in times.items():
-        lines.append(f"| {k} | {1000 * statistics.median(ts):.1f} | {1000 * min(ts):.1f} |")
-    for line in lines:
-        print(line)
+            done = {k: 0 for k in models}
+            times = {k: [] for k in models}
+            for _ in range(repeats):  # interleaved timing blocks, part of the training
+                for k in models:
+                    t = time.process_time()
+                    for _ in range(timing_steps):
+                        step(k, done[k])
+                        done[k] += 1
+                    times[k].append((time.process_time() - t) / timing_steps)
+            for k in models:
+                while done[k] < steps:
+                    step(k, done[k])
+                    done[k] += 1
+            with torch.no_grad():
+                nll = {k: float(-log_prob[k](x_test).double().mean()) for k in models}
+            lines.append(f"| {name} | {ds} | {1000 * statistics.median(times['ours']):.1f} | "
+                         f"{1000 * statistics.median(times['zuko']):.1f} | {nll['ours']:.3f} | "
+                         f"{nll['zuko']:.3f} | {datasets.entropy(ds):.3f} |")
+            print(lines[-1], flush=True)
     return lines
 
 
+# ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["8gaussians", "checkerboard", "spiral",
-                                                     "rings"],
-                   choices=datasets.NAMES)
-    p.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS.values()), default=None)
-    p.add_argument("--epoch", type=int, default=60, help="epochs of 100 iterations per run")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--only", choices=["table", "zuko"], default=None)
-    p.add_argument("--out", default=None, help="also write the markdown tables to this file")
+    p = config.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=list(TOY), choices=datasets.NAMES)
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--budget", type=config.positive_float, default=60.0,
+                   help="CPU-seconds of training per run")
+    p.add_argument("--jobs", type=config.positive_int, default=1,
+                   help="runs at a time (one CPU thread each)")
+    p.add_argument("--root", default="runs/bench", help="folder of the runs (kept: resumable)")
+    p.add_argument("--out", default=None,
+                   help="write table.md, kl_ebm.png and grid.png (the density grid) here")
     p.add_argument("--train_args", default="",
-                   help='more train.py flags for every run, e.g. "--lr_ebm 1e-3"')
-    p.add_argument("--gallery", default=None,
-                   help="also save a figure: data, flow and EBM density of every run")
+                   help='more train.py flags for every run, e.g. "--lr_ebm 2e-3"')
+    p.add_argument("--only", choices=["grid", "report", "flows"], default=None,
+                   help="grid: run and report; report: report finished runs; flows: vs zuko")
+    p.add_argument("--flow_datasets", nargs="+", default=["8gaussians", "checkerboard", "rings"],
+                   choices=datasets.NAMES)
+    p.add_argument("--flow_steps", type=config.positive_int, default=5000)
     args = p.parse_args(argv)
-    lines = []
-    if args.only != "table":
-        lines += maf_vs_zuko() + [""]
-    if args.only != "zuko":
-        lines += table(args)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+    if any(s < 0 or s >= 2 ** 32 for s in args.seeds):
+        config.fail("--seeds must lie in [0, 2^32)")
+    failed = 0
+    if args.only in (None, "grid"):
+        failed = run_grid(args)
+    if args.only in (None, "grid", "report"):
+        report(args)
+    if args.only in (None, "flows"):
+        lines = flows_vs_zuko(args.flow_datasets, args.flow_steps)
+        if args.out and lines:
+            with open(os.path.join(args.out, "flows_vs_zuko.md"), "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

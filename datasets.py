@@ -1,12 +1,19 @@
-"""2D toy distributions, with exact log-densities where they have a closed form.
+"""2D toy distributions, each with its exact log-density.
 
 Where a name exists in the public FFJORD toy data (Grathwohl et al. 2019, `lib/toy_data.py`)
 the definition is the same; each sampler's docstring states it. Samplers take a
 `numpy.random.Generator`, so a seed fixes the data.
 
     x = sample("8gaussians", 1000, rng)          # (1000, 2) float32 tensor
-    log_p = log_density("8gaussians", x)         # exact, or None when unknown
+    log_p = log_density("8gaussians", x)         # exact log p_data(x)
     H = entropy("8gaussians")                    # nats, by float64 grid integration
+
+Exact densities: closed forms for the Gaussian mixtures, the checkerboard and the noisy circles
+(`rings`, `circles`: a circle of radius r with N(0, s^2 I) noise has the density
+exp(-(|x|^2 + r^2) / 2s^2) I0(r |x| / s^2) / (2 pi s^2)); float64 quadrature over the generating
+parameter for the curves (`spiral`, `2spirals`, `moons`, `swissroll`: a midpoint rule whose
+nodes are much closer than the noise width, where it is accurate to far below 1e-6); and the
+change-of-variables formula summed over every root for `pinwheel`.
 
 `BOUND` is the half-width of the square [-BOUND, BOUND]^2 on which every density here is
 plotted and integrated; all toy sets keep (almost) all their mass inside it.
@@ -154,6 +161,145 @@ def _log_rings4(x):
     return torch.logsumexp(log_n, 1) - math.log(4) - torch.log(2 * math.pi * r)
 
 
+# ----------------------------------------------------------------------------- exact densities
+def _log_noisy_circles(x, radii, s):
+    """Equal mixture of circles of the given radii with N(0, s^2 I) noise (closed form with the
+    modified Bessel function: log I0(z) = log i0e(z) + z, stable for large z)."""
+    rho = x.norm(dim=1, keepdim=True)
+    r = torch.as_tensor(radii, dtype=x.dtype, device=x.device)
+    z = r * rho / (s * s)
+    log_c = (-(rho ** 2 + r ** 2) / (2 * s * s) + torch.log(torch.special.i0e(z)) + z
+             - math.log(2 * math.pi * s * s))
+    return torch.logsumexp(log_c, 1) - math.log(len(radii))
+
+
+def _normal_kernel(x, c, s):
+    """N(x_n; c_m, s^2 I) for every pair, shape (N, M), via |x|^2 - 2 x.c + |c|^2 (a matmul)."""
+    d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
+    return torch.exp(-d2.clamp_min(0) / (2 * s * s)) / (2 * math.pi * s * s)
+
+
+def _box_normal_kernel(x, c, s, a):
+    """Density at x_n of c_m + u + e, u ~ U[0, a)^2, e ~ N(0, s^2 I), shape (N, M): per
+    coordinate (Phi(d / s) - Phi((d - a) / s)) / a with d = x - c, each difference taken on
+    the side of the box where it does not cancel."""
+    out = 1.0
+    for j in range(2):
+        d = x[:, j, None] - c[None, :, j]
+        hi, lo = d / s, (d - a) / s
+        left = hi + lo < 0
+        diff = torch.where(left, torch.special.ndtr(hi) - torch.special.ndtr(lo),
+                           torch.special.ndtr(-lo) - torch.special.ndtr(-hi))
+        out = out * diff / a
+    return out
+
+
+def _log_curve_mixture(x, centres, w, kernel, reach, chunk=1024):
+    """log sum_m w_m k(x, c_m): the quadrature of a noisy curve, in probability space, chunked
+    over x. A chunk only sees the nodes whose second coordinate lies within `reach` of its own
+    (the kernel is below e^-32 of its peak beyond), so log p = -inf only where p_data is below
+    about 1e-14 of its peak density."""
+    order = torch.argsort(x[:, 1])  # chunks of nearby rows see few nodes
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for idx in order.split(chunk):
+        xc = x[idx]
+        near = ((centres[:, 1] >= xc[:, 1].min() - reach)
+                & (centres[:, 1] <= xc[:, 1].max() + reach))
+        out[idx] = torch.log(kernel(xc, centres[near]) @ w[near])
+    return out
+
+
+def _nodes(lo, hi, m, x):
+    """m midpoint-rule nodes on [lo, hi] and the node width, in x's dtype and device."""
+    h = (hi - lo) / m
+    return torch.linspace(lo + h / 2, hi - h / 2, m, dtype=x.dtype, device=x.device), h
+
+
+def _log_spiral(x, m=600):
+    """Quadrature over t in [0, 3 pi] with density 2 t / (3 pi)^2 (t = 3 pi sqrt(U)) of the
+    box-times-Gaussian kernel around (-t cos t, t sin t) / 3 (node spacing <= 0.05 along the
+    curve, half the noise std)."""
+    t, h = _nodes(0.0, 3 * math.pi, m, x)
+    centres = torch.stack([-torch.cos(t) * t, torch.sin(t) * t], 1) / 3
+    w = 2 * t / (3 * math.pi) ** 2 * h
+    return _log_curve_mixture(x, centres, w, lambda v, c: _box_normal_kernel(v, c, 0.1, 0.5 / 3),
+                              reach=0.5 / 3 + 0.8)
+
+
+def _log_2spirals(x):
+    """Half the points are the spiral, half its mirror image -x."""
+    return torch.logaddexp(_log_spiral(x), _log_spiral(-x)) - math.log(2)
+
+
+def _log_moons(x, m=160):
+    """Quadrature over t in [0, pi] for each moon (node spacing 0.04 along the curve), N(0,
+    0.2^2 I) noise after the scaling."""
+    t, h = _nodes(0.0, math.pi, m, x)
+    upper = torch.stack([torch.cos(t), torch.sin(t)], 1)
+    lower = torch.stack([1 - torch.cos(t), 0.5 - torch.sin(t)], 1)
+    shift = torch.tensor([-1.0, -0.2], dtype=x.dtype, device=x.device)
+    centres = torch.cat([upper, lower]) * 2 + shift
+    w = torch.full((2 * m,), h / (2 * math.pi), dtype=x.dtype, device=x.device)
+    return _log_curve_mixture(x, centres, w, lambda v, c: _normal_kernel(v, c, 0.2), reach=1.6)
+
+
+def _log_swissroll(x, m=500):
+    """Quadrature over t uniform on [1.5 pi, 4.5 pi] (node spacing <= 0.054 along the curve),
+    N(0, 0.2^2 I) noise after the scaling."""
+    t, h = _nodes(1.5 * math.pi, 4.5 * math.pi, m, x)
+    centres = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 5
+    w = torch.full((m,), h / (3 * math.pi), dtype=x.dtype, device=x.device)
+    return _log_curve_mixture(x, centres, w, lambda v, c: _normal_kernel(v, c, 0.2), reach=1.6)
+
+
+def _log_pinwheel(x, scan=128, bisections=40, chunk=2048):
+    """Change of variables summed over roots. With rho = |x| / 2 and theta the angle of x, arm
+    k's latent is f = rho (cos phi, sin phi), phi = theta + 2 pi k / 5 + exp(f1) / 4, so f1
+    solves g(f1) = f1 - rho cos(phi(f1)) = 0 on [-rho, rho], and
+    p(x) = sum_k 1/5 sum_roots N(f1; 1, 0.3^2) N(f2; 0, 0.1^2) / (4 |1 + exp(f1) f2 / 4|)
+    (g' is that same factor). Roots: sign changes of g on `scan` nodes, then bisection."""
+    return torch.cat([_log_pinwheel_chunk(xc, scan, bisections) for xc in x.split(chunk)])
+
+
+def _log_pinwheel_chunk(x, scan, bisections):
+    rho = (x.norm(dim=1) / 2).clamp_min(1e-12)
+    theta = torch.atan2(x[:, 1], x[:, 0])
+    k = torch.arange(5, dtype=x.dtype, device=x.device)
+    base = theta[:, None] + 2 * math.pi * k / 5  # (N, 5)
+
+    def g(f1, b, r):
+        return f1 - r * torch.cos(b + 0.25 * torch.exp(f1))
+
+    u = torch.linspace(-1, 1, scan, dtype=x.dtype, device=x.device)
+    f = rho[:, None, None] * u  # (N, 1, scan)
+    gv = g(f, base[..., None], rho[:, None, None])  # (N, 5, scan)
+    change = (gv[..., :-1] <= 0) & (gv[..., 1:] > 0) | (gv[..., :-1] >= 0) & (gv[..., 1:] < 0)
+    n, arm, j = change.nonzero(as_tuple=True)
+    lo, hi = rho[n] * u[j], rho[n] * u[j + 1]
+    b, r = base[n, arm], rho[n]
+    g_lo = g(lo, b, r)
+    for _ in range(bisections):
+        mid = 0.5 * (lo + hi)
+        g_mid = g(mid, b, r)
+        same = (g_mid > 0) == (g_lo > 0)
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+        g_lo = torch.where(same, g_mid, g_lo)
+    f1 = 0.5 * (lo + hi)
+    f2 = r * torch.sin(b + 0.25 * torch.exp(f1))
+    log_terms = (-((f1 - 1) / 0.3) ** 2 / 2 - (f2 / 0.1) ** 2 / 2 - math.log(2 * math.pi * 0.03)
+                 - math.log(4) - torch.log(torch.abs(1 + 0.25 * torch.exp(f1) * f2))
+                 - math.log(5))
+    return _log_scatter_sum(torch.full_like(rho, -math.inf), n, log_terms)
+
+
+def _log_scatter_sum(out, index, log_terms):
+    """out[i] = log sum_{j: index_j = i} exp(log_terms_j) (stable), -inf where none."""
+    m = torch.full_like(out, -math.inf).scatter_reduce(0, index, log_terms, "amax")
+    shifted = torch.exp(log_terms - m[index])
+    s = torch.zeros_like(out).index_add_(0, index, shifted)
+    return torch.where(s > 0, m + torch.log(s), out)
+
+
 SAMPLERS = {
     "8gaussians": _8gaussians,
     "spiral": _spiral,
@@ -167,8 +313,19 @@ SAMPLERS = {
     "gmm": _gmm,
     "rings4": _rings4,
 }
-LOG_DENSITIES = {"8gaussians": _log_8gaussians, "checkerboard": _log_checkerboard,
-                 "gmm": _log_gmm, "rings4": _log_rings4}
+LOG_DENSITIES = {
+    "8gaussians": _log_8gaussians,
+    "spiral": _log_spiral,
+    "2spirals": _log_2spirals,
+    "checkerboard": _log_checkerboard,
+    "rings": lambda x: _log_noisy_circles(x, (3.0, 2.25, 1.5, 0.75), 0.08),
+    "pinwheel": _log_pinwheel,
+    "moons": _log_moons,
+    "circles": lambda x: _log_noisy_circles(x, (3.0, 1.5), 0.24),
+    "swissroll": _log_swissroll,
+    "gmm": _log_gmm,
+    "rings4": _log_rings4,
+}
 NAMES = tuple(SAMPLERS)
 
 
@@ -201,17 +358,27 @@ def log_density(name, x):
     return None if fn is None else fn(x)
 
 
-@functools.lru_cache(maxsize=None)
-def entropy(name, n=1440):
-    """H(p_data) = -int p log p in nats by float64 integration on the BOUND grid, or None.
-
-    The best possible test NLL: a model's NLL is H + KL(p_data || p_model) >= H.
-    n = 1440 puts cell edges on multiples of 0.5 (so on the checkerboard's edges)."""
+@functools.lru_cache(maxsize=4)
+def grid_log_density(name, bound=BOUND, n=GRID):
+    """log p_data at the centres of the n x n grid on [-bound, bound]^2 (float64, shape (n*n,)),
+    computed once per process, or None when unknown."""
     if not has_density(name):
         return None
-    from util import grid_points  # local import: util imports this module
+    from gridmath import grid_points
 
-    x, area = grid_points(BOUND, n, torch.float64)
-    lp = log_density(name, x)
+    return log_density(name, grid_points(bound, n, torch.float64)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def entropy(name, n=GRID):
+    """H(p_data) = -int p log p in nats by float64 integration on the BOUND grid, or None.
+
+    The best possible test NLL: a model's NLL is H + KL(p_data || p_model) >= H. The grid's
+    cell edges lie on multiples of 0.025, so on the checkerboard's edges; the densities are
+    smooth on the scale of a cell elsewhere (the narrowest noise std is 0.08)."""
+    lp = grid_log_density(name, BOUND, n)
+    if lp is None:
+        return None
+    area = (2 * BOUND / n) ** 2
     p = lp.exp()
     return float(-(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum() * area)

@@ -14,10 +14,11 @@ Papers:
 - MADE: Germain et al. 2015. MAF: Papamakarios et al. 2017 (BatchNorm between blocks, sec. 3.4).
 - Glow: Kingma & Dhariwal 2018 (ActNorm, invertible 1x1 conv in LU form, affine coupling).
 - RealNVP affine coupling: Dinh et al. 2017.
+- Neural spline flows (rational-quadratic splines, autoregressive and coupling): Durkan et al. 2019.
 
 Cost of each direction (D = data dimension):
-- MAF: density (forward) one MADE pass; sampling (inverse) D sequential passes.
-- Glow / coupling: one pass either way.
+- MAF, NSF (autoregressive): density (forward) one MADE pass; sampling (inverse) D passes.
+- Glow / coupling / NSF coupling: one pass either way.
 """
 import math
 
@@ -184,8 +185,12 @@ class BatchNormFlow(nn.Module):
     """Batch normalisation as a flow (MAF sec. 3.4, RealNVP sec. 3.7):
     z = (x - m) / sqrt(v + eps) * exp(log_gamma) + beta.
 
-    Training-mode density passes use batch statistics and update running averages; sampling
-    and eval mode use the running averages, so the transform is then fixed and invertible."""
+    A training-mode density pass first moves the running averages (m, v) towards the batch's
+    statistics, then every pass, density or sampling, in either mode, uses the running
+    averages. So the transform is one fixed invertible map at any moment and log_prob agrees
+    with sample_and_log_prob and with eval mode (normalising with the batch's own statistics,
+    as the MAF paper does, makes the training-mode density of a point depend on the rest of
+    its batch). Gradients reach log_gamma and beta, not the statistics."""
 
     def __init__(self, dim, momentum=0.05, eps=1e-5):
         super().__init__()
@@ -195,17 +200,12 @@ class BatchNormFlow(nn.Module):
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
 
-    def _stats(self, x):
-        if self.training and x.shape[0] > 1:
-            m, v = x.mean(0), x.var(0, unbiased=False)
-            with torch.no_grad():
-                self.running_mean.lerp_(m, self.momentum)
-                self.running_var.lerp_(v, self.momentum)
-            return m, v
-        return self.running_mean, self.running_var
-
     def forward(self, x):
-        m, v = self._stats(x)
+        if self.training and x.shape[0] > 1:
+            with torch.no_grad():
+                self.running_mean.lerp_(x.mean(0), self.momentum)
+                self.running_var.lerp_(x.var(0, unbiased=False), self.momentum)
+        m, v = self.running_mean, self.running_var
         log_scale = self.log_gamma - 0.5 * torch.log(v + self.eps)
         z = (x - m) * torch.exp(log_scale) + self.beta
         return z, log_scale.sum().expand(x.shape[0])
@@ -317,6 +317,132 @@ class AffineCoupling(nn.Module):
         return self._join(a, b * torch.exp(s) + t), s.sum(-1)
 
 
+# ----------------------------------------------------------------------------- neural splines
+def _rq_knots(unnorm, bound, min_size):
+    """Knot positions -B = k_0 < ... < k_K = B from unnormalised bin sizes (..., K): softmax,
+    floored at `min_size` of the interval, then cumulated. Returns (knots, sizes)."""
+    K = unnorm.shape[-1]
+    sizes = min_size + (1 - min_size * K) * torch.softmax(unnorm, -1)
+    knots = F.pad(torch.cumsum(sizes, -1), (1, 0))
+    knots = 2 * bound * knots - bound
+    knots = torch.cat([knots[..., :1].new_full(knots[..., :1].shape, -bound), knots[..., 1:-1],
+                       knots[..., :1].new_full(knots[..., :1].shape, bound)], -1)
+    return knots, knots[..., 1:] - knots[..., :-1]
+
+
+RQ_MIN_BIN, RQ_MIN_DERIV = 1e-3, 1e-3
+RQ_DERIV_SHIFT = math.log(math.expm1(1 - RQ_MIN_DERIV))  # softplus^{-1}(1 - min): d = 1 at 0
+
+
+def rational_quadratic_spline(x, params, bound, inverse=False):
+    """Monotonic rational-quadratic spline with linear (identity) tails (Durkan et al. 2019,
+    "Neural Spline Flows", eq. 4-8 and appendix A), elementwise on x (..., D).
+
+    params (..., D, 3K - 1): K unnormalised widths, K heights and K - 1 inner derivatives;
+    the boundary derivatives are 1, so the map is C^1 at +-bound where it meets the identity.
+    In bin k with xi = (x - x_k) / w_k, s_k = h_k / w_k:
+
+        y = y_k + h_k (s_k xi^2 + d_k xi (1 - xi)) / (s_k + (d_{k+1} + d_k - 2 s_k) xi (1 - xi))
+
+    Returns (y, log|dy/dx|) elementwise; with `inverse`, solves the quadratic for xi given y
+    and returns (x, log|dx/dy|). All-zero params give the identity."""
+    K = (params.shape[-1] + 1) // 3
+    w_un, h_un, d_un = params[..., :K], params[..., K:2 * K], params[..., 2 * K:]
+    xk, w = _rq_knots(w_un, bound, RQ_MIN_BIN)
+    yk, h = _rq_knots(h_un, bound, RQ_MIN_BIN)
+    d = RQ_MIN_DERIV + F.softplus(d_un + RQ_DERIV_SHIFT)
+    d = F.pad(d, (1, 1), value=1.0)
+    inside = (x > -bound) & (x < bound)
+    xc = x.clamp(-bound, bound)
+    knots_in = (yk if inverse else xk)[..., 1:-1].contiguous()
+    k = torch.searchsorted(knots_in, xc[..., None], right=True)  # bin index 0..K-1
+    pick = lambda t: t.gather(-1, k)[..., 0]  # noqa: E731
+    x_k, w_k, y_k, h_k = pick(xk), pick(w), pick(yk), pick(h)
+    d_k, d_k1 = pick(d), d[..., 1:].gather(-1, k)[..., 0]
+    s_k = h_k / w_k
+    if inverse:
+        dy = xc - y_k
+        a = h_k * (s_k - d_k) + dy * (d_k1 + d_k - 2 * s_k)
+        b = h_k * d_k - dy * (d_k1 + d_k - 2 * s_k)
+        c = -s_k * dy
+        disc = (b * b - 4 * a * c).clamp_min(0)
+        xi = ((2 * c) / (-b - torch.sqrt(disc))).clamp(0, 1)
+        out = xi * w_k + x_k
+    else:
+        xi = ((xc - x_k) / w_k).clamp(0, 1)
+        num = h_k * (s_k * xi * xi + d_k * xi * (1 - xi))
+        out = y_k + num / (s_k + (d_k1 + d_k - 2 * s_k) * xi * (1 - xi))
+    denom = s_k + (d_k1 + d_k - 2 * s_k) * xi * (1 - xi)
+    log_dydx = (2 * torch.log(s_k) + torch.log(d_k1 * xi * xi + 2 * s_k * xi * (1 - xi)
+                                                + d_k * (1 - xi) ** 2) - 2 * torch.log(denom))
+    log_det = -log_dydx if inverse else log_dydx
+    return torch.where(inside, out, x), torch.where(inside, log_det, torch.zeros_like(x))
+
+
+def _check_spline(bins, bound):
+    if not (isinstance(bins, int) and bins >= 1):
+        raise ValueError(f"a spline needs at least 1 bin, got bins={bins!r}; pass --nsf_bins 8")
+    if not (bound > 0 and math.isfinite(bound)):
+        raise ValueError(f"the spline interval [-B, B] needs B > 0, got {bound!r}; "
+                         f"pass --nsf_bound 5")
+
+
+class SplineAutoregressive(nn.Module):
+    """Autoregressive rational-quadratic spline (NSF-AR, Durkan et al. 2019 sec. 3.2): z_i is the
+    spline of x_i whose 3K - 1 parameters a MADE computes from x_<i.
+
+    Density direction (forward): one MADE pass. Sampling (inverse): D passes, as in MAF."""
+
+    def __init__(self, dim, hidden=(64, 64), bins=8, bound=5.0, act="relu", reverse=False):
+        super().__init__()
+        _check_spline(bins, bound)
+        self.made = MADE(dim, hidden, 3 * bins - 1, act, reverse)
+        self.bound = bound
+
+    def _params(self, x):
+        return torch.stack(self.made(x), -1)  # (N, D, 3K - 1)
+
+    def forward(self, x):
+        z, ld = rational_quadratic_spline(x, self._params(x), self.bound)
+        return z, ld.sum(-1)
+
+    def inverse(self, z):
+        x = torch.zeros_like(z)
+        for _ in range(z.shape[-1]):  # pass k fixes the coordinate of degree k
+            x, ld = rational_quadratic_spline(z, self._params(x), self.bound, inverse=True)
+        return x, ld.sum(-1)
+
+
+class SplineCoupling(nn.Module):
+    """Rational-quadratic spline coupling (NSF-C, Durkan et al. 2019 sec. 3.1): x = (x_a, x_b),
+    x_a passes unchanged and z_b is the spline of x_b with parameters from an MLP of x_a.
+    One pass in either direction; `swap` conditions on the second half instead."""
+
+    def __init__(self, dim, hidden=(64, 64), bins=8, bound=5.0, act="relu", swap=False):
+        super().__init__()
+        _check_spline(bins, bound)
+        self.d_a = dim // 2 if not swap else dim - dim // 2
+        self.swap, self.bound, self.n_p = swap, bound, 3 * bins - 1
+        self.net = mlp([self.d_a, *hidden, (dim - self.d_a) * self.n_p], act)
+        nn.init.zeros_(self.net[-1].weight)  # start as the identity transform
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _run(self, x, inverse):
+        if self.swap:
+            x = x.flip(-1)
+        a, b = x[:, : self.d_a], x[:, self.d_a:]
+        params = self.net(a).view(x.shape[0], b.shape[1], self.n_p)
+        b, ld = rational_quadratic_spline(b, params, self.bound, inverse)
+        x = torch.cat([a, b], -1)
+        return (x.flip(-1) if self.swap else x), ld.sum(-1)
+
+    def forward(self, x):
+        return self._run(x, False)
+
+    def inverse(self, z):
+        return self._run(z, True)
+
+
 # ----------------------------------------------------------------------------- fixed noise
 class AffineGaussian(nn.Module):
     """Fixed affine map x = mu + L z (L the Cholesky factor of the covariance): the transform
@@ -373,11 +499,32 @@ def gaussian_fit(data):
     return gaussian(x.shape[1], x.mean(0).float(), torch.cov(x.T).float())
 
 
-BUILDERS = {"maf": maf, "glow": glow, "gaussian": gaussian}
+def nsf(dim=2, n_blocks=5, hidden=(64, 64), bins=8, bound=5.0, act="relu"):
+    """Autoregressive neural spline flow: `n_blocks` MADE-conditioned rational-quadratic splines
+    on [-bound, bound] (identity outside), variable order reversed between blocks."""
+    layers = [SplineAutoregressive(dim, hidden, bins, bound, act, reverse=bool(i % 2))
+              for i in range(n_blocks)]
+    spec = {"name": "nsf", "dim": dim, "n_blocks": n_blocks, "hidden": list(hidden),
+            "bins": bins, "bound": bound, "act": act}
+    return Flow(layers, dim, spec)
+
+
+def nsf_coupling(dim=2, n_blocks=8, hidden=(64, 64), bins=8, bound=5.0, act="relu"):
+    """Coupling neural spline flow: `n_blocks` rational-quadratic spline couplings, alternating
+    which half is transformed."""
+    layers = [SplineCoupling(dim, hidden, bins, bound, act, swap=bool(i % 2))
+              for i in range(n_blocks)]
+    spec = {"name": "nsf_coupling", "dim": dim, "n_blocks": n_blocks, "hidden": list(hidden),
+            "bins": bins, "bound": bound, "act": act}
+    return Flow(layers, dim, spec)
+
+
+BUILDERS = {"maf": maf, "glow": glow, "nsf": nsf, "nsf_coupling": nsf_coupling,
+            "gaussian": gaussian}
 
 
 def build_flow(name, data=None, **kwargs):
-    """Build flow `name` ('maf', 'glow', 'gaussian'); with `data`, fit the Gaussian to it or
+    """Build flow `name` (a key of BUILDERS); with `data`, fit the Gaussian to it or
     run the data-dependent initialisation. kwargs go to the builder (see `Flow.spec()`)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown flow {name!r}; choose one of: {', '.join(BUILDERS)}")
@@ -515,7 +662,8 @@ class Radial(nn.Module):
         super().__init__()
         self.z0 = nn.Parameter(torch.randn(dim))
         self.a = nn.Parameter(torch.randn(()))
-        self.b_raw = nn.Parameter(0.1 * torch.randn(()) - 2.0)  # beta ~ -alpha + 0.13: mild
+        # softplus(b_raw) = alpha + small: beta ~ 0, each layer starts near the identity
+        self.b_raw = nn.Parameter(self.a.detach() + 0.01 * torch.randn(()))
 
     def alpha_beta(self):
         alpha = F.softplus(self.a)

@@ -7,6 +7,7 @@
 
 Figures have a fixed size (no tight bounding box), so frames of a gif line up.
 """
+import math
 import os
 
 import matplotlib
@@ -95,3 +96,55 @@ def save_curves(path, curves, xlabel="iteration", title=None, size=(4.0, 3.0), l
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+LOG4 = math.log(4)
+
+
+def training_curves(path, runs, title=None):
+    """The training figure of FCE/NCE/MLE runs from their metrics.jsonl rows, several runs
+    overlaid: `runs` is {label: (rows, threshold or None)}. Panels: -V with the optimum log 4
+    (or the training NLL of a flow fit alone), accuracy (solid) and EBM-step fraction
+    (dotted) with the threshold (dashed), KL(p_data || model) of the EBM (solid) and the flow
+    (dashed) when the density is known (else test NLL), and c - log Z."""
+    panels = ["-V (dashed: log 4) / training NLL", "accuracy, EBM-step fraction (dotted)",
+              "KL(p_data || model): EBM solid, flow dashed", "c - log Z"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for (label, (rows, threshold)), color in zip(runs.items(), plt.cm.tab10.colors * 10):
+        def series(key):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
+        for key, ax, style in (("value", 0, "-"), ("nll_train", 0, "-"), ("accuracy", 1, "-"),
+                               ("ebm_step_fraction", 1, ":"), ("c_gap", 3, "-")):
+            s = series(key)
+            if s:
+                axes[ax].plot(*s, style, color=color, lw=1,
+                              label=label if key in ("value", "nll_train") else None)
+        if threshold and series("accuracy"):
+            axes[1].axhline(threshold, color=color, ls="--", lw=0.8)
+        kl = series("kl_ebm") or series("kl_flow")
+        for key, style in ((("kl_ebm", "-"), ("kl_flow", "--")) if kl else
+                           (("nll_ebm", "-"), ("nll_flow", "--"))):
+            s = series(key)
+            if s:
+                axes[2].plot(*s, style, marker=".", color=color, lw=1)
+    axes[0].axhline(LOG4, color="k", ls="--", lw=0.8)
+    if any(series_has(rows, "kl_ebm") or series_has(rows, "kl_flow")
+           for rows, _ in runs.values()):
+        axes[2].set_yscale("log")
+    for ax, name in zip(axes, panels):
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("iteration")
+    if any(ax.get_legend_handles_labels()[0] for ax in axes[:1]):
+        axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def series_has(rows, key):
+    return any(r.get(key) is not None and r[key] > 0 for r in rows)

@@ -1,8 +1,10 @@
 """Flow contrastive estimation (FCE) and noise contrastive estimation (NCE) on 2D toy data.
 
-    python train.py                                  # FCE, MAF flow, 8gaussians
-    python train.py --flow=glow --dataset=spiral     # FCE with Glow
-    python train.py --flow=gaussian                  # NCE: fixed Gaussian noise, learned log Z
+    python train.py                                  # FCE with the default flow, 8gaussians
+    python train.py --flow=maf --dataset=spiral      # FCE with a MAF
+    python train.py --estimator=nce                  # NCE: fixed Gaussian noise, learned log Z
+    python train.py --estimator=mle --flow=nsf       # the flow alone, by maximum likelihood
+    python train.py --budget=60                      # stop after 60 CPU-seconds of training
 
 An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q_alpha play the value function
 (Gao et al. 2020, eq. 5; Gutmann & Hyvarinen 2010)
@@ -11,11 +13,14 @@ An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q_alpha play the valu
 
 The EBM ascends V while the classifier "data iff p > q" is less than --threshold accurate on
 the current batch, otherwise the flow descends V. With --flow=gaussian q is a fixed Gaussian
-fitted to the data and only the EBM (with c) learns: that is NCE. At the optimum p = q = p_data
-and -V = log 4 = 1.386.
+fitted to the data and only the EBM (with c) learns: that is NCE (`--flow=gaussian` is the same
+as `--estimator=nce`). At the optimum p = q = p_data and -V = log 4 = 1.386. `--flow_mle=lambda`
+adds lambda * (-E_data log q) to the flow's loss at its steps, which keeps q a density model of
+the data (V alone gives no gradient where q << p on data: the log-sigmoid saturates there).
+`--estimator=mle` trains the flow alone on -E_data log q, the pure density-estimation baseline.
 
-Outputs: runs/<run>/{config.json, metrics.jsonl, summary.json, checkpoint.pt}, one figure per
-epoch in images/<run>/, wandb (online when logged in, else offline).
+Outputs: runs/<run>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, curves.png}, one
+figure per epoch in images/<run>/, wandb (online when logged in, else offline).
 """
 import math
 import os
@@ -31,19 +36,28 @@ import plots
 import util
 from ebm import EBM
 from flows import build_flow
-from logger import RunLogger
+from logger import RunLogger, read_metrics
 
 # keys a resumed run may change; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("epoch", "eval_every", "plot_every", "log_every", "wandb", "device",
-                    "project", "image_dir")
+RESUME_OVERRIDES = ("epoch", "budget", "eval_every", "plot_every", "log_every", "wandb",
+                    "device", "project", "image_dir")
+ESTIMATORS = ("fce", "nce", "mle")
+LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
+DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf"}
 
 
 def get_args(argv=None):
     p = config.parser(__doc__.split("\n")[0])
     p.add_argument("--dataset", default="8gaussians", choices=datasets.NAMES)
-    p.add_argument("--flow", default="maf", choices=["maf", "glow", "gaussian"],
-                   help="noise model: maf/glow are learned (FCE), gaussian is fixed (NCE)")
+    p.add_argument("--estimator", default="fce", choices=ESTIMATORS,
+                   help="fce: EBM + learned flow; nce: EBM + fixed Gaussian; mle: flow alone")
+    p.add_argument("--flow", default=None, choices=[*LEARNED_FLOWS, "gaussian"],
+                   help="noise model (fce) or model (mle); default: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
     p.add_argument("--epoch", type=config.positive_int, default=100, help="number of epochs")
+    p.add_argument("--budget", type=config.nonnegative_float, default=0.0,
+                   help="CPU-seconds of training after which the run ends (0: no budget); "
+                        "the learning-rate schedule then follows the spent fraction")
     p.add_argument("--samples", type=config.positive_int, default=100_000,
                    help="training set size; an epoch is samples/batch iterations")
     p.add_argument("--test_samples", type=config.positive_int, default=20_000,
@@ -61,9 +75,17 @@ def get_args(argv=None):
     p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[128, 128])
     p.add_argument("--ebm_act", default="silu", choices=["silu", "softplus", "tanh", "elu",
                                                          "leakyrelu", "relu"])
+    p.add_argument("--flow_mle", type=config.nonnegative_float, default=0.0,
+                   help="weight of -E_data log q added to the flow's loss at its steps (fce)")
+    p.add_argument("--noise_mix", type=config.unit_interval, default=0.0,
+                   help="fraction of FCE's noise drawn from a fixed Gaussian fitted to the data "
+                        "(q = (1 - mix) q_flow + mix N(mean, cov)); 0: the flow alone")
     p.add_argument("--flow_layers", type=config.positive_int, default=None,
-                   help="MADE blocks (maf, default 5) or steps (glow, default 10)")
+                   help="blocks: maf/nsf 5, nsf_coupling 8; glow steps 10")
     p.add_argument("--flow_hidden", type=config.positive_int, nargs="+", default=[64, 64])
+    p.add_argument("--nsf_bins", type=config.positive_int, default=8, help="spline bins")
+    p.add_argument("--nsf_bound", type=config.positive_float, default=5.0,
+                   help="splines act on [-B, B], identity outside")
     config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")
     p.add_argument("--eval_every", type=config.positive_int, default=5,
                    help="epochs between exact grid evaluations (and the last epoch)")
@@ -72,50 +94,99 @@ def get_args(argv=None):
     p.add_argument("--log_every", type=config.positive_int, default=20,
                    help="iterations between metric rows")
     p.add_argument("--image_dir", default=None, help="default images/<run name>")
-    return config.parse(p, argv)
+    return resolve_estimator(config.parse(p, argv))
+
+
+def resolve_estimator(args):
+    """Fill in the default flow of the estimator and reject combinations that mean nothing."""
+    if args.flow == "gaussian" and args.estimator == "fce":
+        args.estimator = "nce"  # a fixed Gaussian noise model is NCE
+    args.flow = args.flow or DEFAULT_FLOW[args.estimator]
+    if args.estimator == "nce" and args.flow != "gaussian":
+        config.fail(f"--estimator=nce uses the fixed Gaussian noise; drop --flow={args.flow} "
+                    f"or use --estimator=fce")
+    if args.noise_mix >= 1:
+        config.fail("--noise_mix must be below 1 (1 would be NCE: use --estimator=nce)")
+    if args.estimator == "mle" and args.flow == "gaussian":
+        config.fail("--estimator=mle needs a learned flow: pass --flow=" + "/".join(LEARNED_FLOWS))
+    return args
 
 
 # ----------------------------------------------------------------------------- models
+def flow_kwargs(args):
+    """build_flow keyword arguments of --flow from the flow flags."""
+    if args.flow == "gaussian":
+        return {}
+    kwargs = {"hidden": args.flow_hidden}
+    if args.flow == "glow":
+        kwargs["n_steps"] = args.flow_layers or 10
+    else:
+        kwargs["n_blocks"] = args.flow_layers or (8 if args.flow == "nsf_coupling" else 5)
+    if args.flow == "maf":
+        kwargs["batch_norm"] = args.maf_bn
+    if args.flow.startswith("nsf"):
+        kwargs.update(bins=args.nsf_bins, bound=args.nsf_bound)
+    return kwargs
+
+
 def make_models(args, x_train, device):
-    """EBM (c starts at the Gaussian noise's entropy, a sane log Z scale) and the noise flow."""
-    ebm = EBM(2, args.ebm_hidden, args.ebm_act)
-    kwargs = {}
-    if args.flow != "gaussian":
-        kwargs = {"hidden": args.flow_hidden}
-        layers = args.flow_layers or (5 if args.flow == "maf" else 10)
-        kwargs["n_blocks" if args.flow == "maf" else "n_steps"] = layers
-        if args.flow == "maf":
-            kwargs["batch_norm"] = args.maf_bn
-    flow = build_flow(args.flow, x_train[:args.batch], **kwargs).to(device)
-    return ebm.to(device), flow
+    """The EBM (None for mle) and the flow (fitted Gaussian for nce, initialised on data)."""
+    ebm = EBM(2, args.ebm_hidden, args.ebm_act).to(device) if args.estimator != "mle" else None
+    try:
+        flow = build_flow(args.flow, x_train[:args.batch], **flow_kwargs(args)).to(device)
+    except ValueError as e:
+        config.fail(str(e))
+    return ebm, flow
 
 
 def make_optimizers(args, ebm, flow):
-    opt_ebm = torch.optim.Adam(ebm.parameters(), lr=args.lr_ebm, betas=(args.b1, args.b2))
+    betas = (args.b1, args.b2)
+    opt_ebm = torch.optim.Adam(ebm.parameters(), lr=args.lr_ebm, betas=betas) if ebm else None
     flow_params = [p for p in flow.parameters() if p.requires_grad]
-    opt_flow = (torch.optim.Adam(flow_params, lr=args.lr_flow, betas=(args.b1, args.b2))
-                if flow_params else None)
+    opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
 
 
-def lr_factor(args, step, total):
-    """Cosine decay from 1 to lr_min_factor over the run (or constant 1)."""
+def lr_factor(args, progress):
+    """Cosine decay from 1 to lr_min_factor as `progress` goes from 0 to 1 (or constant 1)."""
     if args.lr_schedule == "constant":
         return 1.0
     m = args.lr_min_factor
-    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ----------------------------------------------------------------------------- one iteration
-def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold):
+def noise(flow, x, mix=None):
+    """Noise samples y (as many as x) and log q at x and y, plus log q_flow(x).
+
+    Without `mix`, q is the flow. With mix = (g, eps), q = (1 - eps) q_flow + eps g, a fixed
+    Gaussian g fitted to the data keeping the whole plane covered: round(eps n) samples come
+    from g, the rest from the flow (reparameterised), and log q = logaddexp of the two."""
+    n = x.shape[0]
+    if mix is None:
+        y, log_q_y = flow.sample_and_log_prob(n)
+        log_q_x = flow.log_prob(x)
+        return y, log_q_x, log_q_y, log_q_x
+    g, eps = mix
+    m = int(round(eps * n))
+    y = torch.cat([flow.sample(n - m), g.sample(m)])
+    xy = torch.cat([x, y])
+    log_qf = flow.log_prob(xy)
+    log_q = torch.logaddexp(log_qf + math.log1p(-eps), g.log_prob(xy) + math.log(eps))
+    return y, log_q[:n], log_q[n:], log_qf[:n]
+
+
+def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold, flow_mle=0.0, mix=None):
     """One FCE/NCE iteration on the data batch x; returns (V, accuracy, stepped model name).
 
-    Forward passes build one graph; `torch.autograd.grad` then back-propagates only into the
-    model that steps: the EBM step never differentiates the flow, and the flow step goes
-    through f_theta only with respect to its input (the samples), not its weights."""
+    The EBM ascends V when the accuracy is below `threshold` (always, for NCE), else the flow
+    descends V + flow_mle * (-E_data log q_flow). `mix` mixes a fixed Gaussian into the noise
+    (see `noise`). Forward passes build one graph; `torch.autograd.grad` then
+    back-propagates only into the model that steps: the EBM step never differentiates the
+    flow, and the flow step goes through f_theta only with respect to its input (the
+    samples), not its weights."""
     n = x.shape[0]
-    y, log_q_y = flow.sample_and_log_prob(n)
-    log_q_x = flow.log_prob(x)
+    y, log_q_x, log_q_y, log_qf_x = noise(flow, x, mix)
     log_p_x, log_p_y = ebm.log_prob(torch.cat([x, y])).split(n)
     V, acc = util.value_function(log_p_x, log_q_x, log_p_y, log_q_y)
     if not torch.isfinite(V):
@@ -123,15 +194,29 @@ def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold):
     if opt_flow is None or acc < threshold:
         opt, loss, who = opt_ebm, -V, "ebm"
     else:
-        opt, loss, who = opt_flow, V, "flow"
+        opt, loss, who = opt_flow, V - flow_mle * log_qf_x.mean(), "flow"
+    return (V.detach(), acc, who) if _step(opt, loss) else (V.new_tensor(math.nan), acc, None)
+
+
+def mle_step(flow, x, opt):
+    """One maximum-likelihood step of the flow alone; returns (-mean log q(x), None, "flow")."""
+    nll = -flow.log_prob(x).mean()
+    if not torch.isfinite(nll) or not _step(opt, nll):
+        return nll.new_tensor(math.nan), None, None
+    return nll.detach(), None, "flow"
+
+
+def _step(opt, loss):
+    """Gradient of `loss` for `opt`'s parameters only, then one step; False (and no step) if a
+    gradient is not finite."""
     params = [p for g in opt.param_groups for p in g["params"]]
     grads = torch.autograd.grad(loss, params)
     if not all(torch.isfinite(g).all() for g in grads):
-        return V.new_tensor(float("nan")), acc, None
+        return False
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
-    return V.detach(), acc, who
+    return True
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -165,18 +250,23 @@ def save_figure(args, ebm, flow, x_show, epoch, device):
     flow.eval()
     panels = [("data", plots.samples(x_show)),
               (f"flow q ({args.flow})", plots.density(flow.log_prob, n=120, device=device,
-                                                      normalise=False)),
-              ("EBM p = exp(-f) / Z", plots.density(lambda x: -ebm(x), n=120, device=device))]
+                                                      normalise=False))]
+    if ebm is not None:
+        panels.append(("EBM p = exp(-f) / Z", plots.density(lambda x: -ebm(x), n=120,
+                                                            device=device)))
     flow.train(was_training)
     return plots.save_panels(path, panels, title=f"{args.dataset}, {args.flow}, epoch {epoch}")
 
 
-def checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, epoch, it, step, perm, wandb_id):
-    return {"ebm": ebm.state_dict(), "ebm_spec": ebm.spec(), "flow": flow.state_dict(),
-            "flow_spec": flow.spec(), "opt_ebm": opt_ebm.state_dict(),
-            "opt_flow": opt_flow.state_dict() if opt_flow else None,
-            "config": config.to_dict(args), "epoch": epoch, "it": it, "step": step,
-            "perm": perm, "rng": util.rng_state(), "wandb_id": wandb_id}
+def checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, epoch, it, step, perm, cpu_s,
+                     wandb_id):
+    state = {"flow": flow.state_dict(), "flow_spec": flow.spec(),
+             "opt_flow": opt_flow.state_dict() if opt_flow else None,
+             "config": config.to_dict(args), "epoch": epoch, "it": it, "step": step,
+             "perm": perm, "cpu_s": cpu_s, "rng": util.rng_state(), "wandb_id": wandb_id}
+    if ebm is not None:
+        state.update(ebm=ebm.state_dict(), ebm_spec=ebm.spec(), opt_ebm=opt_ebm.state_dict())
+    return state
 
 
 # ----------------------------------------------------------------------------- main
@@ -189,8 +279,7 @@ def main(argv=None):
         device = util.get_device(args.device)
     except (ValueError, RuntimeError) as e:
         config.fail(str(e))
-    name = config.run_name("nce" if args.flow == "gaussian" else "fce", args.flow,
-                           args.dataset, f"s{args.seed}")
+    name = config.run_name(args.estimator, args.flow, args.dataset, f"s{args.seed}")
     args.out_dir = args.out_dir or os.path.join("runs", name)
     run = os.path.basename(os.path.normpath(args.out_dir))
     args.image_dir = args.image_dir or os.path.join("images", run)
@@ -204,16 +293,21 @@ def main(argv=None):
     # models and optimisers
     ebm, flow = make_models(args, x_train, device)
     opt_ebm, opt_flow = make_optimizers(args, ebm, flow)
+    mix = None
+    if args.estimator == "fce" and args.noise_mix > 0:
+        mix = (build_flow("gaussian", x_train).to(device), args.noise_mix)
     iters = max(args.samples // args.batch, 1)
     total = iters * args.epoch
-    epoch, it, step, perm = 0, 0, 0, None
+    epoch, it, step, perm, cpu_s = 0, 0, 0, None, 0.0
     if ckpt is not None:
-        ebm.load_state_dict(ckpt["ebm"])
         flow.load_state_dict(ckpt["flow"])
-        opt_ebm.load_state_dict(ckpt["opt_ebm"])
         if opt_flow is not None:
             opt_flow.load_state_dict(ckpt["opt_flow"])
+        if ebm is not None:
+            ebm.load_state_dict(ckpt["ebm"])
+            opt_ebm.load_state_dict(ckpt["opt_ebm"])
         epoch, it, step, perm = ckpt["epoch"], ckpt["it"], ckpt["step"], ckpt["perm"]
+        cpu_s = ckpt.get("cpu_s", 0.0)
         util.set_rng_state(ckpt["rng"])
         print(f"resuming {args.out_dir} at epoch {epoch}, iteration {step}")
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
@@ -222,74 +316,86 @@ def main(argv=None):
     log = RunLogger(args.out_dir, config.to_dict(args), args.wandb, args.project, run,
                     run_id=ckpt.get("wandb_id") if ckpt else None,
                     resume_step=step if ckpt else None)
-    entropy = datasets.entropy(args.dataset)
-    print(f"run {run}: {args.dataset}, flow={args.flow}, {total} iterations "
-          f"({args.epoch} epochs x {iters}), device={device}; outputs in {args.out_dir}, "
-          f"figures in {args.image_dir}")
+    budget = f", budget {args.budget:g} CPU-s" if args.budget else ""
+    print(f"run {run}: {args.estimator} on {args.dataset}, flow={args.flow}, {total} iterations "
+          f"({args.epoch} epochs x {iters}){budget}, device={device}; outputs in "
+          f"{args.out_dir}, figures in {args.image_dir}")
 
     def save(ep, i, s, pm):
         util.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"),
                              checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, ep, i, s,
-                                              pm, log.run_id))
+                                              pm, cpu_s, log.run_id))
 
     def evaluate(ep):
         flow.eval()
         m = util.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
         flow.train()
-        parts = [f"epoch {ep}", f"NLL ebm {m['nll_ebm']:.4f}", f"flow {m['nll_flow']:.4f}"]
-        if entropy is not None:
-            parts += [f"(optimum H = {entropy:.4f})", f"KL ebm {m['kl_ebm']:.4f}",
-                      f"flow {m['kl_flow']:.4f}"]
-        parts.append(f"c - log Z {m['c_gap']:+.3f}")
-        tqdm.write(" | ".join(parts))
+        tqdm.write(f"epoch {ep} | " + util.format_metrics(m))
+        plots.training_curves(os.path.join(args.out_dir, "curves.png"),
+                              {run: (read_metrics(args.out_dir), args.threshold)})
         return m
+
+    def out_of_budget():
+        return args.budget and cpu_s >= args.budget
 
     bar = progress_bar(total, step, run)
     acc_sum = v_sum = n_ebm = n_rows = 0
-    t_last, cpu_last, step_last = time.perf_counter(), time.process_time(), step
+    t_last, cpu_last, step_last = time.perf_counter(), cpu_s, step
     metrics = {}
     try:
-        while epoch < args.epoch:
+        while epoch < args.epoch and not out_of_budget():
             if perm is None:
                 perm = torch.randperm(args.samples, device=device)
-            while it < iters:
-                f = lr_factor(args, step, total)
+            while it < iters and not out_of_budget():
+                t0 = time.process_time()
+                progress = max(step / max(total, 1), cpu_s / args.budget if args.budget else 0)
+                f = lr_factor(args, progress)
                 for opt, lr in base_lrs:
                     opt.param_groups[0]["lr"] = lr * f
                 x = x_train[perm[it * args.batch:(it + 1) * args.batch]]
-                V, acc, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, args.threshold)
+                if ebm is None:
+                    V, acc, who = mle_step(flow, x, opt_flow)
+                else:
+                    V, acc, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, args.threshold,
+                                           args.flow_mle, mix)
                 if who is None:
                     raise FloatingPointError(
-                        f"non-finite value function or gradient at iteration {step} "
+                        f"non-finite loss or gradient at iteration {step} "
                         f"(epoch {epoch}); the last good checkpoint is kept in "
                         f"{args.out_dir}. Try a lower --lr_ebm/--lr_flow or another --seed.")
+                cpu_s += time.process_time() - t0
                 step, it = step + 1, it + 1
                 v_sum += float(V)
-                acc_sum += float(acc)
+                acc_sum += float(acc) if acc is not None else 0.0
                 n_ebm += who == "ebm"
                 n_rows += 1
                 bar.update(1)
                 if step % args.log_every == 0:
-                    now, cpu = time.perf_counter(), time.process_time()
-                    row = {"value": -v_sum / n_rows, "accuracy": acc_sum / n_rows,
-                           "ebm_step_fraction": n_ebm / n_rows, "epoch": epoch,
-                           "lr_ebm": opt_ebm.param_groups[0]["lr"],
-                           "it_per_s": (step - step_last) / (now - t_last),
-                           "cpu_s_per_it": (cpu - cpu_last) / (step - step_last)}
+                    now = time.perf_counter()
+                    row = ({"nll_train": v_sum / n_rows} if ebm is None else
+                           {"value": -v_sum / n_rows, "accuracy": acc_sum / n_rows,
+                            "ebm_step_fraction": n_ebm / n_rows,
+                            "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+                    row.update(epoch=epoch, cpu_s=cpu_s,
+                               it_per_s=(step - step_last) / (now - t_last),
+                               cpu_s_per_it=(cpu_s - cpu_last) / (step - step_last))
                     if opt_flow is not None:
                         row["lr_flow"] = opt_flow.param_groups[0]["lr"]
                     log.log(row, step)
-                    bar.set_postfix(value=f"{row['value']:.3f}", acc=f"{row['accuracy']:.3f}",
+                    bar.set_postfix({k: f"{row[k]:.3f}" for k in ("value", "accuracy",
+                                                                  "nll_train") if k in row},
                                     refresh=False)
                     acc_sum = v_sum = n_ebm = n_rows = 0
-                    t_last, cpu_last, step_last = now, cpu, step
-            epoch, it, perm = epoch + 1, 0, None
-            if epoch % args.eval_every == 0 or epoch == args.epoch:
+                    t_last, cpu_last, step_last = now, cpu_s, step
+            if it == iters:
+                epoch, it, perm = epoch + 1, 0, None
+            last = epoch == args.epoch or out_of_budget()
+            if epoch % args.eval_every == 0 or last:
                 metrics = evaluate(epoch)
-                log.log({**metrics, "epoch": epoch}, step)
-            if epoch % args.plot_every == 0 or epoch == args.epoch:
+                log.log({**metrics, "epoch": epoch, "cpu_s": cpu_s}, step)
+            if epoch % args.plot_every == 0 or last:
                 log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device), step)
-            save(epoch, 0, step, None)
+            save(epoch, it, step, perm)
     except KeyboardInterrupt:
         bar.close()
         save(epoch, it, step, perm)
@@ -304,9 +410,10 @@ def main(argv=None):
         return 1
     bar.close()
     if metrics:
-        log.summary({**metrics, "steps": step})
+        log.summary({**metrics, "steps": step, "cpu_s": cpu_s})
     log.finish()
-    print(f"done: {args.out_dir} (gif: python images/create_gif.py {args.image_dir})")
+    print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
+          f"python images/create_gif.py {args.image_dir})")
     return 0
 
 

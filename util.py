@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 import datasets
+from gridmath import grid_kl, grid_log_Z, grid_points, on_grid  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- value function
@@ -34,41 +35,11 @@ def value_function(log_p_data, log_q_data, log_p_noise, log_q_noise):
 
 
 # ----------------------------------------------------------------------------- grid evaluation
-def grid_points(bound, n, dtype=torch.float64, device="cpu"):
-    """Centres of an n x n grid on [-bound, bound]^2, shape (n*n, 2), and the cell area."""
-    h = 2 * bound / n
-    t = torch.linspace(-bound + h / 2, bound - h / 2, n, dtype=dtype, device=device)
-    xx, yy = torch.meshgrid(t, t, indexing="xy")
-    return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1), h * h
-
-
-@torch.no_grad()
-def on_grid(fn, bound, n, device="cpu", chunk=65536, dtype=torch.float32):
-    """fn evaluated at the grid centres, in float64, shape (n*n,). `fn` receives points of
-    `dtype` on `device` in chunks (float32 for float32 networks; float64 for analytic
-    functions); the result is promoted to float64."""
-    x, area = grid_points(bound, n)
-    out = torch.cat([fn(c.to(device, dtype)).cpu().double() for c in x.split(chunk)])
-    return out, area
-
-
-def grid_log_Z(neg_energy_values, area):
-    """log Z = log sum exp(-f) dA from -f on the grid (float64)."""
-    return float(torch.logsumexp(neg_energy_values.double(), 0) + math.log(area))
-
-
 def effective_sample_size(log_w):
     """ESS = (sum w)^2 / sum w^2 of unnormalised log importance weights, in log space
     (Kong 1992); between 1 and len(log_w)."""
     log_w = log_w.double()
     return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
-
-
-def grid_kl(log_p, log_q, area):
-    """KL(p || q) = sum p (log p - log q) dA on the grid; terms with p = 0 contribute 0."""
-    p = log_p.exp()
-    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
-    return float((p * diff).sum() * area)
 
 
 @torch.no_grad()
@@ -88,8 +59,7 @@ def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=da
     x_test = x_test.to(device)
     log_true = None
     if datasets.has_density(dataset):
-        grid, area = grid_points(bound, n)
-        log_true = datasets.log_density(dataset, grid)
+        log_true = datasets.grid_log_density(dataset, bound, n)
         out["entropy"] = datasets.entropy(dataset)
     if ebm is not None:
         neg_f, area = on_grid(lambda x: -ebm(x), bound, n, device)
@@ -109,6 +79,16 @@ def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=da
             log_q, area = on_grid(flow.log_prob, bound, n, device)
             out["kl_flow"] = grid_kl(log_true, log_q, area)
     return out
+
+
+def format_metrics(m):
+    """One line of `evaluate_2d`'s numbers: NLLs, the entropy (the optimum), KLs, c - log Z."""
+    parts = []
+    for key, label in (("nll_ebm", "NLL ebm"), ("nll_flow", "NLL flow"), ("entropy", "H"),
+                       ("kl_ebm", "KL ebm"), ("kl_flow", "KL flow"), ("c_gap", "c - log Z")):
+        if key in m:
+            parts.append(f"{label} {m[key]:+.3f}" if key == "c_gap" else f"{label} {m[key]:.4f}")
+    return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------- runtime
