@@ -20,7 +20,7 @@ The metric: the Frechet distance (Heusel et al. 2017, "FID") between Gaussian fi
 features of samples and of the held-out test images,
     FD = |mu_s - mu_r|^2 + tr(S_s + S_r - 2 (S_s S_r)^(1/2)),
 with features from the penultimate layer of a small MLP classifier trained on the training
-split (and the same distance on raw pixels), plus the total-variation distance between the
+split (and the same distance on raw pixels, 2x2-pooled for 28px MNIST), plus the total-variation distance between the
 classifier's predicted-label histogram of the samples and the test labels' histogram (label
 coverage). Samples are clamped to [-1, 1] (what the image shows) before scoring. Its floor is
 the score of `n` real training images, which the samples are compared to; FD grows with
@@ -29,7 +29,6 @@ fewer samples, so samples are always scored at the same n (`SampleMetric.n`).
 import hashlib
 import math
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -111,7 +110,8 @@ class ConvEBM(nn.Module):
                 nn.Conv2d(2 * n_f, 4 * n_f, 4, 2, 1), act(), nn.Conv2d(4 * n_f, 1, 2, 1, 0))
         else:
             if h != w or h not in (28, 32):
-                raise ValueError(f"arch vanilla is for 28x28 or 32x32 images, got {h}x{w}")
+                raise ValueError(f"arch vanilla is for 28x28 or 32x32 images, got {h}x{w}; "
+                                 f"use conv8 for 8x8")
             self.pad = (32 - h) // 2
             self.net = nn.Sequential(
                 nn.Conv2d(c, n_f, 3, 1, 1), act(), nn.Conv2d(n_f, 2 * n_f, 4, 2, 1), act(),
@@ -193,19 +193,17 @@ def save_grid(path, x, shape, nrow=10, scale=None, title=None):
 
 # ----------------------------------------------------------------------------- metric
 def frechet_distance(mu1, s1, mu2, s2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (scipy's sqrtm; the tiny
-    imaginary part from round-off is dropped)."""
-    from scipy import linalg
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
 
+    tr (S1 S2)^(1/2) = tr (A S2 A)^(1/2) with A = S1^(1/2) (same eigenvalues), and A S2 A is
+    symmetric PSD: two symmetric eigendecompositions, exact and fast also for rank-deficient
+    covariances (fewer samples than dimensions), unlike a general matrix square root."""
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # rank-deficient covariances (few distinct samples)
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(covmean).all():  # singular product: regularise as the FID code does
-            off = np.eye(len(s1)) * 1e-6
-            covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    w, V = np.linalg.eigh(s1)
+    A = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+    ev = np.linalg.eigvalsh(A @ s2 @ A)
+    tr_covmean = np.sqrt(np.clip(ev, 0, None)).sum()
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def _stats(f):
@@ -270,15 +268,24 @@ class SampleMetric:
 
     def __init__(self, x_train, y_train, x_test, y_test, n=500, seed=0, steps=600, n_floor=5):
         self.n = n
+        side = math.isqrt(x_test.shape[1])
+        # pixel statistics of 28px MNIST on 2x2-pooled 14x14 images (196-d, not 784-d)
+        self.pool = 2 if side * side == x_test.shape[1] and side > 16 and side % 2 == 0 else 1
         self.clf = cached_classifier(x_train.cpu(), y_train.cpu(), seed=seed, steps=steps)
         with torch.no_grad():
             self.test_accuracy = float((self.clf(x_test).argmax(1) == y_test).float().mean())
             self.ref_feat = _stats(self.clf.features(x_test).numpy())
-        self.ref_pix = _stats(x_test.numpy())
+        self.ref_pix = _stats(self._pixels(x_test))
         self.ref_hist = np.bincount(y_test.numpy(), minlength=10)[:10] / len(y_test)
         rng = np.random.default_rng(seed)
         scores = [self(x_train[rng.permutation(len(x_train))[:n]]) for _ in range(n_floor)]
         self.floor = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+    def _pixels(self, x):
+        if self.pool == 1:
+            return x.numpy()
+        side = math.isqrt(x.shape[1])
+        return nn.functional.avg_pool2d(x.reshape(-1, 1, side, side), self.pool).flatten(1).numpy()
 
     @torch.no_grad()
     def __call__(self, x):
@@ -293,6 +300,6 @@ class SampleMetric:
         pred = self.clf.head(feats).argmax(1).numpy()
         hist = np.bincount(pred, minlength=10)[:10] / len(pred)
         out["fd"] = frechet_distance(*_stats(feats.numpy()), *self.ref_feat)
-        out["fd_pixels"] = frechet_distance(*_stats(x.numpy()), *self.ref_pix)
+        out["fd_pixels"] = frechet_distance(*_stats(self._pixels(x)), *self.ref_pix)
         out["label_tv"] = 0.5 * float(np.abs(hist - self.ref_hist).sum())
         return out

@@ -184,11 +184,6 @@ def main(argv=None):
         except mcmc_images.DataError as e:
             config.fail(str(e))
         x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
-        metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=args.n_eval)
-        print(f"{args.dataset}: {len(x_train)} training / {len(x_test)} test images; metric "
-              f"classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
-              f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
-        x_train = x_train.to(device)
     else:
         x_train = datasets.sample(args.dataset, args.n_train, rng).to(device)
         x_test = datasets.sample(args.dataset, args.n_test, rng)
@@ -211,9 +206,15 @@ def main(argv=None):
         try:
             F = mcmc_images.ConvEBM(arch, mcmc_images.image_shape(args.dataset), args.n_f)
         except ValueError as e:
-            config.fail(f"--net {arch}: {e}")
+            config.fail(f"--net {arch}: {e}; or leave --net auto")
         F = F.to(device)
         cfg["net"] = arch
+        # the sample metric's classifier sees the same training split as the EBM
+        metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=args.n_eval)
+        print(f"{args.dataset}: {len(x_train)} training / {len(x_test)} test images; metric "
+              f"classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
+              f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
+        x_train = x_train.to(device)
     else:
         F = EBM(2, args.hidden, args.act).to(device)
     params = F.energy_params()  # the learned normaliser c plays no part in ML learning

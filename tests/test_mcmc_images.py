@@ -1,0 +1,269 @@
+"""Short-run MCMC on images (mcmc_images.py, samplers.ConvEnergy, train_mcmc.py --dataset
+digits|mnist, sample_mcmc.py on image runs): gradients, the sample metric, tiny runs of both
+regimes, bad input."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mcmc_images
+import sample_mcmc
+import train_mcmc
+from mcmc_images import ConvEBM, SampleMetric, load_images
+from samplers import ConvEnergy, langevin, mala
+from tilt_data import write_idx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--wandb", "disabled", "--n_iter", "3", "--L", "4", "--eval_every", "3",
+        "--log_every", "1", "--n_eval", "60", "--n_f", "4"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_images("digits")
+
+
+@pytest.fixture(scope="module")
+def metric(digits):
+    return SampleMetric(*digits)
+
+
+# ----------------------------------------------------------------------------- energy gradient
+@pytest.mark.parametrize("arch,shape", [("conv8", (1, 8, 8)), ("vanilla", (1, 28, 28)),
+                                        ("vanilla", (3, 32, 32))])
+def test_conv_energy_grad_matches_autograd(arch, shape):
+    torch.manual_seed(0)
+    F = ConvEBM(arch, shape, n_f=4)
+    x = 2 * torch.rand(5, int(np.prod(shape))) - 1
+    U = ConvEnergy(F, scale=3.0)
+    assert U.fast
+    y = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(U(y).sum(), y)
+    assert U.grad(x).shape == x.shape
+    assert torch.allclose(U.grad(x), ref, rtol=1e-5, atol=1e-7)
+    # bfloat16 gradient: same direction, a few per cent off
+    g16 = ConvEnergy(F, scale=3.0, dtype=torch.bfloat16).grad(x)
+    assert g16.dtype == torch.float32
+    assert float((g16 - ref).norm() / ref.norm()) < 0.2
+
+
+def test_conv_energy_falls_back_to_autograd_for_other_forwards():
+    class Shifted(ConvEBM):  # same layers, another forward: the hand-written pass is wrong
+        def forward(self, x):
+            return super().forward(x) + (x ** 2).sum(1)
+
+    torch.manual_seed(0)
+    F = Shifted("conv8", (1, 8, 8), n_f=4)
+    x = 2 * torch.rand(4, 64) - 1
+    with pytest.warns(RuntimeWarning, match="autograd"):
+        U = ConvEnergy(F, 2.0)
+        assert not U.fast
+    y = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(U(y).sum(), y)
+    assert torch.allclose(U.grad(x), ref, atol=1e-6)
+
+
+def test_fast_image_chain_equals_autograd_chain():
+    """langevin / mala with ConvEnergy run the same chain as with autograd (same noise)."""
+    torch.manual_seed(0)
+    F = ConvEBM("conv8", (1, 8, 8), n_f=4)
+    x0 = 2 * torch.rand(20, 64) - 1
+    scale = 2 / 0.05 ** 2
+    slow = lambda x: F(x) * scale  # noqa: E731  (a plain function: autograd path)
+    outs = []
+    for U in (ConvEnergy(F, scale), slow):
+        torch.manual_seed(1)
+        x, r = langevin(U, x0, 10, 0.05, return_grad_norm=True)
+        torch.manual_seed(2)
+        xm, acc = mala(U, x0, 5, 0.05)
+        outs.append((x, r, xm, acc))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(p.requires_grad for p in F.parameters())  # sampling left the parameters alone
+
+
+# ----------------------------------------------------------------------------- data
+def test_digits_split_and_range(digits):
+    x_train, y_train, x_test, y_test = digits
+    assert x_train.shape == (1348, 64) and x_test.shape == (449, 64)
+    assert float(x_train.min()) == -1.0 and float(x_train.max()) == 1.0
+    assert set(y_test.tolist()) == set(range(10))
+    # the split is fixed, whatever the global seed
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert torch.equal(load_images("digits")[2], x_test)
+
+
+def fake_mnist(tmp_path, n=60, gz=False):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    paths = []
+    for name, arr in (("images", images), ("labels", labels)):
+        p = str(tmp_path / f"{name}-idx")
+        write_idx(p, arr)
+        if gz:
+            with open(p, "rb") as fh, gzip.open(p + ".gz", "wb") as out:
+                out.write(fh.read())
+            p += ".gz"
+        paths.append(p)
+    return paths
+
+
+def test_mnist_idx_loads_gz(tmp_path):
+    imgs, labels = fake_mnist(tmp_path, gz=True)
+    x_train, y_train, x_test, y_test = load_images("mnist", imgs, labels)
+    assert x_train.shape == (54, 784) and x_test.shape == (6, 784)
+    assert -1.0 <= float(x_train.min()) and float(x_train.max()) <= 1.0
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "truncated_gz", "wrong_shape",
+                                  "bad_net", "bad_flag", "bad_save_at", "sample_missing_run"])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
+    imgs, labels = fake_mnist(tmp_path)
+    train = ["--out_dir", str(tmp_path / "run"), "--image_dir", str(tmp_path / "img"), *TINY]
+    main = train_mcmc.main
+    if case == "missing":
+        args = train + ["--dataset", "mnist", "--mnist_images", str(tmp_path / "nope"),
+                        "--mnist_labels", labels]
+        hint = "--mnist_images"
+    elif case == "malformed":
+        bad = tmp_path / "bad-idx"
+        bad.write_bytes(b"\x01\x02\x03\x04 not an idx file")
+        args = train + ["--dataset", "mnist", "--mnist_images", str(bad), "--mnist_labels", labels]
+        hint = "IDX"
+    elif case == "truncated_gz":
+        with open(imgs, "rb") as fh:
+            data = gzip.compress(fh.read())
+        (tmp_path / "cut.gz").write_bytes(data[: len(data) // 2])
+        args = train + ["--dataset", "mnist", "--mnist_images", str(tmp_path / "cut.gz"),
+                        "--mnist_labels", labels]
+        hint = "IDX"
+    elif case == "wrong_shape":
+        write_idx(str(tmp_path / "small"), np.zeros((60, 8, 8), np.uint8))
+        args = train + ["--dataset", "mnist", "--mnist_images", str(tmp_path / "small"),
+                        "--mnist_labels", labels]
+        hint = "28x28"
+    elif case == "bad_net":
+        args = train + ["--dataset", "digits", "--net", "vanilla"]
+        hint = "conv8"
+    elif case == "bad_flag":
+        args = train + ["--dataset", "digits", "--langevin_dtype", "float8"]
+        hint = "bfloat16"
+    elif case == "bad_save_at":
+        main, args = sample_mcmc.main, ["--run", str(tmp_path), "--save_at", "x"]
+        hint = "0,100,1000"
+    else:
+        main, args = sample_mcmc.main, ["--run", str(tmp_path / "none")]
+        hint = "checkpoint"
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and hint in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- metric
+def test_frechet_distance_matches_matrix_square_root():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 12)), 1.3 * rng.normal(size=(300, 12)) + 0.2
+    (m1, s1), (m2, s2) = [(v.mean(0), np.cov(v, rowvar=False)) for v in (a, b)]
+    ref = (m1 - m2) @ (m1 - m2) + np.trace(s1 + s2 - 2 * np.real(linalg.sqrtm(s1 @ s2)))
+    assert mcmc_images.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-9)
+    assert abs(mcmc_images.frechet_distance(m1, s1, m1, s1)) < 1e-9
+
+
+def test_metric_floor_real_noise_blur(digits, metric):
+    x_train, _, x_test, _ = digits
+    floor = metric.floor
+    assert metric.test_accuracy > 0.95
+    # other real digits (a subset the floor did not fix) score near the floor
+    real = metric(x_train[torch.from_numpy(np.random.default_rng(7).permutation(1348)[:500])])
+    assert real["fd"] < 1.5 * floor["fd"] and real["fd_pixels"] < 1.5 * floor["fd_pixels"]
+    assert real["label_tv"] < 0.15
+    # uniform noise and heavily blurred digits score far worse
+    torch.manual_seed(0)
+    noise = metric(2 * torch.rand(500, 64) - 1)
+    k = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / (2 * 1.5 ** 2))
+    k = (k[:, None] * k[None, :] / k.sum() ** 2)[None, None]
+    img = x_train[:500].reshape(-1, 1, 8, 8)
+    blurred = nn.functional.conv2d(nn.functional.pad(img, (3,) * 4, mode="replicate"), k)
+    blur = metric(blurred.reshape(500, 64))
+    for bad in (noise, blur):
+        assert bad["fd"] > 20 * floor["fd"] and bad["fd_pixels"] > 10 * floor["fd_pixels"]
+    # one class only: covers nothing else
+    assert metric(x_train[digits[1] == 3][:100])["label_tv"] > 0.8
+
+
+def test_metric_is_deterministic_and_drops_nonfinite(digits, metric):
+    again = SampleMetric(*digits)
+    assert again.floor == metric.floor
+    x = digits[0][:300].clone()
+    assert metric(x) == again(x)
+    x[:5] = float("nan")
+    m = metric(x)
+    assert m["n_nonfinite"] == 5 and np.isfinite(m["fd"])
+
+
+# ----------------------------------------------------------------------------- training / sampling
+def tiny_run(tmp_path, config, *extra):
+    out = str(tmp_path / "run")
+    train_mcmc.main(["--config", os.path.join(ROOT, "configs", config), "--out_dir", out,
+                     "--name", "run", "--image_dir", str(tmp_path / "img"), *TINY, *extra])
+    return out
+
+
+@pytest.mark.parametrize("config", ["mcmc_digits_nonconvergent.json",
+                                    "mcmc_digits_convergent.json"])
+def test_tiny_digit_run_of_each_regime(tmp_path, config):
+    out = tiny_run(tmp_path, config)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    last = rows[-1]
+    assert last["step"] == 3 and np.isfinite(last["fd"]) and 0 <= last["label_tv"] <= 1
+    assert last["fd_floor"] < last["fd"]  # 3 iterations do not make digits
+    assert os.path.isfile(tmp_path / "img" / "run" / "negatives" / "step_000003.png")
+    assert os.path.isfile(tmp_path / "img" / "run" / "negatives.gif")
+    assert os.path.isfile(os.path.join(out, "diagnostics.png"))
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert "image_ebm" in ckpt and "ebm" not in ckpt
+    cfg = json.load(open(os.path.join(ROOT, "configs", config)))
+    if cfg["init"] == "persistent":  # one chain per training image
+        assert ckpt["bank"].shape == (1348, 64)
+    # the stored U is 2 / eps^2 times the trained F
+    U, F = mcmc_images.load_image_ebm(ckpt), mcmc_images.load_image_ebm(ckpt, "F")
+    x = torch.rand(3, 64)
+    assert torch.allclose(U(x), F(x) * 2 / cfg["eps"] ** 2, rtol=1e-4)
+
+
+def test_image_run_resumes_and_samples_long_run(tmp_path):
+    out = tiny_run(tmp_path, "mcmc_digits_convergent.json")
+    train_mcmc.main(["--resume", out, "--n_iter", "4"])
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4
+    for sampler in ("ula", "mala"):
+        rec = sample_mcmc.main(["--run", out, "--sampler", sampler, "--init", "data",
+                                "--steps", "12", "--chunk", "5", "--save_at", "0,10",
+                                "--n", "60", "--image_dir", str(tmp_path / "img")])
+        assert [r["step"] for r in rec["results"]] == [0, 10, 12]
+        assert (rec["acceptance_mean"] is None) == (sampler == "ula")
+        stem = tmp_path / "img" / "run" / f"longrun_{sampler}_data"
+        for suffix in (".json", ".png", "_curves.png"):
+            assert os.path.isfile(f"{stem}{suffix}")
+        assert os.path.isfile(stem / "step_000010.png")
+    # step 0 of chains from data is the data: its FD is that of real digits
+    assert rec["results"][0]["fd"] < 1.5 * rec["floor"]["fd"]
+
+
+def test_vanilla_net_on_tiny_mnist(tmp_path):
+    imgs, labels = fake_mnist(tmp_path)
+    out = str(tmp_path / "run")
+    train_mcmc.main(["--dataset", "mnist", "--mnist_images", imgs, "--mnist_labels", labels,
+                     "--out_dir", out, "--image_dir", str(tmp_path / "img"), "--init", "uniform",
+                     "--batch", "20", *TINY])
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["image_ebm_spec"] == {"arch": "vanilla", "shape": [1, 28, 28], "n_f": 4}
