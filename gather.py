@@ -264,7 +264,8 @@ def markdown(agg, keys):
 
 
 def figure(agg, key, path):
-    """Grouped bars of `key` (mean ± sd over seeds): one group per dataset, one bar per label."""
+    """Grouped bars of `key` (mean ± sd over seeds): one group per dataset, one bar per label.
+    Returns the path, or None (with a note) when no run has the key."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +274,8 @@ def figure(agg, key, path):
     labels = list(dict.fromkeys(a["label"] for a in agg if key in a))
     data = list(dict.fromkeys(a["dataset"] for a in agg if key in a))
     if not labels:
-        raise ValueError(f"no run has {key!r}")
+        note(f"no figure: no run has {key!r}")
+        return None
     w = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(data) + 1), 3.2))
     for i, lab in enumerate(labels):
@@ -347,11 +349,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
-    if args.figure:
-        try:
-            print(f"wrote {figure(agg, keys[0], args.figure)}", file=sys.stderr)
-        except ValueError as e:
-            print(f"{prog}: no figure: {e}", file=sys.stderr)
+    if args.figure and figure(agg, keys[0], args.figure):
+        print(f"wrote {args.figure}", file=sys.stderr)
     return 0
 
 
