@@ -1,6 +1,6 @@
 """Gather finished runs into one table: from local run folders or from a wandb sweep.
 
-    python gather.py runs/bench-*  --keys kl_ebm nll_ebm nll_flow cpu_s
+    python gather.py runs/bench --keys kl_ebm nll_ebm nll_flow cpu_s
     python gather.py runs/sweep-abc123 --by lr_ebm lr_flow threshold --keys kl_ebm
     python gather.py --wandb entity/project/sweep_id --keys kl_ebm nll_flow --out table.md
 
@@ -25,6 +25,8 @@ import math
 import os
 import statistics
 import sys
+
+import config  # standard library only: gathering needs no torch
 
 # table order: estimators and flows as in bench.py, datasets as in datasets.NAMES (kept here
 # so that gathering needs neither torch nor the datasets module)
@@ -303,9 +305,9 @@ def figure(agg, key, path):
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[1:5]))
+    p = config.Parser(description=__doc__.split("\n")[0],  # one-line errors, exit 2
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="\n".join(__doc__.split("\n")[1:5]))
     p.add_argument("paths", nargs="*", help="run folders or folders holding them (globs too)")
     p.add_argument("--wandb", nargs="+", default=None, metavar="ENTITY/PROJECT[/SWEEP_ID]",
                    help="read the runs of sweeps (or projects) from the wandb server")
