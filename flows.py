@@ -753,6 +753,15 @@ def nice(dim=2, K=8, hidden=(64, 64), act="silu", base="learned"):
                                         "hidden": list(hidden), "act": act, "base": base})
 
 
+def spline(dim=2, K=4, hidden=(64, 64), act="relu", bins=8, bound=5.0, base="learned"):
+    """K rational-quadratic spline couplings (NSF-C) for VI, alternating halves: one pass in
+    the sampling direction and for log q of its own samples."""
+    layers = [SplineCoupling(dim, hidden, bins, bound, act, swap=bool(k % 2)) for k in range(K)]
+    return _vi_flow(layers, dim, base, {"name": "spline", "dim": dim, "K": K,
+                                        "hidden": list(hidden), "act": act, "bins": bins,
+                                        "bound": bound, "base": base})
+
+
 class FlowStack(nn.Module):
     """T independent flows q_1..q_T, one per target, trained in one loop:
     `sample_and_log_prob(n)` returns x (T, n, D) and log q (T, n); `flow(t)` is q_t as a Flow.
@@ -854,5 +863,5 @@ def stack(flow_spec, n_targets, batched=True):
 
 
 BUILDERS.update({"planar": planar, "radial": radial, "iaf": iaf, "realnvp": realnvp,
-                 "nice": nice, "stack": stack})
-VI_FLOWS = ("planar", "radial", "iaf", "realnvp", "nice")
+                 "nice": nice, "spline": spline, "stack": stack})
+VI_FLOWS = ("planar", "radial", "iaf", "realnvp", "nice", "spline")

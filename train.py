@@ -54,7 +54,7 @@ def get_args(argv=None):
     p.add_argument("--flow", default=None, choices=[*LEARNED_FLOWS, "gaussian"],
                    help="noise model (fce) or model (mle); default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
-    p.add_argument("--epoch", type=config.positive_int, default=100, help="number of epochs")
+    p.add_argument("--epoch", type=config.positive_int, default=40, help="number of epochs")
     p.add_argument("--budget", type=config.nonnegative_float, default=0.0,
                    help="CPU-seconds of training after which the run ends (0: no budget); "
                         "the learning-rate schedule then follows the spent fraction")
@@ -62,8 +62,8 @@ def get_args(argv=None):
                    help="training set size; an epoch is samples/batch iterations")
     p.add_argument("--test_samples", type=config.positive_int, default=20_000,
                    help="held-out samples for the test NLL")
-    p.add_argument("--batch", type=config.positive_int, default=1000)
-    p.add_argument("--threshold", type=config.open_unit, default=0.6,
+    p.add_argument("--batch", type=config.positive_int, default=256)
+    p.add_argument("--threshold", type=config.open_unit, default=0.8,
                    help="update the EBM while the accuracy is below this, else the flow")
     p.add_argument("--lr_ebm", type=config.positive_float, default=1e-3)
     p.add_argument("--lr_flow", type=config.positive_float, default=7e-4)
@@ -72,12 +72,12 @@ def get_args(argv=None):
     p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"],
                    help="cosine: both learning rates decay to lr_min_factor * lr at the end")
     p.add_argument("--lr_min_factor", type=config.nonnegative_float, default=0.05)
-    p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[128, 128])
+    p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[256, 256, 256])
     p.add_argument("--ebm_act", default="silu", choices=["silu", "softplus", "tanh", "elu",
                                                          "leakyrelu", "relu"])
-    p.add_argument("--flow_mle", type=config.nonnegative_float, default=0.0,
+    p.add_argument("--flow_mle", type=config.nonnegative_float, default=1.0,
                    help="weight of -E_data log q added to the flow's loss at its steps (fce)")
-    p.add_argument("--noise_mix", type=config.unit_interval, default=0.0,
+    p.add_argument("--noise_mix", type=config.unit_interval, default=0.5,
                    help="fraction of FCE's noise drawn from a fixed Gaussian fitted to the data "
                         "(q = (1 - mix) q_flow + mix N(mean, cov)); 0: the flow alone")
     p.add_argument("--flow_layers", type=config.positive_int, default=None,

@@ -43,7 +43,7 @@ def build_parser():
     p.add_argument("--K", type=config.positive_int, default=32,
                    help="number of layers (planar/radial) or blocks (iaf/realnvp/nice)")
     p.add_argument("--hidden", type=config.positive_int, nargs="+", default=[64, 64],
-                   help="hidden sizes of the iaf/realnvp/nice networks")
+                   help="hidden sizes of the iaf/realnvp/nice/spline networks")
     p.add_argument("--base", default="learned", choices=["learned", "fixed"],
                    help="q0: learnable diagonal Gaussian, or fixed N(0, I)")
     config.add_flag(p, "--batched", default=True,
@@ -170,7 +170,7 @@ def main(argv=None):
 
     # -- model: one flow per target (planar: one batched module) --
     flow_spec = {"name": cfg["flow"], "dim": 2, "K": cfg["K"], "base": cfg["base"]}
-    if cfg["flow"] in ("iaf", "realnvp", "nice"):
+    if cfg["flow"] in ("iaf", "realnvp", "nice", "spline"):
         flow_spec["hidden"] = list(cfg["hidden"])
     model = flows.build_flow("stack", flow_spec=flow_spec, n_targets=len(names),
                              batched=cfg["batched"]).to(device)

@@ -15,7 +15,8 @@ SMALL = {"maf": {"n_blocks": 2, "hidden": (16, 16)}, "glow": {"n_steps": 2, "hid
          "nsf": {"n_blocks": 2, "hidden": (16, 16)},
          "nsf_coupling": {"n_blocks": 2, "hidden": (16, 16)}, "planar": {"K": 4},
          "radial": {"K": 4}, "iaf": {"K": 2, "hidden": (16, 16)},
-         "realnvp": {"K": 2, "hidden": (16, 16)}, "nice": {"K": 2, "hidden": (16, 16)}}
+         "realnvp": {"K": 2, "hidden": (16, 16)}, "nice": {"K": 2, "hidden": (16, 16)},
+         "spline": {"K": 2, "hidden": (16, 16)}}
 FLOWS = sorted(set(flows.BUILDERS) - NOT_A_SINGLE_FLOW) + ["maf_bn"]
 AUTOREGRESSIVE = (flows.MAFLayer, flows.SplineAutoregressive)  # IAFLayer is a MAFLayer
 

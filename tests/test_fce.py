@@ -1,0 +1,184 @@
+"""FCE/NCE/MLE estimators of train.py beyond the basic run: the noise mixture, the flow's
+maximum-likelihood term, --estimator=mle, the CPU budget, curves, bad input, spline NaNs, and
+the equal-budget benchmark."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import bench
+import curves
+import flows
+import train
+import util
+from logger import read_metrics
+
+TINY = ["--samples", "2000", "--batch", "200", "--test_samples", "2000", "--ebm_hidden", "32",
+        "--flow_hidden", "16", "--flow_layers", "2", "--log_every", "5", "--wandb", "disabled"]
+
+
+def run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    code = train.main([*TINY, "--out_dir", str(out), "--image_dir", str(tmp_path / "img" / name),
+                       *extra])
+    return code, out
+
+
+def models(seed=0):
+    torch.manual_seed(seed)
+    data = torch.randn(400, 2) * torch.tensor([1.5, 0.7])
+    args = train.get_args(TINY + ["--flow", "maf"])
+    ebm, flow = train.make_models(args, data, "cpu")
+    return ebm, flow, data[:100], flows.build_flow("gaussian", data)
+
+
+def test_noise_mixture_density_is_the_mixture_and_normalised():
+    ebm, flow, x, g = models()
+    y, lq_x, lq_y, lqf_x = train.noise(flow, x, (g, 0.3))
+    assert y.shape == x.shape
+    for pts, lq in ((x, lq_x), (y, lq_y)):
+        expect = torch.logaddexp(flow.log_prob(pts) + math.log(0.7), g.log_prob(pts) + math.log(0.3))
+        assert torch.allclose(lq, expect, atol=1e-5)
+    assert torch.allclose(lqf_x, flow.log_prob(x), atol=1e-6)
+    mix = lambda v: torch.logaddexp(flow.log_prob(v) + math.log(0.7),  # noqa: E731
+                                    g.log_prob(v) + math.log(0.3))
+    with torch.no_grad():
+        values, area = util.on_grid(mix, 12.0, 300)
+    assert math.exp(torch.logsumexp(values, 0)) * area == pytest.approx(1, abs=2e-3)
+    # round(0.3 n) = 30 of the 100 noise points come from the fixed Gaussian (no gradient into
+    # the flow), the first 70 are reparameterised flow samples
+    params = [p for p in flow.parameters() if p.requires_grad]
+    from_g = torch.autograd.grad(y[70:].sum(), params, retain_graph=True, allow_unused=True)
+    assert all(gr is None or (gr == 0).all() for gr in from_g)
+    from_flow = torch.autograd.grad(y[:70].sum(), params, allow_unused=True)
+    assert any(gr is not None and (gr != 0).any() for gr in from_flow)
+
+
+def test_flow_step_descends_V_plus_the_weighted_nll():
+    """The flow's update is the gradient of V - lambda mean log q_flow(data): with SGD the
+    flow parameters move by exactly -lr times that gradient."""
+    ebm, flow, x, g = models(1)
+    lam, lr = 2.0, 1e-2
+    opt_e = torch.optim.SGD(ebm.parameters(), lr)
+    opt_f = torch.optim.SGD(flow.parameters(), lr)
+    state = torch.get_rng_state()
+    y, lq_x, lq_y, lqf_x = train.noise(flow, x, (g, 0.5))
+    lp_x, lp_y = ebm.log_prob(torch.cat([x, y])).split(len(x))
+    V, _ = util.value_function(lp_x, lq_x, lp_y, lq_y)
+    params = list(flow.parameters())
+    grads = torch.autograd.grad(V - lam * lqf_x.mean(), params)
+    before = [p.detach().clone() for p in params]
+    torch.set_rng_state(state)
+    _, _, who = train.fce_step(ebm, flow, x, opt_e, opt_f, 1e-6, lam, (g, 0.5))
+    assert who == "flow"
+    for p, b, gr in zip(params, before, grads):
+        assert torch.allclose(p.detach(), b - lr * gr, atol=1e-6)
+
+
+def test_mle_run_has_no_ebm_and_lowers_the_flow_nll(tmp_path):
+    code, out = run(tmp_path, "--estimator", "mle", "--flow", "nsf", "--epoch", "4",
+                    "--eval_every", "1", "--lr_flow", "3e-3")
+    assert code == 0
+    summary = json.load(open(out / "summary.json"))
+    assert "kl_ebm" not in summary and "nll_ebm" not in summary
+    evals = [r["nll_flow"] for r in read_metrics(out) if "nll_flow" in r]
+    assert len(evals) == 4 and evals[-1] < evals[0] - 0.1
+    loaded = util.load_run(str(out))
+    assert loaded.ebm is None and loaded.flow.spec()["name"] == "nsf"
+    assert os.path.isfile(out / "curves.png")
+
+
+def test_budget_stops_training_after_that_many_cpu_seconds(tmp_path):
+    code, out = run(tmp_path, "--epoch", "1000", "--budget", "1.5", "--eval_every", "1000",
+                    "--plot_every", "1000")
+    assert code == 0
+    summary = json.load(open(out / "summary.json"))
+    rows = [r for r in read_metrics(out) if "cpu_s_per_it" in r]
+    per_it = max(r["cpu_s_per_it"] for r in rows)
+    assert 1.5 <= summary["cpu_s"] < 1.5 + 2 * per_it
+    assert summary["steps"] < 1000 * 10  # stopped long before the epochs ran out
+    assert "kl_ebm" in summary  # and evaluated at the stop
+
+
+def test_budgeted_run_resumes_with_more_budget(tmp_path):
+    code, out = run(tmp_path, "--epoch", "1000", "--budget", "0.5", "--eval_every", "1000",
+                    "--plot_every", "1000", name="b")
+    assert code == 0
+    first = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert train.main(["--resume", str(out), "--budget", "1.0"]) == 0
+    second = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert second["step"] > first["step"] and second["cpu_s"] >= 1.0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--estimator", "gan"], "invalid choice"),
+    (["--flow", "nsf9"], "invalid choice"),
+    (["--estimator", "nce", "--flow", "maf"], "fixed Gaussian"),
+    (["--estimator", "mle", "--flow", "gaussian"], "learned flow"),
+    (["--flow", "nsf", "--nsf_bins", "0"], "positive"),
+    (["--flow", "nsf", "--nsf_bound", "0"], "positive"),
+    (["--flow", "nsf", "--nsf_bound", "-2"], "positive"),
+    (["--budget", "-1"], ">= 0"),
+    (["--noise_mix", "1"], "below 1"),
+    (["--noise_mix", "1.5"], "[0, 1]"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--wandb", "disabled"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_nan_in_a_spline_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                          capsys):
+    real = train.mle_step
+    calls = {"n": 0}
+
+    def poisoned(flow, x, opt):
+        calls["n"] += 1
+        if calls["n"] == 15:  # second epoch: a NaN reaches the spline's parameters
+            with torch.no_grad():
+                flow.transforms[0].made.out.bias.fill_(float("nan"))
+        return real(flow, x, opt)
+
+    monkeypatch.setattr(train, "mle_step", poisoned)
+    code, out = run(tmp_path, "--estimator", "mle", "--flow", "nsf", "--epoch", "3")
+    assert code == 1 and "non-finite" in capsys.readouterr().err
+    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["flow"].values()
+                                      if v.is_floating_point())
+
+
+def test_curves_command_overlays_runs_and_rejects_non_runs(tmp_path, capsys):
+    code, out = run(tmp_path, "--epoch", "2", "--eval_every", "1")
+    assert code == 0 and os.path.getsize(out / "curves.png") > 10_000
+    code2, out2 = run(tmp_path, "--epoch", "1", "--estimator", "nce", name="nce")
+    assert curves.main([str(out), str(out2), "-o", str(tmp_path / "both.png")]) == 0
+    assert os.path.getsize(tmp_path / "both.png") > 10_000
+    with pytest.raises(SystemExit) as e:
+        curves.main([str(tmp_path / "nope")])
+    assert e.value.code == 2
+
+
+def test_bench_grid_runs_skips_finished_runs_and_reports(tmp_path, capsys):
+    root, out = tmp_path / "grid", tmp_path / "report"
+    argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "mle-nsf",
+            "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
+            "--jobs", "2", "--train_args", " ".join(TINY)]
+    assert bench.main(argv) == 0
+    table = open(out / "table.md").read()
+    assert "| nce | 8gaussians | 1 |" in table and "| mle-nsf | 8gaussians | 1 |" in table
+    assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "kl_ebm.png")
+    stamp = os.path.getmtime(root / "nce-8gaussians-s0" / "summary.json")
+    assert bench.main(argv) == 0  # finished runs are kept, not run again
+    assert os.path.getmtime(root / "nce-8gaussians-s0" / "summary.json") == stamp
+
+
+def test_bench_report_without_runs_writes_nothing(tmp_path, capsys):
+    assert bench.main(["--only", "report", "--root", str(tmp_path / "empty"),
+                       "--out", str(tmp_path / "out")]) == 0
+    assert not os.path.exists(tmp_path / "out")
+    assert "nothing written" in capsys.readouterr().err
