@@ -89,6 +89,11 @@ def save_curves(path, curves, xlabel="iteration", title=None, size=(4.0, 3.0), l
             ax.set_yscale("log")
         if len(lines) > 1:
             ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
+def _save(fig, path, title=None):
+    """Title, tight layout, save (creating the folder) and close; returns the path."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -137,13 +142,7 @@ def training_curves(path, runs, title=None):
         ax.set_xlabel("iteration")
     if any(ax.get_legend_handles_labels()[0] for ax in axes[:1]):
         axes[0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def series_has(rows, key):

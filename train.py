@@ -331,9 +331,12 @@ def main(argv=None):
         m = util.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
         flow.train()
         tqdm.write(f"epoch {ep} | " + util.format_metrics(m))
+        log.log({**m, "epoch": ep, "cpu_s": cpu_s}, step)
         plots.training_curves(os.path.join(args.out_dir, "curves.png"),
-                              {run: (read_metrics(args.out_dir), args.threshold)})
+                              {run: (read_metrics(args.out_dir), threshold)})
         return m
+
+    threshold = args.threshold if args.estimator == "fce" else None
 
     def out_of_budget():
         return args.budget and cpu_s >= args.budget
@@ -392,7 +395,6 @@ def main(argv=None):
             last = epoch == args.epoch or out_of_budget()
             if epoch % args.eval_every == 0 or last:
                 metrics = evaluate(epoch)
-                log.log({**metrics, "epoch": epoch, "cpu_s": cpu_s}, step)
             if epoch % args.plot_every == 0 or last:
                 log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device), step)
             save(epoch, it, step, perm)
