@@ -341,6 +341,8 @@ def main(argv=None):
     def out_of_budget():
         return args.budget and cpu_s >= args.budget
 
+    if ckpt is None:
+        save(epoch, it, step, perm)  # a NaN in the first epoch still leaves a loadable run
     bar = progress_bar(total, step, run)
     acc_sum = v_sum = n_ebm = n_rows = 0
     t_last, cpu_last, step_last = time.perf_counter(), cpu_s, step

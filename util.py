@@ -133,11 +133,20 @@ def load_checkpoint(path, map_location="cpu"):
 
 def rng_state():
     """All random-number-generator states as tensors and plain types (for checkpoints)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2]}
+             "python_pos": random.getstate()[2],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if _mps_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
+
+
+def _mps_available():
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def set_rng_state(state):
@@ -145,6 +154,11 @@ def set_rng_state(state):
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and _mps_available():
+        torch.mps.set_rng_state(state["mps"])
+    if "numpy" in state:
+        keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def load_run(run_dir, device="cpu"):

@@ -182,3 +182,22 @@ def test_bench_report_without_runs_writes_nothing(tmp_path, capsys):
                        "--out", str(tmp_path / "out")]) == 0
     assert not os.path.exists(tmp_path / "out")
     assert "nothing written" in capsys.readouterr().err
+
+
+def test_nan_at_the_first_iteration_leaves_a_loadable_initial_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "fce_step", lambda *a, **kw: (torch.tensor(math.nan), 0.5, None))
+    code, out = run(tmp_path, "--epoch", "2")
+    assert code == 1
+    loaded = util.load_run(str(out))
+    assert loaded.step == 0 and loaded.ebm is not None and loaded.flow is not None
+
+
+def test_checkpoint_rng_state_restores_numpy_and_torch():
+    import numpy as np
+
+    np.random.seed(1)
+    torch.manual_seed(1)
+    state = util.rng_state()
+    a, b = np.random.rand(3), torch.rand(3)
+    util.set_rng_state(state)
+    assert np.array_equal(np.random.rand(3), a) and torch.equal(torch.rand(3), b)
