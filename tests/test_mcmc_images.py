@@ -201,11 +201,15 @@ def test_metric_floor_real_noise_blur(digits, metric):
     assert metric(x_train[digits[1] == 3][:100])["label_tv"] > 0.8
 
 
-def test_metric_is_deterministic_and_drops_nonfinite(digits, metric):
+def test_metric_is_deterministic_clamps_and_drops_nonfinite(digits, metric, monkeypatch):
+    monkeypatch.setattr(mcmc_images, "_CLASSIFIERS", {})  # train the classifier again
+    torch.manual_seed(99)  # whatever the global RNG state
     again = SampleMetric(*digits)
-    assert again.floor == metric.floor
+    assert again.clf is not metric.clf and again.floor == metric.floor
     x = digits[0][:300].clone()
     assert metric(x) == again(x)
+    # scored as the image shows: pixels beyond [-1, 1] count as -1 / 1
+    assert metric(3 * x) == metric((3 * x).clamp(-1, 1))
     x[:5] = float("nan")
     m = metric(x)
     assert m["n_nonfinite"] == 5 and np.isfinite(m["fd"])
