@@ -322,8 +322,10 @@ class ConvEnergy:
           grad_fn call from the weights by one gather through an index map computed once per
           instance), so a step is the MLP fast path of `Energy`: one addmm + activation per
           layer forward, one activation-backward + mm per layer back. On the 16-32-64 digit
-          net (8x8) this is about 1.4x faster than the convolution kernels on one CPU core
-          (bench_mcmc_images.py); for bigger layers the matrices outgrow the caches.
+          net (8x8, 0.7M matrix elements) it measured 1.2-1.4x faster than the convolution
+          kernels on one idle-ish core, and level with them (within +-7%) in
+          bench_mcmc_images.py on a loaded machine; for bigger layers (the 32-64-128 net,
+          2.8M) the matrices outgrow the caches and it is 2x slower.
       "conv": the convolutions, and one ATen `convolution_backward` with output_mask
           (input, -, -) plus one activation-backward kernel per layer on the way back.
       "auto" (default): dense when the matrices hold at most DENSE_MAX elements and the input
