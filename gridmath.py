@@ -19,7 +19,7 @@ def grid_points(bound, n, dtype=torch.float64, device="cpu"):
 
 
 @torch.no_grad()
-def on_grid(fn, bound, n, device="cpu", chunk=65536, dtype=torch.float32):
+def on_grid(fn, bound, n, device="cpu", chunk=8192, dtype=torch.float32):
     """fn evaluated at the grid centres, in float64, shape (n*n,). `fn` receives points of
     `dtype` on `device` in chunks (float32 for float32 networks; float64 for analytic
     functions); the result is promoted to float64."""
