@@ -197,7 +197,7 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="+", default=list(TOY), choices=datasets.NAMES)
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--budget", type=config.positive_float, default=60.0,
+    p.add_argument("--budget", type=config.positive_float, default=40.0,
                    help="CPU-seconds of training per run")
     p.add_argument("--jobs", type=config.positive_int, default=1,
                    help="runs at a time (one CPU thread each)")
