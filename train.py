@@ -55,8 +55,8 @@ def get_args(argv=None):
                    help="noise model (fce) or model (mle); default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
     p.add_argument("--epoch", type=config.positive_int, default=40, help="number of epochs")
-    p.add_argument("--budget", type=config.nonnegative_float, default=0.0,
-                   help="CPU-seconds of training after which the run ends (0: no budget); "
+    p.add_argument("--budget", type=config.positive_float, default=None,
+                   help="CPU-seconds of training after which the run ends (default: none); "
                         "the learning-rate schedule then follows the spent fraction")
     p.add_argument("--samples", type=config.positive_int, default=100_000,
                    help="training set size; an epoch is samples/batch iterations")

@@ -120,7 +120,8 @@ def test_budgeted_run_resumes_with_more_budget(tmp_path):
     (["--flow", "nsf", "--nsf_bins", "0"], "positive"),
     (["--flow", "nsf", "--nsf_bound", "0"], "positive"),
     (["--flow", "nsf", "--nsf_bound", "-2"], "positive"),
-    (["--budget", "-1"], ">= 0"),
+    (["--budget", "-1"], "positive"),
+    (["--budget", "0"], "positive"),
     (["--noise_mix", "1"], "below 1"),
     (["--noise_mix", "1.5"], "[0, 1]"),
 ])
