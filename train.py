@@ -24,6 +24,7 @@ figure per epoch in images/<run>/, wandb (online when logged in, else offline).
 """
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -404,7 +405,7 @@ def main(argv=None):
         bar.close()
         save(epoch, it, step, perm)
         print(f"\ninterrupted at iteration {step}: checkpoint saved; continue with\n"
-              f"  python train.py --resume {args.out_dir}", file=sys.stderr)
+              f"  python train.py --resume {shlex.quote(args.out_dir)}", file=sys.stderr)
         log.finish()
         return 130
     except FloatingPointError as e:
@@ -417,7 +418,7 @@ def main(argv=None):
         log.summary({**metrics, "steps": step, "cpu_s": cpu_s})
     log.finish()
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
-          f"python images/create_gif.py {args.image_dir})")
+          f"python images/create_gif.py {shlex.quote(args.image_dir)})")
     return 0
 
 
