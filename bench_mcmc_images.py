@@ -113,8 +113,6 @@ def finished(path):
 def call(args):
     """Run a script of this project in its own process (one thread, wandb off)."""
     cmd = [sys.executable, *args, "--threads", "1", "--wandb", "disabled"]
-    if args[0] == "sample_mcmc.py":
-        cmd.remove("--wandb"), cmd.remove("disabled")
     print("$ " + " ".join(cmd[1:]), flush=True)
     res = subprocess.run(cmd, cwd=ROOT)
     if res.returncode != 0:
