@@ -114,13 +114,37 @@ def report(args):
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
              f"seeds {' '.join(map(str, args.seeds))}.", "", gather.markdown(agg, KEYS)]
     print("\n".join(lines))
+    summary = kl_pivot(agg)
+    print("\n" + summary)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "table.md"), "w") as fh:
             fh.write("\n".join(lines) + "\n")
+        with open(os.path.join(args.out, "kl.md"), "w") as fh:
+            fh.write(summary + "\n")
         gather.figure(agg, "kl_ebm", os.path.join(args.out, "kl_ebm.png"))
         print(f"wrote {gallery(agg, args.root, args.seeds[0], os.path.join(args.out, 'grid.png'))}")
     return lines
+
+
+def kl_pivot(agg):
+    """One line per estimator, one column per dataset: the exact KL(p_data || model) of its
+    density model (the EBM; the flow for mle), mean over seeds; the best EBM KL in bold."""
+    data = list(dict.fromkeys(a["dataset"] for a in agg))
+    labels = list(dict.fromkeys(a["label"] for a in agg))
+    cells = {(a["label"], a["dataset"]): a.get("kl_ebm", a.get("kl_flow")) for a in agg}
+    best = {ds: min((v for (lab, d), v in cells.items() if d == ds and v is not None
+                     and not lab.startswith("mle")), default=None) for ds in data}
+    lines = ["| KL(p_data \\|\\| model) | " + " | ".join(data) + " |",
+             "|---|" + "---|" * len(data)]
+    for lab in labels:
+        row = []
+        for ds in data:
+            v = cells.get((lab, ds))
+            txt = "n/a" if v is None else f"{v:.4f}"
+            row.append(f"**{txt}**" if v is not None and v == best[ds] else txt)
+        lines.append(f"| {lab}{' (flow)' if lab.startswith('mle') else ''} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- flows vs zuko
