@@ -37,6 +37,17 @@ from samplers import ConvEnergy, Energy, langevin, mala
 from util import load_run, set_seed
 
 
+
+def advance(U, x, k, eps, args, acc_all):
+    """k steps of args.sampler (MALA appends its acceptances to acc_all); returns (x, U(x))."""
+    if args.sampler == "mala":
+        x, acc, u = mala(U, x, k, eps, temperature=args.temperature, return_energy=True)
+        acc_all.append(acc)
+        return x, u
+    x = langevin(U, x, k, eps, temperature=args.temperature)
+    with torch.no_grad():
+        return x, U(x)
+
 def step_list(s):
     try:
         steps = sorted({int(v) for v in str(s).split(",") if v.strip()})
@@ -109,13 +120,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     while done < args.steps:
         k = min(args.chunk, args.steps - done)
-        if args.sampler == "mala":
-            x, acc, u = mala(U, x, k, eps, temperature=args.temperature, return_energy=True)
-            acc_all.append(acc)
-        else:
-            x = langevin(U, x, k, eps, temperature=args.temperature)
-            with torch.no_grad():
-                u = U(x)
+        x, u = advance(U, x, k, eps, args, acc_all)
         done += k
         mean_u.append((done, float(u.mean())))
         line = f"step {done:6d}  energy mean {float(u.mean()):+.3f}  min {float(u.min()):+.3f}" \
@@ -216,13 +221,7 @@ def sample_images(args, run):
         if done >= args.steps:
             break
         k = min(args.chunk, args.steps - done, min(s for s in save_at if s > done) - done)
-        if args.sampler == "mala":
-            x, acc, u = mala(U, x, k, eps, temperature=args.temperature, return_energy=True)
-            acc_all.append(acc)
-        else:
-            x = langevin(U, x, k, eps, temperature=args.temperature)
-            with torch.no_grad():
-                u = U(x)
+        x, u = advance(U, x, k, eps, args, acc_all)
         done += k
         energy_trace.append((done, float(u.mean())))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -309,7 +309,7 @@ def _conv_layers(module):
     return layers
 
 
-class ConvEnergy:
+class ConvEnergy(Energy):
     """U(x) = scale * f(x) for a ConvNet energy f of flattened images x (N, C*H*W) -> (N,)
     (e.g. mcmc_images.ConvEBM), with a fast `grad(x)`: the image counterpart of `Energy`.
 
@@ -378,9 +378,6 @@ class ConvEnergy:
                              shape[1] * shape[2]))
             self._maps = maps
         return self._maps
-
-    def __call__(self, x):
-        return self.f(x) * self.scale
 
     @property
     def fast(self):
@@ -487,13 +484,3 @@ class ConvEnergy:
                 g = g[:, :, pad:-pad, pad:-pad]
             return g.reshape(n, -1).to(x.dtype)
         return grad
-
-    def _autograd_grad(self, x):
-        with frozen(self.f if isinstance(self.f, nn.Module) else None), torch.enable_grad():
-            y = x.detach().requires_grad_(True)
-            return torch.autograd.grad(self(y).sum(), y)[0]
-
-    @torch.no_grad()
-    def grad(self, x):
-        """grad_x U(x), shape (N, D), detached."""
-        return self.grad_fn()(x)

@@ -76,9 +76,9 @@ def test_noisy_circle_closed_form_against_quadrature():
 
 
 def test_entropies_are_cross_entropies_of_samples():
-    """H from the grid equals the Monte Carlo -E log p over 200k samples (3 sd ~ 0.007)."""
+    """H from the grid equals the Monte Carlo -E log p over 100k samples (within 4 sd)."""
     for name in datasets.NAMES:
-        s = datasets.sample(name, 200_000, 0).double()
+        s = datasets.sample(name, 100_000, 0).double()
         lp = datasets.log_density(name, s)
         assert -float(lp.mean()) == pytest.approx(
-            datasets.entropy(name), abs=4 * float(lp.std()) / math.sqrt(2e5) + 1e-9)
+            datasets.entropy(name), abs=4 * float(lp.std()) / math.sqrt(1e5) + 1e-9)
