@@ -126,7 +126,7 @@ def main(argv=None):
         line = f"step {done:6d}  energy mean {float(u.mean()):+.3f}  min {float(u.min()):+.3f}" \
                f"  max {float(u.max()):+.3f}"
         if args.sampler == "mala":
-            line += f"  acceptance {float(acc.mean()):.3f}"
+            line += f"  acceptance {float(acc_all[-1].mean()):.3f}"
         print(line)
     secs = time.perf_counter() - t0
     with torch.no_grad():
