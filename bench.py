@@ -17,7 +17,6 @@ Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF a
 zuko's with the same architecture, interleaved so machine load hits both alike, and the test
 NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when absent).
 """
-import argparse
 import os
 import statistics
 import subprocess

@@ -115,6 +115,7 @@ def training_curves(path, runs, title=None):
     panels = ["-V (dashed: log 4) / training NLL", "accuracy, EBM-step fraction (dotted)",
               "KL(p_data || model): EBM solid, flow dashed", "c - log Z"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    log_kl = False  # KL panel on a log scale when any run has a positive KL
     for (label, (rows, threshold)), color in zip(runs.items(), plt.cm.tab10.colors * 10):
         def series(key):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -133,9 +134,9 @@ def training_curves(path, runs, title=None):
             s = series(key)
             if s:
                 axes[2].plot(*s, style, marker=".", color=color, lw=1)
+                log_kl = log_kl or (kl is not None and any(v > 0 for v in s[1]))
     axes[0].axhline(LOG4, color="k", ls="--", lw=0.8)
-    if any(series_has(rows, "kl_ebm") or series_has(rows, "kl_flow")
-           for rows, _ in runs.values()):
+    if log_kl:
         axes[2].set_yscale("log")
     for ax, name in zip(axes, panels):
         ax.set_title(name, fontsize=9)
@@ -143,7 +144,3 @@ def training_curves(path, runs, title=None):
     if any(ax.get_legend_handles_labels()[0] for ax in axes[:1]):
         axes[0].legend(fontsize=7)
     return _save(fig, path, title)
-
-
-def series_has(rows, key):
-    return any(r.get(key) is not None and r[key] > 0 for r in rows)

@@ -134,6 +134,27 @@ def _kernels_ok(act, dtype, device):
     return _KERNELS_OK[key]
 
 
+def _chain_grad(plan, g_last, dtype=None):
+    """x -> grad_x U(x) of a chain of dense layers, without autograd. `plan` lists per hidden
+    layer (A, A_back, b, fwd, bwd): forward a = b + h A, h = fwd(a); backward
+    g <- bwd(g, a, h) A_back, starting from g_last = dU/dh of the last hidden layer. With
+    `dtype`, the pass runs in that precision and the gradient returns in x's dtype."""
+    addmm = torch.addmm
+
+    def grad(x):
+        h = x if dtype is None else x.to(dtype)
+        saved = []
+        for A, _, b, fwd, _ in plan:
+            a = addmm(b, h, A)
+            h = fwd(a)
+            saved.append((a, h))
+        g = g_last.expand(x.shape[0], -1)
+        for (_, A_back, _, _, bwd), (a, h) in zip(reversed(plan), reversed(saved)):
+            g = bwd(g, a, h).mm(A_back)
+        return g if dtype is None else g.to(x.dtype)
+    return grad
+
+
 class Energy:
     """U(x) = scale * f(x) for an energy network f ((N, D) -> (N,)), with a fast `grad(x)`.
 
@@ -166,23 +187,10 @@ class Energy:
             return self._autograd_grad
         linears = self.layers[0::2]
         acts = [_ACTIVATIONS[type(m)](m) for m in self.layers[1::2]]
-        plan = [(lin.weight.detach(), lin.weight.detach().t(), lin.bias.detach(), fwd, bwd)
+        plan = [(lin.weight.detach().t(), lin.weight.detach(), lin.bias.detach(), fwd, bwd)
                 for lin, (fwd, bwd) in zip(linears[:-1], acts)]
         w_last = linears[-1].weight.detach() * self.scale  # dU/dh of the last hidden layer
-        addmm = torch.addmm
-
-        def grad(x):
-            saved = []
-            h = x
-            for W, Wt, b, fwd, _ in plan:
-                a = addmm(b, h, Wt)
-                h = fwd(a)
-                saved.append((a, h))
-            g = w_last.expand(x.shape[0], -1)
-            for (W, _, _, _, bwd), (a, h) in zip(reversed(plan), reversed(saved)):
-                g = bwd(g, a, h).mm(W)
-            return g
-        return grad
+        return _chain_grad(plan, w_last)
 
     def _autograd_grad(self, x):
         with frozen(self.f if isinstance(self.f, nn.Module) else None), torch.enable_grad():
@@ -434,20 +442,7 @@ class ConvEnergy(Energy):
             return self._conv_grad_fn()
         g_last = mats[-1][1] * self.scale  # (1, n_in) = dU/dh of the last hidden layer
         plan = [(M, Mt, b, fwd, bwd) for (M, Mt, b), (fwd, bwd) in zip(mats[:-1], acts)]
-        addmm = torch.addmm
-
-        def grad(x):
-            h = x if dt is None else x.to(dt)
-            saved = []
-            for M, _, b, fwd, _ in plan:
-                a = addmm(b, h, M)
-                h = fwd(a)
-                saved.append((a, h))
-            g = g_last.expand(x.shape[0], -1)
-            for (_, Mt, _, _, bwd), (a, h) in zip(reversed(plan), reversed(saved)):
-                g = bwd(g, a, h).mm(Mt)
-            return g.to(x.dtype)
-        return grad
+        return _chain_grad(plan, g_last, dt)
 
     def _conv_grad_fn(self):
         convs = self.layers[0::2]

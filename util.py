@@ -7,7 +7,6 @@ Grid integration is in float64: on the square [-b, b]^2 with n x n cell centres 
     KL(p || q) = sum_i p(x_i) (log p(x_i) - log q(x_i)) dA.
 """
 import json
-import math
 import os
 import random
 from types import SimpleNamespace
@@ -105,8 +104,7 @@ def get_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     dev = torch.device(name)
