@@ -40,6 +40,30 @@ def positive_int(s):
     return v
 
 
+def nonnegative_int(s):
+    try:
+        v = int(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+SEED_MAX = 2 ** 32 - 1  # NumPy's legacy seed range, the narrowest of Python, NumPy and torch
+
+
+def seed(s):
+    """A random seed: an integer in [0, 2**32 - 1]."""
+    try:
+        v = int(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}")
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, {SEED_MAX}], got {s!r}")
+    return v
+
+
 def positive_float(s):
     try:
         v = float(s)
@@ -137,7 +161,7 @@ def parser(description):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
                    help="JSON file whose keys are flag names; explicit flags override it")
-    p.add_argument("--seed", type=int, default=42, help="fixes data, initialisation, sampling")
+    p.add_argument("--seed", type=seed, default=42, help="fixes data, initialisation, sampling")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
                    help="auto: online when logged in, else offline (sync later)")
@@ -146,7 +170,9 @@ def parser(description):
                    help="run directory (config, metrics, checkpoint); default runs/<run name>")
     p.add_argument("--resume", default=None,
                    help="run directory (or its checkpoint.pt) to continue from")
-    p.add_argument("--threads", type=int, default=1,
+    add_flag(p, "--overwrite", help="reuse an existing --out_dir: delete the old run's files "
+                                    "first (without it a used folder is refused)")
+    p.add_argument("--threads", type=nonnegative_int, default=1,
                    help="torch CPU threads (0: torch's default). The networks here are small, "
                         "so one thread is fastest and does not oversubscribe a shared CPU")
     return p
@@ -161,20 +187,54 @@ def apply_threads(args):
 
 
 def _convert(action, value, source):
-    """Apply a flag's type and choices to a value read from a config file."""
+    """Apply a flag's type and choices to a value read from a config file. JSON types must
+    match the flag: `null` only where the flag's default is None, a list only for a flag that
+    takes several values (or whose default is a sequence), true/false only for a boolean flag
+    (a string such as "no" goes through the flag's own parser)."""
+    key = f"{source}: key {action.dest!r}"
+    boolean_flag = isinstance(action, Flag)
+    sequence = action.nargs not in (None, "?") or isinstance(action.default, (list, tuple))
+
     def one(v):
-        if action.type is not None and not isinstance(v, bool) and v is not None:
+        if v is None:
+            if action.default is not None:
+                raise SystemExit(f"{key}: null is not a value; give one or drop the key")
+            return v
+        if isinstance(v, (list, dict)):
+            raise SystemExit(f"{key}: expected one value, got {json.dumps(v)}")
+        if isinstance(v, bool) and not boolean_flag:
+            raise SystemExit(f"{key}: expected {_kind(action)}, got {json.dumps(v)}")
+        if action.type is not None and not isinstance(v, bool):
             try:
                 v = action.type(v if isinstance(v, str) else str(v))
             except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
-                raise SystemExit(f"{source}: key {action.dest!r}: {e}")
+                raise SystemExit(f"{key}: {e}")
+        elif action.type is None and not isinstance(v, str):
+            raise SystemExit(f"{key}: expected a string, got {json.dumps(v)}")
         if action.choices is not None and v not in action.choices:
-            raise SystemExit(f"{source}: key {action.dest!r}: {v!r} is not one of "
+            raise SystemExit(f"{key}: {v!r} is not one of "
                              f"{', '.join(map(str, action.choices))}")
         return v
-    if isinstance(value, list) and action.nargs not in (None, "?"):
+
+    if isinstance(value, list):
+        if not sequence:
+            raise SystemExit(f"{key}: expected one value, got the list {json.dumps(value)}")
+        if action.nargs in (None, "?"):  # a sequence-valued one-word flag (--hidden 32,64)
+            return one(",".join(map(str, value)))
+        if not value and action.nargs == "+":
+            raise SystemExit(f"{key}: the list is empty; give at least one value")
         return [one(v) for v in value]
-    return one(value)  # a list for a one-value flag (train_mcmc's --hidden) goes whole
+    if action.nargs not in (None, "?") and value is not None:
+        raise SystemExit(f"{key}: expected a list, got {json.dumps(value)}; write [{json.dumps(value)}]")
+    return one(value)
+
+
+def _kind(action):
+    names = {int: "an integer", float: "a number", positive_int: "a positive integer",
+             nonnegative_int: "an integer >= 0", seed: "a seed in [0, 2**32 - 1]",
+             positive_float: "a positive number", nonnegative_float: "a number >= 0",
+             unit_interval: "a number in [0, 1]", open_unit: "a number in (0, 1)"}
+    return names.get(action.type, "a string")
 
 
 def load_config_file(path, parser_):
@@ -182,10 +242,14 @@ def load_config_file(path, parser_):
     if not os.path.isfile(path):
         fail(f"config file {path!r} not found; pass an existing JSON file to --config")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             cfg = json.load(fh)
+    except UnicodeDecodeError:
+        fail(f"config file {path!r} is not UTF-8 text; save it as UTF-8 JSON")
     except json.JSONDecodeError as e:
         fail(f"config file {path!r} is not valid JSON ({e})")
+    except OSError as e:
+        fail(f"config file {path!r} cannot be read ({e.strerror})")
     if not isinstance(cfg, dict):
         fail(f"config file {path!r} must hold a JSON object of flag names")
     # a run's saved config.json names the file it was made from: its values are already in
@@ -235,27 +299,31 @@ def given_flags(argv=None):
     return {n[3:] if n.startswith("no-") else n for n in names}  # --no-flag of config.add_flag
 
 
-def load_resume(args, argv=None, overridable=None):
-    """For --resume (a run directory or its checkpoint.pt): the checkpoint and the run's saved
-    configuration as a Namespace, with the `overridable` flags (all, when None) that were typed
-    on this command line on top; out_dir is the checkpoint's directory. A missing checkpoint
-    ends with a one-line error and exit status 2."""
-    import util  # local: util pulls in torch, config stays light
-
-    path = args.resume
-    if not path.endswith(".pt"):
-        path = os.path.join(path, "checkpoint.pt")
-    try:
-        ckpt = util.load_checkpoint(path)
-    except FileNotFoundError as e:
-        fail(f"--resume: {e}")
+def resumed_args(args, ckpt, path, argv=None, overridable=None):
+    """The configuration of a resumed run: the one saved in its checkpoint, with the
+    `overridable` flags (all, when None) that were typed on this command line on top; out_dir
+    is the checkpoint's folder."""
     saved = dict(ckpt["config"])
     for k in given_flags(argv) - {"resume", "config"}:
         if overridable is None or k in overridable:
             saved[k] = getattr(args, k)
     saved["resume"] = args.resume
     saved["out_dir"] = os.path.dirname(os.path.abspath(path))
-    return argparse.Namespace(**saved), ckpt
+    saved.setdefault("overwrite", False)
+    return argparse.Namespace(**saved)
+
+
+def load_resume(args, argv=None, overridable=None):
+    """Old entry point (scripts not yet on scaffold.parse): checkpoint and resumed args."""
+    import util
+
+    path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
+                                                                         "checkpoint.pt")
+    try:
+        ckpt = util.load_checkpoint(path)
+    except (FileNotFoundError, util.CheckpointError) as e:
+        fail(f"--resume: {e}")
+    return resumed_args(args, ckpt, path, argv, overridable), ckpt
 
 
 def run_name(*parts):

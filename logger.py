@@ -144,6 +144,9 @@ class RunLogger:
         self._guard(lambda: self.run.summary.update(dict(metrics)))
 
     def finish(self):
+        """Close metrics.jsonl and the wandb run (calling it again does nothing)."""
+        if self._fh.closed:
+            return
         self._fh.close()
         if self.run is None:
             return

@@ -24,7 +24,6 @@ figure per epoch in images/<run>/, wandb (online when logged in, else offline).
 """
 import math
 import os
-import shlex
 import sys
 import time
 
@@ -37,7 +36,8 @@ import plots
 import util
 from ebm import EBM
 from flows import build_flow
-from logger import RunLogger, read_metrics
+import scaffold
+from logger import read_metrics
 
 # keys a resumed run may change; everything else comes from the checkpoint
 RESUME_OVERRIDES = ("epoch", "budget", "eval_every", "plot_every", "log_every", "wandb",
@@ -47,7 +47,7 @@ LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
 DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf"}
 
 
-def get_args(argv=None):
+def build_parser():
     p = config.parser(__doc__.split("\n")[0])
     p.add_argument("--dataset", default="8gaussians", choices=datasets.NAMES)
     p.add_argument("--estimator", default="fce", choices=ESTIMATORS,
@@ -94,8 +94,14 @@ def get_args(argv=None):
                    help="epochs between density figures")
     p.add_argument("--log_every", type=config.positive_int, default=20,
                    help="iterations between metric rows")
-    p.add_argument("--image_dir", default=None, help="default images/<run name>")
-    return resolve_estimator(config.parse(p, argv))
+    p.add_argument("--image_dir", default=None,
+                   help="the run's figure folder (default images/<run folder name>)")
+    return p
+
+
+def get_args(argv=None):
+    """The parsed and resolved command line (without --resume handling)."""
+    return resolve_estimator(config.parse(build_parser(), argv))
 
 
 def resolve_estimator(args):
@@ -146,14 +152,6 @@ def make_optimizers(args, ebm, flow):
     flow_params = [p for p in flow.parameters() if p.requires_grad]
     opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
-
-
-def lr_factor(args, progress):
-    """Cosine decay from 1 to lr_min_factor as `progress` goes from 0 to 1 (or constant 1)."""
-    if args.lr_schedule == "constant":
-        return 1.0
-    m = args.lr_min_factor
-    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -259,12 +257,11 @@ def save_figure(args, ebm, flow, x_show, epoch, device):
     return plots.save_panels(path, panels, title=f"{args.dataset}, {args.flow}, epoch {epoch}")
 
 
-def checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, epoch, it, step, perm, cpu_s,
-                     wandb_id):
+def checkpoint_state(ebm, flow, opt_ebm, opt_flow, loop):
+    """Models, optimisers and the loop's position (`loop`: epoch, it, step, perm, cpu_s and
+    the sums of the current metrics row); the scaffold adds config and RNG states."""
     state = {"flow": flow.state_dict(), "flow_spec": flow.spec(),
-             "opt_flow": opt_flow.state_dict() if opt_flow else None,
-             "config": config.to_dict(args), "epoch": epoch, "it": it, "step": step,
-             "perm": perm, "cpu_s": cpu_s, "rng": util.rng_state(), "wandb_id": wandb_id}
+             "opt_flow": opt_flow.state_dict() if opt_flow else None, **loop}
     if ebm is not None:
         state.update(ebm=ebm.state_dict(), ebm_spec=ebm.spec(), opt_ebm=opt_ebm.state_dict())
     return state
@@ -272,20 +269,21 @@ def checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, epoch, it, step, perm, 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = get_args(argv), None
-    if args.resume:
-        args, ckpt = config.load_resume(args, argv, RESUME_OVERRIDES)
+    args, ckpt = scaffold.parse(build_parser(), argv, "train.py", RESUME_OVERRIDES)
+    if not args.resume:
+        resolve_estimator(args)
     config.apply_threads(args)
-    try:
-        device = util.get_device(args.device)
-    except (ValueError, RuntimeError) as e:
-        config.fail(str(e))
-    name = config.run_name(args.estimator, args.flow, args.dataset, f"s{args.seed}")
-    args.out_dir = args.out_dir or os.path.join("runs", name)
-    run = os.path.basename(os.path.normpath(args.out_dir))
-    args.image_dir = args.image_dir or os.path.join("images", run)
-    os.makedirs(args.image_dir, exist_ok=True)
+    device = scaffold.device(args)
+    if args.samples < args.batch:
+        config.fail(f"--samples {args.samples} is smaller than --batch {args.batch}; an epoch "
+                    f"needs at least one batch")
+    name = (args.estimator, args.flow, args.dataset, f"s{args.seed}")
+    with scaffold.Run(args, "train.py", name, ckpt) as run:
+        return train(args, ckpt, run, device)
 
+
+def train(args, ckpt, run, device):
+    """Data, models, the training loop, evaluation; returns the exit status."""
     # data: a fixed training set and a held-out test set, both from the seed
     rng = util.set_seed(args.seed)
     x_train = datasets.sample(args.dataset, args.samples, rng).to(device)
@@ -297,9 +295,12 @@ def main(argv=None):
     mix = None
     if args.estimator == "fce" and args.noise_mix > 0:
         mix = (build_flow("gaussian", x_train).to(device), args.noise_mix)
-    iters = max(args.samples // args.batch, 1)
+    iters = args.samples // args.batch
     total = iters * args.epoch
-    epoch, it, step, perm, cpu_s = 0, 0, 0, None, 0.0
+    # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
+    # a resumed run writes the same rows as an uninterrupted one)
+    loop = dict(epoch=0, it=0, step=0, perm=None, cpu_s=0.0, v_sum=0.0, acc_sum=0.0, n_ebm=0,
+                n_rows=0)
     if ckpt is not None:
         flow.load_state_dict(ckpt["flow"])
         if opt_flow is not None:
@@ -307,119 +308,110 @@ def main(argv=None):
         if ebm is not None:
             ebm.load_state_dict(ckpt["ebm"])
             opt_ebm.load_state_dict(ckpt["opt_ebm"])
-        epoch, it, step, perm = ckpt["epoch"], ckpt["it"], ckpt["step"], ckpt["perm"]
-        cpu_s = ckpt.get("cpu_s", 0.0)
+        loop.update({k: ckpt[k] for k in loop if k in ckpt})
         util.set_rng_state(ckpt["rng"])
-        print(f"resuming {args.out_dir} at epoch {epoch}, iteration {step}")
+        print(f"resuming {args.out_dir} at epoch {loop['epoch']}, iteration {loop['step']}")
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
                 if opt is not None]
-
-    log = RunLogger(args.out_dir, config.to_dict(args), args.wandb, args.project, run,
-                    run_id=ckpt.get("wandb_id") if ckpt else None,
-                    resume_step=step if ckpt else None)
+    log = run.log
     budget = f", budget {args.budget:g} CPU-s" if args.budget else ""
-    print(f"run {run}: {args.estimator} on {args.dataset}, flow={args.flow}, {total} iterations "
-          f"({args.epoch} epochs x {iters}){budget}, device={device}; outputs in "
+    print(f"run {run.name}: {args.estimator} on {args.dataset}, flow={args.flow}, {total} "
+          f"iterations ({args.epoch} epochs x {iters}){budget}, device={device}; outputs in "
           f"{args.out_dir}, figures in {args.image_dir}")
 
-    def save(ep, i, s, pm):
-        util.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"),
-                             checkpoint_state(args, ebm, flow, opt_ebm, opt_flow, ep, i, s,
-                                              pm, cpu_s, log.run_id))
+    def save():
+        run.save(checkpoint_state(ebm, flow, opt_ebm, opt_flow, loop))
+
+    threshold = args.threshold if args.estimator == "fce" else None
 
     def evaluate(ep):
         flow.eval()
         m = util.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
         flow.train()
         tqdm.write(f"epoch {ep} | " + util.format_metrics(m))
-        log.log({**m, "epoch": ep, "cpu_s": cpu_s}, step)
+        log.log({**m, "epoch": ep, "cpu_s": loop["cpu_s"]}, loop["step"])
         plots.training_curves(os.path.join(args.out_dir, "curves.png"),
-                              {run: (read_metrics(args.out_dir), threshold)})
+                              {run.name: (read_metrics(args.out_dir), threshold)})
         return m
 
-    threshold = args.threshold if args.estimator == "fce" else None
-
     def out_of_budget():
-        return args.budget and cpu_s >= args.budget
+        return args.budget and loop["cpu_s"] >= args.budget
 
     if ckpt is None:
-        save(epoch, it, step, perm)  # a NaN in the first epoch still leaves a loadable run
-    bar = progress_bar(total, step, run)
-    acc_sum = v_sum = n_ebm = n_rows = 0
-    t_last, cpu_last, step_last = time.perf_counter(), cpu_s, step
+        save()  # a NaN in the first epoch still leaves a loadable run
+    bar = progress_bar(total, loop["step"], run.name)
+    t_last, cpu_last, step_last = time.perf_counter(), loop["cpu_s"], loop["step"]
     metrics = {}
-    try:
-        while epoch < args.epoch and not out_of_budget():
-            if perm is None:
-                perm = torch.randperm(args.samples, device=device)
-            while it < iters and not out_of_budget():
-                t0 = time.process_time()
-                progress = max(step / max(total, 1), cpu_s / args.budget if args.budget else 0)
-                f = lr_factor(args, progress)
-                for opt, lr in base_lrs:
-                    opt.param_groups[0]["lr"] = lr * f
-                x = x_train[perm[it * args.batch:(it + 1) * args.batch]]
-                if ebm is None:
-                    V, acc, who = mle_step(flow, x, opt_flow)
-                else:
-                    V, acc, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, args.threshold,
-                                           args.flow_mle, mix)
-                if who is None:
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at iteration {step} "
-                        f"(epoch {epoch}); the last good checkpoint is kept in "
-                        f"{args.out_dir}. Try a lower --lr_ebm/--lr_flow or another --seed.")
-                cpu_s += time.process_time() - t0
-                step, it = step + 1, it + 1
-                v_sum += float(V)
-                acc_sum += float(acc) if acc is not None else 0.0
-                n_ebm += who == "ebm"
-                n_rows += 1
-                bar.update(1)
-                if step % args.log_every == 0:
-                    now = time.perf_counter()
-                    row = ({"nll_train": v_sum / n_rows} if ebm is None else
-                           {"value": -v_sum / n_rows, "accuracy": acc_sum / n_rows,
-                            "ebm_step_fraction": n_ebm / n_rows,
-                            "lr_ebm": opt_ebm.param_groups[0]["lr"]})
-                    row.update(epoch=epoch, cpu_s=cpu_s,
-                               it_per_s=(step - step_last) / (now - t_last),
-                               cpu_s_per_it=(cpu_s - cpu_last) / (step - step_last))
-                    if opt_flow is not None:
-                        row["lr_flow"] = opt_flow.param_groups[0]["lr"]
-                    log.log(row, step)
-                    bar.set_postfix({k: f"{row[k]:.3f}" for k in ("value", "accuracy",
-                                                                  "nll_train") if k in row},
-                                    refresh=False)
-                    acc_sum = v_sum = n_ebm = n_rows = 0
-                    t_last, cpu_last, step_last = now, cpu_s, step
-            if it == iters:
-                epoch, it, perm = epoch + 1, 0, None
-            last = epoch == args.epoch or out_of_budget()
-            if epoch % args.eval_every == 0 or last:
-                metrics = evaluate(epoch)
-            if epoch % args.plot_every == 0 or last:
-                log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device), step)
-            save(epoch, it, step, perm)
-    except KeyboardInterrupt:
-        bar.close()
-        save(epoch, it, step, perm)
-        print(f"\ninterrupted at iteration {step}: checkpoint saved; continue with\n"
-              f"  python train.py --resume {shlex.quote(args.out_dir)}", file=sys.stderr)
-        log.finish()
-        return 130
-    except FloatingPointError as e:
-        bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        log.finish()
-        return 1
+    while loop["epoch"] < args.epoch and not out_of_budget() and not run.stop_requested:
+        if loop["perm"] is None:
+            loop["perm"] = torch.randperm(args.samples, device=device)
+        while loop["it"] < iters and not out_of_budget() and not run.stop_requested:
+            t0 = time.process_time()
+            step = loop["step"]
+            progress = max(step / total, loop["cpu_s"] / args.budget if args.budget else 0)
+            f = util.lr_factor(args.lr_schedule, progress, 1, args.lr_min_factor)
+            for opt, lr in base_lrs:
+                util.set_lr(opt, lr * f)
+            it = loop["it"]
+            x = x_train[loop["perm"][it * args.batch:(it + 1) * args.batch]]
+            if ebm is None:
+                V, acc, who = mle_step(flow, x, opt_flow)
+            else:
+                V, acc, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, args.threshold,
+                                       args.flow_mle, mix)
+            if who is None:
+                bar.close()
+                return run.nonfinite(f"non-finite loss or gradient at iteration {step} "
+                                     f"(epoch {loop['epoch']})")
+            loop["cpu_s"] += time.process_time() - t0
+            loop.update(step=step + 1, it=it + 1, v_sum=loop["v_sum"] + float(V),
+                        acc_sum=loop["acc_sum"] + (float(acc) if acc is not None else 0.0),
+                        n_ebm=loop["n_ebm"] + (who == "ebm"), n_rows=loop["n_rows"] + 1)
+            bar.update(1)
+            if loop["step"] % args.log_every == 0:
+                now = time.perf_counter()
+                row = metrics_row(loop, ebm, opt_ebm, opt_flow)
+                row.update(it_per_s=(loop["step"] - step_last) / (now - t_last),
+                           cpu_s_per_it=(loop["cpu_s"] - cpu_last) / (loop["step"] - step_last))
+                log.log(row, loop["step"])
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("value", "accuracy",
+                                                              "nll_train") if k in row},
+                                refresh=False)
+                loop.update(v_sum=0.0, acc_sum=0.0, n_ebm=0, n_rows=0)
+                t_last, cpu_last, step_last = now, loop["cpu_s"], loop["step"]
+        if run.stop_requested:
+            break
+        if loop["it"] == iters:
+            loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
+        epoch = loop["epoch"]
+        last = epoch == args.epoch or out_of_budget()
+        if epoch % args.eval_every == 0 or last:
+            metrics = evaluate(epoch)
+        if epoch % args.plot_every == 0 or last:
+            log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device),
+                          loop["step"])
+        save()
     bar.close()
-    if metrics:
-        log.summary({**metrics, "steps": step, "cpu_s": cpu_s})
-    log.finish()
+    if run.stop_requested:
+        save()
+        return run.interrupted(loop["step"])
+    code = run.done({**metrics, "steps": loop["step"], "cpu_s": loop["cpu_s"]}
+                    if metrics else None)
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
-          f"python images/create_gif.py {shlex.quote(args.image_dir)})")
-    return 0
+          f"{scaffold.gif_hint(args.image_dir)})")
+    return code
+
+
+def metrics_row(loop, ebm, opt_ebm, opt_flow):
+    """The averages of the iterations since the last row (no timing columns)."""
+    n = loop["n_rows"]
+    row = ({"nll_train": loop["v_sum"] / n} if ebm is None else
+           {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
+            "ebm_step_fraction": loop["n_ebm"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+    row.update(epoch=loop["epoch"], cpu_s=loop["cpu_s"])
+    if opt_flow is not None:
+        row["lr_flow"] = opt_flow.param_groups[0]["lr"]
+    return row
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Grid integration is in float64: on the square [-b, b]^2 with n x n cell centres 
     log Z = logsumexp_i(-f(x_i)) + log dA,
     KL(p || q) = sum_i p(x_i) (log p(x_i) - log q(x_i)) dA.
 """
+import contextlib
 import json
+import math
 import os
 import random
 from types import SimpleNamespace
@@ -100,17 +102,68 @@ def set_seed(seed):
 
 
 def get_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; other names are passed to torch.device."""
+    """'auto' picks cuda, then mps, then cpu; otherwise cpu, cuda, cuda:<i> or mps. A device
+    this machine does not have raises ValueError with the fix."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device=cuda but CUDA is not available; use --device=auto or cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device={name!r} is not a device name; use auto, cpu, cuda, "
+                         f"cuda:<index> or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device={name!r} is not supported; use auto, cpu, cuda or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={name} but CUDA is not available on this machine; "
+                             f"use --device=auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device={name} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"--device={name} but MPS (Apple GPU) is not available on this "
+                         f"machine; use --device=auto or cpu")
     return dev
+
+
+@contextlib.contextmanager
+def fixed_rng(seed):
+    """Run a block (an evaluation) from its own seed and restore every random stream
+    afterwards (torch CPU, CUDA, MPS, NumPy, Python): evaluating never changes training, on
+    any device, so a resumed run continues exactly."""
+    saved = rng_state()
+    try:
+        set_seed(seed)
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+# ----------------------------------------------------------------------------- schedules
+def lr_factor(schedule, t, total, floor=0.0, decay=1.0):
+    """Multiplier of a base learning rate at time t of total (iterations, or any measure of
+    progress such as spent CPU-seconds):
+
+        constant     1
+        cosine       floor + (1 - floor) (1 + cos(pi min(t / total, 1))) / 2
+        exponential  max(floor, decay^t)"""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0)))
+    if schedule == "exponential":
+        return max(floor, decay ** t)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def set_lr(opt, lr):
+    """Set every parameter group of `opt` to learning rate `lr`."""
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -123,10 +176,32 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, empty, truncated, not a checkpoint, or
+    written by another script. The message names what was found."""
+
+
+def load_checkpoint(path, map_location="cpu", script=None):
+    """Read a checkpoint written by `save_checkpoint`. With `script` (e.g. "train.py"), one
+    written by another script is refused. Raises CheckpointError (or FileNotFoundError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; check the path or train a run first")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); the run never saved one")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all one case
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not written "
+                              f"by this toolkit: {first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a run checkpoint of "
+                              f"this toolkit (no saved config)")
+    writer = ckpt.get("script")
+    if script is not None and writer is not None and writer != script:
+        raise CheckpointError(f"{path} was written by {writer}; continue it with "
+                              f"`python {writer} --resume {os.path.dirname(path) or '.'}`")
+    return ckpt
 
 
 def rng_state():

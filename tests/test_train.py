@@ -80,11 +80,54 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
-def test_fresh_run_into_an_old_directory_starts_its_metrics_anew(tmp_path):
-    for _ in range(2):
-        assert run_train(tmp_path, "--epoch", "1", "--wandb", "disabled")[0] == 0
+def test_used_out_dir_is_refused_or_started_clean_with_overwrite(tmp_path, capsys):
+    assert run_train(tmp_path, "--epoch", "2", "--wandb", "disabled")[0] == 0
+    assert sorted(os.listdir(tmp_path / "img" / "run")) == ["epoch_0001.png", "epoch_0002.png"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--epoch", "1", "--wandb", "disabled")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--overwrite" in err and "\n" not in err
+    assert run_train(tmp_path, "--epoch", "1", "--wandb", "disabled", "--overwrite")[0] == 0
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if "value" in r]
     assert steps == [5, 10]
+    # no stale frame of the old run is left for the gif
+    assert sorted(os.listdir(tmp_path / "img" / "run")) == ["epoch_0001.png"]
+
+
+TIMING = ("cpu_s", "it_per_s", "cpu_s_per_it")
+
+
+def _rows(out):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
+
+
+def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch):
+    """Ctrl-C lands inside an iteration (after the optimiser step): the run stops at the end
+    of that iteration, and --resume writes exactly the rows and weights of a run that was
+    never interrupted (timing columns aside). The interruption falls between two rows and
+    away from an epoch boundary."""
+    common = ["--epoch", "2", "--wandb", "disabled", "--eval_every", "1", "--log_every", "3"]
+    assert run_train(tmp_path, *common, name="straight")[0] == 0
+    real, calls = train.fce_step, {"n": 0}
+
+    def interrupted(*a, **kw):
+        out = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train, "fce_step", interrupted)
+    assert run_train(tmp_path, *common, name="split")[0] == 130
+    assert util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 7
+    monkeypatch.setattr(train, "fce_step", real)
+    assert train.main(["--resume", str(tmp_path / "split")]) == 0
+    assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")
+    a = util.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
+    b = util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
+    for k in a["ebm"]:
+        assert torch.equal(a["ebm"][k], b["ebm"][k]), k
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):

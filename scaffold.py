@@ -1,0 +1,266 @@
+"""The run scaffold every training script uses: folders, logger, checkpoint, Ctrl-C, exit codes.
+
+    args, ckpt = scaffold.parse(parser, argv, "train.py", overridable=("epoch", ...))
+    device = scaffold.device(args)
+    ...                                         # data and models: bad input fails here,
+    with scaffold.Run(args, "train.py", ("fce", "maf", "8gaussians", "s42"), ckpt) as run:
+        run.save(state)                         # before the first iteration
+        while step < n and not run.stop_requested:   # Ctrl-C: stop at an iteration boundary
+            ...; run.log.log(row, step)
+        if run.stop_requested:
+            run.save(state); return run.interrupted(step)        # exit status 130
+        if not finite: return run.nonfinite("loss is nan ...")   # exit status 1
+        return run.done()                                        # exit status 0
+
+The conventions, the same for every script:
+- the run folder is `--out_dir`, default runs/<name>-<time>; its figures go to `--image_dir`,
+  default images/<run folder name>. Two runs started in the same second get different folders
+  (the folder is created atomically, a suffix -2, -3, ... is added). A folder that already
+  holds files is refused unless the run resumes (`--resume`) or `--overwrite` clears it.
+- a folder that cannot be written, a device this machine lacks and a bad or foreign
+  checkpoint are one-line errors with exit status 2, before any work; a start that fails
+  after the folders were made removes them again.
+- checkpoints are written atomically and carry the script's name, the resolved config, every
+  RNG state and the wandb run id; Ctrl-C sets a flag that the loop reads between iterations
+  (a second Ctrl-C stops at once, keeping the last checkpoint).
+- exit status: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad input,
+  130 interrupted.
+"""
+import os
+import shlex
+import shutil
+import signal
+import sys
+
+import config
+import util
+from logger import RunLogger
+
+DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+
+
+def parse(parser, argv, script, overridable=None):
+    """Parse the command line (and --config); for --resume, load and check the checkpoint
+    and return the run's saved configuration with the `overridable` flags typed now on top.
+    Returns (args, checkpoint or None)."""
+    args = config.parse(parser, argv)
+    if not args.resume:
+        return args, None
+    path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
+                                                                         "checkpoint.pt")
+    try:
+        ckpt = util.load_checkpoint(path, script=script)
+    except (FileNotFoundError, util.CheckpointError) as e:
+        config.fail(f"--resume: {e}")
+    return config.resumed_args(args, ckpt, path, argv, overridable), ckpt
+
+
+def device(args):
+    """torch.device of --device, or a one-line error naming the devices this machine has."""
+    try:
+        return util.get_device(args.device)
+    except ValueError as e:
+        config.fail(str(e))
+
+
+class Run:
+    """One run's folders, logger (`run.log`, a RunLogger), checkpoint and exit codes.
+
+    Use it as a context manager around the training: a start that fails inside it (bad input
+    found late, an exception) removes the folders it created, and the Ctrl-C handler is
+    installed only inside it."""
+
+    def __init__(self, args, script, name_parts, ckpt=None, figures=True):
+        self.args, self.script, self.ckpt = args, script, ckpt
+        self.stop_requested = False
+        self._created, self._saved, self._old_handler = [], ckpt is not None, None
+        try:
+            if ckpt is None:
+                self._make_folders(name_parts, figures)
+            else:
+                self.out_dir = args.out_dir
+                self.image_dir = getattr(args, "image_dir", None) if figures else None
+                for d in (self.out_dir, self.image_dir):
+                    if d:
+                        self._writable(d)
+                if self.image_dir:
+                    self._mkdir(self.image_dir)
+            args.out_dir = self.out_dir
+            if figures:
+                args.image_dir = self.image_dir
+            self.name = os.path.basename(os.path.normpath(self.out_dir))
+            self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
+            step = ckpt.get("step", 0) if ckpt is not None else None
+            self.log = RunLogger(self.out_dir, config.to_dict(args), args.wandb, args.project,
+                                 self.name, run_id=ckpt.get("wandb_id") if ckpt else None,
+                                 resume_step=step)
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def _remove_created(self):
+        for path in self._created:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- folders --------------------------------------------------------------------------
+    def _make_folders(self, name_parts, figures):
+        """Create the run folder (and the figure folder) for a fresh run."""
+        args = self.args
+        explicit_image = getattr(args, "image_dir", None) if figures else None
+        if args.out_dir:
+            self.out_dir = self._claim(args.out_dir)
+        else:
+            base = os.path.join("runs", config.run_name(*name_parts))
+            self.out_dir = self._unique(base, figures and not explicit_image)
+        self.image_dir = None
+        if figures:
+            self.image_dir = self._claim(explicit_image or os.path.join(
+                "images", os.path.basename(os.path.normpath(self.out_dir))), figures=True)
+
+    def _claim(self, path, figures=False):
+        """An explicit folder: created if new; a used one is refused unless --overwrite, which
+        empties it only when it holds a run (or, for figures, only images)."""
+        self._writable(path)
+        if os.path.isdir(path) and os.listdir(path):
+            if not self.args.overwrite:
+                config.fail(f"{path} already holds files of another run; continue it with "
+                            f"--resume {shlex.quote(path)}, clear it with --overwrite, or "
+                            f"choose another --out_dir/--image_dir")
+            if not _holds_run(path, figures):
+                config.fail(f"--overwrite: {path} does not look like a run's folder (no "
+                            f"config.json or checkpoint.pt{'; or files other than images' if figures else ''}); "
+                            f"refusing to empty it, choose another folder")
+            for entry in os.listdir(path):
+                full = os.path.join(path, entry)
+                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) \
+                    else os.remove(full)
+        elif not os.path.isdir(path):
+            self._mkdir(path)
+        return path
+
+    def _unique(self, base, with_images):
+        """base, base-2, base-3, ...: the first name whose run folder (and default figure
+        folder) does not exist yet, claimed by an atomic mkdir."""
+        for k in range(1, 1000):
+            path = base if k == 1 else f"{base}-{k}"
+            image = os.path.join("images", os.path.basename(path))
+            if with_images and os.path.exists(image):
+                continue
+            try:
+                self._mkdir(path, exist_ok=False)
+                return path
+            except FileExistsError:
+                continue
+        config.fail(f"no free run folder next to {base}; pass --out_dir")
+
+    def _mkdir(self, path, exist_ok=True):
+        """makedirs that remembers the highest folder it created (removed on a failed start)."""
+        top = path
+        while True:
+            parent = os.path.dirname(os.path.normpath(top))
+            if not parent or os.path.exists(parent):
+                break
+            top = parent
+        existed = os.path.exists(top)
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            config.fail(f"cannot create {path} ({e.strerror}); choose a writable --out_dir")
+        if not existed:
+            self._created.append(top)
+
+    @staticmethod
+    def _writable(path):
+        """A one-line error, before any work, when `path` or the folder it would be made in
+        cannot be written."""
+        probe = os.path.abspath(path)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            config.fail(f"{path}: {probe} is a file, not a folder; choose another --out_dir")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            config.fail(f"cannot write to {probe}; choose a writable --out_dir/--image_dir")
+
+    # -- context: Ctrl-C and failed starts --------------------------------------------------
+    def __enter__(self):
+        try:
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+            self._old_handler = None
+        return self
+
+    def _on_sigint(self, signum, frame):
+        if self.stop_requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nCtrl-C: stopping after this iteration (press again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
+        if exc_type is None:
+            return False
+        self.log.finish()
+        if not self._saved:  # nothing worth keeping: leave no folders behind
+            self._remove_created()
+        if exc_type is KeyboardInterrupt:
+            where = (f"the last checkpoint is kept; continue with {self.resume_hint()}"
+                     if self._saved else "no checkpoint was written")
+            print(f"\nstopped at once: {where}", file=sys.stderr)
+            raise SystemExit(INTERRUPTED)
+        return False
+
+    # -- checkpoints and endings ---------------------------------------------------------------
+    def save(self, state):
+        """Write `state` (tensors and plain types) atomically to <out_dir>/checkpoint.pt, with
+        the script's name, the resolved config, every RNG state and the wandb run id."""
+        util.save_checkpoint(self.checkpoint_path, {
+            **state, "script": self.script, "config": config.to_dict(self.args),
+            "rng": util.rng_state(), "wandb_id": self.log.run_id})
+        self._saved = True
+
+    def resume_hint(self):
+        return f"python {self.script} --resume {shlex.quote(self.out_dir)}"
+
+    def interrupted(self, step):
+        """After Ctrl-C (the caller has saved): the resume command; exit status 130."""
+        self.log.finish()
+        print(f"\ninterrupted at iteration {step}: checkpoint saved; continue with\n"
+              f"  {self.resume_hint()}", file=sys.stderr)
+        return INTERRUPTED
+
+    def nonfinite(self, message):
+        """A non-finite loss or gradient: the message, where the last good checkpoint is;
+        exit status 1."""
+        self.log.finish()
+        print(f"error: {message}; the last good checkpoint is kept in {self.checkpoint_path}. "
+              f"Try a lower learning rate or another --seed.", file=sys.stderr)
+        return NONFINITE
+
+    def done(self, summary=None):
+        """Write summary.json (when given), close the logger; exit status 0."""
+        if summary:
+            self.log.summary(summary)
+        self.log.finish()
+        return DONE
+
+
+def _holds_run(path, figures):
+    """Whether --overwrite may empty `path`: a run folder (config.json or checkpoint.pt in
+    it), or for figures a folder of images and their metadata only."""
+    names = set(os.listdir(path))
+    if {"config.json", "checkpoint.pt"} & names:
+        return True
+    if not figures:
+        return False
+    allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
+    return all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
+
+
+def gif_hint(folder):
+    """The command that turns a folder of frames into a gif."""
+    return f"python images/create_gif.py {shlex.quote(folder)}"
+
