@@ -47,18 +47,19 @@ def run_dir(root, label, dataset, seed):
 
 
 def run_one(root, label, dataset, seed, budget, extra=()):
-    """One train.py run in a subprocess; returns (run folder, exit code). Skips finished runs."""
+    """One train.py run in a subprocess; returns (run folder, exit code). Skips finished runs;
+    an unfinished one starts over (--overwrite). Its output goes to <run folder>.log."""
     out = run_dir(root, label, dataset, seed)
     if os.path.isfile(os.path.join(out, "summary.json")):
         return out, 0
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *ESTIMATORS[label],
            "--dataset", dataset, "--seed", str(seed), "--budget", str(budget),
            "--epoch", "100000", "--eval_every", "100000", "--plot_every", "100000",
-           "--wandb", "disabled", "--threads", "1", "--out_dir", out,
+           "--wandb", "disabled", "--threads", "1", "--out_dir", out, "--overwrite",
            "--image_dir", os.path.join(out, "images"), *extra]
     env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
-    with open(os.path.join(out, "log.txt"), "w") as fh:
+    with open(f"{out}.log", "w") as fh:
         code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
     return out, code
 
@@ -103,12 +104,13 @@ def gallery(agg, root, seed, path):
 
 
 def report(args):
-    """Table and figures of the finished runs under --root (never overwrites with nothing)."""
+    """Table and figures of the finished runs under --root; None (and nothing written, so
+    the figures in --out are never replaced by empty ones) when there are none."""
     rows = [r for r in gather.collect([args.root]) if r["dataset"] in args.datasets
-            and r["label"] in args.estimators]
+            and r["label"] in args.estimators] if os.path.isdir(args.root) else []
     if not rows:
-        print(f"no finished runs under {args.root}: nothing written", file=sys.stderr)
-        return []
+        print(f"bench.py: no finished runs under {args.root}: nothing written", file=sys.stderr)
+        return None
     agg = gather.aggregate(rows, KEYS)
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
              f"seeds {' '.join(map(str, args.seeds))}.", "", gather.markdown(agg, KEYS)]
@@ -215,11 +217,11 @@ def flows_vs_zuko(names, dataset_names, steps, seed=0, timing_steps=50, repeats=
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv=None):
+def build_parser():
     p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(TOY), choices=datasets.NAMES)
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=config.seed, default=[0, 1, 2])
     p.add_argument("--budget", type=config.positive_float, default=40.0,
                    help="CPU-seconds of training per run")
     p.add_argument("--jobs", type=config.positive_int, default=1,
@@ -236,14 +238,18 @@ def main(argv=None):
     p.add_argument("--flow_steps", type=config.positive_int, default=5000)
     p.add_argument("--flows", nargs="+", default=["nsf"], choices=["nsf", "maf"],
                    help="flows compared with zuko's")
-    args = p.parse_args(argv)
-    if any(s < 0 or s >= 2 ** 32 for s in args.seeds):
-        config.fail("--seeds must lie in [0, 2^32)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.only == "report" and not os.path.isdir(args.root):
+        config.fail(f"--root {args.root} does not exist; pass the folder of the runs")
     failed = 0
     if args.only in (None, "grid"):
         failed = run_grid(args)
-    if args.only in (None, "grid", "report"):
-        report(args)
+    if args.only in (None, "grid", "report") and report(args) is None:
+        failed += 1
     if args.only in (None, "flows"):
         lines = flows_vs_zuko(args.flows, args.flow_datasets, args.flow_steps)
         if args.out and lines:

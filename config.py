@@ -178,6 +178,27 @@ def parser(description):
     return p
 
 
+def physical_memory():
+    """Bytes of physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(sizes):
+    """Fail with one line when the arrays a run would allocate cannot fit in memory:
+    `sizes` maps a flag ("--samples") to the bytes its value asks for."""
+    total = physical_memory()
+    if total is None:
+        return
+    need = sum(sizes.values())
+    if need > total:
+        flag = max(sizes, key=sizes.get)
+        fail(f"{flag} asks for {need / 2 ** 30:.1f} GiB but this machine has "
+             f"{total / 2 ** 30:.1f} GiB of memory; lower {flag}")
+
+
 def apply_threads(args):
     """torch.set_num_threads(--threads) unless it is 0 (torch's default)."""
     import torch

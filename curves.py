@@ -37,12 +37,16 @@ def load(run_dir):
         config.fail(f"{run_dir}/metrics.jsonl is not JSON lines ({e})")
 
 
-def main(argv=None):
+def build_parser():
     p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("-o", "--out", default=None,
                    help="figure path (default: <run>/curves.png for one run, curves.png else)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     runs = {os.path.basename(os.path.normpath(r)): load(r) for r in args.runs}
     out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1
                        else "curves.png")

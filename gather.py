@@ -304,7 +304,7 @@ def figure(agg, key, path):
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv=None):
+def build_parser():
     p = config.Parser(description=__doc__.split("\n")[0],  # one-line errors, exit 2
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="\n".join(__doc__.split("\n")[1:5]))
@@ -319,6 +319,11 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.add_argument("--figure", default=None, help="bar chart of the first key to this PNG")
     p.add_argument("--json", default=None, help="also write the rows (one per run) as JSON")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     prog = "gather.py"
     if not args.paths and not args.wandb:

@@ -274,6 +274,8 @@ def main(argv=None):
         resolve_estimator(args)
     config.apply_threads(args)
     device = scaffold.device(args)
+    config.check_memory({"--samples": args.samples * 2 * 4,
+                         "--test_samples": args.test_samples * 2 * 4})
     if args.samples < args.batch:
         config.fail(f"--samples {args.samples} is smaller than --batch {args.batch}; an epoch "
                     f"needs at least one batch")

@@ -6,13 +6,15 @@
 Frames are the PNGs in the folder, ordered by the number in their names (epoch_0002 before
 epoch_0010, whatever the padding), converted to RGB at a fixed size.
 """
-import argparse
 import glob
 import os
 import re
 import sys
 
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402  (the repository root's one-line argument errors)
 
 
 def frame_number(path):
@@ -36,19 +38,26 @@ def make_gif(folder, out=None, fps=5):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser():
+    p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("folder", help="folder of PNG frames, e.g. images/<run>")
     p.add_argument("--out", default=None, help="gif path (default: <folder>.gif)")
-    p.add_argument("--fps", type=float, default=5.0)
-    args = p.parse_args(argv)
-    if not args.fps > 0:
-        p.error("--fps must be positive")
+    p.add_argument("--fps", type=config.positive_float, default=5.0)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.folder):
+        config.fail(f"{args.folder!r} is not a folder; pass the folder of a run's figures "
+                    f"(images/<run>)", prog="create_gif.py")
     try:
         out = make_gif(args.folder, args.out, args.fps)
     except FileNotFoundError as e:
-        print(f"create_gif.py: error: {e}", file=sys.stderr)
-        return 2
+        config.fail(str(e), prog="create_gif.py")
+    except OSError as e:  # an unreadable frame, an unwritable output
+        config.fail(f"{e.strerror or e}: {getattr(e, 'filename', '') or args.out}; check the "
+                    f"frames and that --out can be written", prog="create_gif.py")
     print(f"wrote {out}")
     return 0
 

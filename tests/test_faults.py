@@ -25,14 +25,10 @@ PENDING = {
     "train_vi.py",
     "train_tilt.py",
     "sample_mcmc.py",
-    "bench.py",
     "bench_mcmc.py",
     "bench_mcmc_images.py",
     "bench_vi.py",
     "bench_tilt.py",
-    "gather.py",
-    "curves.py",
-    "images/create_gif.py",
 }
 # arguments a script needs before anything else can be checked
 BASE = {"sample_mcmc.py": ["--run", "no-such-run"], "gather.py": ["runs"],
@@ -220,3 +216,18 @@ def test_used_output_folder_is_refused(script, clean_cwd, capsys):
     (used / "config.json").write_text("{}")
     fails(script, ["--out_dir", str(used)], capsys, "--overwrite")
     assert os.listdir(used) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def test_bench_report_without_finished_runs_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "docs"
+    os.makedirs(out)
+    (out / "grid.png").write_bytes(b"the published figure")
+    empty = tmp_path / "runs"
+    os.makedirs(empty / "fce-maf-rings-s0")  # an unfinished run: no summary.json
+    code = load("bench.py").main(["--only", "report", "--root", str(empty), "--out", str(out)])
+    assert code == 1 and "nothing written" in capsys.readouterr().err
+    assert os.listdir(out) == ["grid.png"]
+    assert (out / "grid.png").read_bytes() == b"the published figure"
+    fails("bench.py", ["--only", "report", "--root", str(tmp_path / "nowhere")], capsys,
+          "does not exist")

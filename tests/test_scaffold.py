@@ -1,0 +1,121 @@
+"""The run scaffold: folders, failed starts, --overwrite, Ctrl-C; the shared RNG and schedule
+helpers every script calls."""
+import argparse
+import math
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import scaffold
+import util
+
+
+def args_for(**kw):
+    base = dict(out_dir=None, image_dir=None, overwrite=False, wandb="disabled",
+                project="p", resume=None, seed=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_two_runs_in_the_same_second_get_their_own_folders(here, monkeypatch):
+    monkeypatch.setattr(config, "run_name", lambda *parts: "same-name")
+    a, b = args_for(), args_for()
+    with scaffold.Run(a, "x.py", ("x",)) as ra, scaffold.Run(b, "x.py", ("x",)) as rb:
+        ra.save({"step": 0})
+        rb.save({"step": 0})
+    assert a.out_dir != b.out_dir and a.image_dir != b.image_dir
+    assert sorted(os.listdir(here / "runs")) == ["same-name", "same-name-2"]
+    assert sorted(os.listdir(here / "images")) == ["same-name", "same-name-2"]
+    # without figure folders the run folder alone is claimed, by an atomic mkdir
+    c, d = args_for(), args_for()
+    with scaffold.Run(c, "x.py", ("x",), figures=False), \
+            scaffold.Run(d, "x.py", ("x",), figures=False):
+        assert c.out_dir != d.out_dir
+
+
+def test_a_failed_start_leaves_no_folders(here):
+    args = args_for(out_dir=os.path.join("deep", "er", "run"))
+    with pytest.raises(RuntimeError):
+        with scaffold.Run(args, "x.py", ("x",)):
+            raise RuntimeError("bad data found late")
+    assert os.listdir(here) == []
+    with pytest.raises(SystemExit):  # config.fail inside the run, after the folders
+        with scaffold.Run(args_for(), "x.py", ("x",)):
+            config.fail("bad input found late")
+    assert os.listdir(here) == []
+
+
+def test_a_saved_run_is_kept_when_it_fails_later(here):
+    args = args_for()
+    with pytest.raises(RuntimeError):
+        with scaffold.Run(args, "x.py", ("x",)) as run:
+            run.save({"step": 0})
+            raise RuntimeError("crash after the first checkpoint")
+    ckpt = util.load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), script="x.py")
+    assert ckpt["script"] == "x.py" and ckpt["config"]["seed"] == 0 and "rng" in ckpt
+
+
+def test_overwrite_empties_only_run_folders(here, capsys):
+    os.makedirs("notes")
+    open(os.path.join("notes", "thesis.tex"), "w").write("precious")
+    with pytest.raises(SystemExit) as e:
+        scaffold.Run(args_for(out_dir="notes", overwrite=True), "x.py", ("x",))
+    assert e.value.code == 2 and "refusing" in capsys.readouterr().err
+    assert os.listdir("notes") == ["thesis.tex"]
+    os.makedirs("old")
+    open(os.path.join("old", "config.json"), "w").write("{}")
+    open(os.path.join("old", "stale.png"), "w").write("")
+    args = args_for(out_dir="old", overwrite=True, image_dir="old_images")
+    with scaffold.Run(args, "x.py", ("x",)) as run:
+        run.save({"step": 0})
+    assert sorted(os.listdir("old")) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
+def test_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(here, capsys):
+    args = args_for()
+    with pytest.raises(SystemExit) as e:
+        with scaffold.Run(args, "x.py", ("x",)) as run:
+            run.save({"step": 3})
+            os.kill(os.getpid(), signal.SIGINT)
+            assert run.stop_requested  # the first one only asks to stop
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("not reached: the second Ctrl-C interrupts")
+    assert e.value.code == scaffold.INTERRUPTED
+    assert "--resume" in capsys.readouterr().err
+    assert util.load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"))["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_fixed_rng_leaves_every_training_stream_untouched():
+    util.set_seed(5)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    util.set_seed(5)
+    with util.fixed_rng(123):
+        torch.rand(100), np.random.rand(7), random.random()
+        inside = torch.rand(2)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+    with util.fixed_rng(123):
+        torch.rand(100)
+        assert torch.equal(torch.rand(2), inside)  # the evaluation's own stream is fixed too
+
+
+def test_lr_factor():
+    assert util.lr_factor("constant", 5, 10) == 1.0
+    assert util.lr_factor("cosine", 0, 10, 0.1) == pytest.approx(1.0)
+    assert util.lr_factor("cosine", 5, 10, 0.1) == pytest.approx(0.55)
+    assert util.lr_factor("cosine", 10, 10, 0.1) == pytest.approx(0.1)
+    assert util.lr_factor("cosine", 20, 10) == pytest.approx(0.0)
+    assert util.lr_factor("exponential", 3, 10, 0.2, 0.5) == pytest.approx(0.2)
+    assert util.lr_factor("exponential", 2, 10, 0.2, 0.5) == pytest.approx(0.25)
+    assert math.isclose(util.lr_factor("cosine", 2.5, 10), 0.5 * (1 + math.cos(math.pi / 4)))
