@@ -46,6 +46,8 @@ def parse(parser, argv, script, overridable=None):
     args = config.parse(parser, argv)
     if not args.resume:
         return args, None
+    if getattr(args, "overwrite", False):
+        config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
     try:

@@ -72,7 +72,8 @@ def build_parser():
     p.add_argument("--b2", type=config.open_unit, default=0.999, help="Adam beta2")
     p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"],
                    help="cosine: both learning rates decay to lr_min_factor * lr at the end")
-    p.add_argument("--lr_min_factor", type=config.nonnegative_float, default=0.05)
+    p.add_argument("--lr_min_factor", type=config.unit_interval, default=0.05,
+                   help="the cosine schedule's final fraction of each learning rate")
     p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[256, 256, 256])
     p.add_argument("--ebm_act", default="silu", choices=["silu", "softplus", "tanh", "elu",
                                                          "leakyrelu", "relu"])

@@ -157,13 +157,16 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     assert after["epoch"] == epoch + 1 and after["step"] == (epoch + 1) * 20
 
 
-def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bad_call,epoch,step", [(1, 0, 0), (15, 1, 10)])
+def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                          bad_call, epoch, step):
+    """A NaN at the first iteration leaves the initial state; later, the last epoch's."""
     real = train.fce_step
     calls = {"n": 0}
 
     def flaky(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 15:  # in the second epoch
+        if calls["n"] == bad_call:
             return torch.tensor(float("nan")), torch.tensor(0.5), None
         return real(*a, **kw)
 
@@ -171,9 +174,11 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
     code, out = run_train(tmp_path, "--epoch", "3", "--wandb", "disabled")
     assert code == 1
     assert "non-finite" in capsys.readouterr().err
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 10
+    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"), script="train.py")
+    assert ckpt["epoch"] == epoch and ckpt["step"] == step
     assert all(torch.isfinite(v).all() for v in ckpt["ebm"].values())
+    run = util.load_run(str(out))
+    assert run.ebm is not None and run.step == step
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -183,6 +188,10 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
     (["--threshold", "0"], "(0, 1)"),
     (["--batch", "0"], "positive"),
     (["--samples", "-5"], "positive"),
+    (["--samples", "100", "--batch", "200"], "smaller than --batch"),
+    (["--samples", str(10 ** 13)], "memory"),
+    (["--lr_min_factor", "1.5"], "[0, 1]"),
+    (["--noise_mix", "1"], "below 1"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
     (["--config", "/nonexistent.json"], "not found"),
 ])
