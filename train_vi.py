@@ -6,18 +6,20 @@ Fit a flow q_K to an unnormalised target p(z) ∝ exp(-U(z)) by minimising the r
          = KL(q || p) - log Z        (at beta_t = 1)
 
 with the paper's annealing beta_t = min(1, 0.01 + t / anneal_steps) (anneal_steps = 10000 in
-the paper, which trains 500k iterations; 5000 here by default, for 10k-step runs). Every normalised number uses the *confined* U of targets.py (U2-U4 are improper
-on the plane): KL(q || p) = E_q[log q + U] + log Z with log Z by float64 grid integration, the
-effective sample size of q as an importance proposal for p, and for U1 the mass of q on
-each of its two modes (z1 < 0, z1 > 0).
+the paper, which trains 500k iterations; 5000 here by default, for 10k-step runs). Every
+normalised number uses the *confined* U of targets.py (U2-U4 are improper on the plane):
+KL(q || p) = E_q[log q + U] + log Z with log Z by float64 grid integration, the effective
+sample size of q as an importance proposal for p, and for U1 the mass of q on each of its two
+modes (z1 < 0, z1 > 0).
 
     python train_vi.py --target=U1 --flow=planar --K=32
     python train_vi.py --target=all --flow=planar --K=32     # U1-U4 as one batched module
     python train_vi.py --resume=runs/<run name>              # continue after Ctrl-C
 
-Writes runs/<run name>/ (config.json, metrics.jsonl, summary.json, checkpoint.pt) and
-images/<run name>/ (frames/q_<step>.png, training.gif, final.png). Several targets in one run
-train side by side; planar flows then run as one batched module (flows.PlanarStack).
+Writes runs/<run name>/ (config.json, metrics.jsonl, summary.json, checkpoint.pt) and the
+figures in --image_dir, default images/<run name>/ (frames/q_<step>.png, training.gif,
+final.png). Several targets in one run train side by side; planar flows then run as one
+batched module (flows.PlanarStack).
 """
 import math
 import os
@@ -29,9 +31,13 @@ import torch
 import config
 import flows
 import plots
+import scaffold
 import targets
 import util
-from logger import RunLogger
+
+# keys a resumed run may change; everything else comes from the checkpoint
+RESUME_OVERRIDES = ("steps", "wandb", "project", "device", "threads", "image_dir")
+HIDDEN_FLOWS = ("iaf", "realnvp", "nice", "spline")  # the flows that have --hidden networks
 
 
 def build_parser():
@@ -41,22 +47,22 @@ def build_parser():
                         "with an exact density (8gaussians, checkerboard, ...)")
     p.add_argument("--flow", default="planar", choices=flows.VI_FLOWS)
     p.add_argument("--K", type=config.positive_int, default=32,
-                   help="number of layers (planar/radial) or blocks (iaf/realnvp/nice)")
+                   help="number of layers (planar/radial) or blocks (iaf/realnvp/nice/spline)")
     p.add_argument("--hidden", type=config.positive_int, nargs="+", default=[64, 64],
                    help="hidden sizes of the iaf/realnvp/nice/spline networks")
     p.add_argument("--base", default="learned", choices=["learned", "fixed"],
                    help="q0: learnable diagonal Gaussian, or fixed N(0, I)")
     config.add_flag(p, "--batched", default=True,
-                   help="planar flows of several targets as one batched module")
+                    help="planar flows of several targets as one batched module")
     p.add_argument("--steps", type=config.positive_int, default=10000)
     p.add_argument("--batch", type=config.positive_int, default=256)
     p.add_argument("--lr", type=config.positive_float, default=3e-3,
-                   help="Adam learning rate (3e-3 meets the README's planar K=32 targets on "
-                        "seeds 42, 0 and 1; 1e-3 misses U2/U3 on two of them)")
+                   help="Adam learning rate (3e-3 meets the planar K=32 numbers of docs/vi.md "
+                        "on seeds 42, 0 and 1; 1e-3 misses U2/U3 on two of them)")
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"],
                    help="cosine: decay lr to 0 over --steps")
     config.add_flag(p, "--anneal", default=True,
-                   help="beta_t = min(1, 0.01 + t / anneal_steps) on the U term")
+                    help="beta_t = min(1, 0.01 + t / anneal_steps) on the U term")
     p.add_argument("--anneal_steps", type=config.positive_int, default=5000,
                    help="the paper uses 10000 (of 500k iterations); with a 10k-step budget "
                         "annealing over the first half leaves the second half at beta = 1")
@@ -65,7 +71,9 @@ def build_parser():
     p.add_argument("--eval_samples", type=config.positive_int, default=20000)
     p.add_argument("--final_samples", type=config.positive_int, default=200000)
     config.add_flag(p, "--frames", default=True,
-                   help="a q-density frame per evaluation and a gif at the end")
+                    help="a q-density frame per evaluation and a gif at the end")
+    p.add_argument("--image_dir", default=None,
+                   help="the run's figure folder (default images/<run folder name>)")
     return p
 
 
@@ -76,18 +84,25 @@ def parse_targets(spec):
             targets.check_name(n)
         except ValueError as e:
             config.fail(str(e))
+    if len(set(names)) != len(names):
+        config.fail(f"--target={spec} names a target twice; give each target once")
     return names
 
 
+def check_args(args, argv):
+    """Flags that would be accepted but mean nothing for this run: refused, one line."""
+    given = config.given_flags(argv)
+    if "hidden" in given and args.flow not in HIDDEN_FLOWS:
+        config.fail(f"--hidden has no effect on --flow={args.flow} (only "
+                    f"{'/'.join(HIDDEN_FLOWS)} have networks); drop it")
+    if "anneal_steps" in given and not args.anneal:
+        config.fail("--anneal_steps has no effect with --no-anneal; drop one of them")
+
+
 def beta_at(step, cfg):
-    """The paper's annealing of the U term: beta_t = min(1, 0.01 + t / anneal_steps)."""
+    """The paper's annealing of the U term: beta_t = min(1, 0.01 + t / anneal_steps); `cfg`
+    is the run's configuration as a dict (keys anneal, anneal_steps)."""
     return min(1.0, 0.01 + step / cfg["anneal_steps"]) if cfg["anneal"] else 1.0
-
-
-def lr_at(step, cfg):
-    if cfg["lr_schedule"] == "constant":
-        return cfg["lr"]
-    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * min(step, cfg["steps"]) / cfg["steps"]))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -96,10 +111,11 @@ def evaluate(model, names, n, seed=0, chunk=50000, return_samples=False):
     """Per target: KL(q || p) (and its Monte Carlo standard error), the bound E_q[log q + U],
     the ESS of q as importance proposal (fraction of n), and for U1 the mass of q per mode.
 
-    Uses n fresh samples from a fixed seed, inside fork_rng so training's RNG stream is
-    untouched (a resumed run continues exactly). log q and U in float64 where possible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    Uses n fresh samples from a fixed seed inside `util.fixed_rng`, which restores every
+    random stream (CPU, CUDA, MPS, NumPy, Python) afterwards: evaluating never changes
+    training, on any device, and a resumed run continues exactly. log q and U in float64
+    where possible."""
+    with util.fixed_rng(seed):
         xs, lqs = [], []
         for m in range(0, n, chunk):
             x, lq = model.sample_and_log_prob(min(chunk, n - m))
@@ -145,132 +161,132 @@ def make_gif(frame_dir, out):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args = config.parse(build_parser(), argv)
-    ckpt = None
-    if args.resume:  # continue a run: its own config, this command's --steps and logging flags
-        args, ckpt = config.load_resume(args, argv, ("steps", "wandb", "project", "device",
-                                                     "threads"))
-    cfg = config.to_dict(args)
-    if cfg["anneal_steps"] > cfg["steps"] and cfg["anneal"]:
-        print(f"note: anneal_steps={cfg['anneal_steps']} > steps={cfg['steps']}: beta < 1 "
-              f"until the end", file=sys.stderr)
-
-    # -- setup: seed, device, targets, run directory --
+    args, ckpt = scaffold.parse(build_parser(), argv, "train_vi.py", RESUME_OVERRIDES)
+    if ckpt is None:
+        check_args(args, argv)
+    else:
+        missing = [k for k in ("flow", "optimizer", "step", "rng") if k not in ckpt]
+        if missing:
+            config.fail(f"--resume: the checkpoint has no {', '.join(missing)}; it is not a "
+                        f"train_vi.py run, start a new run instead")
+        if args.steps < ckpt["step"]:
+            config.fail(f"--steps {args.steps} is below the checkpoint's step {ckpt['step']}; "
+                        f"pass --steps {ckpt['step']} or more")
+        if not getattr(args, "image_dir", None):  # saved before --image_dir existed
+            args.image_dir = os.path.join("images", os.path.basename(args.out_dir))
     config.apply_threads(args)  # batches of 256 2D points: op-overhead bound
-    util.set_seed(cfg["seed"])
-    device = util.get_device(cfg["device"])
-    names = parse_targets(cfg["target"])
-    name = "vi-{}-K{}-{}-s{}".format(cfg["flow"], cfg["K"], "+".join(names), cfg["seed"])
-    out_dir = cfg["out_dir"] or os.path.join("runs", config.run_name(name))
-    cfg["out_dir"] = out_dir
-    run = os.path.basename(os.path.normpath(out_dir))
-    img_dir = os.path.join("images", run)
-    os.makedirs(img_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    device = scaffold.device(args)
+    names = parse_targets(args.target)
+    if args.anneal and args.anneal_steps > args.steps:
+        print(f"note: anneal_steps={args.anneal_steps} > steps={args.steps}: beta < 1 until "
+              f"the end", file=sys.stderr)
+    name = ("vi", args.flow, f"K{args.K}", "+".join(names), f"s{args.seed}")
+    model = build_model(args, names, device)
+    with scaffold.Run(args, "train_vi.py", name, ckpt) as run:
+        return train(args, ckpt, run, model, names)
 
-    # -- model: one flow per target (planar: one batched module) --
-    flow_spec = {"name": cfg["flow"], "dim": 2, "K": cfg["K"], "base": cfg["base"]}
-    if cfg["flow"] in ("iaf", "realnvp", "nice", "spline"):
-        flow_spec["hidden"] = list(cfg["hidden"])
-    model = flows.build_flow("stack", flow_spec=flow_spec, n_targets=len(names),
-                             batched=cfg["batched"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    step = 0
+
+def build_model(args, names, device):
+    """One flow per target (planar: one batched module), initialised from --seed."""
+    util.set_seed(args.seed)
+    flow_spec = {"name": args.flow, "dim": 2, "K": args.K, "base": args.base}
+    if args.flow in HIDDEN_FLOWS:
+        flow_spec["hidden"] = list(args.hidden)
+    return flows.build_flow("stack", flow_spec=flow_spec, n_targets=len(names),
+                            batched=args.batched).to(device)
+
+
+def train(args, ckpt, run, model, names):
+    """The training loop, evaluation and figures; returns the exit status."""
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step, seconds = 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["flow"])
         opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        step, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
         util.set_rng_state(ckpt["rng"])
-        print(f"resuming {out_dir} at step {step}", file=sys.stderr)
-    log = RunLogger(out_dir, cfg, mode=cfg["wandb"], project=cfg["project"], name=run,
-                    resume_step=step if ckpt is not None else None)
+        print(f"resuming {args.out_dir} at step {step}", file=sys.stderr)
+    log, img_dir = run.log, args.image_dir
+    t0 = time.perf_counter()
 
-    def checkpoint(at):
-        util.save_checkpoint(ckpt_path, {
-            "flow": model.state_dict(), "flow_spec": model.spec(), "config": cfg, "step": at,
-            "optimizer": opt.state_dict(), "rng": util.rng_state(), "targets": names})
+    def save():
+        run.save({"flow": model.state_dict(), "flow_spec": model.spec(), "step": step,
+                  "optimizer": opt.state_dict(), "targets": names,
+                  "seconds": seconds + time.perf_counter() - t0})
 
-    def eval_and_log(at, n):
-        res, x = evaluate(model, names, n, return_samples=True)
-        row = {f"{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "log_Z"}
-        log.log(row, at)
-        if cfg["frames"]:
+    def eval_and_log(at):
+        res, x = evaluate(model, names, args.eval_samples, return_samples=True)
+        log.log({f"{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "log_Z"},
+                at)
+        if args.frames:
             frame = save_frame(os.path.join(img_dir, "frames", f"q_{at:06d}.png"), x, names,
                                at, res)
             log.log_image("q", frame, at)
         return res
 
-    print(f"{run}: {cfg['flow']} K={cfg['K']} on {', '.join(names)}, {cfg['steps']} steps, "
-          f"{sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
-    if step == 0:
-        eval_and_log(0, cfg["eval_samples"])
-        checkpoint(0)
+    print(f"{run.name}: {args.flow} K={args.K} on {', '.join(names)}, {args.steps} steps, "
+          f"{sum(p.numel() for p in model.parameters())} parameters, device {device}; outputs "
+          f"in {args.out_dir}, figures in {img_dir}", file=sys.stderr)
+    if ckpt is None:
+        eval_and_log(0)
+        save()  # a NaN at the first step still leaves a loadable run
 
     # -- training loop: reverse KL, batch of q samples, annealed U term --
-    status, t0, last = 0, time.time(), time.time()
-    try:
-        while step < cfg["steps"]:
-            beta, lr = beta_at(step, cfg), lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, log_q = model.sample_and_log_prob(cfg["batch"])          # (T, B, 2), (T, B)
-            per_target = (log_q + beta * targets.energies(names, x)).mean(1)
-            loss = per_target.sum()                                     # targets independent
-            if not torch.isfinite(loss):
-                bad = [n for n, v in zip(names, per_target.tolist()) if not math.isfinite(v)]
-                print(f"loss is {loss.item()} at step {step} (targets {', '.join(bad)}); "
-                      f"stopping. The last good checkpoint is kept in {ckpt_path}",
-                      file=sys.stderr)
-                log.log({"nan_at": step}, step)
-                status = 1
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-                row = {f"{n}/loss": v for n, v in zip(names, per_target.tolist())}
-                log.log({**row, "beta": beta, "lr": lr,
-                         "ms_per_step": 1000 * (time.time() - last) / cfg["eval_every"]}, step)
-                res = eval_and_log(step, cfg["eval_samples"])
-                checkpoint(step)
-                last = time.time()
-                print(f"step {step:6d} beta {beta:.3f} " + " ".join(
-                    f"{n}: KL {r['kl']:.4f} ESS {r['ess']:.3f}" for n, r in res.items()),
-                    file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        checkpoint(step)
-        print(f"\ninterrupted at step {step}; checkpoint saved. Continue with "
-              f"`python train_vi.py --resume {out_dir}`", file=sys.stderr)
-        log.finish()
-        return 130
+    last_t, last_step = time.perf_counter(), step
+    while step < args.steps and not run.stop_requested:
+        beta = beta_at(step, vars(args))
+        lr = args.lr * util.lr_factor(args.lr_schedule, step, args.steps)
+        util.set_lr(opt, lr)
+        x, log_q = model.sample_and_log_prob(args.batch)          # (T, B, 2), (T, B)
+        per_target = (log_q + beta * targets.energies(names, x)).mean(1)
+        loss = per_target.sum()                                     # targets independent
+        if not torch.isfinite(loss):
+            bad = [n for n, v in zip(names, per_target.tolist()) if not math.isfinite(v)]
+            return run.nonfinite(f"loss is {loss.item()} at step {step} (targets "
+                                 f"{', '.join(bad)})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in model.parameters()
+                   if p.grad is not None):
+            return run.nonfinite(f"a gradient is not finite at step {step}")
+        opt.step()
+        step += 1
+        if step % args.eval_every == 0 or step == args.steps:
+            now = time.perf_counter()
+            row = {f"{n}/loss": v for n, v in zip(names, per_target.tolist())}
+            log.log({**row, "beta": beta, "lr": lr,
+                     "ms_per_step": 1000 * (now - last_t) / (step - last_step)}, step)
+            res = eval_and_log(step)
+            save()
+            last_t, last_step = time.perf_counter(), step
+            print(f"step {step:6d} beta {beta:.3f} " + " ".join(
+                f"{n}: KL {r['kl']:.4f} ESS {r['ess']:.3f}" for n, r in res.items()),
+                file=sys.stderr, flush=True)
+    if run.stop_requested:
+        save()
+        return run.interrupted(step)
 
     # -- final evaluation, figures, summary --
-    if status == 0:
-        res = evaluate(model, names, cfg["final_samples"], seed=1)
-        summary = {f"{t}/{k}": v for t, r in res.items() for k, v in r.items()}
-        summary.update(step=step, seconds=time.time() - t0)
-        log.summary(summary)
-        panels = []
-        for t, n in enumerate(names):
-            panels.append((f"exp(-{n})", plots.density(lambda z: -targets.energy(n, z),
-                                                       bound=targets.BOX)))
-        for t, n in enumerate(names):
-            panels.append((f"q_K ({cfg['flow']} K={cfg['K']}) KL {res[n]['kl']:.3f}",
-                           plots.density(model.flow(t).log_prob, bound=targets.BOX,
-                                         normalise=False)))
-        final = plots.save_panels(os.path.join(img_dir, "final.png"), panels, rows=2)
-        log.log_image("final", final, step)
-        if cfg["frames"]:
-            make_gif(os.path.join(img_dir, "frames"), os.path.join(img_dir, "training.gif"))
-        for n, r in res.items():
-            modes = (f", mass left/right {r['mass_left']:.3f}/{r['mass_right']:.3f}"
-                     if "mass_left" in r else "")
-            print(f"{n}: KL(q||p) {r['kl']:.4f} ± {r['kl_se']:.4f} nats, ESS {r['ess']:.3f}"
-                  f"{modes}")
-        print(f"figures in {img_dir}/, run in {out_dir}/")
-    log.finish()
-    return status
+    res = evaluate(model, names, args.final_samples, seed=1)
+    summary = {f"{t}/{k}": v for t, r in res.items() for k, v in r.items()}
+    summary.update(step=step, seconds=seconds + time.perf_counter() - t0)
+    panels = [(f"exp(-{n})", plots.density(lambda z, n=n: -targets.energy(n, z),
+                                           bound=targets.BOX)) for n in names]
+    for t, n in enumerate(names):
+        panels.append((f"q_K ({args.flow} K={args.K}) KL {res[n]['kl']:.3f}",
+                       plots.density(model.flow(t).log_prob, bound=targets.BOX,
+                                     normalise=False)))
+    final = plots.save_panels(os.path.join(img_dir, "final.png"), panels, rows=2)
+    log.log_image("final", final, step)
+    if args.frames:
+        make_gif(os.path.join(img_dir, "frames"), os.path.join(img_dir, "training.gif"))
+    for n, r in res.items():
+        modes = (f", mass left/right {r['mass_left']:.3f}/{r['mass_right']:.3f}"
+                 if "mass_left" in r else "")
+        print(f"{n}: KL(q||p) {r['kl']:.4f} ± {r['kl_se']:.4f} nats, ESS {r['ess']:.3f}{modes}")
+    print(f"figures in {img_dir}/, run in {args.out_dir}/")
+    return run.done(summary)
 
 
 if __name__ == "__main__":
