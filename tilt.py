@@ -14,7 +14,7 @@ Objectives (`objective=`):
   w = softmax(-E(x-)), is the exact ML gradient up to self-normalised importance sampling
   error, so the optimum is the tilted density closest in KL to the positives; the only
   estimate is log Z, which is cheap and accurate when the tilt is mild (report the ESS).
-  It has no extra hyper-parameters. Why it is the default: see the README section.
+  It has no extra hyper-parameters. Why it is the default: see docs/tilt.md.
 - "hackathon": mean E(x+) - mean E(x-) + 0.1 (mean E+^2 + mean E-^2) + a WGAN-GP gradient
   penalty (|grad E(x^)| - 1)^2 at random interpolates x^ of positives and negatives
   (Gulrajani et al. 2017), negatives = base samples. It is a critic loss: it separates
@@ -52,7 +52,6 @@ def log_mean_exp(a, dim=0):
 def log_Z_importance(E, x_base):
     """log Z = log E_{p_phi} exp(-E(x)) from base samples x_base (M, D), by logsumexp."""
     return log_mean_exp(-E(x_base))
-
 
 
 def snir(log_w, n, generator=None, method="systematic"):
@@ -126,11 +125,13 @@ def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, 
     sample_base(step) returns fresh base samples (the importance samples of log Z for "ml",
     the negatives for "hackathon"). `batch`: positives per step (None = all). A non-finite
     loss stops training, restores the last finite weights and sets hist["nan_step"].
-    `on_step(step, metrics)` is called every step. Returns the history dict."""
+    `on_step(step, metrics)` is called every step; when it returns True training stops after
+    that step (Ctrl-C) and hist["stopped_at"] is the number of steps done. Returns the
+    history dict."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     opt = torch.optim.Adam(E.parameters(), lr=lr, weight_decay=weight_decay)
-    hist = {"loss": [], "log_Z": [], "nan_step": None}
+    hist = {"loss": [], "log_Z": [], "nan_step": None, "stopped_at": None}
     good = copy.deepcopy(E.state_dict())
     for step in range(steps):
         xp = x_pos if batch is None or batch >= len(x_pos) else \
@@ -149,8 +150,9 @@ def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, 
             break
         hist["loss"].append(metrics["loss"])
         hist["log_Z"].append(metrics.get("log_Z", float("nan")))
-        if on_step is not None:
-            on_step(step, metrics)
+        if on_step is not None and on_step(step, metrics):
+            hist["stopped_at"] = step + 1
+            break
     return hist
 
 
@@ -167,11 +169,12 @@ def fit_data_tilt(E, x_pos, vae, steps, lr=1e-3, n_neg=128, langevin_steps=20, e
     Contrastive-divergence estimate of the ML gradient: negatives are short Langevin chains
     on E(x) - ELBO(x) started at VAE samples (decoded means of prior draws), loss
     mean E(x+) - mean E(x-) + reg (mean E+^2 + mean E-^2); the L2 term keeps the energies
-    from drifting. Stops at a non-finite loss with the last finite weights (hist["nan_step"])."""
+    from drifting. Stops at a non-finite loss with the last finite weights (hist["nan_step"]),
+    or after a step whose `on_step` returned True (hist["stopped_at"], as in fit_tilt)."""
     from samplers import langevin
 
     opt = torch.optim.Adam(E.parameters(), lr=lr)
-    hist = {"loss": [], "nan_step": None}
+    hist = {"loss": [], "nan_step": None, "stopped_at": None}
     good = copy.deepcopy(E.state_dict())
     U = data_U(E, vae)
     for step in range(steps):
@@ -184,9 +187,11 @@ def fit_data_tilt(E, x_pos, vae, steps, lr=1e-3, n_neg=128, langevin_steps=20, e
             hist["nan_step"] = step
             break
         hist["loss"].append(loss.item())
-        if on_step is not None:
-            on_step(step, {"loss": loss.item(), "E_pos": e_pos.mean().item(),
-                           "E_neg": e_neg.mean().item()})
+        if on_step is not None and on_step(step, {"loss": loss.item(),
+                                                  "E_pos": e_pos.mean().item(),
+                                                  "E_neg": e_neg.mean().item()}):
+            hist["stopped_at"] = step + 1
+            break
     return hist
 
 
@@ -241,7 +246,7 @@ def latent_log_density(E):
 
 # ----------------------------------------------------------------------------- the 2D example
 MIXTURE_MEANS = ((-1.0, -0.33), (0.0, 0.67), (1.0, -0.33))
-MIXTURE_STD = 0.3  # isotropic std of each component (the issue fixes only means and weights)
+MIXTURE_STD = 0.3  # isotropic std of each component (the example fixes only means and weights)
 BASE_WEIGHTS = (0.8, 0.1, 0.1)
 TARGET_WEIGHTS = (0.3, 0.4, 0.3)
 MIXTURE_BOUND = 2.5  # plotting / grid half-width

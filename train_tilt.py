@@ -1,4 +1,4 @@
-"""De-biasing a VAE trained on class-imbalanced digits with an EBM tilt (issue 5).
+"""De-biasing a VAE trained on class-imbalanced digits with an EBM tilt.
 
     python train_tilt.py                              # digits, latent ML tilt (about 30 s)
     python train_tilt.py --objective both --data_tilt # + hackathon recipe + data-space tilt
@@ -23,7 +23,9 @@ The story, top to bottom:
    distribution over 0-4 (labels 5-9 count as error); figures; checkpoint.
 
 Outputs: runs/<run>/ (config.json, metrics.jsonl, summary.json, checkpoint.pt) and figures in
-images/<run>/; wandb (online when logged in, else offline).
+--image_dir, default images/<run>/; wandb (online when logged in, else offline). A run takes
+under two minutes, so there is no --resume: Ctrl-C stops at the next training step, keeps the
+weights trained so far in checkpoint.pt and exits with status 130.
 """
 import os
 import sys
@@ -34,29 +36,29 @@ import torch
 
 import config
 import plots
+import scaffold
 import tilt
 import tilt_data
 import tilt_plots
 import util
 from ebm import EBM
-from logger import RunLogger
 from samplers import langevin
 from vae import VAE, fit as fit_vae
 
 
 # ----------------------------------------------------------------------------- config
-def get_parser():
-    p = config.parser("EBM tilts of a VAE trained on class-imbalanced digits (issue 5)")
+def build_parser():
+    p = config.parser("EBM tilts of a VAE trained on class-imbalanced digits")
     p.add_argument("--experiment", default="digits", choices=["digits", "mixture"],
                    help="digits: de-bias a VAE; mixture: the 2D Gaussian-mixture example")
-    p.add_argument("--name", default=None, help="run name (default: tilt-<experiment>-s<seed>-<time>)")
-    p.add_argument("--image_dir", default=None, help="default images/<run name>")
+    p.add_argument("--image_dir", default=None,
+                   help="the run's figure folder (default images/<run folder name>)")
     # data
     p.add_argument("--data", default="digits", choices=["digits", "mnist"],
                    help="digits: scikit-learn's 8x8 digits (offline); mnist: local IDX files")
     p.add_argument("--mnist_images", default=None, help="MNIST images IDX file (.gz allowed)")
     p.add_argument("--mnist_labels", default=None, help="MNIST labels IDX file (.gz allowed)")
-    p.add_argument("--per_class", type=int, default=0,
+    p.add_argument("--per_class", type=config.nonnegative_int, default=0,
                    help="unbiased images per class; 0: all that the scarcest class leaves")
     p.add_argument("--val_frac", type=config.open_unit, default=0.15,
                    help="fraction of the biased set held out for VAE early stopping")
@@ -89,7 +91,7 @@ def get_parser():
                    help="decoded samples labelled by the classifier")
     p.add_argument("--pool", type=config.positive_int, default=20000,
                    help="base draws that SNIR resamples from")
-    p.add_argument("--langevin_steps", type=int, default=500)
+    p.add_argument("--langevin_steps", type=config.nonnegative_int, default=500)
     p.add_argument("--langevin_eps", type=config.positive_float, default=0.2)
     # data-space tilt
     config.add_flag(p, "--data_tilt", help="also train the data-space tilt")
@@ -103,7 +105,7 @@ def get_parser():
                    help="data-tilt positives: VAE reconstructions (decoder means at the encoder "
                         "means) of the unbiased images, like the decoded VAE samples they are "
                         "compared with, or the raw images")
-    p.add_argument("--data_langevin_steps", type=int, default=20,
+    p.add_argument("--data_langevin_steps", type=config.nonnegative_int, default=20,
                    help="cd data tilt: data-space Langevin steps (negatives and samples); the ml "
                         "data tilt is sampled in latent space with --langevin_steps/_eps")
     p.add_argument("--data_langevin_eps", type=config.positive_float, default=0.02)
@@ -118,27 +120,35 @@ def get_parser():
     return p
 
 
-def get_args(argv):
-    p = get_parser()
-    args = config.parse(p, argv)
-    if args.resume:
+def check_args(args, ckpt):
+    """Every refusal of bad input, before any work (one line, exit status 2)."""
+    if ckpt is not None:
         config.fail("--resume is not supported by train_tilt.py (a run takes under two "
                     "minutes); start it again with the same --seed")
-    if args.per_class < 0:
-        config.fail(f"--per_class must be >= 0 (0 = all that the data allows), got {args.per_class}")
-    if args.langevin_steps < 0 or args.data_langevin_steps < 0:
-        config.fail("--langevin_steps and --data_langevin_steps must be >= 0")
+    out = args.out_dir
+    if out and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        # the scaffold's own message would suggest --resume, which this script refuses
+        config.fail(f"{out} already holds files of another run; clear it with --overwrite or "
+                    f"choose another --out_dir")
     if args.pool < args.n_samples:
         config.fail(f"--pool ({args.pool}) must be at least --n_samples ({args.n_samples})")
-    return args
+    if args.data == "mnist" and args.experiment == "digits":
+        for flag in ("mnist_images", "mnist_labels"):
+            path = getattr(args, flag)
+            if not path or not os.path.isfile(path):
+                config.fail(f"--{flag}: file {path!r} not found; pass a local MNIST IDX file "
+                            f"(no download at run time) or use --data digits")
 
 
 class StageLog:
     """wandb needs one increasing step across the stages (VAE epochs, tilt steps, ...): every
-    row gets the next global step and carries the stage's own step as `<stage>/step`."""
+    row gets the next global step and carries the stage's own step as `<stage>/step`.
+    `every(stage, n)` is a training loop's step callback: it logs every n-th step and returns
+    True once Ctrl-C was pressed, which stops the loop after that step."""
 
-    def __init__(self, log):
-        self.log, self.step = log, 0
+    def __init__(self, run):
+        self.run, self.log, self.step = run, run.log, 0
+        self.stage, self.stage_step = None, 0
 
     def __call__(self, stage, local_step, metrics):
         row = {f"{stage}/{k}": v for k, v in metrics.items()}
@@ -146,12 +156,30 @@ class StageLog:
         self.log.log(row, self.step)
         self.step += 1
 
+    def every(self, stage, n=10):
+        def on_step(local_step, metrics):
+            self.stage, self.stage_step = stage, local_step + 1
+            if local_step % n == 0:
+                self(stage, local_step, metrics)
+            return self.run.stop_requested
+        return on_step
+
+    def check_stop(self, stage):
+        """Between stages: raise Interrupted once Ctrl-C was pressed."""
+        if self.run.stop_requested:
+            raise Interrupted(f"after {stage}" if self.stage is None else
+                              f"in {self.stage} at step {self.stage_step}")
+
     def image(self, key, path):
         self.log.log_image(key, path, self.step)
 
 
 class NonFinite(Exception):
     """A loss became NaN/inf: training stopped, the last finite weights were kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: training stopped at a step boundary; the message says where."""
 
 
 # ----------------------------------------------------------------------------- digits
@@ -164,15 +192,23 @@ def load_data(args):
         config.fail(str(e))
 
 
-def run_digits(args, device, log, save):
-    t0 = time.perf_counter()
+def prepare_digits(args):
+    """The images, labels and the biased/unbiased split (bad files and impossible splits are
+    one-line errors here, before the run's folders exist)."""
     rng = util.set_seed(args.seed)
     X, y = load_data(args)
     try:
         split = tilt_data.biased_unbiased_split(y, rng, per_class=args.per_class or None)
     except ValueError as e:
         config.fail(str(e))
+    return X, y, split, rng
+
+
+def run_digits(args, device, log, state, save, data):
+    t0 = time.perf_counter()
+    X, y, split, rng = data
     clf, clf_acc = tilt_data.train_classifier(X, y, rng, max_iter=args.clf_max_iter)
+    log.check_stop("the classifier")
     x_biased = torch.tensor(X[split.biased], device=device)
     x_unbiased = torch.tensor(X[split.unbiased], device=device)
     n_val = max(1, int(args.val_frac * len(x_biased)))
@@ -185,17 +221,20 @@ def run_digits(args, device, log, save):
 
     # -- base model: the VAE on the biased set, early-stopped on a validation split
     vae = VAE(X.shape[1], args.latent, args.vae_hidden, args.likelihood).to(device)
+    state.update(vae=vae.state_dict(), vae_spec=vae.spec(), stage="init")
+    save()  # a NaN in the first epoch still leaves a loadable run
+    on_epoch = log.every("vae", 1)
     try:
         hist = fit_vae(vae, x_biased[n_val:], x_biased[:n_val], args.vae_epochs, args.vae_batch,
                        args.vae_lr, args.patience,
-                       on_epoch=lambda e, tr, va: log("vae", e, {"train_loss": tr, "val_elbo": va}))
+                       on_epoch=lambda e, tr, va: on_epoch(e, {"train_loss": tr, "val_elbo": va}))
     except FloatingPointError as e:
         raise NonFinite(str(e))
+    state.update(vae=vae.state_dict(), stage="vae")
+    log.check_stop("the VAE")
     print(f"VAE: {len(hist['val'])} epochs, best validation ELBO {hist['best_val']:.2f} at epoch "
           f"{hist['best_epoch']} (weights restored)")
-    state = {"config": config.to_dict(args), "vae": vae.state_dict(), "vae_spec": vae.spec(),
-             "stage": "vae"}
-    save(state)
+    save()
 
     summary = {"classifier_accuracy": clf_acc, "vae_best_val_elbo": hist["best_val"],
                "vae_epochs": len(hist["val"]), "n_biased": len(split.biased),
@@ -217,18 +256,13 @@ def run_digits(args, device, log, save):
     for obj in objectives:
         E = EBM(args.latent, args.tilt_hidden, "silu").to(device)
         t_obj = time.perf_counter()
-
-        def on_step(step, m, obj=obj):
-            if step % 10 == 0:
-                log(obj, step, m)
-
         th = tilt.fit_tilt(E, z_pos, lambda s: torch.randn(args.n_base, args.latent, device=device),
                            args.tilt_steps, obj, args.tilt_lr, reg=args.reg, gp=args.gp,
-                           on_step=on_step)
+                           on_step=log.every(obj))
         state[f"ebm_{obj}"], state[f"ebm_{obj}_spec"] = E.state_dict(), E.spec()
         if th["nan_step"] is not None:
-            save(state)
             raise NonFinite(f"{obj} tilt loss is not finite at step {th['nan_step']}")
+        log.check_stop(f"the {obj} tilt")
         E.eval()
         with torch.no_grad():
             pool = torch.randn(args.pool, args.latent, device=device)
@@ -253,7 +287,9 @@ def run_digits(args, device, log, save):
         hists[f"{obj} tilt (SNIR)"] = tilt_data.label_histogram(lab_snir)
         grids[f"{obj} tilt (SNIR)"] = x_snir.cpu().numpy()
         latent_tilts[f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
-    save(state)
+        log.check_stop(f"sampling the {obj} tilt")
+    state["stage"] = "latent tilts"
+    save()
 
     # -- data-space tilt: exp(-E(x)) p_phi(x); p_phi = decoded means ("ml") or exp(ELBO) ("cd")
     if args.data_tilt:
@@ -261,7 +297,7 @@ def run_digits(args, device, log, save):
         Ex = EBM(X.shape[1], args.data_tilt_hidden, "silu").to(device)
         with torch.no_grad():
             x_dpos = vae.decode(z_pos) if args.data_pos == "recon" else x_unbiased
-        on_step = lambda s, m: log("data", s, m) if s % 10 == 0 else None  # noqa: E731
+        on_step = log.every("data")
         if args.data_objective == "ml":
             dh = tilt.fit_tilt(Ex, x_dpos, lambda s: vae.sample(args.n_base // 4)[0],
                                args.data_tilt_steps, "ml", args.tilt_lr, on_step=on_step)
@@ -272,8 +308,8 @@ def run_digits(args, device, log, save):
                 reg=args.reg, on_step=on_step)
         state["ebm_data"], state["ebm_data_spec"] = Ex.state_dict(), Ex.spec()
         if dh["nan_step"] is not None:
-            save(state)
             raise NonFinite(f"data-space tilt loss is not finite at step {dh['nan_step']}")
+        log.check_stop("the data-space tilt")
         Ex.eval()
         with torch.no_grad():
             pool_x, _ = vae.sample(args.pool)
@@ -301,7 +337,8 @@ def run_digits(args, device, log, save):
               + f"), Langevin TV {summary['tv_data_langevin']:.3f}")
         hists["data tilt (SNIR)"] = tilt_data.label_histogram(lab_d)
         grids["data tilt (SNIR)"] = x_dsnir.cpu().numpy()
-        save(state)
+        state["stage"] = "data tilt"
+        save()
 
     # -- figures
     img = args.image_dir
@@ -326,7 +363,7 @@ def run_digits(args, device, log, save):
 
 
 # ----------------------------------------------------------------------------- 2D mixture
-def run_mixture(args, device, log, save):
+def run_mixture(args, device, log, state, save):
     """Base: mixture with weights BASE_WEIGHTS; 100 points with TARGET_WEIGHTS teach the tilt
     (stratified by default: exactly 30/40/30, see --mix_teaching); SNIR from 20,000 base draws
     (whose components are known) gives the component histogram."""
@@ -336,16 +373,18 @@ def run_mixture(args, device, log, save):
                                        stratified=args.mix_teaching == "stratified")
     log_base = tilt.mixture_log_prob(tilt.BASE_WEIGHTS)
     E = EBM(2, args.tilt_hidden, "silu").to(device)
+    state.update(ebm=E.state_dict(), ebm_spec=E.spec(), stage="init")
+    save()  # a NaN at the first step still leaves a loadable run
     objective = "hackathon" if args.objective == "hackathon" else "ml"
     th = tilt.fit_tilt(E, x_pos.to(device),
                        lambda s: tilt.mixture_sample(args.n_base, tilt.BASE_WEIGHTS)[0].to(device),
                        args.mix_steps, objective, args.mix_lr, reg=args.reg, gp=args.gp,
-                       on_step=lambda s, m: log("mix", s, m) if s % 10 == 0 else None)
-    state = {"config": config.to_dict(args), "ebm": E.state_dict(), "ebm_spec": E.spec(),
-             "stage": "mixture"}
-    save(state)
+                       on_step=log.every("mix"))
+    state.update(ebm=E.state_dict(), stage="mixture")
     if th["nan_step"] is not None:
         raise NonFinite(f"mixture tilt loss is not finite at step {th['nan_step']}")
+    log.check_stop("the mixture tilt")
+    save()
     E.eval()
     with torch.no_grad():
         pool, comp = tilt.mixture_sample(args.pool, tilt.BASE_WEIGHTS)
@@ -414,46 +453,45 @@ def load_tilt_run(run_dir, device="cpu"):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args = get_args(argv)
+    args, ckpt = scaffold.parse(build_parser(), argv, "train_tilt.py")
+    check_args(args, ckpt)
     config.apply_threads(args)
-    try:
-        device = util.get_device(args.device)
-    except (ValueError, RuntimeError) as e:
-        config.fail(str(e))
-    if args.data == "mnist" and args.experiment == "digits":
-        for flag in ("mnist_images", "mnist_labels"):
-            path = getattr(args, flag)
-            if not path or not os.path.isfile(path):
-                config.fail(f"--{flag}: file {path!r} not found; pass a local MNIST IDX file "
-                            f"(no download at run time) or use --data digits")
-    name = args.name or config.run_name("tilt", args.experiment, f"s{args.seed}")
-    args.out_dir = args.out_dir or os.path.join("runs", name)
-    run = os.path.basename(os.path.normpath(args.out_dir))
-    args.image_dir = args.image_dir or os.path.join("images", run)
-    os.makedirs(args.image_dir, exist_ok=True)
-    log = RunLogger(args.out_dir, config.to_dict(args), args.wandb, args.project, run)
-    print(f"run {run}: experiment {args.experiment}, device {device}; outputs in "
+    device = scaffold.device(args)
+    data = prepare_digits(args) if args.experiment == "digits" else None
+    with scaffold.Run(args, "train_tilt.py", ("tilt", args.experiment, f"s{args.seed}")) as run:
+        return train(args, run, device, data)
+
+
+def train(args, run, device, data):
+    """The experiment's stages; returns the exit status. `state` collects the trained weights
+    (checkpoint.pt, saved after each stage and on NaN or Ctrl-C)."""
+    print(f"run {run.name}: experiment {args.experiment}, device {device}; outputs in "
           f"{args.out_dir}, figures in {args.image_dir}")
+    log, state = StageLog(run), {}
 
-    def save(state):
-        util.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), state)
+    def save():
+        run.save(state)
 
     try:
-        stage_log = StageLog(log)
-        summary = (run_digits if args.experiment == "digits" else run_mixture)(args, device,
-                                                                               stage_log, save)
+        if args.experiment == "digits":
+            summary = run_digits(args, device, log, state, save, data)
+        else:
+            summary = run_mixture(args, device, log, state, save)
     except NonFinite as e:
-        print(f"error: {e}; stopped, the last finite weights are in "
-              f"{args.out_dir}/checkpoint.pt. Try a lower learning rate or another --seed.",
-              file=sys.stderr)
-        log.finish()
-        return 1
-    log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, stage_log.step)
-    log.summary(summary)
-    log.finish()
+        save()
+        return run.nonfinite(str(e))
+    except Interrupted as e:
+        state["stage"] = f"interrupted {e}"
+        save()
+        run.log.finish()
+        print(f"\ninterrupted {e}: the weights trained so far are in {run.checkpoint_path}; "
+              f"train_tilt.py has no --resume (a run takes under two minutes), start it again "
+              f"with the same flags", file=sys.stderr)
+        return scaffold.INTERRUPTED
+    run.log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, log.step)
     print(f"done in {summary['time_total_s']:.1f} s: {args.out_dir} (summary.json), "
           f"figures in {args.image_dir}")
-    return 0
+    return run.done(summary)
 
 
 if __name__ == "__main__":

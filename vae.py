@@ -93,14 +93,17 @@ def fit(vae, x_train, x_val, epochs=500, batch=64, lr=1e-3, patience=30, n_val_e
     The validation ELBO uses the same `n_val_eps` noise draws every epoch, so it changes only
     when the weights do. The best weights are kept as a deep copy (a bare state_dict() would
     be a live view of the parameters and "restoring" it would restore the last epoch) and
-    loaded back at the end. `on_epoch(epoch, train_loss, val_elbo)` is called every epoch.
+    loaded back at the end (and before FloatingPointError is raised at a non-finite loss).
+    `on_epoch(epoch, train_loss, val_elbo)` is called every epoch;
+    when it returns True training stops there (Ctrl-C), with the best weights so far.
     Returns a dict: train (mean -ELBO per epoch), val (validation ELBO per epoch), best_epoch,
-    best_val, stopped_early, val_eps (the fixed noise, to recompute val exactly).
+    best_val, stopped_early, stopped (by on_epoch), val_eps (the fixed noise, to recompute val
+    exactly).
     """
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     val_eps = torch.randn(n_val_eps, len(x_val), vae.z_dim, device=x_val.device)
     hist = {"train": [], "val": [], "best_epoch": -1, "best_val": -math.inf,
-            "stopped_early": False, "val_eps": val_eps}
+            "stopped_early": False, "stopped": False, "val_eps": val_eps}
     best_state = copy.deepcopy(vae.state_dict())
     for epoch in range(epochs):
         vae.train()
@@ -110,6 +113,7 @@ def fit(vae, x_train, x_val, epochs=500, batch=64, lr=1e-3, patience=30, n_val_e
             xb = x_train[perm[i:i + batch]]
             loss = -vae.elbo(xb).mean()
             if not torch.isfinite(loss):
+                vae.load_state_dict(best_state)  # the caller may save the last good weights
                 raise FloatingPointError(f"VAE loss is {float(loss)} at epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -118,12 +122,14 @@ def fit(vae, x_train, x_val, epochs=500, batch=64, lr=1e-3, patience=30, n_val_e
         val = validation_elbo(vae, x_val, val_eps)
         hist["train"].append(total / len(x_train))
         hist["val"].append(val)
-        if on_epoch is not None:
-            on_epoch(epoch, hist["train"][-1], val)
+        stop = on_epoch is not None and on_epoch(epoch, hist["train"][-1], val)
         if val > hist["best_val"]:
             hist["best_val"], hist["best_epoch"] = val, epoch
             best_state = copy.deepcopy(vae.state_dict())
-        elif epoch - hist["best_epoch"] >= patience:
+        if stop:
+            hist["stopped"] = True
+            break
+        if epoch - hist["best_epoch"] >= patience:
             hist["stopped_early"] = True
             break
     vae.load_state_dict(best_state)

@@ -1,8 +1,10 @@
-"""Tests of the tilting experiments (issue 5): splits, VAE early stopping, log Z by importance
-sampling, SNIR, the 2D mixture and a tiny end-to-end run. Tiny budgets: the file runs in
+"""Tests of the tilting experiments: splits, VAE early stopping, log Z by importance sampling,
+SNIR, the 2D mixture, tiny end-to-end runs, NaN and Ctrl-C. Tiny budgets: the file runs in
 well under a minute on 2 cores."""
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -277,14 +279,55 @@ def test_end_to_end_mixture(tmp_path):
     assert code == 0 and s["mix_teaching"] == "iid"
 
 
-def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
+def test_nan_at_the_first_step_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    """The mixture tilt's first loss is NaN: exit 1, and checkpoint.pt holds the initial
+    (finite) energy, loadable with load_tilt_run."""
+    import train_tilt
+
     def nan_loss(E, x_pos, x_base):
         e = E(x_pos)
         return e.mean() * float("nan"), e.mean(), e
     monkeypatch.setattr(tilt, "ml_loss", nan_loss)
     code, out, _ = _run(tmp_path, "n", ["--experiment", "mixture", "--mix_steps", "5"])
+    assert code == 1 and "not finite at step 0" in capsys.readouterr().err
+    run = train_tilt.load_tilt_run(str(out))
+    assert run.config["experiment"] == "mixture"
+    assert all(torch.isfinite(p).all() for p in run.energies["mixture"].parameters())
+
+
+def test_nan_in_the_first_vae_epoch_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    import train_tilt
+
+    monkeypatch.setattr(vae_mod.VAE, "elbo", lambda self, x, eps=None: x.sum(-1) * float("nan"))
+    code, out, _ = _run(tmp_path, "nv", ["--per_class", "10"])
     assert code == 1
-    assert (out / "checkpoint.pt").exists()
+    run = train_tilt.load_tilt_run(str(out))
+    assert run.vae is not None and run.energies == {}
+    assert all(torch.isfinite(p).all() for p in run.vae.parameters())
+
+
+def test_ctrl_c_stops_at_a_step_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside the mixture tilt's third step: the step finishes, training stops there
+    (not after all 50 steps), the weights are saved and the exit status is 130."""
+    import train_tilt
+
+    real, calls = tilt.ml_loss, {"n": 0}
+
+    def interrupt(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tilt, "ml_loss", interrupt)
+    code, out, _ = _run(tmp_path, "c", ["--experiment", "mixture", "--mix_steps", "50"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted in mix at step 3" in err, err
+    assert calls["n"] == 3
+    assert not (out / "summary.json").exists()
+    run = train_tilt.load_tilt_run(str(out))
+    assert "mixture" in run.energies
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize("argv, message", [
