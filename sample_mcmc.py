@@ -5,9 +5,11 @@ do long chains still look like the data?).
     python sample_mcmc.py --run runs/mcmc-gmm-nonconvergent --sampler ula --steps 5000 --temperature 1
 
 Targets exp(-U(x) / T), U the run's energy (util.load_run). Prints the acceptance rate per
-step (MALA) and the energies of the chains as they run, and writes to images/<run name>/:
-longrun_<sampler>_<steps>.png (samples, KDE, acceptance per step, mean energy) and
-longrun_<sampler>_<steps>.pt (final states, energy of each chain, acceptance per step).
+step (MALA) and the energies of the chains as they run, and writes to --image_dir (default
+images/<run folder name>): longrun_<sampler>_<steps>.png (samples, KDE), _curves.png
+(acceptance per step, mean energy) and .pt (final states, energy of each chain, acceptance
+per step, the KDE's KL and escaped mass). Outputs of an earlier sampling of the same name are
+refused unless --overwrite replaces them.
 
 Image runs (train_mcmc.py --dataset digits|mnist) are sampled the same way, the images as
 flattened rows, and at each step of --save_at the chains are scored with the run's dataset
@@ -17,12 +19,13 @@ the first 100 is saved:
     python sample_mcmc.py --run runs/mcmc-digits-convergent --sampler ula --init data \
         --steps 10000 --save_at 0,100,1000,10000
 
-writes to images/<run name>/longrun_<sampler>_<init>/: step_<k>.png (grids), and next to that
+writes to <--image_dir>/longrun_<sampler>_<init>/: step_<k>.png (grids), and next to that
 folder longrun_<sampler>_<init>.png (the grids side by side), _curves.png (mean energy,
 acceptance), .json (metric at each saved step, energy trace, acceptance, seconds) and .pt.
 """
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -33,20 +36,13 @@ import datasets
 import diagnostics
 import mcmc_images
 import plots
+import scaffold
+import util
 from samplers import ConvEnergy, Energy, langevin, mala
-from util import load_run, set_seed
 
+# shared flags that mean nothing here: sampling writes no run and logs nothing to wandb
+NOT_HERE = ("out_dir", "resume", "wandb", "project")
 
-
-def advance(U, x, k, eps, args, acc_all):
-    """k steps of args.sampler (MALA appends its acceptances to acc_all); returns (x, U(x))."""
-    if args.sampler == "mala":
-        x, acc, u = mala(U, x, k, eps, temperature=args.temperature, return_energy=True)
-        acc_all.append(acc)
-        return x, u
-    x = langevin(U, x, k, eps, temperature=args.temperature)
-    with torch.no_grad():
-        return x, U(x)
 
 def step_list(s):
     try:
@@ -59,15 +55,16 @@ def step_list(s):
     return steps
 
 
-def get_parser():
+def build_parser():
     p = config.parser("Long-run ULA / MALA sampling from a trained EBM")
-    p.add_argument("--run", required=True, help="run directory with checkpoint.pt")
+    p.add_argument("--run", required=True, help="train_mcmc.py run folder (with checkpoint.pt)")
     p.add_argument("--sampler", default="mala", choices=["ula", "mala"])
     p.add_argument("--steps", type=config.positive_int, default=2000)
     p.add_argument("--chunk", type=config.positive_int, default=100,
                    help="steps between progress lines")
     p.add_argument("--n", type=config.positive_int, default=None,
-                   help="number of chains (default 5000; image runs 500)")
+                   help="number of chains (default 5000; image runs 500, at least 2 and at "
+                        "most the training images)")
     p.add_argument("--eps", type=config.positive_float, default=None,
                    help="step size (default: the run's eps)")
     p.add_argument("--temperature", type=config.positive_float, default=1.0)
@@ -78,42 +75,103 @@ def get_parser():
     p.add_argument("--save_at", type=step_list, default=None,
                    help="image runs: steps at which grids and the metric are saved, e.g. "
                         "0,100,1000,10000 (default 0, 100, 1000, ... up to --steps)")
-    p.add_argument("--kde_bw", type=config.positive_float, default=0.05)
-    p.add_argument("--image_dir", default="images")
+    p.add_argument("--kde_bw", type=config.positive_float, default=None,
+                   help="2D runs: KDE bandwidth of the chains (default 0.05)")
+    p.add_argument("--image_dir", default=None,
+                   help="output folder (default images/<run folder name>)")
     return p
 
 
-def main(argv=None):
-    args = config.parse(get_parser(), argv)
-    torch.set_num_threads(1)
+def advance(U, x, k, eps, args, acc_all):
+    """k steps of args.sampler (MALA appends its acceptances to acc_all); returns (x, U(x))."""
+    if args.sampler == "mala":
+        x, acc, u = mala(U, x, k, eps, temperature=args.temperature, return_energy=True)
+        acc_all.append(acc)
+        return x, u
+    x = langevin(U, x, k, eps, temperature=args.temperature)
+    with torch.no_grad():
+        return x, U(x)
+
+
+def claim_outputs(args, files, frames=None):
+    """The output folder must be writable; outputs of an earlier sampling with the same name
+    (files, or a folder of frames that new frames would mix with) are refused unless
+    --overwrite, which removes them first."""
+    scaffold.Run._writable(args.image_dir)
+    old = [f for f in files if os.path.exists(f)]
+    if frames and os.path.isdir(frames) and os.listdir(frames):
+        old.append(frames + "/")
+    if old and not args.overwrite:
+        config.fail(f"{old[0]} holds an earlier sampling; pass --overwrite to replace it or "
+                    f"choose another --image_dir")
+    for f in old:
+        shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
     try:
-        run = load_run(args.run)
-    except FileNotFoundError as e:
-        config.fail(str(e))
-    if run.config.get("dataset") in mcmc_images.IMAGE_DATASETS:
-        return sample_images(args, run)
-    if run.ebm is None:
-        config.fail(f"{args.run} has no EBM in its checkpoint")
-    args.n = args.n or 5000
-    args.init_scale = args.init_scale or 2.0
-    cfg = run.config
-    dataset = cfg.get("dataset")
-    eps = args.eps or cfg.get("eps", 0.1)
-    rng = set_seed(args.seed)
+        os.makedirs(frames or args.image_dir, exist_ok=True)
+    except OSError as e:
+        config.fail(f"cannot create {frames or args.image_dir} ({e.strerror}); choose a "
+                    f"writable --image_dir")
+
+
+def chain_starts(args, run, n, dim, x_data, device):
+    """n chain starts of --init (x_data: the training data, for --init data)."""
     if args.init == "bank":
         bank = run.checkpoint.get("bank")
         if bank is None:
             config.fail(f"{args.run} has no persistent bank; use --init uniform/gaussian/data")
-        x = bank[torch.randint(len(bank), (args.n,))]
-    elif args.init == "uniform":
-        x = args.init_scale * (2 * torch.rand(args.n, 2) - 1)
-    elif args.init == "gaussian":
-        x = args.init_scale * torch.randn(args.n, 2)
-    else:
-        x = datasets.sample(dataset, args.n, rng)
-    U = Energy(run.ebm)
+        return bank.to(device)[torch.randint(len(bank), (n,), device=device)]
+    if args.init == "uniform":
+        return args.init_scale * (2 * torch.rand(n, dim, device=device) - 1)
+    if args.init == "gaussian":
+        return args.init_scale * torch.randn(n, dim, device=device)
+    return x_data[torch.randint(len(x_data), (n,))].to(device)
+
+
+def main(argv=None):
+    args = config.parse(build_parser(), argv)
+    given = config.given_flags(argv)
+    unused = [f"--{f}" for f in NOT_HERE if f in given]
+    if unused:
+        config.fail(f"{', '.join(unused)} mean(s) nothing to sample_mcmc.py (it writes no run; "
+                    f"its outputs go to --image_dir); drop {' '.join(unused)}")
+    config.apply_threads(args)
+    device = scaffold.device(args)
+    try:
+        util.load_checkpoint(os.path.join(args.run, "checkpoint.pt"), script="train_mcmc.py")
+        run = util.load_run(args.run, device=device)
+    except (FileNotFoundError, util.CheckpointError) as e:
+        config.fail(f"--run: {e}")
+    image = run.config.get("dataset") in mcmc_images.IMAGE_DATASETS
+    if image and args.kde_bw is not None:
+        config.fail("--kde_bw is for 2D runs; image runs are scored by the sample metric")
+    if not image and args.save_at is not None:
+        config.fail("--save_at is for image runs; a 2D run saves its final chains")
+    if args.save_at and args.save_at[-1] > args.steps:
+        config.fail(f"--save_at {args.save_at[-1]} is beyond --steps {args.steps}; raise "
+                    f"--steps or drop that step")
+    args.image_dir = args.image_dir or os.path.join(
+        "images", os.path.basename(os.path.normpath(args.run)))
+    (sample_images if image else sample_2d)(args, run, device)
+    return 0
+
+
+def sample_2d(args, run, device):
+    """Long-run chains of a 2D run: final states, energies, KDE and its KL to the data."""
+    if run.ebm is None:
+        config.fail(f"{args.run} has no EBM in its checkpoint")
+    n, scale, bw = args.n or 5000, args.init_scale or 2.0, args.kde_bw or 0.05
+    cfg = run.config
+    dataset = cfg.get("dataset")
+    eps = args.eps or cfg["eps"]
     name = os.path.basename(os.path.normpath(args.run))
-    print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {args.n} chains, "
+    stem = os.path.join(args.image_dir, f"longrun_{args.sampler}_{args.steps}")
+    claim_outputs(args, [stem + s for s in (".pt", ".png", "_curves.png")])
+    args.init_scale = scale
+    rng = util.set_seed(args.seed)
+    x_data = datasets.sample(dataset, n, rng) if args.init == "data" else None
+    x = chain_starts(args, run, n, 2, x_data, device)
+    U = Energy(run.ebm)
+    print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {n} chains, "
           f"{args.steps} steps from {args.init}")
 
     acc_all, mean_u, done = [], [], 0
@@ -130,9 +188,10 @@ def main(argv=None):
         print(line)
     secs = time.perf_counter() - t0
     with torch.no_grad():
-        energy = U(x)
-    acc = torch.cat(acc_all) if acc_all else None
-    kl, outside = (diagnostics.kde_kl(dataset, x, args.kde_bw, return_outside=True)
+        energy = U(x).cpu()
+    x = x.cpu()
+    acc = torch.cat(acc_all).cpu() if acc_all else None
+    kl, outside = (diagnostics.kde_kl(dataset, x, bw, return_outside=True)
                    if dataset in datasets.NAMES else (None, None))
     print(f"{args.steps} steps in {secs:.1f} s; final energy per chain: mean "
           f"{float(energy.mean()):+.3f}, quantiles 5/50/95% "
@@ -141,14 +200,12 @@ def main(argv=None):
           + (f"; KL(p_data || KDE of chains) {kl:.3f} ({outside:.2%} of the KDE outside the "
              f"grid)" if kl is not None else ""))
 
-    out = os.path.join(args.image_dir, name)
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"longrun_{args.sampler}_{args.steps}")
     torch.save({"x": x, "energy": energy, "acceptance": acc, "eps": eps,
-                "temperature": args.temperature}, stem + ".pt")
+                "temperature": args.temperature, "kl_kde": kl, "kde_outside": outside},
+               stem + ".pt")
     panels = [("chains (histogram)", plots.samples(x)),
-              (f"KDE (bw {args.kde_bw})", plots.grid_image(
-                  diagnostics.kde_log_density(x, args.kde_bw, n=150), datasets.BOUND, 150))]
+              (f"KDE (bw {bw})", plots.grid_image(
+                  diagnostics.kde_log_density(x, bw, n=150), datasets.BOUND, 150))]
     plots.save_panels(stem + ".png", panels, title=f"{name}: {args.sampler} x {args.steps}, "
                       f"eps {eps}, T {args.temperature}")
     curves = {"mean energy U": {"U": ([s for s, _ in mean_u], [v for _, v in mean_u])}}
@@ -156,19 +213,17 @@ def main(argv=None):
         curves["MALA acceptance rate per step"] = {"acc": (range(1, len(acc) + 1), acc.numpy())}
     plots.save_curves(stem + "_curves.png", curves, xlabel="step")
     print(f"wrote {stem}.png, {stem}_curves.png, {stem}.pt")
-    return {"x": x, "energy": energy, "acceptance": acc, "kl_kde": kl, "kde_outside": outside}
 
 
-def sample_images(args, run):
+def sample_images(args, run, device):
     """Long-run chains of an image run, scored and saved at the --save_at steps."""
     cfg, ckpt = run.config, run.checkpoint
     if "image_ebm" not in ckpt:
         config.fail(f"{args.run} has no image EBM in its checkpoint; train it with "
                     f"train_mcmc.py --dataset {cfg.get('dataset')}")
-    n = args.n or 500
-    scale = args.init_scale or 1.0
+    n, scale = args.n or 500, args.init_scale or 1.0
     save_at = args.save_at or [0] + [10 ** k for k in range(2, 9) if 10 ** k < args.steps]
-    save_at = sorted({s for s in save_at if s <= args.steps} | {args.steps})
+    save_at = sorted(set(save_at) | {args.steps})
     eps = args.eps or cfg["eps"]
     try:
         x_train, y_train, x_test, y_test = mcmc_images.load_images(
@@ -177,26 +232,20 @@ def sample_images(args, run):
         config.fail(str(e))
     x_train, y_train = x_train[:cfg.get("n_train", len(x_train))], \
         y_train[:cfg.get("n_train", len(x_train))]
-    metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=n)
-    set_seed(args.seed)
-    dim = x_train.shape[1]
-    if args.init == "bank":
-        bank = ckpt.get("bank")
-        if bank is None:
-            config.fail(f"{args.run} has no persistent bank; use --init uniform/gaussian/data")
-        x = bank[torch.randint(len(bank), (n,))]
-    elif args.init == "uniform":
-        x = scale * (2 * torch.rand(n, dim) - 1)
-    elif args.init == "gaussian":
-        x = scale * torch.randn(n, dim)
-    else:
-        x = x_train[torch.randint(len(x_train), (n,))]
-    net = mcmc_images.load_image_ebm(ckpt)
-    U = ConvEnergy(net)  # image_ebm is U itself (scaled by 2 / eps^2 at training time)
+    if not 2 <= n <= len(x_train):
+        config.fail(f"--n {n}: the metric needs at least 2 chains and at most the "
+                    f"{len(x_train)} training images (its floor scores as many real images)")
     name = os.path.basename(os.path.normpath(args.run))
     tag = f"longrun_{args.sampler}_{args.init}"
-    out = os.path.join(args.image_dir, name, tag)
-    os.makedirs(out, exist_ok=True)
+    out = os.path.join(args.image_dir, tag)
+    stem = out
+    claim_outputs(args, [stem + s for s in (".json", ".pt", ".png", "_curves.png")], frames=out)
+    args.init_scale = scale
+    metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=n)
+    util.set_seed(args.seed)
+    x = chain_starts(args, run, n, x_train.shape[1], x_train, device)
+    net = mcmc_images.load_image_ebm(ckpt, device=device)
+    U = ConvEnergy(net)  # image_ebm is U itself (scaled by 2 / eps^2 at training time)
     print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {n} chains, {args.steps} "
           f"steps from {args.init}; metric floor FD {metric.floor['fd']:.2f}, saving at "
           f"{', '.join(map(str, save_at))}")
@@ -225,11 +274,10 @@ def sample_images(args, run):
         done += k
         energy_trace.append((done, float(u.mean())))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    acc = torch.cat(acc_all) if acc_all else None
+    acc = torch.cat(acc_all).cpu() if acc_all else None
     print(f"{args.steps} steps in {secs:.1f} s ({cpu:.1f} CPU s)"
           + (f"; mean acceptance {float(acc.mean()):.3f}" if acc is not None else ""))
 
-    stem = os.path.join(args.image_dir, name, tag)
     record = {"run": args.run, "sampler": args.sampler, "init": args.init, "n": n, "eps": eps,
               "temperature": args.temperature, "seed": args.seed, "steps": args.steps,
               "results": results, "floor": metric.floor, "energy_trace": energy_trace,
@@ -237,7 +285,7 @@ def sample_images(args, run):
               "wall_sec": secs, "cpu_sec": cpu}
     with open(stem + ".json", "w") as fh:
         json.dump(record, fh, indent=1)
-    torch.save({"x": x, "acceptance": acc, "eps": eps, "temperature": args.temperature},
+    torch.save({"x": x.cpu(), "acceptance": acc, "eps": eps, "temperature": args.temperature},
                stem + ".pt")
     join_images(grids, stem + ".png")
     curves = {"mean energy U": {"U": ([s for s, _ in energy_trace],
@@ -246,7 +294,6 @@ def sample_images(args, run):
         curves["MALA acceptance rate per step"] = {"acc": (range(1, len(acc) + 1), acc.numpy())}
     plots.save_curves(stem + "_curves.png", curves, xlabel="step")
     print(f"wrote {out}/, {stem}.png, {stem}_curves.png, {stem}.json")
-    return record
 
 
 def join_images(paths, out, horizontal=True, gap=6):
@@ -268,4 +315,4 @@ def join_images(paths, out, horizontal=True, gap=6):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    sys.exit(main())

@@ -26,6 +26,11 @@ SampleMetric) and saves a grid of the current negatives; the grids become a gif 
     python train_mcmc.py --dataset rings4 --init persistent --eps 0.125 --n_iter 2000
     python train_mcmc.py --resume runs/<name>            # continue an interrupted run
 
+Outputs: runs/<name>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, landscape.png
+or negatives.png, diagnostics.png}, figures in --image_dir (default images/<run folder name>).
+The run folder is runs/<--name> (the config files name their run), or with neither --name nor
+--out_dir runs/mcmc-<dataset>-<init>-eps<eps>-s<seed>-<time>.
+
 Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2), so
 `util.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
 Image runs store U under "image_ebm"/"image_ebm_spec" instead (mcmc_images.load_image_ebm).
@@ -42,11 +47,15 @@ import config
 import datasets
 import diagnostics
 import mcmc_images
+import scaffold
+import util
 from ebm import ACTIVATIONS, EBM
-from logger import RunLogger, read_metrics
 from samplers import ConvEnergy, Energy, langevin
-from util import (evaluate_2d, get_device, rng_state, save_checkpoint,
-                  set_rng_state, set_seed)
+
+# flags a resumed run may change (none of them changes the training itself); the rest comes
+# from the checkpoint
+RESUME_OVERRIDES = ("n_iter", "eval_every", "log_every", "image_dir", "wandb", "project",
+                    "device", "threads")
 
 
 def hidden_sizes(s):
@@ -60,31 +69,37 @@ def hidden_sizes(s):
     return sizes
 
 
-def make_gif(folder, fps=4):
-    """images/create_gif.py's make_gif (images/ is not a package)."""
-    import importlib.util
+def decay_rate(s):
+    """A per-iteration learning-rate decay in (0, 1] (1: constant)."""
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not 0 < v <= 1:
+        raise config.argparse.ArgumentTypeError(
+            f"expected a decay in (0, 1] (1: no decay), got {s!r}")
+    return v
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images", "create_gif.py")
-    spec = importlib.util.spec_from_file_location("create_gif", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_gif(folder, fps=fps)
 
-
-def get_parser():
+def build_parser():
     p = config.parser("Short-run MCMC maximum-likelihood learning of an EBM (Nijkamp et al. 2020)")
-    p.add_argument("--name", default=None, help="run name (default mcmc-<dataset>-<init>-...)")
+    p.add_argument("--name", default=None,
+                   help="run name: the run folder is runs/<name> (an explicit --out_dir wins); "
+                        "default mcmc-<dataset>-<init>-eps<eps>-s<seed>-<time>")
     # data
     p.add_argument("--dataset", default="gmm",
                    choices=list(datasets.NAMES) + list(mcmc_images.IMAGE_DATASETS))
-    p.add_argument("--n_train", type=config.positive_int, default=100000)
-    p.add_argument("--n_test", type=config.positive_int, default=10000)
+    p.add_argument("--n_train", type=config.positive_int, default=100000,
+                   help="training samples (images: at most this many training images)")
+    p.add_argument("--n_test", type=config.positive_int, default=10000,
+                   help="held-out samples for the test NLL (2D datasets)")
     p.add_argument("--data_epsilon", type=config.nonnegative_float, default=0.0,
                    help="std of Gaussian jitter added to the positive samples")
     # model
     p.add_argument("--hidden", type=hidden_sizes, default=(32, 64, 64, 64),
-                   help="hidden widths of F (paper: 2-32-64-64-64-1)")
-    p.add_argument("--act", default="leakyrelu", choices=list(ACTIVATIONS))
+                   help="hidden widths of F (paper: 2-32-64-64-64-1; 2D datasets)")
+    p.add_argument("--act", default="leakyrelu", choices=list(ACTIVATIONS),
+                   help="activation of F (2D datasets)")
     # images (--dataset digits / mnist)
     p.add_argument("--net", default="auto", choices=["auto", *mcmc_images.ConvEBM.ARCHS],
                    help="image energy: conv8 (8x8 digits) or vanilla (28px MNIST); auto picks")
@@ -112,8 +127,8 @@ def get_parser():
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=config.positive_float, default=0.1,
                    help="SGD: multiplied by eps^2/2 (the paper's tuning); Adam: as is")
-    p.add_argument("--lr_decay", type=config.positive_float, default=1.0,
-                   help="lr <- max(lr_min, lr * lr_decay) every iteration")
+    p.add_argument("--lr_decay", type=decay_rate, default=1.0,
+                   help="lr at iteration t: max(lr_min, lr * lr_decay^t); in (0, 1]")
     p.add_argument("--lr_min", type=config.positive_float, default=None,
                    help="floor of the decayed lr (default: lr)")
     p.add_argument("--grad_clip", type=config.nonnegative_float, default=0.0,
@@ -123,11 +138,103 @@ def get_parser():
     p.add_argument("--eval_every", type=config.positive_int, default=500,
                    help="grid KL of the EBM and of the short-run KDE, figures, checkpoint")
     p.add_argument("--n_kde", type=config.positive_int, default=10000,
-                   help="short-run samples for the KDE")
+                   help="short-run samples for the KDE (2D datasets)")
     p.add_argument("--kde_bw", type=config.positive_float, default=0.05)
-    p.add_argument("--max_lag", type=config.positive_int, default=30)
-    p.add_argument("--image_dir", default="images", help="landscape frames go to <dir>/<run name>/")
+    p.add_argument("--max_lag", type=config.positive_int, default=30,
+                   help="largest lag of the d_t / r_t correlations in diagnostics.png")
+    p.add_argument("--image_dir", default=None,
+                   help="the run's figure folder (default images/<run folder name>)")
     return p
+
+
+# ----------------------------------------------------------------------------- input checks
+def check_args(args, argv):
+    """Bad combinations of flags: one line, exit status 2, before any work."""
+    if args.resume:
+        fixed = sorted(config.given_flags(argv) - set(RESUME_OVERRIDES) - {"resume"})
+        if fixed:
+            config.fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)} "
+                        f"cannot change (only {', '.join('--' + f for f in RESUME_OVERRIDES)} "
+                        f"can); start a new run instead")
+        args.hidden = tuple(args.hidden)
+    else:
+        if args.lr_min is None:
+            args.lr_min = args.lr
+        if args.out_dir:  # the run's name is its folder's
+            args.name = os.path.basename(os.path.normpath(args.out_dir))
+        elif args.name:
+            args.out_dir = os.path.join("runs", args.name)
+    if args.lr_min > args.lr:
+        config.fail(f"--lr_min {args.lr_min} is above --lr {args.lr}; use lr_min <= lr")
+    if args.init == "persistent" and args.bank_size < args.batch:
+        config.fail(f"--bank_size {args.bank_size} is smaller than --batch {args.batch}")
+    image = args.dataset in mcmc_images.IMAGE_DATASETS
+    if not image and args.n_train < args.batch:
+        config.fail(f"--n_train {args.n_train} is smaller than --batch {args.batch}; every "
+                    f"batch would repeat training points: lower --batch")
+    check_memory(args, image)
+
+
+def check_memory(args, image):
+    """A one-line error when the data, the chains and the Langevin noise (drawn up front,
+    L steps at once) cannot fit in this machine's physical memory."""
+    dim = 1
+    for s in (mcmc_images.image_shape(args.dataset) if image else (2,)):
+        dim *= s
+    f32 = 4 * dim
+    sizes = {"--batch": f32 * args.batch * (args.L + 3), "--bank_size": f32 * args.bank_size}
+    if image:
+        sizes["--n_eval"] = f32 * args.n_eval * (args.L + 2)
+    else:  # datasets sample in float64 before the float32 copy
+        sizes.update({"--n_train": 3 * f32 * args.n_train, "--n_test": 3 * f32 * args.n_test,
+                      "--n_kde": f32 * args.n_kde * (args.L + 5)})
+    config.check_memory(sizes)
+
+
+# ----------------------------------------------------------------------------- data and model
+def load_data(args, device):
+    """Training and test data; 2D datasets also a sample of n_kde true points (the KDE's
+    floor). Images: flattened rows in [-1, 1] with labels (bad files: one-line error)."""
+    rng = util.set_seed(args.seed)
+    if args.dataset in mcmc_images.IMAGE_DATASETS:
+        try:
+            x_train, y_train, x_test, y_test = mcmc_images.load_images(
+                args.dataset, args.mnist_images, args.mnist_labels)
+        except mcmc_images.DataError as e:
+            config.fail(str(e))
+        x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+        if len(x_train) < args.batch:
+            config.fail(f"{args.dataset} has {len(x_train)} training images, fewer than --batch "
+                        f"{args.batch}; lower --batch")
+        if args.n_eval > len(x_train):
+            config.fail(f"--n_eval {args.n_eval} is more than the {len(x_train)} training "
+                        f"images (the metric's floor scores as many real images); lower --n_eval")
+        if args.n_eval < 2:
+            config.fail("--n_eval must be at least 2 (the metric fits a covariance)")
+        bank_size = min(args.bank_size, len(x_train))  # one persistent chain per image
+        if args.init == "persistent" and bank_size < args.batch:
+            config.fail(f"the persistent bank ({bank_size} chains, one per training image) is "
+                        f"smaller than --batch {args.batch}; lower --batch")
+        return dict(x_train=x_train.to(device), y_train=y_train, x_test=x_test, y_test=y_test,
+                    bank_size=bank_size)
+    x_train = datasets.sample(args.dataset, args.n_train, rng).to(device)
+    x_test = datasets.sample(args.dataset, args.n_test, rng)
+    x_floor = datasets.sample(args.dataset, args.n_kde, rng)
+    return dict(x_train=x_train, x_test=x_test, x_floor=x_floor, bank_size=args.bank_size)
+
+
+def build_energy(args, device):
+    """The network F: an MLP for 2D data, a ConvEBM for images (a net that does not fit the
+    images: one-line error)."""
+    if args.dataset not in mcmc_images.IMAGE_DATASETS:
+        return EBM(2, args.hidden, args.act).to(device)
+    if args.net == "auto":
+        args.net = mcmc_images.default_arch(args.dataset)
+    try:
+        F = mcmc_images.ConvEBM(args.net, mcmc_images.image_shape(args.dataset), args.n_f)
+    except ValueError as e:
+        config.fail(f"--net {args.net}: {e}; or leave --net auto")
+    return F.to(device)
 
 
 def scaled_ebm(F, scale):
@@ -141,88 +248,44 @@ def scaled_ebm(F, scale):
     return U.eval()
 
 
+def make_gif(folder, fps=4):
+    """images/create_gif.py's make_gif (images/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images", "create_gif.py")
+    spec = importlib.util.spec_from_file_location("create_gif", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_gif(folder, fps=fps)
+
+
+# ----------------------------------------------------------------------------- main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = get_parser()
-    args = config.parse(parser, argv)
-
-    # -------------------------------------------------------------------- resume / config
-    ckpt = None
-    if args.resume:  # the saved configuration, with the flags typed now on top (e.g. --n_iter)
-        args, ckpt = config.load_resume(args, argv)
-        args.hidden = tuple(args.hidden)
-    if args.lr_min is None:
-        args.lr_min = args.lr
-    if args.lr_min > args.lr:
-        config.fail(f"--lr_min {args.lr_min} is above --lr {args.lr}; use lr_min <= lr")
-    if args.init == "persistent" and args.bank_size < args.batch:
-        config.fail(f"--bank_size {args.bank_size} is smaller than --batch {args.batch}")
-    try:
-        device = get_device(args.device)
-    except ValueError as e:
-        config.fail(str(e))
-    name = args.name or (os.path.basename(os.path.normpath(args.out_dir)) if args.out_dir else
-                         config.run_name("mcmc", args.dataset, args.init, f"eps{args.eps}",
-                                         f"s{args.seed}"))
-    args.name = name
-    out_dir = args.out_dir or os.path.join("runs", name)
-    args.out_dir = out_dir
-    image_dir = os.path.join(args.image_dir, name)
-    os.makedirs(image_dir, exist_ok=True)
-    cfg = config.to_dict(args)
-    cfg["hidden"] = list(args.hidden)
-
+    args, ckpt = scaffold.parse(build_parser(), argv, "train_mcmc.py", RESUME_OVERRIDES)
+    check_args(args, argv)
+    if ckpt is not None and ckpt["step"] >= args.n_iter:
+        config.fail(f"{args.out_dir} already ran {ckpt['step']} iterations; pass a larger "
+                    f"--n_iter to continue it")
     config.apply_threads(args)
+    device = scaffold.device(args)
+    data = load_data(args, device)
+    F = build_energy(args, device)
+    name = ("mcmc", args.dataset, args.init, f"eps{args.eps}", f"s{args.seed}")
+    with scaffold.Run(args, "train_mcmc.py", name, ckpt) as run:
+        return train(args, ckpt, run, device, data, F)
 
-    # -------------------------------------------------------------------- data
-    rng = set_seed(args.seed)
+
+def train(args, ckpt, run, device, data, F):
+    """Optimiser, chains, the training loop and evaluation; returns the exit status."""
     image = args.dataset in mcmc_images.IMAGE_DATASETS
-    if image:  # flattened rows in [-1, 1]; the metric's classifier sees the same training split
-        try:
-            x_train, y_train, x_test, y_test = mcmc_images.load_images(
-                args.dataset, args.mnist_images, args.mnist_labels)
-        except mcmc_images.DataError as e:
-            config.fail(str(e))
-        x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
-    else:
-        x_train = datasets.sample(args.dataset, args.n_train, rng).to(device)
-        x_test = datasets.sample(args.dataset, args.n_test, rng)
-        # the floor of the KDE metric: KDE of n_kde true samples, same bandwidth
-        kl_kde_floor = diagnostics.kde_kl(args.dataset,
-                                          datasets.sample(args.dataset, args.n_kde, rng),
-                                          args.kde_bw)
+    x_train, bank_size = data["x_train"], data["bank_size"]
     dim = x_train.shape[1]
-    # images: one persistent chain per training image, at most --bank_size
-    bank_size = min(args.bank_size, len(x_train)) if image else args.bank_size
-    if args.init == "persistent" and bank_size < args.batch:
-        config.fail(f"the persistent bank ({bank_size} chains) is smaller than --batch "
-                    f"{args.batch}; lower --batch")
-
-    # -------------------------------------------------------------------- model, optimizer
     eps = args.eps
     scale = 2.0 / eps ** 2  # U = scale * F
-    if image:
-        arch = mcmc_images.default_arch(args.dataset) if args.net == "auto" else args.net
-        try:
-            F = mcmc_images.ConvEBM(arch, mcmc_images.image_shape(args.dataset), args.n_f)
-        except ValueError as e:
-            config.fail(f"--net {arch}: {e}; or leave --net auto")
-        F = F.to(device)
-        cfg["net"] = arch
-        # the sample metric's classifier sees the same training split as the EBM
-        metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=args.n_eval)
-        print(f"{args.dataset}: {len(x_train)} training / {len(x_test)} test images; metric "
-              f"classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
-              f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
-        x_train = x_train.to(device)
-    else:
-        F = EBM(2, args.hidden, args.act).to(device)
     params = F.energy_params()  # the learned normaliser c plays no part in ML learning
-    lr_factor = eps ** 2 / 2 if args.optimizer == "sgd" else 1.0
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.lr * lr_factor)
-    else:
-        opt = torch.optim.Adam(params, lr=args.lr)
+    lr0 = args.lr * (eps ** 2 / 2 if args.optimizer == "sgd" else 1.0)
+    opt = (torch.optim.SGD(params, lr=lr0) if args.optimizer == "sgd"
+           else torch.optim.Adam(params, lr=lr0))
     if image:
         U = ConvEnergy(F, scale, dtype=getattr(torch, args.langevin_dtype)
                        if args.langevin_dtype != "float32" else None)
@@ -231,17 +294,30 @@ def main(argv=None):
     bank = None
     if args.init == "persistent":
         bank = args.init_scale * (2 * torch.rand(bank_size, dim, device=device) - 1)
-    step = 0
-    d_hist, r_hist = [], []
+    # the loop's position and everything accumulated (kept in checkpoints: a resumed run
+    # writes the same rows and weights as an uninterrupted one)
+    step, cpu_sec, d_hist, r_hist = 0, 0.0, [], []
     if ckpt is not None:
         F.load_state_dict(ckpt["F"])
         opt.load_state_dict(ckpt["optimizer"])
         if bank is not None:
             bank = ckpt["bank"].to(device)
-        step = ckpt["step"]
-        d_hist, r_hist = list(ckpt["d_hist"]), list(ckpt["r_hist"])
-        set_rng_state(ckpt["rng"])
-        print(f"resuming {out_dir} at iteration {step}")
+        step, cpu_sec = ckpt["step"], float(ckpt["cpu_sec"])
+        d_hist, r_hist = ckpt["d_hist"].tolist(), ckpt["r_hist"].tolist()
+        util.set_rng_state(ckpt["rng"])
+        print(f"resuming {args.out_dir} at iteration {step}")
+
+    # evaluation: the image metric (trains its classifier once) or the 2D KDE's floor (KDE of
+    # n_kde true samples, same bandwidth)
+    if image:
+        metric = mcmc_images.SampleMetric(data["x_train"].cpu(), data["y_train"], data["x_test"],
+                                          data["y_test"], n=args.n_eval)
+        print(f"{args.dataset}: {len(x_train)} training / {len(data['x_test'])} test images; "
+              f"metric classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
+              f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
+    else:
+        kl_kde_floor = diagnostics.kde_kl(args.dataset, data["x_floor"], args.kde_bw)
+    log = run.log
 
     def init_states(n):
         """Chain starts and, for the persistent bank, their indices."""
@@ -256,141 +332,118 @@ def main(argv=None):
 
     def short_run_samples(n):
         """n samples of the short-run distribution (the bank is read, not updated)."""
-        if args.init == "persistent":
-            x0 = bank[torch.randperm(bank_size, device=device)[:n]]
-        else:
-            x0 = init_states(n)[0]
-        return langevin(U, x0, args.L, eps)
+        return langevin(U, init_states(n)[0], args.L, eps)
 
-    # a fresh run starts metrics.jsonl anew; a resumed one keeps the rows up to its checkpoint
-    log = RunLogger(out_dir, cfg, mode=args.wandb, project=args.project, name=name,
-                    resume_step=step if ckpt is not None else None)
-    cpu_before = 0.0
-    if ckpt is not None:  # CPU time before the checkpoint, for checkpoints that do not store it
-        cpu_before = ([r["cpu_sec"] for r in read_metrics(out_dir) if "cpu_sec" in r]
-                      or [0.0])[-1]
-
-    def save(step_):
+    def save():
         ebm_key = "image_ebm" if image else "ebm"  # util.load_run builds "ebm" as an MLP
-        save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), {
-            ebm_key: scaled_ebm(F, scale).state_dict(), f"{ebm_key}_spec": F.spec(),
-            "F": F.state_dict(), "energy_scale": scale, "config": cfg, "step": step_,
-            "optimizer": opt.state_dict(), "bank": bank, "rng": rng_state(),
-            "cpu_sec": time.process_time() - cpu0,
-            "d_hist": torch.tensor(d_hist, dtype=torch.float64),
-            "r_hist": torch.tensor(r_hist, dtype=torch.float64)})
+        run.save({ebm_key: scaled_ebm(F, scale).state_dict(), f"{ebm_key}_spec": F.spec(),
+                  "F": F.state_dict(), "energy_scale": scale, "step": step,
+                  "optimizer": opt.state_dict(), "bank": bank, "cpu_sec": cpu_sec,
+                  "d_hist": torch.tensor(d_hist, dtype=torch.float64),
+                  "r_hist": torch.tensor(r_hist, dtype=torch.float64)})
 
-    def diagnostics_figure(step_, title):
+    def diagnostics_figure(title):
         if len(d_hist) > 2:
-            diag = diagnostics.save_diagnostics(os.path.join(out_dir, "diagnostics.png"), d_hist,
-                                                r_hist, args.max_lag, title=title)
-            log.log_image("diagnostics", diag, step_)
+            diag = diagnostics.save_diagnostics(os.path.join(args.out_dir, "diagnostics.png"),
+                                                d_hist, r_hist, args.max_lag, title=title)
+            log.log_image("diagnostics", diag, step)
 
-    def evaluate_images(step_, x_neg):
-        """Sample-quality metric of n_eval short-run samples, the grid of the current
-        negatives (images/<run>/negatives/, a gif frame) and the d_t / r_t figure."""
-        x_short = short_run_samples(args.n_eval)
-        m = metric(x_short)
-        m.update({f"{k}_floor": metric.floor[k] for k in ("fd", "fd_pixels", "label_tv")})
-        m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
-        title = f"{name}  iteration {step_}"
-        grid = mcmc_images.save_grid(os.path.join(image_dir, "negatives", f"step_{step_:06d}.png"),
-                                     x_neg[:100], F.shape, title=title)
-        shutil.copyfile(grid, os.path.join(out_dir, "negatives.png"))
-        log.log_image("negatives", grid, step_)
-        diagnostics_figure(step_, title)
-        return m
-
-    def evaluate(step_, x_neg):
-        """Grid KL of the EBM and of the short-run KDE, figures; returns the metrics."""
+    def evaluate(x_neg):
+        """Images: the sample metric of n_eval short-run samples and a grid of the current
+        negatives (a gif frame). 2D: grid KL of the EBM and of the short-run KDE (and the
+        KDE's mass outside the grid), the landscape figure. Both: the d_t / r_t figure."""
+        title = f"{run.name}  iteration {step}"
         if image:
-            return evaluate_images(step_, x_neg)
-        Uq = scaled_ebm(F, scale)
-        m = evaluate_2d(args.dataset, x_test, ebm=Uq, device=device)
-        m.pop("c_gap", None)
-        x_short = short_run_samples(args.n_kde)
-        kl = diagnostics.kde_kl(args.dataset, x_short, args.kde_bw)
-        if kl is not None:
-            m["kl_kde"] = kl
-            m["kl_kde_floor"] = kl_kde_floor
-        title = f"{name}  iteration {step_}"
-        land = diagnostics.save_landscape(os.path.join(image_dir, f"landscape_{step_:06d}.png"),
-                                          args.dataset, Uq, x_short, args.kde_bw, title=title)
-        shutil.copyfile(land, os.path.join(out_dir, "landscape.png"))
-        log.log_image("landscape", land, step_)
-        diagnostics_figure(step_, title)
+            m = metric(short_run_samples(args.n_eval))
+            m.update({f"{k}_floor": metric.floor[k] for k in ("fd", "fd_pixels", "label_tv")})
+            m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
+            fig = mcmc_images.save_grid(os.path.join(args.image_dir, "negatives",
+                                                     f"step_{step:06d}.png"),
+                                        x_neg[:100], F.shape, title=title)
+            shutil.copyfile(fig, os.path.join(args.out_dir, "negatives.png"))
+            log.log_image("negatives", fig, step)
+        else:
+            Uq = scaled_ebm(F, scale)
+            m = util.evaluate_2d(args.dataset, data["x_test"], ebm=Uq, device=device)
+            m.pop("c_gap", None)
+            x_short = short_run_samples(args.n_kde)
+            kl, outside = diagnostics.kde_kl(args.dataset, x_short, args.kde_bw,
+                                             return_outside=True)
+            if kl is not None:
+                m.update(kl_kde=kl, kl_kde_floor=kl_kde_floor, kde_outside=outside)
+            fig = diagnostics.save_landscape(os.path.join(args.image_dir,
+                                                          f"landscape_{step:06d}.png"),
+                                             args.dataset, Uq, x_short, args.kde_bw, title=title)
+            shutil.copyfile(fig, os.path.join(args.out_dir, "landscape.png"))
+            log.log_image("landscape", fig, step)
+        diagnostics_figure(title)
         return m
 
     # -------------------------------------------------------------------- training loop
-    print(f"{name}: {args.dataset}, init={args.init}, eps={eps}, L={args.L}, "
-          f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations -> {out_dir}")
-    status, metrics = "done", {}
-    t_loop, n_timed = 0.0, 0
-    # CPU seconds of the run (this process plus, when resumed, the ones before the checkpoint):
-    # a fair measure on a shared machine
-    cpu0 = time.process_time() - (float(ckpt.get("cpu_sec", cpu_before)) if ckpt else 0.0)
-    try:
-        while step < args.n_iter:
-            t0 = time.perf_counter()
-            x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=device)]
-            if args.data_epsilon > 0:
-                x_pos = x_pos + args.data_epsilon * torch.randn_like(x_pos)
-            x0, idx = init_states(args.batch)
-            x_neg, r = langevin(U, x0, args.L, eps, return_grad_norm=True)
-            if bank is not None:
-                bank[idx] = x_neg  # persistent chains: updated in place
-            d = F(x_pos).mean() - F(x_neg).mean()
-            loss = scale * d
-            if not torch.isfinite(loss):
-                status = "nan"
-                print(f"iteration {step + 1}: loss is {float(loss)}; stopping, the last good "
-                      f"checkpoint is kept in {out_dir}", file=sys.stderr)
-                break
-            opt.zero_grad(set_to_none=True)
+    print(f"run {run.name}: {args.dataset}, init={args.init}, eps={eps}, L={args.L}, "
+          f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations, device={device}; outputs in "
+          f"{args.out_dir}, figures in {args.image_dir}")
+    if ckpt is None:
+        save()  # a NaN at the first iteration still leaves a loadable run
+    metrics, t_loop, n_timed = {}, 0.0, 0
+    floor = args.lr_min / args.lr
+    while step < args.n_iter and not run.stop_requested:
+        t0, c0 = time.perf_counter(), time.process_time()
+        util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter, floor,
+                                              args.lr_decay))
+        x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=device)]
+        if args.data_epsilon > 0:
+            x_pos = x_pos + args.data_epsilon * torch.randn_like(x_pos)
+        x0, idx = init_states(args.batch)
+        x_neg, r = langevin(U, x0, args.L, eps, return_grad_norm=True)
+        d = F(x_pos).mean() - F(x_neg).mean()
+        loss = scale * d
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            for g in opt.param_groups:
-                g["lr"] = max(args.lr_min * lr_factor, g["lr"] * args.lr_decay)
-            step += 1
-            d_hist.append(float(d.detach()))
-            r_hist.append(float(r.mean()))
-            t_loop += time.perf_counter() - t0
-            n_timed += 1
+        if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in params):
+            return run.nonfinite(f"non-finite loss or gradient at iteration {step + 1} (loss "
+                                 f"{float(loss.detach()):.4g})")
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        if bank is not None:
+            bank[idx] = x_neg  # persistent chains: updated in place
+        step += 1
+        d_hist.append(float(d.detach()))
+        r_hist.append(float(r.mean()))
+        t_loop += time.perf_counter() - t0
+        cpu_sec += time.process_time() - c0
+        n_timed += 1
 
-            if step % args.log_every == 0 or step == 1:
-                row = {"d_t": d_hist[-1], "r_t": r_hist[-1], "loss": float(loss.detach()),
-                       "lr": opt.param_groups[0]["lr"], "sec_per_iter": t_loop / n_timed}
-                log.log(row, step)
-                print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
-                      f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
-            if step % args.eval_every == 0 or step == args.n_iter:
-                with torch.random.fork_rng(devices=[]):  # evaluating never changes training
-                    metrics = evaluate(step, x_neg)
-                metrics["sec_per_iter"] = t_loop / max(n_timed, 1)
-                metrics["cpu_sec"] = time.process_time() - cpu0
-                log.log(metrics, step)
-                print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                     if k in ("kl_ebm", "kl_kde", "nll_ebm",
-                                                              "fd", "fd_pixels", "label_tv")))
-                save(step)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        save(step)
-        print(f"\ninterrupted at iteration {step}; checkpoint saved, continue with "
-              f"`python train_mcmc.py --resume {out_dir}`", file=sys.stderr)
-    if image and os.path.isdir(os.path.join(image_dir, "negatives")):
-        print(f"wrote {make_gif(os.path.join(image_dir, 'negatives'), fps=4)}")
-    summary = {"status": status, "step": step, **metrics}
-    log.summary(summary)
-    log.finish()
-    if status == "nan":
-        sys.exit(1)
-    if status == "interrupted":
-        sys.exit(130)
-    return summary
+        if step % args.log_every == 0 or step == 1:
+            row = {"d_t": d_hist[-1], "r_t": r_hist[-1], "loss": float(loss.detach()),
+                   "lr": opt.param_groups[0]["lr"], "sec_per_iter": t_loop / n_timed,
+                   "cpu_sec": cpu_sec}
+            log.log(row, step)
+            print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
+                  f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
+        if step % args.eval_every == 0 or step == args.n_iter:
+            c0 = time.process_time()
+            with util.fixed_rng(args.seed):  # evaluating never changes training
+                metrics = evaluate(x_neg)
+            cpu_sec += time.process_time() - c0
+            metrics.update(sec_per_iter=t_loop / n_timed, cpu_sec=cpu_sec)
+            log.log(metrics, step)
+            print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                 if k in ("kl_ebm", "kl_kde", "kde_outside",
+                                                          "nll_ebm", "fd", "fd_pixels",
+                                                          "label_tv")))
+            save()
+    if run.stop_requested and step < args.n_iter:
+        save()
+        return run.interrupted(step)
+    if image:
+        print(f"wrote {make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
+    code = run.done({"status": "done", "step": step, **metrics})
+    print(f"done: {args.out_dir} (figures: {args.image_dir})")
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -119,13 +119,15 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
     from logger import read_metrics
     from util import load_run
 
-    out = str(tmp_path / "run")
+    out, img = str(tmp_path / "run"), tmp_path / "img"
     x_data = datasets.sample("gmm", 2000, 1)
     x_noise = torch.rand(2000, 2) * 4 - 2
     torch.manual_seed(42)
     gap0 = _gap(EBM(2, (32, 64, 64, 64), "leakyrelu"), x_data, x_noise)  # the seed-42 init
-    summary = train_mcmc.main(TINY + ["--n_iter", "60", "--out_dir", out,
-                                      "--image_dir", str(tmp_path / "img")])
+    assert train_mcmc.main(TINY + ["--n_iter", "60", "--out_dir", out,
+                                   "--image_dir", str(img)]) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
     assert summary["status"] == "done" and summary["step"] == 60
     run = load_run(out)
     F = EBM(**run.checkpoint["ebm_spec"])
@@ -136,27 +138,33 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
     x = torch.randn(5, 2)
     assert torch.allclose(run.ebm(x), F(x) * 2 / 0.125 ** 2, rtol=1e-4, atol=1e-4)
     rows = read_metrics(out)
-    assert all(k in rows[-1] for k in ("kl_ebm", "kl_kde", "nll_ebm"))
+    assert all(k in rows[-1] for k in ("kl_ebm", "kl_kde", "nll_ebm", "kde_outside"))
+    assert 0 <= rows[-1]["kde_outside"] < 0.5  # the KDE's escaped mass is logged
     d = [r["d_t"] for r in rows if "d_t" in r]
     assert len(d) == 7 and all("r_t" in r for r in rows if "d_t" in r)
     assert len(run.checkpoint["d_hist"]) == 60
     for f in ("diagnostics.png", "landscape.png", "config.json", "checkpoint.pt"):
         assert os.path.getsize(os.path.join(out, f)) > 0
-    assert os.path.isfile(tmp_path / "img" / "run" / "landscape_000060.png")
+    assert os.path.isfile(img / "landscape_000060.png")  # --image_dir is the run's own folder
 
     # long-run sampling from the checkpoint: MALA reports acceptance per step, energy per chain
     import sample_mcmc
-    res = sample_mcmc.main(["--run", out, "--steps", "30", "--chunk", "15", "--n", "200",
-                            "--image_dir", str(tmp_path / "img")])
+    sample = ["--run", out, "--steps", "30", "--chunk", "15", "--n", "200", "--image_dir", str(img)]
+    assert sample_mcmc.main(sample) == 0
+    res = torch.load(img / "longrun_mala_30.pt", weights_only=True)
     assert res["acceptance"].shape == (30,) and res["energy"].shape == (200,)
     # MALA on this smooth energy at the run's eps = 0.125 accepts almost every proposal (about
     # 0.97 here) and clearly fewer at --eps 0.5 (about 0.56): the flag reaches the sampler
     assert float(res["acceptance"].mean()) > 0.8
-    big = sample_mcmc.main(["--run", out, "--steps", "30", "--chunk", "15", "--n", "200",
-                            "--eps", "0.5", "--image_dir", str(tmp_path / "img")])
-    assert float(big["acceptance"].mean()) < 0.75
     assert 0 <= res["kde_outside"] < 0.01  # chains of a trained gmm EBM stay on the grid
-    assert os.path.isfile(tmp_path / "img" / "run" / "longrun_mala_30.png")
+    assert os.path.isfile(img / "longrun_mala_30.png")
+    # the same outputs again are refused (one line, exit 2) unless --overwrite replaces them
+    with pytest.raises(SystemExit) as e:
+        sample_mcmc.main(sample + ["--eps", "0.5"])
+    assert e.value.code == 2
+    assert sample_mcmc.main(sample + ["--eps", "0.5", "--overwrite"]) == 0
+    big = torch.load(img / "longrun_mala_30.pt", weights_only=True)
+    assert float(big["acceptance"].mean()) < 0.75
 
 
 def _rows(x):
@@ -176,7 +184,7 @@ def test_persistent_bank_updated_in_place(monkeypatch, tmp_path):
     monkeypatch.setattr(train_mcmc, "langevin", spy)
     # a bank of exactly one batch: each iteration must start from what the last one wrote
     train_mcmc.main(TINY + ["--n_iter", "3", "--bank_size", "64", "--eval_every", "1000",
-                            "--out_dir", str(tmp_path / "r"), "--image_dir", str(tmp_path)])
+                            "--out_dir", str(tmp_path / "r"), "--image_dir", str(tmp_path / "img")])
     (s1, e1), (s2, e2), (s3, e3) = calls[:3]
     assert s1.abs().max() <= 1.0  # the bank starts U[-1, 1]^2
     assert torch.equal(_rows(s2), _rows(e1)) and torch.equal(_rows(s3), _rows(e2))
@@ -185,31 +193,148 @@ def test_persistent_bank_updated_in_place(monkeypatch, tmp_path):
     assert torch.equal(_rows(bank), _rows(e3))
 
 
+def _train(tmp_path, name, *extra):
+    import train_mcmc
+
+    return train_mcmc.main(TINY + ["--out_dir", str(tmp_path / name),
+                                   "--image_dir", str(tmp_path / "img" / name), *extra])
+
+
+TIMING = ("sec_per_iter", "cpu_sec")
+
+
+def _training_rows(out):
+    """metrics.jsonl without its timing columns."""
+    from logger import read_metrics
+
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
+
+
+def _assert_same_weights(a, b):
+    import util
+
+    ca, cb = (util.load_checkpoint(str(d / "checkpoint.pt")) for d in (a, b))
+    assert ca["step"] == cb["step"]
+    for k in ca["F"]:
+        assert torch.equal(ca["F"][k], cb["F"][k]), k
+    if ca["bank"] is not None:
+        assert torch.equal(ca["bank"], cb["bank"])
+    assert torch.equal(ca["d_hist"], cb["d_hist"]) and torch.equal(ca["r_hist"], cb["r_hist"])
+
+
 def test_resume_continues_exactly(tmp_path):
     import train_mcmc
 
     from logger import read_metrics
 
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    img = ["--image_dir", str(tmp_path / "img")]
-    os.makedirs(a)
-    with open(os.path.join(a, "metrics.jsonl"), "w") as fh:  # an older run in the same dir
-        fh.write(json.dumps({"step": 1000, "d_t": 5.0}) + "\n")
-    train_mcmc.main(TINY + ["--n_iter", "40", "--out_dir", a] + img)
-    train_mcmc.main(TINY + ["--n_iter", "20", "--out_dir", b] + img)
-    with open(os.path.join(b, "metrics.jsonl"), "a") as fh:  # logged after the checkpoint
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(tmp_path, "a", "--n_iter", "40") == 0
+    assert _train(tmp_path, "b", "--n_iter", "20") == 0
+    with open(b / "metrics.jsonl", "a") as fh:  # logged after the checkpoint
         fh.write(json.dumps({"step": 30, "d_t": 5.0}) + "\n")
-    train_mcmc.main(["--resume", b, "--n_iter", "40"])
-    # metrics.jsonl holds exactly one run: the fresh run dropped the old file, the resumed run
-    # the rows after its checkpoint
+    assert train_mcmc.main(["--resume", str(b), "--n_iter", "40"]) == 0
+    # the resumed run drops the rows after its checkpoint and writes them again
     ra, rb = ([(r["step"], r["d_t"]) for r in read_metrics(d) if "d_t" in r] for d in (a, b))
     assert ra == rb and [s for s, _ in ra] == [1, 10, 20, 30, 40]
-    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
-    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
-    assert cb["step"] == 40
-    for k in ca["F"]:
-        assert torch.equal(ca["F"][k], cb["F"][k]), k
-    assert torch.equal(ca["bank"], cb["bank"])
+    _assert_same_weights(a, b)
+
+
+@pytest.mark.parametrize("init", ["persistent", "gaussian"])
+def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch, init):
+    """Ctrl-C lands inside an iteration (in the Langevin chains of iteration 15): the run
+    stops at the end of that iteration (exit 130), between two metrics rows and away from
+    an evaluation, and --resume writes exactly the rows and weights of a run that was never
+    interrupted (timing columns aside): the chains, d_t / r_t histories, optimiser and every
+    random stream are in the checkpoint."""
+    import signal
+
+    import train_mcmc
+    import util
+
+    common = ["--n_iter", "30", "--eval_every", "10", "--log_every", "4", "--init", init,
+              "--lr_decay", "0.98", "--lr_min", "0.5", "--data_epsilon", "0.01"]
+    assert _train(tmp_path, "straight", *common) == 0
+    real, calls = train_mcmc.langevin, {"n": 0}
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 15 + 1:  # the 15th training chain (the evaluation at 10 ran one more)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mcmc, "langevin", interrupted)
+    assert _train(tmp_path, "split", *common) == 130
+    assert util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 15
+    monkeypatch.setattr(train_mcmc, "langevin", real)
+    assert train_mcmc.main(["--resume", str(tmp_path / "split")]) == 0
+    rows = _training_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows if "d_t" in r] == [1, 4, 8, 12, 16, 20, 24, 28]
+    assert _training_rows(tmp_path / "split") == rows
+    _assert_same_weights(tmp_path / "straight", tmp_path / "split")
+
+
+def test_nan_at_the_first_iteration_leaves_a_loadable_checkpoint(tmp_path, monkeypatch,
+                                                                   capsys):
+    import train_mcmc
+    import util
+
+    def nan_chains(U, x0, *a, **kw):
+        x, r = langevin(U, x0, *a, **kw)
+        return torch.full_like(x, float("nan")), r
+
+    monkeypatch.setattr(train_mcmc, "langevin", nan_chains)
+    assert _train(tmp_path, "nan", "--n_iter", "5") == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "checkpoint" in err
+    ckpt = util.load_checkpoint(str(tmp_path / "nan" / "checkpoint.pt"), script="train_mcmc.py")
+    assert ckpt["step"] == 0 and len(ckpt["d_hist"]) == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["F"].values())
+    assert util.load_run(str(tmp_path / "nan")).ebm is not None
+
+
+def test_evaluation_does_not_change_the_training_random_streams(tmp_path):
+    """Evaluation draws its own chains (from its own seed): runs that evaluate at different
+    iterations write the same training rows and end with the same weights."""
+    common = ["--n_iter", "12", "--log_every", "3", "--init", "uniform"]
+    assert _train(tmp_path, "often", *common, "--eval_every", "2") == 0
+    assert _train(tmp_path, "rarely", *common, "--eval_every", "1000") == 0
+
+    def train_rows(d):
+        return [r for r in _training_rows(d) if "d_t" in r]
+
+    assert train_rows(tmp_path / "often") == train_rows(tmp_path / "rarely")
+    _assert_same_weights(tmp_path / "often", tmp_path / "rarely")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr_decay", "1.5"], "(0, 1]"),
+    (["--lr_decay", "0"], "(0, 1]"),
+    (["--n_train", str(10 ** 12)], "memory"),
+    (["--n_train", "50", "--batch", "100"], "--batch"),
+    (["--lr_min", "1.0", "--lr", "0.1"], "lr_min"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, needle):
+    import train_mcmc
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_mcmc.main(argv + ["--wandb", "disabled"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err, err
+    assert os.listdir(tmp_path) == []  # nothing was created
+
+
+def test_resume_refuses_flags_it_cannot_change_and_finished_runs(tmp_path, capsys):
+    import train_mcmc
+
+    assert _train(tmp_path, "r", "--n_iter", "3") == 0
+    for argv, needle in ((["--eps", "0.5"], "--eps"), ([], "--n_iter")):
+        with pytest.raises(SystemExit) as e:
+            train_mcmc.main(["--resume", str(tmp_path / "r"), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and needle in err, err
 
 
 # ----------------------------------------------------------------------------- configs
@@ -223,7 +348,7 @@ def test_configs_load(name):
     import train_mcmc
 
     path = os.path.join(CONFIGS, f"mcmc_{name}.json")
-    args = config.parse(train_mcmc.get_parser(), ["--config", path])
+    args = config.parse(train_mcmc.build_parser(), ["--config", path])
     with open(path) as fh:
         raw = json.load(fh)
     assert args.dataset == raw["dataset"] and args.eps == raw["eps"]
@@ -241,7 +366,7 @@ def test_unknown_config_key_rejected(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"dataset": "gmm", "num_mcmc_steps": 100}))
     with pytest.raises(SystemExit) as e:
-        config.parse(train_mcmc.get_parser(), ["--config", str(path)])
+        config.parse(train_mcmc.build_parser(), ["--config", str(path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "unknown key(s) num_mcmc_steps" in err and "\n" not in err

@@ -219,7 +219,7 @@ def test_metric_is_deterministic_clamps_and_drops_nonfinite(digits, metric, monk
 def tiny_run(tmp_path, config, *extra):
     out = str(tmp_path / "run")
     train_mcmc.main(["--config", os.path.join(ROOT, "configs", config), "--out_dir", out,
-                     "--name", "run", "--image_dir", str(tmp_path / "img"), *TINY, *extra])
+                     "--image_dir", str(tmp_path / "img"), *TINY, *extra])
     return out
 
 
@@ -231,8 +231,8 @@ def test_tiny_digit_run_of_each_regime(tmp_path, config):
     last = rows[-1]
     assert last["step"] == 3 and np.isfinite(last["fd"]) and 0 <= last["label_tv"] <= 1
     assert last["fd_floor"] < last["fd"]  # 3 iterations do not make digits
-    assert os.path.isfile(tmp_path / "img" / "run" / "negatives" / "step_000003.png")
-    assert os.path.isfile(tmp_path / "img" / "run" / "negatives.gif")
+    assert os.path.isfile(tmp_path / "img" / "negatives" / "step_000003.png")
+    assert os.path.isfile(tmp_path / "img" / "negatives.gif")
     assert os.path.isfile(os.path.join(out, "diagnostics.png"))
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert "image_ebm" in ckpt and "ebm" not in ckpt
@@ -247,15 +247,17 @@ def test_tiny_digit_run_of_each_regime(tmp_path, config):
 
 def test_image_run_resumes_and_samples_long_run(tmp_path):
     out = tiny_run(tmp_path, "mcmc_digits_convergent.json")
-    train_mcmc.main(["--resume", out, "--n_iter", "4"])
+    assert train_mcmc.main(["--resume", out, "--n_iter", "4"]) == 0
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4
     for sampler in ("ula", "mala"):
-        rec = sample_mcmc.main(["--run", out, "--sampler", sampler, "--init", "data",
-                                "--steps", "12", "--chunk", "5", "--save_at", "0,10",
-                                "--n", "60", "--image_dir", str(tmp_path / "img")])
+        assert sample_mcmc.main(["--run", out, "--sampler", sampler, "--init", "data",
+                                 "--steps", "12", "--chunk", "5", "--save_at", "0,10",
+                                 "--n", "60", "--image_dir", str(tmp_path / "img")]) == 0
+        stem = tmp_path / "img" / f"longrun_{sampler}_data"
+        with open(f"{stem}.json") as fh:
+            rec = json.load(fh)
         assert [r["step"] for r in rec["results"]] == [0, 10, 12]
         assert (rec["acceptance_mean"] is None) == (sampler == "ula")
-        stem = tmp_path / "img" / "run" / f"longrun_{sampler}_data"
         for suffix in (".json", ".png", "_curves.png"):
             assert os.path.isfile(f"{stem}{suffix}")
         assert os.path.isfile(stem / "step_000010.png")
@@ -268,6 +270,6 @@ def test_vanilla_net_on_tiny_mnist(tmp_path):
     out = str(tmp_path / "run")
     train_mcmc.main(["--dataset", "mnist", "--mnist_images", imgs, "--mnist_labels", labels,
                      "--out_dir", out, "--image_dir", str(tmp_path / "img"), "--init", "uniform",
-                     "--batch", "20", *TINY])
+                     "--batch", "20", *TINY, "--n_eval", "40"])
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["image_ebm_spec"] == {"arch": "vanilla", "shape": [1, 28, 28], "n_f": 4}
