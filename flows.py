@@ -589,8 +589,15 @@ def planar_u_hat(u, w):
 
 def planar_w_dot_u_hat(u, w):
     """w . u_hat computed exactly as m(w . u) >= -1 (the dot product of the computed u_hat can
-    round below -1 when |w||u| is huge; the log-det uses this value instead)."""
-    return planar_m((w * u).sum(-1))
+    round below -1 when |w||u| is huge; the log-det uses this value instead).
+
+    At w = 0 the layer is the translation z + u tanh(b) and w . u_hat = 0, not m(0) = -0.31
+    (and for |w|^2 below the smallest normal float, where planar_u_hat divides by that float
+    instead of |w|^2, it is the dot product of the u_hat actually used)."""
+    wu, w2 = (w * u).sum(-1), (w * w).sum(-1)
+    tiny = torch.finfo(w.dtype).tiny
+    m = planar_m(wu)
+    return torch.where(w2 >= tiny, m, wu + (m - wu) * (w2.clamp_max(tiny) / tiny))
 
 
 def _init_planar(u, w, b, scale=1.0):
