@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import tilt_data
+import util
 
 IMAGE_DATASETS = ("digits", "mnist")
 
@@ -228,11 +229,10 @@ class Classifier(nn.Module):
 
 def train_classifier(x, y, seed=0, steps=600, batch=256, noise=0.05):
     """Train the feature classifier on (x, y) with Adam; deterministic for a fixed seed
-    (its own generator, the global RNG is untouched). Gaussian pixel noise of std `noise` is
+    (its own generator and util.fixed_rng: the global random streams are untouched). Gaussian pixel noise of std `noise` is
     added to the inputs, as the samples carry Langevin noise."""
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with util.fixed_rng(seed):  # every random stream, on every device, restored afterwards
         clf = Classifier(x.shape[1])
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in range(steps):
