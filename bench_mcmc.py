@@ -3,7 +3,13 @@
     python bench_mcmc.py                 # speed table + results of finished runs in runs/
     python bench_mcmc.py --train         # first train the 4 configs (configs/mcmc_*.json)
     python bench_mcmc.py --speed_only
-    python bench_mcmc.py --figures       # also write the README figures (images/readme/mcmc_*)
+    python bench_mcmc.py --no_speed --figures   # the README figures (images/readme/mcmc_*)
+
+Runs live in --runs_dir/mcmc-<dataset>-<regime>/ (train_mcmc.py --out_dir). With --train, a
+finished run (summary.json with status "done") is kept and skipped, an interrupted one
+(checkpoint.pt) is resumed, any other folder is started again (--overwrite); each run is its
+own process with one torch thread. The table and the figures use finished runs only: with
+none, the benchmark writes nothing (the README figures stay as they are) and exits 1.
 
 Speed: one training iteration at L = 100, batch 100 (the paper's toy MLP), comparing the
 straightforward loop (autograd of F(x).sum() with parameter gradients on, a fresh
@@ -13,23 +19,24 @@ Median of repeats, one torch thread; wall-clock and process CPU time are both pr
 
 Figures (--figures): for each dataset, the final landscapes of the convergent (left) and
 non-convergent (right) runs side by side, and their diagnostics stacked (convergent on top),
-copied from runs/<name>/{landscape,diagnostics}.png into images/readme/mcmc_<dataset>_*.png.
+copied from runs/<name>/{landscape,diagnostics}.png into images/readme/mcmc_<dataset>_*.png
+(--figure_dir); a dataset whose two runs are not both finished is skipped.
 """
-import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
 import config
-import train_mcmc
 from ebm import EBM
 from logger import read_metrics
 from samplers import Energy, langevin
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 RUNS = [("gmm", "convergent"), ("gmm", "nonconvergent"),
         ("rings4", "convergent"), ("rings4", "nonconvergent")]
 
@@ -89,32 +96,51 @@ def speed(L=100, batch=100, repeats=30):
     return out
 
 
-def last_run(rows):
-    """The rows of the latest run in a metrics.jsonl: those after the last point where the step
-    went back (an earlier run into the same directory; a resumed run continues its steps)."""
-    start = 0
-    for i in range(1, len(rows)):
-        if rows[i]["step"] < rows[i - 1]["step"]:
-            start = i
-    return rows[start:]
+def finished(run_dir):
+    """The summary of a finished train_mcmc.py run, else None."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        s = json.load(fh)
+    return s if s.get("status") == "done" else None
 
 
-def results(train, runs_dir="runs"):
+def train(run_dir, cfg):
+    """Train one config into run_dir in its own process (one thread, wandb off): resume an
+    interrupted run, start anything else that is not finished again. Returns the exit status."""
+    if finished(run_dir):
+        return 0
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        cmd = ["--resume", run_dir]
+    else:
+        cmd = ["--config", cfg, "--out_dir", run_dir, "--overwrite"]
+    cmd = [sys.executable, os.path.join(ROOT, "train_mcmc.py"), *cmd, "--threads", "1",
+           "--wandb", "disabled"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        print(f"bench_mcmc.py: {' '.join(cmd[1:])} failed (exit {code}); rerun to continue",
+              file=sys.stderr)
+    return code
+
+
+def results(runs_dir, train_first):
+    """The table of the finished runs (the others named with their command); returns the
+    number of finished runs."""
     rows = []
     for ds, regime in RUNS:
         name = f"mcmc-{ds}-{regime}"
-        cfg = os.path.join("configs", f"mcmc_{ds}_{regime}.json")
+        cfg = os.path.join(ROOT, "configs", f"mcmc_{ds}_{regime}.json")
         run_dir = os.path.join(runs_dir, name)
-        if train:
-            train_mcmc.main(["--config", cfg, "--wandb", "disabled", "--out_dir", run_dir])
-        path = os.path.join(run_dir, "summary.json")
-        if not os.path.isfile(path):
-            rows.append((name, cfg))
+        if train_first:
+            train(run_dir, cfg)
+        s = finished(run_dir)
+        if s is None:
+            rows.append((name, os.path.relpath(cfg, ROOT)))
             continue
-        with open(path) as fh:
-            s = json.load(fh)
         # the EBM's KL at every evaluation, to show where in its oscillation the run ended
-        s["kl_ebm_trace"] = [r["kl_ebm"] for r in last_run(read_metrics(run_dir)) if "kl_ebm" in r]
+        s["kl_ebm_trace"] = [r["kl_ebm"] for r in read_metrics(run_dir) if "kl_ebm" in r]
         rows.append((name, s))
     print("\n| run (config) | iterations | KL(p_data‖p_θ) EBM | KL(p_data‖KDE of short-run) "
           "| KDE floor (true samples) | s/it (wall) | CPU s total | EBM KL at each evaluation |")
@@ -128,7 +154,7 @@ def results(train, runs_dir="runs"):
               f"{s.get('kl_kde', float('nan')):.3f} | {s.get('kl_kde_floor', float('nan')):.3f} | "
               f"{s.get('sec_per_iter', float('nan')):.4f} | {s.get('cpu_sec', float('nan')):.0f} | "
               f"{trace} |")
-    return rows
+    return sum(not isinstance(s, str) for _, s in rows)
 
 
 def _join(paths, out, horizontal, max_bytes=200_000):
@@ -154,36 +180,63 @@ def _join(paths, out, horizontal, max_bytes=200_000):
     return out
 
 
-def figures(runs_dir="runs", out_dir=os.path.join("images", "readme")):
-    """README figures from the finished runs (see the module docstring)."""
-    os.makedirs(out_dir, exist_ok=True)
+def figures(runs_dir, out_dir):
+    """README figures from the finished runs (see the module docstring); returns how many
+    were written."""
+    written = 0
     for ds in dict(RUNS):
         dirs = [os.path.join(runs_dir, f"mcmc-{ds}-{r}") for r in ("convergent", "nonconvergent")]
+        unfinished = [d for d in dirs if not finished(d)]
+        if unfinished:
+            print(f"skipping the mcmc_{ds}_* figures: {', '.join(unfinished)} not finished")
+            continue
         # (figure name, file in each run, side by side?)
         for fig, src, horizontal in (("landscapes", "landscape.png", True),
                                      ("diagnostics", "diagnostics.png", False)):
-            paths = [os.path.join(d, src) for d in dirs]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                print(f"skipping mcmc_{ds}_{fig}.png: no {', '.join(missing)}")
-                continue
-            _join(paths, os.path.join(out_dir, f"mcmc_{ds}_{fig}.png"), horizontal)
+            os.makedirs(out_dir, exist_ok=True)
+            _join([os.path.join(d, src) for d in dirs],
+                  os.path.join(out_dir, f"mcmc_{ds}_{fig}.png"), horizontal)
+            written += 1
+    return written
+
+
+def build_parser():
+    p = config.Parser(description=__doc__.splitlines()[0])
+    config.add_flag(p, "--train", help="train the 4 configs first (unfinished runs only)")
+    config.add_flag(p, "--speed_only", help="the speed table only")
+    config.add_flag(p, "--no_speed", help="skip the speed table")
+    config.add_flag(p, "--figures", help="write the README figures from the finished runs")
+    p.add_argument("--repeats", type=config.positive_int, default=30,
+                   help="timed iterations per Langevin loop (median)")
+    p.add_argument("--runs_dir", default="runs", help="folder of the four runs")
+    p.add_argument("--figure_dir", default=os.path.join("images", "readme"),
+                   help="where --figures writes mcmc_<dataset>_{landscapes,diagnostics}.png")
+    return p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    config.add_flag(p, "--train", help="train the 4 configs first")
-    config.add_flag(p, "--speed_only")
-    config.add_flag(p, "--figures",
-                   help="write the README figures images/readme/mcmc_* from the runs")
-    p.add_argument("--repeats", type=int, default=30)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.speed_only and args.no_speed:
+        config.fail("--speed_only and --no_speed leave nothing to do; pass one")
+    if (args.figures or args.train) and args.speed_only:
+        config.fail("--speed_only skips the runs; drop it to --train or write --figures")
+    if not args.train and not os.path.isdir(args.runs_dir):
+        config.fail(f"--runs_dir {args.runs_dir} does not exist; pass the folder of the runs "
+                    f"or --train them")
     torch.set_num_threads(1)
-    speed(repeats=args.repeats)
-    if not args.speed_only:
-        results(args.train)
-        if args.figures:
-            figures()
+    if not args.no_speed:
+        speed(repeats=args.repeats)
+    if args.speed_only:
+        return 0
+    if results(args.runs_dir, args.train) == 0:
+        print(f"bench_mcmc.py: no finished runs under {args.runs_dir}: nothing written; "
+              f"train them with --train", file=sys.stderr)
+        return 1
+    if args.figures and figures(args.runs_dir, args.figure_dir) == 0:
+        print(f"bench_mcmc.py: no dataset has both runs finished under {args.runs_dir}: no "
+              f"figure written", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

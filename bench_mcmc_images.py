@@ -5,11 +5,16 @@ and the speed of the image Langevin loop. Prints one table.
     python bench_mcmc_images.py --seeds 0 1 --steps 10000 --n 500
     python bench_mcmc_images.py --speed_only
     python bench_mcmc_images.py --figures          # also docs/figures/mcmc_digits_*.png
+    python bench_mcmc_images.py --no_train --no_speed --figures   # finished runs only
 
-Resumable: finished runs (runs/bench_mcmc_images/<config name>-s<seed>/summary.json with status
-"done") and finished long runs (images/<run>/longrun_ula_<init>.json with the same settings)
-are kept and skipped; an interrupted training run is continued from its checkpoint. Each run
-is its own process with one torch thread (`--threads 1`); CPU seconds are process CPU time.
+Resumable: finished runs (runs/bench_mcmc_images/mcmc-digits-<regime>-s<seed>/summary.json with
+status "done") and finished long runs (images/<run>/longrun_ula_<init>.json with the same
+settings; images/<run> is the run's own figure folder) are kept and skipped; an interrupted
+training run is continued from its checkpoint, any other unfinished folder started again
+(--overwrite). Each run is its own process with one torch thread (`--threads 1`); CPU seconds
+are process CPU time. With --no_train nothing is trained or sampled: the table and figures
+use the finished runs and long runs only, and with none of them nothing is written (the docs
+figures stay as they are) and the exit status is 1.
 
 Per run: the sample metric of the short-run samples at the end of training (train_mcmc.py's
 last evaluation, n_eval = 500 chains of L steps from the run's own initialisation), then
@@ -27,7 +32,6 @@ and of samplers.langevin with samplers.ConvEnergy (its convolution and dense mod
 float32, and its default mode with a bfloat16 gradient), interleaved repeats in this process,
 median process CPU time; "(auto)" marks the mode ConvEnergy picks by default.
 """
-import argparse
 import json
 import os
 import shutil
@@ -102,6 +106,11 @@ def run_dir(runs_dir, regime, seed):
     return os.path.join(runs_dir, f"mcmc-digits-{regime}-s{seed}")
 
 
+def image_dir(out):
+    """A run's own figure folder (train_mcmc.py's default for its run folder)."""
+    return os.path.join("images", os.path.basename(os.path.normpath(out)))
+
+
 def finished(path):
     s = os.path.join(path, "summary.json")
     if not os.path.isfile(s):
@@ -112,41 +121,50 @@ def finished(path):
 
 def call(args):
     """Run a script of this project in its own process (one thread, wandb off)."""
-    cmd = [sys.executable, *args, "--threads", "1", "--wandb", "disabled"]
+    cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:], "--threads", "1"]
     print("$ " + " ".join(cmd[1:]), flush=True)
-    res = subprocess.run(cmd, cwd=ROOT)
+    res = subprocess.run(cmd)
     if res.returncode != 0:
         raise SystemExit(f"bench_mcmc_images.py: {' '.join(cmd[1:])} failed "
                          f"(exit {res.returncode}); rerun to continue from where it stopped")
 
 
-def train(regime, seed, runs_dir, image_dir):
+def train(regime, seed, runs_dir):
+    """Train (or resume) one run unless it is finished; returns its folder."""
     out = run_dir(runs_dir, regime, seed)
     if finished(out):
         return out
     if os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        call(["train_mcmc.py", "--resume", out])
+        call(["train_mcmc.py", "--resume", out, "--wandb", "disabled"])
     else:
-        call(["train_mcmc.py", "--config", os.path.join("configs", f"mcmc_digits_{regime}.json"),
-              "--seed", str(seed), "--out_dir", out, "--name", os.path.basename(out),
-              "--image_dir", image_dir])
+        call(["train_mcmc.py", "--config", os.path.join(ROOT, "configs",
+                                                        f"mcmc_digits_{regime}.json"),
+              "--seed", str(seed), "--out_dir", out, "--image_dir", image_dir(out),
+              "--overwrite", "--wandb", "disabled"])
     return out
 
 
-def long_run(out, init, steps, n, image_dir, seed):
-    name = os.path.basename(out)
-    path = os.path.join(image_dir, name, f"longrun_ula_{init}.json")
-    if os.path.isfile(path):
-        with open(path) as fh:
-            rec = json.load(fh)
-        if rec["steps"] == steps and rec["n"] == n and rec["seed"] == seed:
-            return rec
+def long_run_record(out, init, steps, n, seed):
+    """The record of a finished long run with these settings, else None."""
+    path = os.path.join(image_dir(out), f"longrun_ula_{init}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        rec = json.load(fh)
+    return rec if (rec["steps"], rec["n"], rec["seed"]) == (steps, n, seed) else None
+
+
+def long_run(out, init, steps, n, seed):
+    """ULA chains from the run's checkpoint (sample_mcmc.py), unless done with these settings;
+    outputs of other settings are replaced (--overwrite)."""
+    rec = long_run_record(out, init, steps, n, seed)
+    if rec is not None:
+        return rec
     save_at = ",".join(str(s) for s in sorted({0, 100, 1000, steps}) if s <= steps)
     call(["sample_mcmc.py", "--run", out, "--sampler", "ula", "--init", init, "--steps",
           str(steps), "--n", str(n), "--save_at", save_at, "--seed", str(seed),
-          "--image_dir", image_dir])
-    with open(path) as fh:
-        return json.load(fh)
+          "--image_dir", image_dir(out), "--overwrite"])
+    return long_run_record(out, init, steps, n, seed)
 
 
 def last_eval(out):
@@ -178,43 +196,64 @@ def table(results, steps):
 
 
 # ----------------------------------------------------------------------------- figures
-def figures(results, image_dir, out_dir=os.path.join("docs", "figures")):
+def figures(results, out_dir):
     """Short-run vs long-run grids of both regimes (seed of the first row), stacked; their
-    d_t / r_t figures; the gif of the non-convergent run's negatives."""
+    d_t / r_t figures; the gif of each run's negatives. Returns how many files were written."""
     from sample_mcmc import join_images
 
-    os.makedirs(out_dir, exist_ok=True)
     seed = results[0]["seed"]
     mine = {r["regime"]: r for r in results if r["seed"] == seed}
     if set(mine) != set(REGIMES):
-        print("figures: need both regimes of one seed")
-        return
-    grids, diags = [], []
+        print(f"figures: seed {seed} lacks a finished run of "
+              f"{', '.join(sorted(set(REGIMES) - set(mine)))}", file=sys.stderr)
+        return 0
+    grids, diags, gifs = [], [], []
     for regime in ("nonconvergent", "convergent"):
-        r = mine[regime]
-        name = os.path.basename(r["out"])
-        grids.append(os.path.join(image_dir, name, f"longrun_ula_{REGIMES[regime]}.png"))
-        diags.append(os.path.join(r["out"], "diagnostics.png"))
-        gif = os.path.join(image_dir, name, "negatives.gif")
+        out = mine[regime]["out"]
+        grids.append(os.path.join(image_dir(out), f"longrun_ula_{REGIMES[regime]}.png"))
+        diags.append(os.path.join(out, "diagnostics.png"))
+        gifs.append((os.path.join(image_dir(out), "negatives.gif"),
+                     f"mcmc_digits_{regime}_training.gif"))
+    missing = [p for p in grids + diags if not os.path.isfile(p)]
+    if missing:
+        print(f"figures: {missing[0]} is missing", file=sys.stderr)
+        return 0
+    os.makedirs(out_dir, exist_ok=True)
+    written = 0
+    for gif, name in gifs:
         if os.path.isfile(gif):
-            shutil.copyfile(gif, os.path.join(out_dir, f"mcmc_digits_{regime}_training.gif"))
+            shutil.copyfile(gif, os.path.join(out_dir, name))
+            written += 1
     for fig, paths in (("longrun", grids), ("diagnostics", diags)):
         out = join_images(paths, os.path.join(out_dir, f"mcmc_digits_{fig}.png"),
                           horizontal=False)
         print(f"wrote {out}")
+        written += 1
+    return written
+
+
+def build_parser():
+    p = config.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=config.seed, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=config.positive_int, default=10000, help="long-run ULA steps")
+    p.add_argument("--n", type=config.positive_int, default=300,
+                   help="long-run chains (= samples scored)")
+    p.add_argument("--runs_dir", default=os.path.join("runs", "bench_mcmc_images"))
+    p.add_argument("--figure_dir", default=os.path.join("docs", "figures"),
+                   help="where --figures writes mcmc_digits_*")
+    config.add_flag(p, "--speed_only", help="the speed table only")
+    config.add_flag(p, "--no_speed", help="skip the speed table")
+    config.add_flag(p, "--no_train", help="train and sample nothing: report the finished runs")
+    config.add_flag(p, "--figures", help="write docs/figures/mcmc_digits_* (--figure_dir)")
+    return p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=10000, help="long-run ULA steps")
-    p.add_argument("--n", type=int, default=300, help="long-run chains (= samples scored)")
-    p.add_argument("--runs_dir", default=os.path.join("runs", "bench_mcmc_images"))
-    p.add_argument("--image_dir", default="images")
-    config.add_flag(p, "--speed_only")
-    config.add_flag(p, "--no_speed")
-    config.add_flag(p, "--figures", help="write docs/figures/mcmc_digits_*")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.speed_only and (args.no_speed or args.no_train or args.figures):
+        config.fail("--speed_only runs the speed table only; drop --no_speed/--no_train/--figures")
+    if args.n < 2:
+        config.fail("--n must be at least 2 (the sample metric fits a covariance)")
     torch.set_num_threads(1)
     if not args.no_speed:
         speed()
@@ -223,13 +262,24 @@ def main(argv=None):
     results = []
     for seed in args.seeds:
         for regime, init in REGIMES.items():
-            out = train(regime, seed, args.runs_dir, args.image_dir)
+            if args.no_train:
+                out = run_dir(args.runs_dir, regime, seed)
+                rec = long_run_record(out, init, args.steps, args.n, seed) \
+                    if finished(out) else None
+                if rec is None:
+                    continue
+            else:
+                out = train(regime, seed, args.runs_dir)
+                rec = long_run(out, init, args.steps, args.n, seed)
             results.append({"regime": regime, "seed": seed, "out": out, "eval": last_eval(out),
-                            "long": long_run(out, init, args.steps, args.n, args.image_dir,
-                                             seed)})
+                            "long": rec})
+    if not results:
+        print(f"bench_mcmc_images.py: no finished runs with long runs of --steps {args.steps} "
+              f"--n {args.n} under {args.runs_dir}: nothing written", file=sys.stderr)
+        return 1
     table(results, args.steps)
-    if args.figures:
-        figures(results, args.image_dir)
+    if args.figures and figures(results, args.figure_dir) == 0:
+        return 1
     return 0
 
 

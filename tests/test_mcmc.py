@@ -379,3 +379,78 @@ def test_bad_flag_one_line_error(capsys):
         train_mcmc.main(["--eps", "-1"])
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- bench_mcmc.py
+def _png(path, color):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+
+
+def test_bench_without_finished_runs_writes_no_figure(tmp_path, capsys):
+    """Unfinished runs (figures but no summary with status done) and an empty folder: the
+    report exits 1 with one line and the README figures are left as they are."""
+    import bench_mcmc
+
+    runs, figs = tmp_path / "runs", tmp_path / "figs"
+    for regime in ("convergent", "nonconvergent"):
+        for f in ("landscape.png", "diagnostics.png"):
+            _png(str(runs / f"mcmc-gmm-{regime}" / f), "red")
+    (runs / "mcmc-gmm-convergent" / "summary.json").write_text('{"status": "interrupted"}')
+    _png(str(figs / "mcmc_gmm_landscapes.png"), "blue")
+    before = {p: p.read_bytes() for p in figs.iterdir()}
+    for folder in (runs, tmp_path / "empty"):
+        os.makedirs(folder, exist_ok=True)
+        capsys.readouterr()
+        assert bench_mcmc.main(["--no_speed", "--figures", "--runs_dir", str(folder),
+                                "--figure_dir", str(figs)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "no finished runs" in err, err
+        assert {p: p.read_bytes() for p in figs.iterdir()} == before
+
+
+def test_bench_trains_only_unfinished_runs(tmp_path, monkeypatch):
+    """Finished runs are kept, an interrupted one is resumed, anything else starts again."""
+    import subprocess
+
+    import bench_mcmc
+
+    calls = []
+    monkeypatch.setattr(bench_mcmc.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    done, stopped, empty = (str(tmp_path / n) for n in ("done", "stopped", "empty"))
+    os.makedirs(done)
+    with open(os.path.join(done, "summary.json"), "w") as fh:
+        json.dump({"status": "done"}, fh)
+    os.makedirs(stopped)
+    open(os.path.join(stopped, "checkpoint.pt"), "wb").close()
+    for d in (done, stopped, empty):
+        assert bench_mcmc.train(d, "configs/mcmc_gmm_convergent.json") == 0
+    assert len(calls) == 2
+    assert calls[0][2:4] == ["--resume", stopped]
+    assert "--overwrite" in calls[1] and calls[1][calls[1].index("--out_dir") + 1] == empty
+
+
+def test_bench_figures_only_from_finished_pairs(tmp_path, capsys):
+    """rings4's two runs finished, gmm's not: the rings4 figures are written, the gmm ones
+    are left as they are."""
+    import bench_mcmc
+
+    runs, figs = tmp_path / "runs", tmp_path / "figs"
+    for ds in ("gmm", "rings4"):
+        for regime in ("convergent", "nonconvergent"):
+            d = runs / f"mcmc-{ds}-{regime}"
+            for f in ("landscape.png", "diagnostics.png"):
+                _png(str(d / f), "red")
+            if ds == "rings4":
+                (d / "summary.json").write_text(json.dumps({"status": "done", "step": 5}))
+                (d / "metrics.jsonl").write_text(json.dumps({"step": 5, "kl_ebm": 0.1}) + "\n")
+    _png(str(figs / "mcmc_gmm_landscapes.png"), "blue")
+    old = (figs / "mcmc_gmm_landscapes.png").read_bytes()
+    assert bench_mcmc.main(["--no_speed", "--figures", "--runs_dir", str(runs),
+                            "--figure_dir", str(figs)]) == 0
+    assert (figs / "mcmc_gmm_landscapes.png").read_bytes() == old
+    assert sorted(os.listdir(figs)) == ["mcmc_gmm_landscapes.png", "mcmc_rings4_diagnostics.png",
+                                        "mcmc_rings4_landscapes.png"]

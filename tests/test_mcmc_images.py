@@ -273,3 +273,21 @@ def test_vanilla_net_on_tiny_mnist(tmp_path):
                      "--batch", "20", *TINY, "--n_eval", "40"])
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["image_ebm_spec"] == {"arch": "vanilla", "shape": [1, 28, 28], "n_f": 4}
+
+
+def test_bench_without_finished_runs_writes_no_figure(tmp_path, capsys):
+    """bench_mcmc_images.py --no_train on a folder without finished runs: exit 1, one line,
+    the docs figures left as they are."""
+    import bench_mcmc_images
+
+    runs, figs = tmp_path / "runs", tmp_path / "figs"
+    os.makedirs(runs / "mcmc-digits-convergent-s0")  # started, never finished
+    os.makedirs(figs)
+    (figs / "mcmc_digits_longrun.png").write_bytes(b"old figure")
+    capsys.readouterr()
+    assert bench_mcmc_images.main(["--no_train", "--no_speed", "--figures", "--runs_dir",
+                                   str(runs), "--figure_dir", str(figs)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no finished runs" in err, err
+    assert os.listdir(figs) == ["mcmc_digits_longrun.png"]
+    assert (figs / "mcmc_digits_longrun.png").read_bytes() == b"old figure"
