@@ -56,6 +56,9 @@ from samplers import ConvEnergy, Energy, langevin
 # from the checkpoint
 RESUME_OVERRIDES = ("n_iter", "eval_every", "log_every", "image_dir", "wandb", "project",
                     "device", "threads")
+# flags that only one kind of data uses (set for the other kind they are refused)
+IMAGE_ONLY = ("net", "n_f", "mnist_images", "mnist_labels", "n_eval", "langevin_dtype")
+TOY_ONLY = ("hidden", "act", "n_test", "n_kde", "kde_bw")
 
 
 def hidden_sizes(s):
@@ -169,6 +172,15 @@ def check_args(args, argv):
     if args.init == "persistent" and args.bank_size < args.batch:
         config.fail(f"--bank_size {args.bank_size} is smaller than --batch {args.batch}")
     image = args.dataset in mcmc_images.IMAGE_DATASETS
+    if not args.resume:  # flags of the other kind of data would be ignored: refuse them
+        unused = IMAGE_ONLY if not image else TOY_ONLY
+        if args.dataset == "digits":
+            unused = unused + ("mnist_images", "mnist_labels")
+        defaults = build_parser()
+        unused = [f"--{k}" for k in unused if getattr(args, k) != defaults.get_default(k)]
+        if unused:
+            config.fail(f"{', '.join(unused)} mean(s) nothing for --dataset {args.dataset}; "
+                        f"drop {' '.join(unused)}")
     if not image and args.n_train < args.batch:
         config.fail(f"--n_train {args.n_train} is smaller than --batch {args.batch}; every "
                     f"batch would repeat training points: lower --batch")

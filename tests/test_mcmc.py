@@ -454,3 +454,18 @@ def test_bench_figures_only_from_finished_pairs(tmp_path, capsys):
     assert (figs / "mcmc_gmm_landscapes.png").read_bytes() == old
     assert sorted(os.listdir(figs)) == ["mcmc_gmm_landscapes.png", "mcmc_rings4_diagnostics.png",
                                         "mcmc_rings4_landscapes.png"]
+
+
+@pytest.mark.parametrize("argv", [["--net", "conv8"], ["--n_eval", "100"],
+                                  ["--dataset", "digits", "--hidden", "8,8"],
+                                  ["--dataset", "digits", "--mnist_images", "x.gz"]])
+def test_flags_of_the_other_kind_of_data_are_refused(tmp_path, monkeypatch, capsys, argv):
+    import train_mcmc
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_mcmc.main(argv + ["--wandb", "disabled"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and argv[-2] in err and "nothing" in err, err
+    assert os.listdir(tmp_path) == []
