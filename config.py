@@ -322,29 +322,23 @@ def given_flags(argv=None):
 
 def resumed_args(args, ckpt, path, argv=None, overridable=None):
     """The configuration of a resumed run: the one saved in its checkpoint, with the
-    `overridable` flags (all, when None) that were typed on this command line on top; out_dir
-    is the checkpoint's folder."""
+    `overridable` flags (all, when None) that were typed on this command line on top; a typed
+    flag that a resume cannot change is an error (it would silently be ignored). out_dir is
+    the checkpoint's folder."""
+    typed = given_flags(argv) - {"resume", "config"}
+    if overridable is not None:
+        fixed = sorted(typed - set(overridable))
+        if fixed:
+            fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)} "
+                 f"cannot change (only {', '.join('--' + f for f in overridable)} can); "
+                 f"start a new run instead")
     saved = dict(ckpt["config"])
-    for k in given_flags(argv) - {"resume", "config"}:
-        if overridable is None or k in overridable:
-            saved[k] = getattr(args, k)
+    for k in typed:
+        saved[k] = getattr(args, k)
     saved["resume"] = args.resume
     saved["out_dir"] = os.path.dirname(os.path.abspath(path))
     saved.setdefault("overwrite", False)
     return argparse.Namespace(**saved)
-
-
-def load_resume(args, argv=None, overridable=None):
-    """Old entry point (scripts not yet on scaffold.parse): checkpoint and resumed args."""
-    import util
-
-    path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
-                                                                         "checkpoint.pt")
-    try:
-        ckpt = util.load_checkpoint(path)
-    except (FileNotFoundError, util.CheckpointError) as e:
-        fail(f"--resume: {e}")
-    return resumed_args(args, ckpt, path, argv, overridable), ckpt
 
 
 def run_name(*parts):

@@ -137,8 +137,7 @@ def main(argv=None):
     config.apply_threads(args)
     device = scaffold.device(args)
     try:
-        util.load_checkpoint(os.path.join(args.run, "checkpoint.pt"), script="train_mcmc.py")
-        run = util.load_run(args.run, device=device)
+        run = util.load_run(args.run, device=device, script="train_mcmc.py")
     except (FileNotFoundError, util.CheckpointError) as e:
         config.fail(f"--run: {e}")
     image = run.config.get("dataset") in mcmc_images.IMAGE_DATASETS

@@ -169,7 +169,7 @@ class Run:
         except FileExistsError:
             raise
         except OSError as e:
-            config.fail(f"cannot create {path} ({e.strerror}); choose a writable --out_dir")
+            config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
         if not existed:
             self._created.append(top)
 
@@ -181,9 +181,9 @@ class Run:
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
-            config.fail(f"{path}: {probe} is a file, not a folder; choose another --out_dir")
+            config.fail(f"{path}: {probe} is a file, not a folder; choose another folder")
         if not os.access(probe, os.W_OK | os.X_OK):
-            config.fail(f"cannot write to {probe}; choose a writable --out_dir/--image_dir")
+            config.fail(f"cannot write to {probe}; choose a writable folder")
 
     # -- context: Ctrl-C and failed starts --------------------------------------------------
     def __enter__(self):

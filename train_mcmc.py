@@ -154,11 +154,6 @@ def build_parser():
 def check_args(args, argv):
     """Bad combinations of flags: one line, exit status 2, before any work."""
     if args.resume:
-        fixed = sorted(config.given_flags(argv) - set(RESUME_OVERRIDES) - {"resume"})
-        if fixed:
-            config.fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)} "
-                        f"cannot change (only {', '.join('--' + f for f in RESUME_OVERRIDES)} "
-                        f"can); start a new run instead")
         args.hidden = tuple(args.hidden)
     else:
         if args.lr_min is None:

@@ -234,7 +234,7 @@ def set_rng_state(state):
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
-def load_run(run_dir, device="cpu"):
+def load_run(run_dir, device="cpu", script=None):
     """Load a finished or interrupted run: `run = load_run("runs/<name>")`.
 
     Returns a namespace with .config (dict), .ebm (callable: f(x) for an (N, 2) tensor, or
@@ -242,7 +242,8 @@ def load_run(run_dir, device="cpu"):
     from ebm import EBM
     from flows import flow_from_spec
 
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device,
+                           script=script)
     ebm = flow = None
     if "ebm" in ckpt:
         ebm = EBM(**ckpt["ebm_spec"]).to(device)

@@ -78,6 +78,10 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a["flow"][k], b["flow"][k]), k
     steps = [r["step"] for r in read_metrics(tmp_path / "split") if "value" in r]
     assert steps == [5, 10, 15, 20]
+    # a flag that a resume cannot change is refused, not silently ignored
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "split"), "--lr_ebm", "0.1"])
+    assert e.value.code == 2
 
 
 def test_used_out_dir_is_refused_or_started_clean_with_overwrite(tmp_path, capsys):
