@@ -119,3 +119,27 @@ def test_lr_factor():
     assert util.lr_factor("exponential", 3, 10, 0.2, 0.5) == pytest.approx(0.2)
     assert util.lr_factor("exponential", 2, 10, 0.2, 0.5) == pytest.approx(0.25)
     assert math.isclose(util.lr_factor("cosine", 2.5, 10), 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_printed_hints_paste_into_a_shell(here, capsys):
+    """Paths with spaces survive copy and paste of the resume and gif commands."""
+    import shlex
+
+    args = args_for(out_dir="my runs/run one", image_dir="my images/run one")
+    with scaffold.Run(args, "x.py", ("x",)) as run:
+        run.save({"step": 1})
+        assert run.interrupted(1) == scaffold.INTERRUPTED
+    line = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln][0]
+    assert shlex.split(line)[-1] == "my runs/run one"
+    assert shlex.split(scaffold.gif_hint("my images/run one"))[-1] == "my images/run one"
+
+
+def test_generated_gifs_and_runs_are_ignored_by_git():
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("images/some-run.gif", "images/some-run/epoch_0001.png", "runs/x/config.json"):
+        res = subprocess.run(["git", "check-ignore", "-q", path], cwd=root)
+        if res.returncode == 128:
+            pytest.skip("not a git checkout")
+        assert res.returncode == 0, f"{path} is not ignored by git"
