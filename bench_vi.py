@@ -1,4 +1,4 @@
-"""Benchmark of the VI flows (issue 4): speed of a planar training step, and the quality table
+"""Benchmark of the VI flows: speed of a planar training step, and the quality table
 flow x K x target (KL(q || p), ESS, seconds) with the Figure-3-style figures.
 
     python bench_vi.py --speed_only          # ms per step: per-target loop vs batched module
@@ -18,10 +18,16 @@ and table files, so such runs never overwrite the default ones, e.g.
 
     python bench_vi.py --runs planar:32 --extra="--lr=3e-3" --tag lr3e-3 --seed 42 0 1 \
         --jobs 2 --no-speed --no-figures
+
+A run that finished (its summary.json exists) is kept and skipped; an unfinished one is started
+again (train_vi.py --overwrite), so an interrupted benchmark continues where it stopped. The
+table and figures come from finished runs only; with none, nothing is written (exit status 1)
+and the published figures in images/readme/ stay as they are.
 """
-import argparse
+import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -101,21 +107,37 @@ def _run_dir(flow, K, seed=DEFAULT_SEED, target="all", tag=""):
     return os.path.join("runs", _run_name(flow, K, seed, target, tag))
 
 
+def _train_argv(flow, K, target, seed, steps, extra, out):
+    return [f"--target={target}", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
+            f"--seed={seed}", "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
+
+
 def _train(job):
-    """One train_vi run (U1-U4, or one target with --split); returns its summary.json (runs in
-    a worker process)."""
+    """One train_vi run (U1-U4, or one target with --split) in a worker process; returns its
+    summary.json, or None when it did not finish. A finished run is kept and skipped; an
+    unfinished folder is started again with --overwrite."""
     flow, K, target, seed, steps, extra, tag = job
     import train_vi
 
     torch.set_num_threads(1)
     out = _run_dir(flow, K, seed, target, tag)
-    argv = [f"--target={target}", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
-            f"--seed={seed}", "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
-    with open(os.path.join(OUT, _run_name(flow, K, seed, target, tag)[len("bench_vi-"):] + ".log"),
-              "w") as fh:
-        sys.stderr = sys.stdout = fh
-        code = train_vi.main(argv)
-    with open(os.path.join(out, "summary.json")) as fh:
+    summary = os.path.join(out, "summary.json")
+    code = 0
+    if os.path.isfile(summary):
+        print(f"{out}: finished, kept", file=sys.stderr)
+    else:
+        log = os.path.join(OUT, _run_name(flow, K, seed, target, tag)[len("bench_vi-"):] + ".log")
+        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            try:
+                code = train_vi.main(_train_argv(flow, K, target, seed, steps, extra, out)
+                                     + ["--overwrite"])
+            except SystemExit as e:  # bad input: the one-line error is in the log
+                code = e.code
+        if code != 0:
+            print(f"{out}: train_vi.py exited with status {code}; see {log}", file=sys.stderr)
+    if not os.path.isfile(summary):
+        return None
+    with open(summary) as fh:
         return {"flow": flow, "K": K, "seed": seed, "status": code, **json.load(fh)}
 
 
@@ -141,13 +163,22 @@ def _jobs(runs, split, seeds, steps, extra, tag=""):
 
 
 def parse_runs(spec):
-    """'planar:2,8,32 nice:2,8' -> [('planar', 2), ('planar', 8), ...]."""
+    """'planar:2,8,32 nice:2,8' -> [('planar', 2), ('planar', 8), ...]; a malformed spec is a
+    one-line error (exit status 2)."""
     out = []
     for part in spec.split():
-        name, ks = part.split(":")
+        name, _, ks = part.partition(":")
         if name not in flows.VI_FLOWS:
-            raise SystemExit(f"bench_vi.py: error: unknown flow {name!r} in --runs")
-        out += [(name, int(k)) for k in ks.split(",")]
+            config.fail(f"unknown flow {name!r} in --runs; choose from "
+                        f"{', '.join(flows.VI_FLOWS)}, e.g. --runs 'planar:2,8 nice:8'")
+        try:
+            Ks = [config.positive_int(k) for k in ks.split(",")]
+        except Exception:
+            config.fail(f"--runs {part!r}: expected <flow>:<K>[,<K>...] with positive integers "
+                        f"K, e.g. planar:2,8,32")
+        out += [(name, K) for K in Ks]
+    if not out:
+        config.fail("--runs is empty; give at least one <flow>:<K>, e.g. planar:32")
     return out
 
 
@@ -162,7 +193,7 @@ def table(results):
     return "\n".join(rows)
 
 
-def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120):
+def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120, tag=""):
     """Figure 3 of the paper: rows U1-U4; true density, then q_K for each K."""
     panels = []
     have = {r["K"]: r.get("seed", DEFAULT_SEED) for r in results if r["flow"] == flow}
@@ -171,7 +202,7 @@ def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120):
         panels.append((f"exp(-{name})", plots.density(lambda z: -targets.energy(name, z),
                                                       bound=targets.BOX, n=n)))
         for K in Ks:
-            run = util.load_run(_run_dir(flow, K, have[K]))
+            run = util.load_run(_run_dir(flow, K, have[K], tag=tag))
             panels.append((f"{flow} K={K}", plots.density(run.flow.flow(t).log_prob,
                                                           bound=targets.BOX, n=n,
                                                           normalise=False)))
@@ -191,58 +222,87 @@ def figure3d(results, path):
     return plots.save_curves(path, curves, xlabel="K", logy=True, size=(2.8, 2.4))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    config.add_flag(p, "--speed_only")
-    p.add_argument("--runs", default="planar:2,8,32 nice:2,8")
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--jobs", type=int, default=1)
+def build_parser():
+    p = config.Parser(description=__doc__.split("\n")[0])
+    config.add_flag(p, "--speed_only", help="only time the planar training step")
+    p.add_argument("--runs", default="planar:2,8,32 nice:2,8",
+                   help="<flow>:<K>[,<K>...] separated by spaces")
+    p.add_argument("--steps", type=config.positive_int, default=10000,
+                   help="train_vi.py --steps of every run")
+    p.add_argument("--jobs", type=config.positive_int, default=1,
+                   help="train_vi.py runs side by side")
     config.add_flag(p, "--report_only",
-                   help="no training: table and figures from the finished runs/bench_vi-* runs")
+                    help="no training: table and figures from the finished runs/bench_vi-* runs")
     p.add_argument("--extra", default="",
                    help="extra train_vi.py flags for every run")
-    p.add_argument("--seed", type=int, nargs="+", default=[DEFAULT_SEED],
+    p.add_argument("--seed", type=config.seed, nargs="+", default=[DEFAULT_SEED],
                    help="train_vi.py --seed; several seeds give one row each")
     p.add_argument("--tag", default="", help="suffix of run directories and table files")
     config.add_flag(p, "--speed", default=True,
-                   help="time the planar training step first")
+                    help="time the planar training step first")
     config.add_flag(p, "--split",
-                   help="one train_vi.py process per target (U1..U4) instead of one for all four")
+                    help="one train_vi.py process per target (U1..U4) instead of one for all four")
     config.add_flag(p, "--figures", default=True,
-                   help="write images/readme/vi_figure3.png and vi_bound_vs_K.png")
+                    help="write images/readme/vi_figure3.png and vi_bound_vs_K.png")
     config.add_flag(p, "--best",
-                   help="the best flow of the collection only: --runs realnvp:8 --split "
-                        "--no-figures, no speed test, table in runs/bench_vi/table-best.md")
-    args = p.parse_args(argv)
+                    help="the best flow of the collection only: --runs realnvp:8 --split "
+                         "--no-figures, no speed test, table in runs/bench_vi/table-best.md")
+    return p
+
+
+def check_extra(extra):
+    """--extra as train_vi.py flags, checked by train_vi.py's own parser before any work;
+    flags the benchmark sets itself are refused."""
+    import train_vi
+
+    try:
+        words = shlex.split(extra)
+    except ValueError as e:
+        config.fail(f"--extra {extra!r} cannot be split into flags ({e})")
+    own = {"target", "flow", "K", "steps", "seed", "out_dir", "image_dir", "wandb", "frames",
+           "overwrite", "resume"} & config.given_flags(words)
+    if own:
+        config.fail(f"--extra sets {', '.join('--' + f for f in sorted(own))}, which the "
+                    f"benchmark sets itself; use its own flags (--runs, --steps, --seed)")
+    config.parse(train_vi.build_parser(), _train_argv("planar", 2, "U1", DEFAULT_SEED, 1, words,
+                                                      "unused"))
+    return words
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.best:
         args.runs, args.split, args.figures, args.speed = BEST_RUNS, True, False, False
     runs = parse_runs(args.runs)
+    if args.tag and (os.sep in args.tag or args.tag.startswith(".")):
+        config.fail(f"--tag {args.tag!r} must be a plain name (it ends folder and file names)")
+    if args.split and args.figures and not args.speed_only:
+        config.fail("--split runs have no four-target flow for the figures; add --no-figures")
+    extra = check_extra(args.extra)
     tag = "".join(f"-{t}" for t in (args.tag, "best" if args.best else "") if t)  # table file
 
     if args.report_only:
-        return report(_finished(runs, args.split, args.seed, args.tag), args.figures, tag)
-    if not args.speed:
+        return report(_finished(runs, args.split, args.seed, args.tag), args.figures, tag,
+                      args.tag)
+    if args.speed:
+        s = speed()
+        print(f"planar K={s['K']}, batch {s['batch']}, one training step for all four "
+              f"targets, 1 thread: per-target loop {s['loop_ms']:.1f} ms "
+              f"({s['loop_ms_per_target']:.1f} ms per target), batched module "
+              f"{s['batched_ms']:.1f} ms ({s['batched_ms_per_target']:.1f} ms per target): "
+              f"{s['speedup']:.1f}x faster")
         os.makedirs(OUT, exist_ok=True)
-        return _bench(runs, args, tag)
-    s = speed()
-    print(f"planar K={s['K']}, batch {s['batch']}, one training step for all four targets, "
-          f"1 thread: per-target loop {s['loop_ms']:.1f} ms ({s['loop_ms_per_target']:.1f} ms "
-          f"per target), batched module {s['batched_ms']:.1f} ms ({s['batched_ms_per_target']:.1f}"
-          f" ms per target): {s['speedup']:.1f}x faster")
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "speed.json"), "w") as fh:
-        json.dump(s, fh, indent=2)
+        with open(os.path.join(OUT, "speed.json"), "w") as fh:
+            json.dump(s, fh, indent=2)
     if args.speed_only:
         return 0
-
-    return _bench(runs, args, tag)
-
-
-def _bench(runs, args, tag):
-    jobs = _jobs(runs, args.split, args.seed, args.steps, args.extra.split(), args.tag)
+    os.makedirs(OUT, exist_ok=True)
+    jobs = _jobs(runs, args.split, args.seed, args.steps, extra, args.tag)
     with ProcessPoolExecutor(args.jobs) as ex:
-        results = merge(list(ex.map(_train, jobs)))
-    return report(results, args.figures, tag)
+        done = [r for r in ex.map(_train, jobs) if r is not None]
+    results = [r for r in merge(done) if all(f"{n}/kl" in r for n in NAMES)]
+    code = report(results, args.figures, tag, args.tag)
+    return 1 if len(done) < len(jobs) else code
 
 
 def _finished(runs, split=False, seeds=(DEFAULT_SEED,), tag=""):
@@ -262,9 +322,14 @@ def _finished(runs, split=False, seeds=(DEFAULT_SEED,), tag=""):
     return [r for r in merge(results) if all(f"{n}/kl" in r for n in NAMES)]
 
 
-def report(results, figures=True, tag=""):
+def report(results, figures=True, tag="", run_tag=""):
     """Table (printed and runs/bench_vi/table<tag>.md) and, with `figures`, the two figures
-    under images/readme/."""
+    under images/readme/. Without finished runs nothing is written and the status is 1."""
+    if not results:
+        print("bench_vi.py: no finished runs to report: nothing written (images/readme/ "
+              "unchanged); train them first (python bench_vi.py without --report_only)",
+              file=sys.stderr)
+        return 1
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"results{tag}.json"), "w") as fh:
         json.dump(results, fh, indent=2)
@@ -274,7 +339,7 @@ def report(results, figures=True, tag=""):
     print(md)
     if figures:
         os.makedirs(os.path.join("images", "readme"), exist_ok=True)
-        print(figure3(results, os.path.join("images", "readme", "vi_figure3.png")))
+        print(figure3(results, os.path.join("images", "readme", "vi_figure3.png"), tag=run_tag))
         print(figure3d(results, os.path.join("images", "readme", "vi_bound_vs_K.png")))
     return 0
 

@@ -340,3 +340,62 @@ def test_bench_split_rows_merge_per_flow():
     assert row["seconds"] == 100.0
     assert [row[f"{n}/kl"] for n in targets.NAMES] == [0.0, 0.01, 0.02, 0.03]
     assert "| realnvp | 8 | 42 | 0.000 | 0.50 | 0.010 |" in bench_vi.table([row])
+
+
+def test_bench_report_without_finished_runs_writes_nothing(in_tmp, capsys):
+    """bench_vi.py --report_only with no finished runs (one unfinished folder): exit 1, one
+    line, and the published figures and tables are untouched."""
+    import bench_vi
+
+    readme = in_tmp / "images" / "readme"
+    os.makedirs(readme)
+    (readme / "vi_figure3.png").write_bytes(b"the published figure")
+    os.makedirs(in_tmp / "runs" / "bench_vi-planar-K2")           # unfinished: no summary
+    capsys.readouterr()
+    assert bench_vi.main(["--report_only", "--runs", "planar:2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "nothing written" in err[-1]
+    assert os.listdir(readme) == ["vi_figure3.png"]
+    assert (readme / "vi_figure3.png").read_bytes() == b"the published figure"
+    assert not os.path.exists(in_tmp / "runs" / "bench_vi")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--runs", "planar"], "--runs"), (["--runs", "maf:2"], "unknown flow"),
+    (["--runs", "planar:0"], "--runs"), (["--extra=--lr=-1"], "lr"),
+    (["--extra=--seed=3"], "--seed"), (["--split"], "--no-figures"),
+])
+def test_bench_bad_input_is_one_line(argv, needle, in_tmp, capsys):
+    import bench_vi
+
+    with pytest.raises(SystemExit) as e:
+        bench_vi.main(argv + ["--no-speed"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and needle in err, err
+    assert os.listdir(in_tmp) == []
+
+
+def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(in_tmp, monkeypatch):
+    """A finished run (summary.json) is not trained again; an unfinished folder is trained
+    with --overwrite (never a refusal that loses the benchmark's time)."""
+    import bench_vi
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump({f"{n}/kl": 0.1 for n in targets.NAMES}, fh)
+        return 0
+
+    monkeypatch.setattr(train_vi, "main", fake_main)
+    os.makedirs(bench_vi.OUT)
+    done = in_tmp / "runs" / "bench_vi-planar-K2"
+    os.makedirs(done)
+    (done / "summary.json").write_text(json.dumps({"seconds": 1.0}))
+    os.makedirs(in_tmp / "runs" / "bench_vi-planar-K8")           # unfinished
+    r2 = bench_vi._train(("planar", 2, "all", 42, 10, [], ""))
+    r8 = bench_vi._train(("planar", 8, "all", 42, 10, [], ""))
+    assert r2["seconds"] == 1.0 and r8["U1/kl"] == 0.1
+    assert len(calls) == 1 and "--overwrite" in calls[0] and "--K=8" in calls[0]
