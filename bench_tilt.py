@@ -1,7 +1,9 @@
-"""Benchmark of the tilting experiments over seeds: the README table of issue 5.
+"""Benchmark of the tilting experiments over seeds: the results table of docs/tilt.md.
 
-    python bench_tilt.py                    # 8 seeds, prints the table, runs/bench_tilt/
-    python bench_tilt.py --write_readme     # also replaces the table in README.md
+    python bench_tilt.py                    # seeds 0-7, prints the table, runs/bench_tilt/
+    python bench_tilt.py --write_docs       # also replaces the table in docs/tilt.md and
+                                            #   copies seed 0's figures to images/readme/
+    python bench_tilt.py --report_only      # the table of the runs already finished
 
 Per seed: `train_tilt.py --objective both --data_tilt` (digits) and
 `train_tilt.py --experiment mixture`, one torch thread, wandb off. The table lists the TV
@@ -9,13 +11,18 @@ distance of the label histogram of 1,000 decoded samples to uniform(0-4) for the
 maximum-likelihood latent tilt (SNIR and Langevin), the hackathon recipe and the data-space
 tilt, and the 2D mixture's component-histogram TV to [.3, .4, .3], with stratified teaching
 points (the default, exactly 30/40/30) and, for comparison, i.i.d. ones (`--mix_teaching iid`).
+The time of a seed is the digits and default mixture runs' own time (time_total_s).
+
+A run that finished (its summary.json exists) is kept and skipped; an unfinished one is
+started again (train_tilt.py --overwrite). The table holds the seeds whose three runs
+finished; docs/tilt.md and images/readme/ are written only when every seed finished, and
+without any finished seed nothing is written (exit status 1).
 """
-import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 import torch
@@ -24,32 +31,53 @@ import config
 import train_tilt
 
 START, END = "<!-- bench_tilt:start -->", "<!-- bench_tilt:end -->"
+DOCS = os.path.join("docs", "tilt.md")
+# the runs of one seed: (folder name, train_tilt.py flags)
+RUNS = (("digits", ["--objective", "both", "--data_tilt"]),
+        ("mixture", ["--experiment", "mixture"]),
+        ("mixture-iid", ["--experiment", "mixture", "--mix_teaching", "iid"]))
+FIGURES = (("digits", ("label_histograms", "latent", "samples")), ("mixture", ("mixture",)))
 
 
-def run_seed(seed, out):
-    common = ["--seed", str(seed), "--wandb", "disabled", "--threads", "1"]
-    t = time.perf_counter()
-    d = f"{out}/digits-s{seed}"
-    if train_tilt.main(common + ["--objective", "both", "--data_tilt", "--out_dir", d,
-                                 "--image_dir", f"{out}/images/digits-s{seed}"]) != 0:
-        raise RuntimeError(f"seed {seed}: digits run failed")
-    m = f"{out}/mixture-s{seed}"
-    if train_tilt.main(common + ["--experiment", "mixture", "--out_dir", m,
-                                 "--image_dir", f"{out}/images/mixture-s{seed}"]) != 0:
-        raise RuntimeError(f"seed {seed}: mixture run failed")
-    wall = time.perf_counter() - t
-    mi = f"{out}/mixture-iid-s{seed}"  # the same with i.i.d. teaching points, for comparison
-    if train_tilt.main(common + ["--experiment", "mixture", "--mix_teaching", "iid",
-                                 "--out_dir", mi,
-                                 "--image_dir", f"{out}/images/mixture-iid-s{seed}"]) != 0:
-        raise RuntimeError(f"seed {seed}: mixture run (iid teaching points) failed")
-    with open(f"{d}/summary.json") as fh:
-        r = json.load(fh)
-    with open(f"{m}/summary.json") as fh:
-        r.update(json.load(fh))
-    with open(f"{mi}/summary.json") as fh:
-        r.update({f"iid_{k}": v for k, v in json.load(fh).items()})
-    r["seed"], r["wall_s"] = seed, wall
+def _summary(out, name, seed):
+    path = os.path.join(out, f"{name}-s{seed}", "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def train_seed(seed, out):
+    """The three runs of one seed; a finished run is kept, an unfinished folder is started
+    again with --overwrite. Returns False when a run did not finish (its log says why)."""
+    ok = True
+    for name, flags in RUNS:
+        if _summary(out, name, seed) is not None:
+            print(f"{out}/{name}-s{seed}: finished, kept", file=sys.stderr)
+            continue
+        run = f"{out}/{name}-s{seed}"
+        log = f"{run}.log"
+        argv = ["--seed", str(seed), "--wandb", "disabled", "--threads", "1", *flags,
+                "--out_dir", run, "--image_dir", f"{out}/images/{name}-s{seed}", "--overwrite"]
+        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            try:
+                code = train_tilt.main(argv)
+            except SystemExit as e:
+                code = e.code
+        if code != 0:
+            print(f"seed {seed}: train_tilt.py {' '.join(flags)} exited with status {code}; "
+                  f"see {log}", file=sys.stderr)
+            ok = False
+    return ok
+
+
+def collect(seed, out):
+    """One table row from the seed's three summaries, or None if a run has not finished."""
+    d, m, mi = (_summary(out, name, seed) for name, _ in RUNS)
+    if d is None or m is None or mi is None:
+        return None
+    r = {**d, **m, **{f"iid_{k}": v for k, v in mi.items()}}
+    r["seed"], r["wall_s"] = seed, d["time_total_s"] + m["time_total_s"]
     return r
 
 
@@ -103,42 +131,89 @@ def table(rows):
     return "\n".join(lines) + "\n\n" + "\n".join(summary)
 
 
-def write_readme(text, path="README.md"):
-    with open(path) as fh:
+def check_docs(path=DOCS):
+    """The file and its START ... END block exist (checked before any training)."""
+    if not os.path.isfile(path):
+        config.fail(f"--write_docs: {path} not found; run from the repository root")
+    with open(path, encoding="utf-8") as fh:
         s = fh.read()
-    if START not in s or END not in s:
-        sys.exit(f"bench_tilt: {path} has no {START} ... {END} block to replace")
+    if START not in s or END not in s or s.index(START) > s.index(END):
+        config.fail(f"--write_docs: {path} has no {START} ... {END} block to replace; add "
+                    f"one where the table goes")
+
+
+def write_docs(text, path=DOCS):
+    with open(path, encoding="utf-8") as fh:
+        s = fh.read()
     a, b = s.index(START) + len(START), s.index(END)
-    with open(path, "w") as fh:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(s[:a] + "\n" + text + "\n" + s[b:])
+    os.replace(tmp, path)
+
+
+def build_parser():
+    p = config.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=config.seed, nargs="+", default=list(range(8)),
+                   help="the seeds, one table row each")
+    p.add_argument("--out", default="runs/bench_tilt", help="folder of the runs and the table")
+    config.add_flag(p, "--write_docs",
+                    help=f"replace the table in {DOCS} and copy seed 0's figures to "
+                         f"images/readme (only when every seed finished)")
+    config.add_flag(p, "--report_only", help="no training: the table of the finished runs")
+    return p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=8)
-    p.add_argument("--out", default="runs/bench_tilt")
-    config.add_flag(p, "--write_readme",
-                   help="replace the table in README.md and copy seed 0's figures to images/readme")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = []
-    for seed in range(args.seeds):
-        rows.append(run_seed(seed, args.out))
-        print(f"seed {seed}: {rows[-1]['wall_s']:.0f} s", flush=True)
+    args = build_parser().parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        config.fail("--seeds lists a seed twice; give each seed once")
+    if args.write_docs:
+        check_docs()
+        if 0 not in args.seeds:
+            config.fail("--write_docs copies seed 0's figures: include 0 in --seeds")
+    if args.out.startswith("-") or (os.path.exists(args.out) and not os.path.isdir(args.out)):
+        config.fail(f"--out {args.out!r} is not a folder; choose another --out")
+    if not args.report_only:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            config.fail(f"cannot create {args.out} ({e.strerror}); choose a writable --out")
+        torch.set_num_threads(1)
+        for seed in args.seeds:
+            train_seed(seed, args.out)
+            print(f"seed {seed}: done", flush=True)
+    rows = [r for r in (collect(seed, args.out) for seed in args.seeds) if r is not None]
+    missing = [s for s in args.seeds if s not in {r["seed"] for r in rows}]
+    if not rows:
+        print(f"bench_tilt.py: no seed has finished runs under {args.out}: nothing written "
+              f"({DOCS} and images/readme/ unchanged)", file=sys.stderr)
+        return 1
     text = table(rows)
     print(text)
     with open(f"{args.out}/results.json", "w") as fh:
         json.dump(rows, fh, indent=1)
     with open(f"{args.out}/table.md", "w") as fh:
         fh.write(text + "\n")
-    if args.write_readme:
-        write_readme(text)
+    if missing:
+        print(f"bench_tilt.py: seeds {missing} did not finish: left out of the table"
+              + (f"; {DOCS} and images/readme/ not written" if args.write_docs else ""),
+              file=sys.stderr)
+        return 1
+    if args.write_docs:
+        figures = [(f"{args.out}/images/{run}-s0/{name}.png", f"images/readme/tilt_{name}.png")
+                   for run, names in FIGURES for name in names]
+        lost = [src for src, _ in figures if not os.path.isfile(src)]
+        if lost:
+            print(f"bench_tilt.py: {', '.join(lost)} missing: {DOCS} and images/readme/ not "
+                  f"written; delete {args.out}/digits-s0 and {args.out}/mixture-s0 to run them "
+                  f"again", file=sys.stderr)
+            return 1
+        write_docs(text)
         os.makedirs("images/readme", exist_ok=True)
-        for run, names in (("digits-s0", ("label_histograms", "latent", "samples")),
-                           ("mixture-s0", ("mixture",))):
-            for name in names:
-                shutil.copy(f"{args.out}/images/{run}/{name}.png",
-                            f"images/readme/tilt_{name}.png")
+        for src, dst in figures:
+            shutil.copy(src, dst)
+        print(f"wrote {DOCS} and images/readme/tilt_*.png")
     return 0
 
 

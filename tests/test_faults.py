@@ -21,7 +21,6 @@ ENTRY = SHARED + ["bench.py", "bench_mcmc.py", "bench_mcmc_images.py", "bench_vi
                   "bench_tilt.py", "gather.py", "curves.py", "images/create_gif.py"]
 # scripts not yet on the scaffold's conventions (one per line; remove a line when it passes)
 PENDING = {
-    "bench_tilt.py",
 }
 # arguments a script needs before anything else can be checked
 BASE = {"sample_mcmc.py": ["--run", "no-such-run"], "gather.py": ["runs"],

@@ -359,3 +359,88 @@ def test_contrastive_data_tilt_runs_and_lowers_positive_energy():
     assert hist["loss"][-1] < hist["loss"][0]
     with torch.no_grad():
         assert E(x_pos).mean() < E(model.sample(256)[0]).mean()
+
+
+# ----------------------------------------------------------------------------- bench_tilt.py
+@pytest.fixture
+def docs_tree(tmp_path, monkeypatch):
+    """A repository-like folder: docs/tilt.md with the table block, published figures."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("docs")
+    (tmp_path / "docs" / "tilt.md").write_text("# tilt\n<!-- bench_tilt:start -->\nold table\n"
+                                               "<!-- bench_tilt:end -->\n")
+    os.makedirs("images/readme")
+    (tmp_path / "images" / "readme" / "tilt_mixture.png").write_bytes(b"published")
+    return tmp_path
+
+
+def _untouched(root):
+    assert "old table" in (root / "docs" / "tilt.md").read_text()
+    assert os.listdir(root / "images" / "readme") == ["tilt_mixture.png"]
+    assert (root / "images" / "readme" / "tilt_mixture.png").read_bytes() == b"published"
+
+
+def test_bench_report_without_finished_runs_writes_nothing(docs_tree, capsys):
+    import bench_tilt
+
+    os.makedirs(docs_tree / "runs" / "bench_tilt" / "digits-s0")  # unfinished: no summary
+    assert bench_tilt.main(["--report_only", "--write_docs"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "nothing written" in err and "\n" not in err
+    _untouched(docs_tree)
+    assert os.listdir(docs_tree / "runs" / "bench_tilt") == ["digits-s0"]
+
+
+def test_bench_checks_the_docs_block_before_training(docs_tree, monkeypatch, capsys):
+    import bench_tilt
+    import train_tilt
+
+    monkeypatch.setattr(train_tilt, "main", lambda argv: pytest.fail("trained"))
+    (docs_tree / "docs" / "tilt.md").write_text("# tilt, no table block\n")
+    with pytest.raises(SystemExit) as e:
+        bench_tilt.main(["--write_docs"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "bench_tilt:start" in err and "\n" not in err
+    assert not os.path.exists(docs_tree / "runs")
+
+
+def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(docs_tree, monkeypatch):
+    """Seed 0 finished earlier (kept, not trained again); seed 1's digits folder is unfinished
+    (trained again with --overwrite); the docs block and the figures are written only when
+    every seed finished."""
+    import bench_tilt
+    import train_tilt
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        _fake_run(argv[argv.index("--out_dir") + 1], argv[argv.index("--image_dir") + 1])
+        return 0
+
+    monkeypatch.setattr(train_tilt, "main", fake_main)
+    out = "runs/bench_tilt"
+    for name, _ in bench_tilt.RUNS:
+        _fake_run(f"{out}/{name}-s0", f"{out}/images/{name}-s0")
+    os.makedirs(f"{out}/digits-s1")
+    assert bench_tilt.main(["--seeds", "0", "1", "--write_docs"]) == 0
+    assert len(calls) == 3 and all("--seed" in a and a[a.index("--seed") + 1] == "1"
+                                   for a in calls)
+    assert all("--overwrite" in a for a in calls)
+    text = (docs_tree / "docs" / "tilt.md").read_text()
+    assert "old table" not in text and "| 1 |" in text
+    assert (docs_tree / "images" / "readme" / "tilt_mixture.png").read_bytes() == b"png"
+
+
+def _fake_run(out, image_dir):
+    """A finished train_tilt.py run: summary.json with the table's keys, and its figures."""
+    keys = ["tv_base", "tv_ml_snir", "ess_ml", "tv_ml_langevin", "tv_hackathon_snir",
+            "tv_data_snir", "mix_tv", "mix_tv_tilt_weights", "mix_tv_unbiased_sample",
+            "time_total_s"]
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(image_dir, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump({k: 0.1 for k in keys}, fh)
+    for name in ("label_histograms", "latent", "samples", "mixture"):
+        with open(os.path.join(image_dir, f"{name}.png"), "wb") as fh:
+            fh.write(b"png")
