@@ -8,7 +8,7 @@
         while step < n and not run.stop_requested:   # Ctrl-C: stop at an iteration boundary
             ...; run.log.log(row, step)
         if run.stop_requested:
-            run.save(state); return run.interrupted(step)        # exit status 130
+            run.save(state); return run.interrupted(f"at iteration {step}")   # status 130
         if not finite: return run.nonfinite("loss is nan ...")   # exit status 1
         return run.done()                                        # exit status 0
 
@@ -39,13 +39,17 @@ from logger import RunLogger
 DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 
-def parse(parser, argv, script, overridable=None):
+def parse(parser, argv, script, overridable=None, resumable=True):
     """Parse the command line (and --config); for --resume, load and check the checkpoint
     and return the run's saved configuration with the `overridable` flags typed now on top.
+    A script whose runs are short says `resumable=False`: --resume is then refused.
     Returns (args, checkpoint or None)."""
     args = config.parse(parser, argv)
     if not args.resume:
         return args, None
+    if not resumable:
+        config.fail(f"{script} has no --resume (its runs are short); start the run again with "
+                    f"the same --seed")
     if getattr(args, "overwrite", False):
         config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
@@ -72,8 +76,8 @@ class Run:
     found late, an exception) removes the folders it created, and the Ctrl-C handler is
     installed only inside it."""
 
-    def __init__(self, args, script, name_parts, ckpt=None, figures=True):
-        self.args, self.script, self.ckpt = args, script, ckpt
+    def __init__(self, args, script, name_parts, ckpt=None, figures=True, resumable=True):
+        self.args, self.script, self.ckpt, self.resumable = args, script, ckpt, resumable
         self.stop_requested = False
         self._created, self._saved, self._old_handler = [], ckpt is not None, None
         try:
@@ -125,9 +129,10 @@ class Run:
         self._writable(path)
         if os.path.isdir(path) and os.listdir(path):
             if not self.args.overwrite:
-                config.fail(f"{path} already holds files of another run; continue it with "
-                            f"--resume {shlex.quote(path)}, clear it with --overwrite, or "
-                            f"choose another --out_dir/--image_dir")
+                resume = (f"continue it with --resume {shlex.quote(path)}, "
+                          if self.resumable else "")
+                config.fail(f"{path} already holds files of another run; {resume}clear it "
+                            f"with --overwrite, or choose another --out_dir/--image_dir")
             if not _holds_run(path, figures):
                 config.fail(f"--overwrite: {path} does not look like a run's folder (no "
                             f"config.json or checkpoint.pt{'; or files other than images' if figures else ''}); "
@@ -209,8 +214,8 @@ class Run:
         if not self._saved:  # nothing worth keeping: leave no folders behind
             self._remove_created()
         if exc_type is KeyboardInterrupt:
-            where = (f"the last checkpoint is kept; continue with {self.resume_hint()}"
-                     if self._saved else "no checkpoint was written")
+            where = ("no checkpoint was written" if not self._saved else
+                     f"the last checkpoint is kept; {self.resume_hint()}")
             print(f"\nstopped at once: {where}", file=sys.stderr)
             raise SystemExit(INTERRUPTED)
         return False
@@ -225,13 +230,19 @@ class Run:
         self._saved = True
 
     def resume_hint(self):
-        return f"python {self.script} --resume {shlex.quote(self.out_dir)}"
+        """How to go on from the checkpoint: the --resume command, or for a script without
+        resume where the weights are."""
+        if not self.resumable:
+            return (f"the weights trained so far are in {self.checkpoint_path}; {self.script} "
+                    f"has no --resume (its runs are short): start it again with the same flags")
+        return f"continue with\n  python {self.script} --resume {shlex.quote(self.out_dir)}"
 
-    def interrupted(self, step):
-        """After Ctrl-C (the caller has saved): the resume command; exit status 130."""
+    def interrupted(self, where):
+        """After Ctrl-C (the caller has saved): where it stopped ("at iteration 7"), the
+        resume command; exit status 130."""
         self.log.finish()
-        print(f"\ninterrupted at iteration {step}: checkpoint saved; continue with\n"
-              f"  {self.resume_hint()}", file=sys.stderr)
+        print(f"\ninterrupted {where}: checkpoint saved; {self.resume_hint()}",
+              file=sys.stderr)
         return INTERRUPTED
 
     def nonfinite(self, message):

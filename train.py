@@ -397,7 +397,7 @@ def train(args, ckpt, run, device):
     bar.close()
     if run.stop_requested:
         save()
-        return run.interrupted(loop["step"])
+        return run.interrupted(f"at iteration {loop['step']}")
     code = run.done({**metrics, "steps": loop["step"], "cpu_s": loop["cpu_s"]}
                     if metrics else None)
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "

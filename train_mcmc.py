@@ -444,7 +444,7 @@ def train(args, ckpt, run, device, data, F):
             save()
     if run.stop_requested and step < args.n_iter:
         save()
-        return run.interrupted(step)
+        return run.interrupted(f"at iteration {step}")
     if image:
         print(f"wrote {make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
     code = run.done({"status": "done", "step": step, **metrics})

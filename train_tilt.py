@@ -120,16 +120,8 @@ def build_parser():
     return p
 
 
-def check_args(args, ckpt):
+def check_args(args):
     """Every refusal of bad input, before any work (one line, exit status 2)."""
-    if ckpt is not None:
-        config.fail("--resume is not supported by train_tilt.py (a run takes under two "
-                    "minutes); start it again with the same --seed")
-    out = args.out_dir
-    if out and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        # the scaffold's own message would suggest --resume, which this script refuses
-        config.fail(f"{out} already holds files of another run; clear it with --overwrite or "
-                    f"choose another --out_dir")
     if args.pool < args.n_samples:
         config.fail(f"--pool ({args.pool}) must be at least --n_samples ({args.n_samples})")
     if args.data == "mnist" and args.experiment == "digits":
@@ -453,12 +445,13 @@ def load_tilt_run(run_dir, device="cpu"):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train_tilt.py")
-    check_args(args, ckpt)
+    args, _ = scaffold.parse(build_parser(), argv, "train_tilt.py", resumable=False)
+    check_args(args)
     config.apply_threads(args)
     device = scaffold.device(args)
     data = prepare_digits(args) if args.experiment == "digits" else None
-    with scaffold.Run(args, "train_tilt.py", ("tilt", args.experiment, f"s{args.seed}")) as run:
+    with scaffold.Run(args, "train_tilt.py", ("tilt", args.experiment, f"s{args.seed}"),
+                      resumable=False) as run:
         return train(args, run, device, data)
 
 
@@ -483,11 +476,7 @@ def train(args, run, device, data):
     except Interrupted as e:
         state["stage"] = f"interrupted {e}"
         save()
-        run.log.finish()
-        print(f"\ninterrupted {e}: the weights trained so far are in {run.checkpoint_path}; "
-              f"train_tilt.py has no --resume (a run takes under two minutes), start it again "
-              f"with the same flags", file=sys.stderr)
-        return scaffold.INTERRUPTED
+        return run.interrupted(e)
     run.log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, log.step)
     print(f"done in {summary['time_total_s']:.1f} s: {args.out_dir} (summary.json), "
           f"figures in {args.image_dir}")

@@ -265,7 +265,7 @@ def train(args, ckpt, run, model, names):
                 file=sys.stderr, flush=True)
     if run.stop_requested:
         save()
-        return run.interrupted(step)
+        return run.interrupted(f"at step {step}")
 
     # -- final evaluation, figures, summary --
     res = evaluate(model, names, args.final_samples, seed=1)

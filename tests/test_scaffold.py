@@ -128,7 +128,7 @@ def test_printed_hints_paste_into_a_shell(here, capsys):
     args = args_for(out_dir="my runs/run one", image_dir="my images/run one")
     with scaffold.Run(args, "x.py", ("x",)) as run:
         run.save({"step": 1})
-        assert run.interrupted(1) == scaffold.INTERRUPTED
+        assert run.interrupted("at iteration 1") == scaffold.INTERRUPTED
     line = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln][0]
     assert shlex.split(line)[-1] == "my runs/run one"
     assert shlex.split(scaffold.gif_hint("my images/run one"))[-1] == "my images/run one"
