@@ -7,14 +7,17 @@
 
 Figures have a fixed size (no tight bounding box), so frames of a gif line up.
 """
+import glob
 import math
 import os
+import re
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402  (Pillow comes with matplotlib)
 
 import datasets  # noqa: E402
 from util import on_grid  # noqa: E402
@@ -144,3 +147,25 @@ def training_curves(path, runs, title=None):
     if any(ax.get_legend_handles_labels()[0] for ax in axes[:1]):
         axes[0].legend(fontsize=7)
     return _save(fig, path, title)
+
+
+# ----------------------------------------------------------------------------- gifs
+def frame_number(path):
+    """The last integer in the file name (the epoch), or -1 when there is none."""
+    nums = re.findall(r"\d+", os.path.basename(path))
+    return int(nums[-1]) if nums else -1
+
+
+def make_gif(folder, out=None, fps=5):
+    """Write the gif and return its path; raises FileNotFoundError when no PNG is found."""
+    frames = sorted(glob.glob(os.path.join(folder, "*.png")), key=lambda p: (frame_number(p), p))
+    if not frames:
+        raise FileNotFoundError(f"no .png frames in {folder!r}; run a training script first "
+                                f"or pass the folder that holds its figures")
+    out = out or os.path.normpath(folder) + ".gif"
+    images = [Image.open(p).convert("RGB") for p in frames]
+    size = images[0].size
+    images = [im if im.size == size else im.resize(size) for im in images]
+    images[0].save(out, save_all=True, append_images=images[1:],
+                   duration=int(1000 / fps), loop=0)
+    return out

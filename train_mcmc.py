@@ -47,6 +47,7 @@ import config
 import datasets
 import diagnostics
 import mcmc_images
+import plots
 import scaffold
 import util
 from ebm import ACTIVATIONS, EBM
@@ -255,17 +256,6 @@ def scaled_ebm(F, scale):
     return U.eval()
 
 
-def make_gif(folder, fps=4):
-    """images/create_gif.py's make_gif (images/ is not a package)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images", "create_gif.py")
-    spec = importlib.util.spec_from_file_location("create_gif", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_gif(folder, fps=fps)
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args, ckpt = scaffold.parse(build_parser(), argv, "train_mcmc.py", RESUME_OVERRIDES)
@@ -446,7 +436,7 @@ def train(args, ckpt, run, device, data, F):
         save()
         return run.interrupted(f"at iteration {step}")
     if image:
-        print(f"wrote {make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
+        print(f"wrote {plots.make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
     code = run.done({"status": "done", "step": step, **metrics})
     print(f"done: {args.out_dir} (figures: {args.image_dir})")
     return code

@@ -147,18 +147,6 @@ def save_frame(path, x, names, step, res):
     return plots.save_panels(path, panels, title=f"step {step}", size=2.4)
 
 
-def make_gif(frame_dir, out):
-    """The core's images/create_gif.py (frames sorted by the number in their names)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "create_gif", os.path.join(os.path.dirname(os.path.abspath(__file__)), "images",
-                                   "create_gif.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_gif(frame_dir, out, fps=4)
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args, ckpt = scaffold.parse(build_parser(), argv, "train_vi.py", RESUME_OVERRIDES)
@@ -280,7 +268,8 @@ def train(args, ckpt, run, model, names):
     final = plots.save_panels(os.path.join(img_dir, "final.png"), panels, rows=2)
     log.log_image("final", final, step)
     if args.frames:
-        make_gif(os.path.join(img_dir, "frames"), os.path.join(img_dir, "training.gif"))
+        plots.make_gif(os.path.join(img_dir, "frames"), os.path.join(img_dir, "training.gif"),
+                       fps=4)
     for n, r in res.items():
         modes = (f", mass left/right {r['mass_left']:.3f}/{r['mass_right']:.3f}"
                  if "mass_left" in r else "")

@@ -6,36 +6,12 @@
 Frames are the PNGs in the folder, ordered by the number in their names (epoch_0002 before
 epoch_0010, whatever the padding), converted to RGB at a fixed size.
 """
-import glob
 import os
-import re
 import sys
-
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402  (the repository root's one-line argument errors)
-
-
-def frame_number(path):
-    """The last integer in the file name (the epoch), or -1 when there is none."""
-    nums = re.findall(r"\d+", os.path.basename(path))
-    return int(nums[-1]) if nums else -1
-
-
-def make_gif(folder, out=None, fps=5):
-    """Write the gif and return its path; raises FileNotFoundError when no PNG is found."""
-    frames = sorted(glob.glob(os.path.join(folder, "*.png")), key=lambda p: (frame_number(p), p))
-    if not frames:
-        raise FileNotFoundError(f"no .png frames in {folder!r}; run a training script first "
-                                f"or pass the folder that holds its figures")
-    out = out or os.path.normpath(folder) + ".gif"
-    images = [Image.open(p).convert("RGB") for p in frames]
-    size = images[0].size
-    images = [im if im.size == size else im.resize(size) for im in images]
-    images[0].save(out, save_all=True, append_images=images[1:],
-                   duration=int(1000 / fps), loop=0)
-    return out
+from plots import frame_number, make_gif  # noqa: E402,F401  (one home: plots.py)
 
 
 def build_parser():

@@ -16,6 +16,7 @@ import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING = ["train.py", "train_mcmc.py", "train_vi.py", "train_tilt.py"]
+RESUMABLE = ["train.py", "train_mcmc.py", "train_vi.py"]  # train_tilt's runs are short
 SHARED = TRAINING + ["sample_mcmc.py"]  # the flags of config.parser
 ENTRY = SHARED + ["bench.py", "bench_mcmc.py", "bench_mcmc_images.py", "bench_vi.py",
                   "bench_tilt.py", "gather.py", "curves.py", "images/create_gif.py"]
@@ -171,7 +172,7 @@ def _checkpoint(path, **extra):
     return path
 
 
-@pytest.mark.parametrize("script", TRAINING + ["sample_mcmc.py"])
+@pytest.mark.parametrize("script", RESUMABLE + ["sample_mcmc.py"])
 def test_bad_checkpoints(script, clean_cwd, capsys):
     flag = "--run" if script == "sample_mcmc.py" else "--resume"
     inputs = clean_cwd / "inputs"
@@ -191,6 +192,11 @@ def test_bad_checkpoints(script, clean_cwd, capsys):
     _checkpoint(str(inputs / "foreign" / "checkpoint.pt"))
     fails(script, [flag, str(inputs / "foreign")], capsys, "other.py")
     fails(script, [flag, str(inputs / "nowhere")], capsys, "no checkpoint")
+
+
+def test_scripts_without_resume_refuse_it(clean_cwd, capsys):
+    for script in sorted(set(TRAINING) - set(RESUMABLE)):
+        fails(script, ["--resume", str(clean_cwd)], capsys, "has no --resume")
 
 
 # ----------------------------------------------------------------------------- folders

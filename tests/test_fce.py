@@ -178,13 +178,6 @@ def test_bench_grid_runs_skips_finished_runs_and_reports(tmp_path, capsys):
     assert os.path.getmtime(root / "nce-8gaussians-s0" / "summary.json") == stamp
 
 
-def test_bench_report_without_runs_writes_nothing(tmp_path, capsys):
-    assert bench.main(["--only", "report", "--root", str(tmp_path / "empty"),
-                       "--out", str(tmp_path / "out")]) == 0
-    assert not os.path.exists(tmp_path / "out")
-    assert "nothing written" in capsys.readouterr().err
-
-
 def test_nan_at_the_first_iteration_leaves_a_loadable_initial_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "fce_step", lambda *a, **kw: (torch.tensor(math.nan), 0.5, None))
     code, out = run(tmp_path, "--epoch", "2")
