@@ -9,7 +9,8 @@ Grid: each run is the real `train.py` in its own process (one thread, wandb off)
 estimator's flags on top of train.py's defaults, `--budget` CPU-seconds of training (each
 estimator runs as many iterations as fit) and one exact evaluation at the end. Runs live in
 `<root>/<label>-<dataset>-s<seed>/`; a finished run (summary.json) is kept and skipped, an
-unfinished one is started again, so an interrupted benchmark resumes where it stopped.
+interrupted one resumes from its checkpoint (scaffold.run_script), so a benchmark stopped by
+Ctrl-C continues where it stopped when the same command runs again.
 The table (mean ± sd over seeds, via gather.py) and a figure grid (rows: datasets; columns:
 data and each estimator's density, the EBM's or, for mle, the flow's) are written to --out.
 
@@ -19,14 +20,13 @@ NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when abse
 """
 import os
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import config
 import datasets
 import gather
+import scaffold
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ESTIMATORS = {  # label: train.py flags on top of its defaults
@@ -47,24 +47,18 @@ def run_dir(root, label, dataset, seed):
 
 
 def run_one(root, label, dataset, seed, budget, extra=()):
-    """One train.py run in a subprocess; returns (run folder, exit code). Skips finished runs;
-    an unfinished one starts over (--overwrite). Its output goes to <run folder>.log."""
+    """One train.py run in its own process (scaffold.run_script: finished runs are kept, an
+    interrupted one resumes); returns (run folder, exit code). Output in <run folder>.log."""
     out = run_dir(root, label, dataset, seed)
-    if os.path.isfile(os.path.join(out, "summary.json")):
-        return out, 0
     os.makedirs(root, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *ESTIMATORS[label],
-           "--dataset", dataset, "--seed", str(seed), "--budget", str(budget),
-           "--epoch", "100000", "--eval_every", "100000", "--plot_every", "100000",
-           "--wandb", "disabled", "--threads", "1", "--out_dir", out, "--overwrite",
-           "--image_dir", os.path.join(out, "images"), *extra]
-    env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
-    with open(f"{out}.log", "w") as fh:
-        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    return out, code
+    argv = [*ESTIMATORS[label], "--dataset", dataset, "--seed", str(seed), "--budget",
+            str(budget), "--epoch", "100000", "--eval_every", "100000", "--plot_every",
+            "100000", "--image_dir", os.path.join(out, "images"), *extra]
+    return out, scaffold.run_script("train.py", out, argv, log=f"{out}.log")
 
 
 def run_grid(args):
+    """Every run of the grid, --jobs at a time; returns the number that failed."""
     # seed by seed, so that an interrupted benchmark holds whole seeds
     jobs = [(lab, ds, s) for s in args.seeds for ds in args.datasets for lab in args.estimators]
     print(f"{len(jobs)} runs of {args.budget:g} CPU-s in {args.root} ({args.jobs} at a time)",
@@ -77,9 +71,7 @@ def run_grid(args):
               flush=True)
         return code
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        codes = list(pool.map(one, jobs))
-    return sum(c != 0 for c in codes)
+    return sum(c != 0 for c in scaffold.run_many(one, jobs, args.jobs))
 
 
 def gallery(agg, root, seed, path):
@@ -247,7 +239,10 @@ def main(argv=None):
         config.fail(f"--root {args.root} does not exist; pass the folder of the runs")
     failed = 0
     if args.only in (None, "grid"):
-        failed = run_grid(args)
+        try:
+            failed = run_grid(args)
+        except scaffold.Stopped:
+            return scaffold.stopped("bench.py")
     if args.only in (None, "grid", "report") and report(args) is None:
         failed += 1
     if args.only in (None, "flows"):

@@ -22,16 +22,15 @@ non-convergent (right) runs side by side, and their diagnostics stacked (converg
 copied from runs/<name>/{landscape,diagnostics}.png into images/readme/mcmc_<dataset>_*.png
 (--figure_dir); a dataset whose two runs are not both finished is skipped.
 """
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 import config
+import scaffold
 from ebm import EBM
 from logger import read_metrics
 from samplers import Energy, langevin
@@ -96,31 +95,13 @@ def speed(L=100, batch=100, repeats=30):
     return out
 
 
-def finished(run_dir):
-    """The summary of a finished train_mcmc.py run, else None."""
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        s = json.load(fh)
-    return s if s.get("status") == "done" else None
-
-
 def train(run_dir, cfg):
-    """Train one config into run_dir in its own process (one thread, wandb off): resume an
-    interrupted run, start anything else that is not finished again. Returns the exit status."""
-    if finished(run_dir):
-        return 0
-    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        cmd = ["--resume", run_dir]
-    else:
-        cmd = ["--config", cfg, "--out_dir", run_dir, "--overwrite"]
-    cmd = [sys.executable, os.path.join(ROOT, "train_mcmc.py"), *cmd, "--threads", "1",
-           "--wandb", "disabled"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    code = subprocess.run(cmd).returncode
+    """Train one config into run_dir (scaffold.run_script: a finished run is kept, an
+    interrupted one resumed, anything else started afresh). Returns the exit status."""
+    print(f"$ train_mcmc.py --config {cfg} --out_dir {run_dir}", flush=True)
+    code = scaffold.run_script("train_mcmc.py", run_dir, ["--config", cfg])
     if code != 0:
-        print(f"bench_mcmc.py: {' '.join(cmd[1:])} failed (exit {code}); rerun to continue",
+        print(f"bench_mcmc.py: the run in {run_dir} failed (exit {code}); rerun to continue",
               file=sys.stderr)
     return code
 
@@ -135,7 +116,7 @@ def results(runs_dir, train_first):
         run_dir = os.path.join(runs_dir, name)
         if train_first:
             train(run_dir, cfg)
-        s = finished(run_dir)
+        s = scaffold.finished(run_dir)
         if s is None:
             rows.append((name, os.path.relpath(cfg, ROOT)))
             continue
@@ -186,7 +167,7 @@ def figures(runs_dir, out_dir):
     written = 0
     for ds in dict(RUNS):
         dirs = [os.path.join(runs_dir, f"mcmc-{ds}-{r}") for r in ("convergent", "nonconvergent")]
-        unfinished = [d for d in dirs if not finished(d)]
+        unfinished = [d for d in dirs if not scaffold.finished(d)]
         if unfinished:
             print(f"skipping the mcmc_{ds}_* figures: {', '.join(unfinished)} not finished")
             continue
@@ -228,7 +209,11 @@ def main(argv=None):
         speed(repeats=args.repeats)
     if args.speed_only:
         return 0
-    if results(args.runs_dir, args.train) == 0:
+    try:
+        n_finished = results(args.runs_dir, args.train)
+    except scaffold.Stopped:
+        return scaffold.stopped("bench_mcmc.py")
+    if n_finished == 0:
         print(f"bench_mcmc.py: no finished runs under {args.runs_dir}: nothing written; "
               f"train them with --train", file=sys.stderr)
         return 1

@@ -416,9 +416,10 @@ def test_bench_trains_only_unfinished_runs(tmp_path, monkeypatch):
     import subprocess
 
     import bench_mcmc
+    import scaffold
 
     calls = []
-    monkeypatch.setattr(bench_mcmc.subprocess, "run",
+    monkeypatch.setattr(scaffold.subprocess, "run",
                         lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     done, stopped, empty = (str(tmp_path / n) for n in ("done", "stopped", "empty"))
     os.makedirs(done)
