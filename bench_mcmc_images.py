@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import statistics
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ import time
 import torch
 
 import config
+import scaffold
 from mcmc_images import ConvEBM
 from samplers import ConvEnergy, langevin
 
@@ -111,36 +113,33 @@ def image_dir(out):
     return os.path.join("images", os.path.basename(os.path.normpath(out)))
 
 
-def finished(path):
-    s = os.path.join(path, "summary.json")
-    if not os.path.isfile(s):
-        return False
-    with open(s) as fh:
-        return json.load(fh).get("status") == "done"
-
-
 def call(args):
-    """Run a script of this project in its own process (one thread, wandb off)."""
+    """Run a script of this project in its own process (one thread); Ctrl-C raises
+    scaffold.Stopped, a failure stops the benchmark with one line."""
     cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:], "--threads", "1"]
     print("$ " + " ".join(cmd[1:]), flush=True)
-    res = subprocess.run(cmd)
-    if res.returncode != 0:
+    try:
+        code = subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        raise scaffold.Stopped() from None
+    if code in (scaffold.INTERRUPTED, -signal.SIGINT):
+        raise scaffold.Stopped()
+    if code != 0:
         raise SystemExit(f"bench_mcmc_images.py: {' '.join(cmd[1:])} failed "
-                         f"(exit {res.returncode}); rerun to continue from where it stopped")
+                         f"(exit {code}); rerun to continue from where it stopped")
 
 
 def train(regime, seed, runs_dir):
-    """Train (or resume) one run unless it is finished; returns its folder."""
+    """Train one run (scaffold.run_script: finished kept, interrupted resumed, anything else
+    started afresh); returns its folder."""
     out = run_dir(runs_dir, regime, seed)
-    if finished(out):
-        return out
-    if os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        call(["train_mcmc.py", "--resume", out, "--wandb", "disabled"])
-    else:
-        call(["train_mcmc.py", "--config", os.path.join(ROOT, "configs",
-                                                        f"mcmc_digits_{regime}.json"),
-              "--seed", str(seed), "--out_dir", out, "--image_dir", image_dir(out),
-              "--overwrite", "--wandb", "disabled"])
+    cfg = os.path.join(ROOT, "configs", f"mcmc_digits_{regime}.json")
+    print(f"$ train_mcmc.py --config {cfg} --seed {seed} --out_dir {out}", flush=True)
+    code = scaffold.run_script("train_mcmc.py", out, ["--config", cfg, "--seed", str(seed),
+                                                      "--image_dir", image_dir(out)])
+    if code != 0:
+        raise SystemExit(f"bench_mcmc_images.py: the run in {out} failed (exit {code}); "
+                         f"rerun to continue from where it stopped")
     return out
 
 
@@ -248,6 +247,25 @@ def build_parser():
     return p
 
 
+def runs(args):
+    """Train (unless --no_train) and sample every regime and seed; the finished ones."""
+    results = []
+    for seed in args.seeds:
+        for regime, init in REGIMES.items():
+            if args.no_train:
+                out = run_dir(args.runs_dir, regime, seed)
+                rec = long_run_record(out, init, args.steps, args.n, seed) \
+                    if scaffold.finished(out) else None
+                if rec is None:
+                    continue
+            else:
+                out = train(regime, seed, args.runs_dir)
+                rec = long_run(out, init, args.steps, args.n, seed)
+            results.append({"regime": regime, "seed": seed, "out": out, "eval": last_eval(out),
+                            "long": rec})
+    return results
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.speed_only and (args.no_speed or args.no_train or args.figures):
@@ -259,20 +277,10 @@ def main(argv=None):
         speed()
     if args.speed_only:
         return 0
-    results = []
-    for seed in args.seeds:
-        for regime, init in REGIMES.items():
-            if args.no_train:
-                out = run_dir(args.runs_dir, regime, seed)
-                rec = long_run_record(out, init, args.steps, args.n, seed) \
-                    if finished(out) else None
-                if rec is None:
-                    continue
-            else:
-                out = train(regime, seed, args.runs_dir)
-                rec = long_run(out, init, args.steps, args.n, seed)
-            results.append({"regime": regime, "seed": seed, "out": out, "eval": last_eval(out),
-                            "long": rec})
+    try:
+        results = runs(args)
+    except scaffold.Stopped:
+        return scaffold.stopped("bench_mcmc_images.py")
     if not results:
         print(f"bench_mcmc_images.py: no finished runs with long runs of --steps {args.steps} "
               f"--n {args.n} under {args.runs_dir}: nothing written", file=sys.stderr)

@@ -14,21 +14,19 @@ points (the default, exactly 30/40/30) and, for comparison, i.i.d. ones (`--mix_
 The time of a seed is the digits and default mixture runs' own time (time_total_s).
 
 A run that finished (its summary.json exists) is kept and skipped; an unfinished one is
-started again (train_tilt.py --overwrite). The table holds the seeds whose three runs
-finished; docs/tilt.md and images/readme/ are written only when every seed finished, and
+started again (train_tilt.py --overwrite), each in its own process. The table holds the
+seeds whose three runs finished; docs/tilt.md and images/readme/ are written only when every seed finished, and
 without any finished seed nothing is written (exit status 1).
 """
-import contextlib
 import json
 import os
 import shutil
 import sys
 
 import numpy as np
-import torch
 
 import config
-import train_tilt
+import scaffold
 
 START, END = "<!-- bench_tilt:start -->", "<!-- bench_tilt:end -->"
 DOCS = os.path.join("docs", "tilt.md")
@@ -40,33 +38,22 @@ FIGURES = (("digits", ("label_histograms", "latent", "samples")), ("mixture", ("
 
 
 def _summary(out, name, seed):
-    path = os.path.join(out, f"{name}-s{seed}", "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+    return scaffold.finished(os.path.join(out, f"{name}-s{seed}"))
 
 
 def train_seed(seed, out):
-    """The three runs of one seed; a finished run is kept, an unfinished folder is started
-    again with --overwrite. Returns False when a run did not finish (its log says why)."""
+    """The three runs of one seed (scaffold.run_script: a finished run is kept, anything else
+    is started afresh; train_tilt.py has no resume). Returns False when a run did not finish
+    (its log, <run folder>.log, says why); raises scaffold.Stopped after Ctrl-C."""
     ok = True
     for name, flags in RUNS:
-        if _summary(out, name, seed) is not None:
-            print(f"{out}/{name}-s{seed}: finished, kept", file=sys.stderr)
-            continue
         run = f"{out}/{name}-s{seed}"
-        log = f"{run}.log"
-        argv = ["--seed", str(seed), "--wandb", "disabled", "--threads", "1", *flags,
-                "--out_dir", run, "--image_dir", f"{out}/images/{name}-s{seed}", "--overwrite"]
-        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-            try:
-                code = train_tilt.main(argv)
-            except SystemExit as e:
-                code = e.code
+        argv = ["--seed", str(seed), *flags, "--image_dir", f"{out}/images/{name}-s{seed}"]
+        code = scaffold.run_script("train_tilt.py", run, argv, log=f"{run}.log",
+                                   resumable=False)
         if code != 0:
             print(f"seed {seed}: train_tilt.py {' '.join(flags)} exited with status {code}; "
-                  f"see {log}", file=sys.stderr)
+                  f"see {run}.log", file=sys.stderr)
             ok = False
     return ok
 
@@ -179,10 +166,12 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
             config.fail(f"cannot create {args.out} ({e.strerror}); choose a writable --out")
-        torch.set_num_threads(1)
-        for seed in args.seeds:
-            train_seed(seed, args.out)
-            print(f"seed {seed}: done", flush=True)
+        try:
+            for seed in args.seeds:
+                train_seed(seed, args.out)
+                print(f"seed {seed}: done", flush=True)
+        except scaffold.Stopped:
+            return scaffold.stopped("bench_tilt.py")
     rows = [r for r in (collect(seed, args.out) for seed in args.seeds) if r is not None]
     missing = [s for s in args.seeds if s not in {r["seed"] for r in rows}]
     if not rows:

@@ -393,9 +393,9 @@ def test_bench_report_without_finished_runs_writes_nothing(docs_tree, capsys):
 
 def test_bench_checks_the_docs_block_before_training(docs_tree, monkeypatch, capsys):
     import bench_tilt
-    import train_tilt
+    import scaffold
 
-    monkeypatch.setattr(train_tilt, "main", lambda argv: pytest.fail("trained"))
+    monkeypatch.setattr(scaffold.subprocess, "run", lambda *a, **kw: pytest.fail("trained"))
     (docs_tree / "docs" / "tilt.md").write_text("# tilt, no table block\n")
     with pytest.raises(SystemExit) as e:
         bench_tilt.main(["--write_docs"])
@@ -408,17 +408,20 @@ def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(docs_tree, monke
     """Seed 0 finished earlier (kept, not trained again); seed 1's digits folder is unfinished
     (trained again with --overwrite); the docs block and the figures are written only when
     every seed finished."""
+    import subprocess
+
     import bench_tilt
-    import train_tilt
+    import scaffold
 
     calls = []
 
-    def fake_main(argv):
+    def fake_run(cmd, **kw):
+        argv = cmd[2:]
         calls.append(argv)
         _fake_run(argv[argv.index("--out_dir") + 1], argv[argv.index("--image_dir") + 1])
-        return 0
+        return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(train_tilt, "main", fake_main)
+    monkeypatch.setattr(scaffold.subprocess, "run", fake_run)
     out = "runs/bench_tilt"
     for name, _ in bench_tilt.RUNS:
         _fake_run(f"{out}/{name}-s0", f"{out}/images/{name}-s0")
