@@ -19,24 +19,24 @@ and table files, so such runs never overwrite the default ones, e.g.
     python bench_vi.py --runs planar:32 --extra="--lr=3e-3" --tag lr3e-3 --seed 42 0 1 \
         --jobs 2 --no-speed --no-figures
 
-A run that finished (its summary.json exists) is kept and skipped; an unfinished one is started
-again (train_vi.py --overwrite), so an interrupted benchmark continues where it stopped. The
+A run that finished (its summary.json exists) is kept and skipped, an interrupted one resumes
+from its checkpoint and anything else starts again (scaffold.run_script), so an interrupted
+benchmark continues where it stopped. The
 table and figures come from finished runs only; with none, nothing is written (exit status 1)
 and the published figures in images/readme/ stay as they are.
 """
-import contextlib
 import json
 import os
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 import config
 import flows
 import plots
+import scaffold
 import targets
 import util
 
@@ -107,38 +107,27 @@ def _run_dir(flow, K, seed=DEFAULT_SEED, target="all", tag=""):
     return os.path.join("runs", _run_name(flow, K, seed, target, tag))
 
 
-def _train_argv(flow, K, target, seed, steps, extra, out):
+def _train_argv(flow, K, target, seed, steps, extra):
     return [f"--target={target}", f"--flow={flow}", f"--K={K}", f"--steps={steps}",
-            f"--seed={seed}", "--wandb=disabled", "--no-frames", f"--out_dir={out}", *extra]
+            f"--seed={seed}", "--no-frames", *extra]
 
 
 def _train(job):
-    """One train_vi run (U1-U4, or one target with --split) in a worker process; returns its
-    summary.json, or None when it did not finish. A finished run is kept and skipped; an
-    unfinished folder is started again with --overwrite."""
+    """One train_vi run (U1-U4, or one target with --split) in its own process
+    (scaffold.run_script: a finished run is kept, an interrupted one resumed, anything else
+    started afresh); returns its summary.json, or None when it did not finish."""
     flow, K, target, seed, steps, extra, tag = job
-    import train_vi
-
-    torch.set_num_threads(1)
     out = _run_dir(flow, K, seed, target, tag)
-    summary = os.path.join(out, "summary.json")
-    code = 0
-    if os.path.isfile(summary):
+    log = os.path.join(OUT, _run_name(flow, K, seed, target, tag)[len("bench_vi-"):] + ".log")
+    if scaffold.finished(out):
         print(f"{out}: finished, kept", file=sys.stderr)
-    else:
-        log = os.path.join(OUT, _run_name(flow, K, seed, target, tag)[len("bench_vi-"):] + ".log")
-        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-            try:
-                code = train_vi.main(_train_argv(flow, K, target, seed, steps, extra, out)
-                                     + ["--overwrite"])
-            except SystemExit as e:  # bad input: the one-line error is in the log
-                code = e.code
-        if code != 0:
-            print(f"{out}: train_vi.py exited with status {code}; see {log}", file=sys.stderr)
-    if not os.path.isfile(summary):
-        return None
-    with open(summary) as fh:
-        return {"flow": flow, "K": K, "seed": seed, "status": code, **json.load(fh)}
+    code = scaffold.run_script("train_vi.py", out,
+                               _train_argv(flow, K, target, seed, steps, extra), log=log)
+    if code != 0:
+        print(f"{out}: train_vi.py exited with status {code}; see {log}", file=sys.stderr)
+    summary = scaffold.finished(out)
+    return None if summary is None else {"flow": flow, "K": K, "seed": seed, "status": code,
+                                         **summary}
 
 
 def merge(results):
@@ -264,8 +253,7 @@ def check_extra(extra):
     if own:
         config.fail(f"--extra sets {', '.join('--' + f for f in sorted(own))}, which the "
                     f"benchmark sets itself; use its own flags (--runs, --steps, --seed)")
-    config.parse(train_vi.build_parser(), _train_argv("planar", 2, "U1", DEFAULT_SEED, 1, words,
-                                                      "unused"))
+    config.parse(train_vi.build_parser(), _train_argv("planar", 2, "U1", DEFAULT_SEED, 1, words))
     return words
 
 
@@ -298,8 +286,10 @@ def main(argv=None):
         return 0
     os.makedirs(OUT, exist_ok=True)
     jobs = _jobs(runs, args.split, args.seed, args.steps, extra, args.tag)
-    with ProcessPoolExecutor(args.jobs) as ex:
-        done = [r for r in ex.map(_train, jobs) if r is not None]
+    try:
+        done = [r for r in scaffold.run_many(_train, jobs, args.jobs) if r is not None]
+    except scaffold.Stopped:
+        return scaffold.stopped("bench_vi.py")
     results = [r for r in merge(done) if all(f"{n}/kl" in r for n in NAMES)]
     code = report(results, args.figures, tag, args.tag)
     return 1 if len(done) < len(jobs) else code

@@ -378,18 +378,22 @@ def test_bench_bad_input_is_one_line(argv, needle, in_tmp, capsys):
 def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(in_tmp, monkeypatch):
     """A finished run (summary.json) is not trained again; an unfinished folder is trained
     with --overwrite (never a refusal that loses the benchmark's time)."""
+    import subprocess
+
     import bench_vi
+    import scaffold
 
     calls = []
 
-    def fake_main(argv):
-        calls.append(argv)
-        out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
+    def fake_run(cmd, **kw):
+        calls.append(cmd[2:])
+        out = cmd[cmd.index("--out_dir") + 1]
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump({f"{n}/kl": 0.1 for n in targets.NAMES}, fh)
-        return 0
+        return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(train_vi, "main", fake_main)
+    monkeypatch.setattr(scaffold.subprocess, "run", fake_run)
     os.makedirs(bench_vi.OUT)
     done = in_tmp / "runs" / "bench_vi-planar-K2"
     os.makedirs(done)
