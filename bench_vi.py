@@ -21,8 +21,7 @@ and table files, so such runs never overwrite the default ones, e.g.
 
 A run that finished (its summary.json exists) is kept and skipped, an interrupted one resumes
 from its checkpoint and anything else starts again (scaffold.run_script), so an interrupted
-benchmark continues where it stopped. The
-table and figures come from finished runs only; with none, nothing is written (exit status 1)
+benchmark continues where it stopped. The table and figures come from finished runs only; with none, nothing is written (exit status 1)
 and the published figures in images/readme/ stay as they are.
 """
 import json

@@ -302,7 +302,7 @@ def run_script(script, run_dir, argv, log=None, resumable=True):
                  "--wandb", "disabled"]
     cmd = [sys.executable, os.path.join(ROOT, script), *flags]
     env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
-    out = open(log, "w") if log else None
+    out = open(log, "a") if log else None
     try:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
                               env=env).returncode
