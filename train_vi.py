@@ -97,6 +97,12 @@ def check_args(args, argv):
                     f"{'/'.join(HIDDEN_FLOWS)} have networks); drop it")
     if "anneal_steps" in given and not args.anneal:
         config.fail("--anneal_steps has no effect with --no-anneal; drop one of them")
+    # float32 points per target: a batch keeps K + 1 layers' activations for the backward pass
+    T, point = len(parse_targets(args.target)), 2 * 4
+    config.check_memory({"--batch": args.batch * T * point * (args.K + 1),
+                         "--eval_samples": args.eval_samples * T * 2 * point,
+                         "--final_samples": min(args.final_samples, 50000) * T * 2 * point
+                         + args.final_samples * T * (point + 8)})
 
 
 def beta_at(step, cfg):

@@ -199,6 +199,15 @@ def test_scripts_without_resume_refuse_it(clean_cwd, capsys):
         fails(script, ["--resume", str(clean_cwd)], capsys, "has no --resume")
 
 
+SIZE_FLAGS = {"train.py": "--samples", "train_mcmc.py": "--n_train", "train_vi.py": "--batch",
+              "train_tilt.py": "--pool"}
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_sizes_that_cannot_fit_in_memory(script, clean_cwd, capsys):
+    fails(script, [SIZE_FLAGS[script], str(10 ** 13)], capsys, "memory")
+
+
 # ----------------------------------------------------------------------------- folders
 @pytest.mark.parametrize("script", TRAINING)
 def test_unwritable_output_folder(script, clean_cwd, capsys):
