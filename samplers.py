@@ -396,9 +396,9 @@ class ConvEnergy(Energy):
             return False
         if self._checked is None:
             w = self.layers[0].weight
-            with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-                torch.manual_seed(0)
-                x = 2 * torch.rand(2, math.prod(self.f.shape), dtype=w.dtype, device=w.device) - 1
+            g0 = torch.Generator().manual_seed(0)  # its own stream: no global RNG is touched
+            x = (2 * torch.rand(2, math.prod(self.f.shape), generator=g0) - 1).to(w.device,
+                                                                                    w.dtype)
             dtype, self.dtype = self.dtype, None  # the check is in full precision
             try:
                 with torch.no_grad():
