@@ -23,8 +23,12 @@ The conventions, the same for every script:
 - checkpoints are written atomically and carry the script's name, the resolved config, every
   RNG state and the wandb run id; Ctrl-C sets a flag that the loop reads between iterations
   (a second Ctrl-C stops at once, keeping the last checkpoint).
-- exit status: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad input,
-  130 interrupted.
+- exit status: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad input
+  (`config.fail`), 130 interrupted.
+
+Benchmarks run training scripts through `run_script` (a finished run is kept, an interrupted
+one resumed, anything else started afresh, each in its own process) and `run_many` (several
+at a time; after Ctrl-C no new run starts).
 """
 import json
 import os
