@@ -41,7 +41,7 @@ from logger import read_metrics
 
 # keys a resumed run may change; everything else comes from the checkpoint
 RESUME_OVERRIDES = ("epoch", "budget", "eval_every", "plot_every", "log_every", "wandb",
-                    "device", "project", "image_dir")
+                    "device", "project", "image_dir", "threads")
 ESTIMATORS = ("fce", "nce", "mle")
 LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
 DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf"}
