@@ -53,6 +53,8 @@ def parse(parser, argv, script, overridable=None, resumable=True):
     A script whose runs are short says `resumable=False`: --resume is then refused.
     Returns (args, checkpoint or None)."""
     args = config.parse(parser, argv)
+    for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
+        Run._writable(folder)  # before any work: data and models come after parse
     if not args.resume:
         return args, None
     if not resumable:
