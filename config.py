@@ -30,80 +30,29 @@ def fail(message, prog=None):
     sys.exit(2)
 
 
-def positive_int(s):
-    try:
-        v = int(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def nonnegative_int(s):
-    try:
-        v = int(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+def _number(cast, ok, expected):
+    """A flag type: `cast` the text, then require `ok(value)`; errors say `expected`."""
+    def parse(s):
+        try:
+            v = cast(s)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+    parse.expected = expected
+    return parse
 
 
 SEED_MAX = 2 ** 32 - 1  # NumPy's legacy seed range, the narrowest of Python, NumPy and torch
-
-
-def seed(s):
-    """A random seed: an integer in [0, 2**32 - 1]."""
-    try:
-        v = int(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}")
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, {SEED_MAX}], got {s!r}")
-    return v
-
-
-def positive_float(s):
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def nonnegative_float(s):
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    return v
-
-
-def unit_interval(s):
-    """A float in [0, 1]."""
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    return v
-
-
-def open_unit(s):
-    """A float strictly between 0 and 1 (e.g. the FCE accuracy threshold)."""
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
-    return v
+INF = float("inf")
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed = _number(int, lambda v: 0 <= v <= SEED_MAX, f"a seed in [0, {SEED_MAX}]")
+positive_float = _number(float, lambda v: 0 < v < INF, "a positive number")
+nonnegative_float = _number(float, lambda v: 0 <= v < INF, "a number >= 0")
+unit_interval = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+open_unit = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")  # e.g. the threshold
 
 
 def boolean(s):
@@ -251,11 +200,9 @@ def _convert(action, value, source):
 
 
 def _kind(action):
-    names = {int: "an integer", float: "a number", positive_int: "a positive integer",
-             nonnegative_int: "an integer >= 0", seed: "a seed in [0, 2**32 - 1]",
-             positive_float: "a positive number", nonnegative_float: "a number >= 0",
-             unit_interval: "a number in [0, 1]", open_unit: "a number in (0, 1)"}
-    return names.get(action.type, "a string")
+    """What a flag's type expects, in words."""
+    return {int: "an integer", float: "a number"}.get(
+        action.type, getattr(action.type, "expected", "a string"))
 
 
 def load_config_file(path, parser_):
