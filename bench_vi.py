@@ -334,4 +334,4 @@ def report(results, figures=True, tag="", run_tag=""):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.cli(main))

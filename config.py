@@ -15,6 +15,17 @@ import sys
 import time
 
 
+def cli(main):
+    """Run an entry script's `main` and return its exit status; Ctrl-C outside a run's loop
+    (while loading data, sampling, reporting) ends with one line and status 130, not a
+    traceback. Use: `sys.exit(config.cli(main))`."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{os.path.basename(sys.argv[0])}: interrupted\n")
+        return 130
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line on stderr and exit status 2."""
 

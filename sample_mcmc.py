@@ -314,4 +314,4 @@ def join_images(paths, out, horizontal=True, gap=6):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.cli(main))

@@ -418,4 +418,4 @@ def metrics_row(loop, ebm, opt_ebm, opt_flow):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.cli(main))

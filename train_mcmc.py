@@ -443,4 +443,4 @@ def train(args, ckpt, run, device, data, F):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.cli(main))

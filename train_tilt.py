@@ -487,4 +487,4 @@ def train(args, run, device, data):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.cli(main))

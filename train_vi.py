@@ -285,4 +285,4 @@ def train(args, ckpt, run, model, names):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.cli(main))

@@ -167,3 +167,20 @@ def test_a_benchmark_stops_starting_runs_after_ctrl_c(here, monkeypatch):
     code = bench.main(["--only", "grid", "--datasets", "rings", "--seeds", "0",
                        "--root", str(here / "bench")])
     assert code == scaffold.INTERRUPTED and len(started) == 2
+
+
+def test_ctrl_c_outside_a_run_loop_is_one_line_and_status_130(capsys):
+    """config.cli wraps every entry script's main: Ctrl-C while loading, sampling or
+    reporting gives one line, not a traceback."""
+    def main():
+        raise KeyboardInterrupt
+
+    assert config.cli(main) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("interrupted") and "\n" not in err
+    assert config.cli(lambda: 7) == 7
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.test_faults import ENTRY
+
+    for script in ENTRY:
+        assert "sys.exit(config.cli(main))" in open(os.path.join(root, script)).read(), script
