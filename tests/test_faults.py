@@ -238,3 +238,17 @@ def test_bench_report_without_finished_runs_writes_nothing(tmp_path, capsys):
     assert (out / "grid.png").read_bytes() == b"the published figure"
     fails("bench.py", ["--only", "report", "--root", str(tmp_path / "nowhere")], capsys,
           "does not exist")
+
+
+def test_create_gif_faults(clean_cwd, capsys):
+    frames = clean_cwd / "inputs" / "frames"
+    os.makedirs(frames)
+    fails("images/create_gif.py", [str(frames)], capsys, "no .png frames")
+    fails("images/create_gif.py", [str(clean_cwd / "inputs" / "nowhere")], capsys, "not a folder")
+    (frames / "epoch_0001.png").write_bytes(b"not an image")
+    fails("images/create_gif.py", [str(frames)], capsys)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(frames / "epoch_0001.png")
+    fails("images/create_gif.py", [str(frames), "--out", "/proc/no-such/x.gif"], capsys)
+    fails("images/create_gif.py", [str(frames), "--fps", "0"], capsys, "positive")
