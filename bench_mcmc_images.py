@@ -36,8 +36,6 @@ import json
 import os
 import shutil
 import statistics
-import signal
-import subprocess
 import sys
 import time
 
@@ -116,16 +114,11 @@ def image_dir(out):
 def call(args):
     """Run a script of this project in its own process (one thread); Ctrl-C raises
     scaffold.Stopped, a failure stops the benchmark with one line."""
-    cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:], "--threads", "1"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    try:
-        code = subprocess.run(cmd).returncode
-    except KeyboardInterrupt:
-        raise scaffold.Stopped() from None
-    if code in (scaffold.INTERRUPTED, -signal.SIGINT):
-        raise scaffold.Stopped()
+    argv = [os.path.join(ROOT, args[0]), *args[1:], "--threads", "1"]
+    print("$ " + " ".join(argv), flush=True)
+    code = scaffold.run_process(argv)
     if code != 0:
-        raise SystemExit(f"bench_mcmc_images.py: {' '.join(cmd[1:])} failed "
+        raise SystemExit(f"bench_mcmc_images.py: {' '.join(argv)} failed "
                          f"(exit {code}); rerun to continue from where it stopped")
 
 

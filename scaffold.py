@@ -47,10 +47,11 @@ from logger import RunLogger
 DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 
-def parse(parser, argv, script, overridable=None, resumable=True):
+def parse(parser, argv, script, overridable=None, resumable=True, keys=("step", "rng")):
     """Parse the command line (and --config); for --resume, load and check the checkpoint
-    and return the run's saved configuration with the `overridable` flags typed now on top.
-    A script whose runs are short says `resumable=False`: --resume is then refused.
+    (written by `script`, holding the entries `keys` the script reads) and return the run's
+    saved configuration with the `overridable` flags typed now on top. A script whose runs
+    are short says `resumable=False`: --resume is then refused.
     Returns (args, checkpoint or None)."""
     args = config.parse(parser, argv)
     for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
@@ -65,7 +66,7 @@ def parse(parser, argv, script, overridable=None, resumable=True):
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
     try:
-        ckpt = util.load_checkpoint(path, script=script)
+        ckpt = util.load_checkpoint(path, script=script, keys=keys)
     except (FileNotFoundError, util.CheckpointError) as e:
         config.fail(f"--resume: {e}")
     return config.resumed_args(args, ckpt, path, argv, overridable), ckpt
@@ -306,19 +307,25 @@ def run_script(script, run_dir, argv, log=None, resumable=True):
     else:
         flags = [*argv, "--out_dir", run_dir, "--overwrite", "--threads", "1",
                  "--wandb", "disabled"]
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags]
+    return run_process([os.path.join(ROOT, script), *flags], log)
+
+
+def run_process(argv, log=None):
+    """`python argv...` for a benchmark (no progress bars, no display), output appended to
+    the file `log` (default: this terminal); returns the exit status, raises Stopped after
+    Ctrl-C (the child exits 130, having saved, or this process is interrupted)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
     out = open(log, "a") if log else None
     try:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                              env=env).returncode
+        code = subprocess.run([sys.executable, *argv], stdout=out,
+                              stderr=subprocess.STDOUT if out else None, env=env).returncode
     except KeyboardInterrupt:
-        raise Stopped(run_dir) from None
+        raise Stopped() from None
     finally:
         if out:
             out.close()
     if code in (INTERRUPTED, -signal.SIGINT):
-        raise Stopped(run_dir)
+        raise Stopped()
     return code
 
 

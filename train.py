@@ -270,7 +270,8 @@ def checkpoint_state(ebm, flow, opt_ebm, opt_flow, loop):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train.py", RESUME_OVERRIDES)
+    args, ckpt = scaffold.parse(build_parser(), argv, "train.py", RESUME_OVERRIDES,
+                                keys=("flow", "epoch", "it", "step", "rng"))
     if not args.resume:
         resolve_estimator(args)
     config.apply_threads(args)

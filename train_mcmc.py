@@ -258,7 +258,8 @@ def scaled_ebm(F, scale):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train_mcmc.py", RESUME_OVERRIDES)
+    args, ckpt = scaffold.parse(build_parser(), argv, "train_mcmc.py", RESUME_OVERRIDES,
+                                keys=("F", "optimizer", "step", "rng", "d_hist", "r_hist"))
     check_args(args, argv)
     if ckpt is not None and ckpt["step"] >= args.n_iter:
         config.fail(f"{args.out_dir} already ran {ckpt['step']} iterations; pass a larger "

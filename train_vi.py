@@ -155,14 +155,11 @@ def save_frame(path, x, names, step, res):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train_vi.py", RESUME_OVERRIDES)
+    args, ckpt = scaffold.parse(build_parser(), argv, "train_vi.py", RESUME_OVERRIDES,
+                                keys=("flow", "optimizer", "step", "rng"))
     if ckpt is None:
         check_args(args, argv)
     else:
-        missing = [k for k in ("flow", "optimizer", "step", "rng") if k not in ckpt]
-        if missing:
-            config.fail(f"--resume: the checkpoint has no {', '.join(missing)}; it is not a "
-                        f"train_vi.py run, start a new run instead")
         if args.steps < ckpt["step"]:
             config.fail(f"--steps {args.steps} is below the checkpoint's step {ckpt['step']}; "
                         f"pass --steps {ckpt['step']} or more")

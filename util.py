@@ -181,9 +181,11 @@ class CheckpointError(ValueError):
     written by another script. The message names what was found."""
 
 
-def load_checkpoint(path, map_location="cpu", script=None):
+def load_checkpoint(path, map_location="cpu", script=None, keys=()):
     """Read a checkpoint written by `save_checkpoint`. With `script` (e.g. "train.py"), one
-    written by another script is refused. Raises CheckpointError (or FileNotFoundError)."""
+    written by another script is refused; one without the entries `keys` (a checkpoint from
+    before checkpoints named their script) too. Raises CheckpointError (or
+    FileNotFoundError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; check the path or train a run first")
     if os.path.getsize(path) == 0:
@@ -201,6 +203,10 @@ def load_checkpoint(path, map_location="cpu", script=None):
     if script is not None and writer is not None and writer != script:
         raise CheckpointError(f"{path} was written by {writer}; continue it with "
                               f"`python {writer} --resume {os.path.dirname(path) or '.'}`")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}: it is not a "
+                              f"{script or 'matching'} run; start a new run instead")
     return ckpt
 
 

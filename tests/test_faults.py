@@ -191,6 +191,10 @@ def test_bad_checkpoints(script, clean_cwd, capsys):
     os.makedirs(inputs / "foreign")
     _checkpoint(str(inputs / "foreign" / "checkpoint.pt"))
     fails(script, [flag, str(inputs / "foreign")], capsys, "other.py")
+    if flag == "--resume":  # untagged (older) checkpoints: the entries the script reads
+        os.makedirs(inputs / "untagged")
+        torch.save({"config": {"seed": 1}}, inputs / "untagged" / "checkpoint.pt")
+        fails(script, [flag, str(inputs / "untagged")], capsys, "start a new run")
     fails(script, [flag, str(inputs / "nowhere")], capsys, "no checkpoint")
 
 
