@@ -1,0 +1,404 @@
+"""Annealed importance sampling (AIS; Neal 2001) for the normaliser of an unnormalised density,
+
+    p(x) = exp(-f(x)) / Z,    Z = int exp(-f(x)) dx,
+
+from a tractable base q0 (anything with `log_prob` and `sample_and_log_prob`: a fitted
+Gaussian `Flow`, a trained flow).
+
+Geometric path, 0 = b_0 < b_1 < ... < b_K = 1 (`schedule`):
+
+    log pi_b(x) = (1 - b) log q0(x) - b f(x),   pi_0 = q0 (normalised), pi_1 = exp(-f).
+
+Forward AIS: x ~ q0, then for k = 1..K
+
+    log w += log pi_{b_k}(x) - log pi_{b_{k-1}}(x) = (b_k - b_{k-1}) (-f(x) - log q0(x)),
+    x <- T_k(x)  (k < K),  T_k a Markov kernel that leaves pi_{b_k} invariant.
+
+E[w] = Z, so Z-hat = mean(w) is unbiased and, by Jensen, E[log Z-hat] <= log Z: forward AIS
+is a stochastic LOWER bound on log Z. Everything the weights touch is float64 and the mean is
+a logsumexp: log Z-hat = logsumexp(log w) - log n.
+
+Reverse AIS (RAISE, Burda et al. 2015; BDMC, Grosse et al. 2015): start from exact samples of
+p and run the same loop with b from 1 down to 0. Then E[w_rev] = Z_0 / Z_1 = 1 / Z, and
+log Z-hat_up = -(logsumexp(log w_rev) - log n) is a stochastic UPPER bound on log Z. With held-out
+data instead of model samples the bound is a heuristic: it holds only as far as the data are
+distributed like the model.
+
+Transitions T_k: Hamiltonian Monte Carlo (Neal 2011), `n_leapfrog` leapfrog steps with identity
+mass and a Metropolis test on H = -log pi_b(x) + |rho|^2 / 2; MALA is the one-leapfrog case
+(the same proposal and acceptance ratio, see samplers.py). The step size eps is adapted from one
+temperature to the next towards a target acceptance (0.65 HMC, 0.57 MALA; Neal 2011, Roberts
+& Rosenthal 1998):  log eps <- log eps + gamma (a - a*), with a the Metropolis acceptance
+probability of each chain ("chain") or its mean over a repeat's chains ("global").
+
+    res = ais_log_Z(ebm, base, n_chains=256, n_temps=500, repeats=4)
+    res.log_Z, res.log_Z_sd, res.ess, res.acceptance
+    br = loglik_bracket(ebm, base, x_test)      # br.lower <= test log-likelihood <= br.upper
+
+Command line (a train.py run; base: a Gaussian fitted to the run's held-out data, or its flow):
+
+    python ais.py runs/<run> [--chains 500 --temps 500 --repeats 4 --seed 0 --base flow]
+"""
+import argparse
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import config
+import datasets
+import gridmath
+import util
+from flows import gaussian_fit
+from samplers import frozen
+
+SCHEDULES = ("sigmoid", "geometric", "linear")
+TARGET_ACCEPTANCE = {"hmc": 0.65, "mala": 0.57}
+ADAPT = ("global", "chain", "none")
+
+
+# ----------------------------------------------------------------------------- the path
+def schedule(n_temps: int, kind: str = "sigmoid", delta: float = 4.0,
+             b_min: float = 1e-4) -> Tensor:
+    """Inverse temperatures b_0 = 0 < ... < b_K = 1 (K = n_temps), float64, shape (K + 1,).
+
+    sigmoid   (s_k - s_0) / (s_K - s_0), s_k = sigmoid(delta (2k/K - 1))  (Grosse et al.
+              2013; small steps at both ends)
+    geometric b_k = b_min^((K - k) / (K - 1)) for k >= 1 (small steps near the base)
+    linear    b_k = k / K"""
+    if n_temps < 1:
+        raise ValueError(f"n_temps must be >= 1, got {n_temps}")
+    k = torch.arange(n_temps + 1, dtype=torch.float64)
+    if kind == "sigmoid":
+        s = torch.sigmoid(delta * (2 * k / n_temps - 1))
+        b = (s - s[0]) / (s[-1] - s[0])
+    elif kind == "geometric":
+        b = torch.zeros(n_temps + 1, dtype=torch.float64)
+        b[1:] = b_min ** ((n_temps - k[1:]) / max(n_temps - 1, 1))
+    elif kind == "linear":
+        b = k / n_temps
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; choose one of: {', '.join(SCHEDULES)}")
+    b[0], b[-1] = 0.0, 1.0
+    return b
+
+
+def log_pi(b: float, f: Tensor, log_q0: Tensor) -> Tensor:
+    """log pi_b = (1 - b) log q0 - b f, unnormalised (float64 when f and log q0 are)."""
+    return (1 - b) * log_q0 - b * f
+
+
+@dataclass
+class _State:
+    """Chains x with f(x), log q0(x) and both gradients w.r.t. x (cached between steps)."""
+    x: Tensor
+    f: Tensor
+    log_q0: Tensor
+    grad_f: Tensor
+    grad_log_q0: Tensor
+
+    def grad_U(self, b):
+        """grad of U_b = -log pi_b = b f - (1 - b) log q0."""
+        return b * self.grad_f - (1 - b) * self.grad_log_q0
+
+    def U(self, b):
+        return -log_pi(b, self.f.double(), self.log_q0.double())
+
+    def where(self, keep_new, old):
+        m = keep_new[:, None]
+        return _State(*(torch.where(m if new.dim() == 2 else keep_new, new, o)
+                        for new, o in zip(vars(self).values(), vars(old).values())))
+
+
+def _evaluate(energy, base, x):
+    """f, log q0 and their gradients at x (autograd w.r.t. x only)."""
+    with torch.enable_grad():
+        y = x.detach().requires_grad_(True)
+        f, log_q0 = energy(y), base.log_prob(y)
+        (grad_f,) = torch.autograd.grad(f.sum(), y)
+        (grad_log_q0,) = torch.autograd.grad(log_q0.sum(), y)
+    return _State(y.detach(), f.detach(), log_q0.detach(), grad_f, grad_log_q0)
+
+
+# ----------------------------------------------------------------------------- transitions
+def metropolis(log_a: Tensor) -> Tensor:
+    """Accept each proposal with probability min(1, exp(log_a))."""
+    return torch.log(torch.rand_like(log_a)) < log_a
+
+
+def hmc(energy, base, s: _State, b: float, eps: Tensor, n_leapfrog: int):
+    """One HMC transition leaving pi_b invariant: momentum rho ~ N(0, I), `n_leapfrog` leapfrog
+    steps of size eps (per chain, shape (n, 1)), Metropolis test on H = U_b(x) + |rho|^2 / 2
+    (in float64). Returns the new state and the acceptance probabilities (n,)."""
+    rho = torch.randn_like(s.x)
+    H0 = s.U(b) + 0.5 * (rho.double() ** 2).sum(1)
+    t = s
+    rho = rho - 0.5 * eps * t.grad_U(b)
+    for i in range(n_leapfrog):
+        t = _evaluate(energy, base, t.x + eps * rho)
+        rho = rho - (eps if i < n_leapfrog - 1 else 0.5 * eps) * t.grad_U(b)
+    H1 = t.U(b) + 0.5 * (rho.double() ** 2).sum(1)
+    log_a = torch.nan_to_num(H0 - H1, nan=-math.inf).clamp(max=0.0)
+    return t.where(metropolis(log_a), s), log_a.exp()
+
+
+def _adapt(log_eps, a, target, adapt, repeats, gamma):
+    """log eps <- log eps + gamma (a - a*), per chain or per repeat's mean acceptance."""
+    if adapt == "none":
+        return log_eps
+    if adapt == "global":
+        a = a.view(repeats, -1).mean(1, keepdim=True).expand(repeats, a.numel() // repeats)
+    return log_eps + gamma * (a.reshape(-1, 1) - target)
+
+
+# ----------------------------------------------------------------------------- the annealing
+@contextlib.contextmanager
+def _fixed_modules(*modules):
+    """Evaluation mode (a BatchNormFlow must not move its statistics) and frozen parameters
+    for the duration; both restored afterwards."""
+    mods = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in mods]
+    try:
+        for m in mods:
+            m.eval()
+        with frozen(*mods):
+            yield
+    finally:
+        for m, mode in zip(mods, modes):
+            m.train(mode)
+
+
+def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
+           n_leapfrog: int = 5, eps: float = 0.1, step_sizes: Optional[Tensor] = None,
+           adapt: str = "global", repeats: int = 1, gamma: float = 0.5):
+    """Run chains x along b = betas[0] -> betas[-1] (either direction), accumulating
+
+        log w += (b_k - b_{k-1}) (-f(x) - log q0(x)),  then x <- T_k(x) for the inner b_k.
+
+    `step_sizes` (len(betas) - 2,) fixes eps per inner temperature (no adaptation: the kernels
+    are chosen in advance and AIS is exactly unbiased); otherwise eps starts at `eps` and adapts.
+    Returns log w (n,) float64, acceptance per inner temperature, eps used per inner
+    temperature (geometric mean over chains) and the final chains."""
+    n_leapfrog = 1 if transition == "mala" else n_leapfrog
+    target = TARGET_ACCEPTANCE[transition]
+    s = _evaluate(energy, base, x)
+    log_w = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    log_eps = torch.full((x.shape[0], 1), math.log(eps), dtype=x.dtype, device=x.device)
+    acc, used = [], []
+    for k in range(1, len(betas)):
+        b_prev, b = float(betas[k - 1]), float(betas[k])
+        f, log_q0 = s.f.double(), s.log_q0.double()
+        log_w += log_pi(b, f, log_q0) - log_pi(b_prev, f, log_q0)
+        if k == len(betas) - 1:
+            break
+        if step_sizes is not None:
+            log_eps = torch.full_like(log_eps, math.log(float(step_sizes[k - 1])))
+        s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog)
+        acc.append(float(a.mean()))
+        used.append(float(log_eps.mean().exp()))
+        if step_sizes is None:
+            log_eps = _adapt(log_eps, a.to(x.dtype), target, adapt, repeats, gamma)
+    return log_w, torch.tensor(acc, dtype=torch.float64), torch.tensor(used, dtype=torch.float64), s.x
+
+
+@dataclass
+class AISResult:
+    """log_Z: mean over repeats of the repeat estimates log_Z_repeats (R,); log_Z_sd their sd
+    (0 for one repeat); log_w (R, n) float64; ess (R,) (sum w)^2 / sum w^2 per repeat;
+    acceptance: mean acceptance probability, acceptance_per_temp and eps per inner temperature;
+    direction "forward" (lower bound) or "reverse" (upper bound)."""
+    log_Z: float
+    log_Z_sd: float
+    log_Z_repeats: Tensor
+    log_w: Tensor
+    ess: Tensor
+    acceptance: float
+    acceptance_per_temp: Tensor
+    eps: Tensor
+    direction: str
+
+
+def _result(log_w, sign, acc, eps, direction):
+    """Per-repeat estimates sign * (logsumexp(log w) - log n) and their summary."""
+    n = log_w.shape[1]
+    est = sign * (torch.logsumexp(log_w, 1) - math.log(n))
+    sd = float(est.std()) if len(est) > 1 else 0.0
+    ess = torch.tensor([util.effective_sample_size(lw) for lw in log_w], dtype=torch.float64)
+    mean_acc = float(acc.mean()) if len(acc) else float("nan")
+    return AISResult(float(est.mean()), sd, est, log_w, ess, mean_acc, acc, eps, direction)
+
+
+def ais_log_Z(energy: Callable[[Tensor], Tensor], base, n_chains: int = 256,
+              n_temps: int = 500, repeats: int = 1, schedule_kind: str = "sigmoid",
+              transition: str = "hmc", n_leapfrog: int = 5, eps: float = 0.1,
+              adapt: str = "global", step_sizes: Optional[Tensor] = None) -> AISResult:
+    """Forward AIS from q0 = `base` to exp(-energy): log Z-hat = logsumexp(log w) - log n, a
+    stochastic lower bound (E[log Z-hat] <= log Z; E[Z-hat] = Z).
+
+    `repeats` independent runs of `n_chains` chains each (run together as one batch, each with
+    its own step-size adaptation) give log_Z (their mean) and log_Z_sd (their spread). Chains
+    run in the dtype of the base's samples; weights are float64."""
+    _check(transition, adapt)
+    betas = schedule(n_temps, schedule_kind)
+    with _fixed_modules(energy, base), torch.no_grad():
+        x = base.sample_and_log_prob(n_chains * repeats)[0].detach()
+        log_w, acc, used, _ = anneal(energy, base, x, betas, transition, n_leapfrog, eps,
+                                     step_sizes, adapt, repeats)
+    return _result(log_w.view(repeats, n_chains), 1.0, acc, used, "forward")
+
+
+def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
+                      n_temps: int = 500, repeats: int = 1, schedule_kind: str = "sigmoid",
+                      transition: str = "hmc", n_leapfrog: int = 5, eps: float = 0.1,
+                      adapt: str = "global", step_sizes: Optional[Tensor] = None) -> AISResult:
+    """Reverse AIS (RAISE / BDMC) from chains at `x_start` (n, D), annealed b = 1 -> 0:
+    log Z-hat_up = -(logsumexp(log w_rev) - log n) with E[w_rev] = 1/Z, a stochastic UPPER bound
+    on log Z when x_start are exact samples of exp(-f)/Z (with data: a heuristic upper bound).
+
+    `step_sizes` are per inner temperature in the forward order (e.g. a forward run's `.eps`);
+    they are used reversed. `x_start` rows are split into `repeats` equal groups."""
+    _check(transition, adapt)
+    n = x_start.shape[0] // repeats
+    if n < 1:
+        raise ValueError(f"{x_start.shape[0]} starting points cannot make {repeats} repeats")
+    betas = schedule(n_temps, schedule_kind).flip(0)
+    steps = None if step_sizes is None else step_sizes.flip(0)
+    with _fixed_modules(energy, base), torch.no_grad():
+        log_w, acc, used, _ = anneal(energy, base, x_start[: n * repeats].detach(), betas,
+                                     transition, n_leapfrog, eps, steps, adapt, repeats)
+    return _result(log_w.view(repeats, n), -1.0, acc.flip(0), used.flip(0), "reverse")
+
+
+def _check(transition, adapt):
+    if transition not in TARGET_ACCEPTANCE:
+        raise ValueError(f"unknown transition {transition!r}; choose hmc or mala")
+    if adapt not in ADAPT:
+        raise ValueError(f"unknown adapt {adapt!r}; choose one of: {', '.join(ADAPT)}")
+
+
+# ----------------------------------------------------------------------------- the bracket
+@dataclass
+class Bracket:
+    """lower <= mean log p(x_test) <= upper (stochastically), gap = upper - lower;
+    log_Z_lower (forward AIS) and log_Z_upper (reverse AIS from x_test) with both runs."""
+    lower: float
+    upper: float
+    gap: float
+    log_Z_lower: float
+    log_Z_upper: float
+    mean_neg_f: float
+    forward: AISResult
+    reverse: AISResult
+
+
+def loglik_bracket(energy: Callable[[Tensor], Tensor], base, x_test: Tensor,
+                   n_chains: int = 256, n_temps: int = 500, repeats: int = 1,
+                   **kw) -> Bracket:
+    """Bracket the test log-likelihood L = mean(-f(x_test)) - log Z (Grosse et al. 2015, BDMC):
+
+        lower = mean(-f) - log Z-hat_up    (log Z-hat_up: reverse AIS started at x_test)
+        upper = mean(-f) - log Z-hat_low   (log Z-hat_low: forward AIS from q0)
+
+    Forward AIS under-estimates log Z in expectation, so `upper` over-states L; reverse AIS
+    over-estimates log Z, so `lower` under-states it. The reverse bound is exact only when its
+    starting points are exact samples of the model; started at held-out data (what is done
+    here) it is a heuristic upper bound on log Z, trustworthy as far as the model fits the data.
+    The gap shrinks as n_temps grows. The reverse run starts at a random subset of
+    n_chains * repeats rows of x_test (all rows if fewer) and reuses the forward run's step
+    sizes. kw go to both runs (schedule_kind, transition, n_leapfrog, eps, adapt)."""
+    fwd = ais_log_Z(energy, base, n_chains, n_temps, repeats, **kw)
+    rows = torch.randperm(x_test.shape[0], device=x_test.device)[: n_chains * repeats]
+    kw = {k: v for k, v in kw.items() if k not in ("step_sizes", "adapt")}
+    rev = reverse_ais_log_Z(energy, base, x_test[rows], n_temps, repeats,
+                            step_sizes=fwd.eps, **kw)
+    with _fixed_modules(energy), torch.no_grad():
+        mean_neg_f = float(torch.cat([-energy(c).double() for c in x_test.split(8192)]).mean())
+    lower, upper = mean_neg_f - rev.log_Z, mean_neg_f - fwd.log_Z
+    return Bracket(lower, upper, upper - lower, fwd.log_Z, rev.log_Z, mean_neg_f, fwd, rev)
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser():
+    p = config.Parser(description="log Z of a train.py run's EBM by annealed importance "
+                                  "sampling, and its test log-likelihood bracket",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="train.py run folder (with checkpoint.pt)")
+    p.add_argument("--chains", type=config.positive_int, default=500, help="chains per repeat")
+    p.add_argument("--temps", type=config.positive_int, default=500, help="annealing steps K")
+    p.add_argument("--repeats", type=config.positive_int, default=4,
+                   help="independent AIS runs (mean and sd of log Z-hat)")
+    p.add_argument("--seed", type=config.seed, default=0, help="seeds the chains")
+    p.add_argument("--base", choices=["gaussian", "flow"], default="gaussian",
+                   help="q0: a Gaussian fitted to the held-out data, or the run's flow")
+    p.add_argument("--transition", choices=list(TARGET_ACCEPTANCE), default="hmc")
+    p.add_argument("--leapfrog", type=config.positive_int, default=5, help="HMC leapfrog steps")
+    p.add_argument("--schedule", choices=SCHEDULES, default="sigmoid")
+    p.add_argument("--adapt", choices=ADAPT, default="global", help="step-size adaptation")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                   help="precision of the chains and networks (weights are always float64)")
+    p.add_argument("--threads", type=config.nonnegative_int, default=1,
+                   help="torch CPU threads (0: torch's default)")
+    return p
+
+
+def held_out(cfg: dict) -> Tensor:
+    """The run's held-out set, drawn as train.py draws it (training set first, same seed)."""
+    missing = [k for k in ("dataset", "seed", "samples", "test_samples") if k not in cfg]
+    if missing:
+        config.fail(f"the run's config has no {', '.join(missing)}; ais.py reads train.py runs")
+    rng = util.set_seed(cfg["seed"])
+    datasets.sample(cfg["dataset"], cfg["samples"], rng)
+    return datasets.sample(cfg["dataset"], cfg["test_samples"], rng)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        run = util.load_run(args.run)
+    except (FileNotFoundError, util.CheckpointError) as e:
+        config.fail(str(e))
+    if run.ebm is None:
+        config.fail(f"{args.run} has no EBM in its checkpoint (an MLE flow run?)")
+    writer = run.checkpoint.get("script")
+    if writer not in (None, "train.py"):
+        config.fail(f"{args.run} was written by {writer}; ais.py reads train.py runs")
+    if args.base == "flow" and run.flow is None:
+        config.fail(f"{args.run} has no flow (NCE run); use --base gaussian")
+    dtype = getattr(torch, args.dtype)
+    x_test = held_out(run.config).to(dtype)
+    base = (gaussian_fit(x_test) if args.base == "gaussian" else run.flow).to(dtype)
+    ebm = run.ebm.to(dtype)
+    util.set_seed(args.seed)
+    br = loglik_bracket(ebm, base, x_test, args.chains, args.temps, args.repeats,
+                        schedule_kind=args.schedule, transition=args.transition,
+                        n_leapfrog=args.leapfrog, adapt=args.adapt)
+    report(args, br, ebm, x_test.shape[1], dtype)
+    return 0
+
+
+def report(args, br, ebm, dim, dtype):
+    """Print log Z (mean +- sd over repeats), the grid log Z (2D) and the bracket."""
+    f, r = br.forward, br.reverse
+    print(f"{args.run}: AIS {args.transition}, {args.repeats} x {args.chains} chains, "
+          f"{args.temps} temperatures ({args.schedule}), base {args.base}")
+    print(f"log Z  forward (lower) {f.log_Z:.4f} +- {f.log_Z_sd:.4f} | reverse from data "
+          f"(upper) {r.log_Z:.4f} +- {r.log_Z_sd:.4f}")
+    print(f"ESS    forward {float(f.ess.mean()):.1f} / {args.chains} | acceptance forward "
+          f"{f.acceptance:.3f}, reverse {r.acceptance:.3f}")
+    if dim == 2:
+        neg_f, area = gridmath.on_grid(lambda x: -ebm(x), datasets.BOUND, datasets.GRID,
+                                       dtype=dtype)
+        print(f"log Z  grid [-{datasets.BOUND}, {datasets.BOUND}]^2, {datasets.GRID}^2 cells: "
+              f"{gridmath.grid_log_Z(neg_f, area):.4f}")
+    print(f"test log-likelihood in [{br.lower:.4f}, {br.upper:.4f}] (gap {br.gap:.4f} nats; "
+          f"mean -f = {br.mean_neg_f:.4f})")
+
+
+if __name__ == "__main__":
+    sys.exit(config.cli(main))

@@ -1,0 +1,177 @@
+"""AIS (ais.py) against normalisers known in closed form, by construction or on a grid, the
+forward/reverse bracket around a known log-likelihood, and the command line's bad input.
+
+Budgets are small (the file runs in well under a minute on one core); every case is seeded."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ais
+import gridmath
+import util
+from ebm import EBM
+from flows import gaussian, gaussian_fit, maf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- targets
+def gaussian_energy(D, seed=0):
+    """f(x) = 0.5 (x - m)^T A (x - m), A with eigenvalues in [0.5, 2]:
+    log Z = (D/2) log 2 pi - 0.5 log det A. Returns f, log Z, and a sampler of exp(-f)/Z."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    lam = torch.linspace(0.5, 2.0, D, dtype=torch.float64)
+    A = Q @ torch.diag(lam) @ Q.T
+    m = 0.5 * torch.randn(D, generator=g, dtype=torch.float64)
+    log_Z = 0.5 * D * math.log(2 * math.pi) - 0.5 * float(torch.log(lam).sum())
+    cov_half = Q @ torch.diag(lam.rsqrt())  # x = m + Q Lambda^{-1/2} z ~ N(m, A^{-1})
+
+    def f(x):
+        d = x - m
+        return 0.5 * ((d @ A) * d).sum(1)
+
+    return f, log_Z, lambda n: m + torch.randn(n, D, dtype=torch.float64) @ cov_half.T
+
+
+MIX_MEANS = torch.tensor([[-3.0, -3.0], [3.0, 3.0]], dtype=torch.float64)
+MIX_W, MIX_S, MIX_C = torch.tensor([0.3, 0.7], dtype=torch.float64), 0.5, 1.234
+
+
+def mixture_energy(x):
+    """f = -log(0.3 N(x; (-3, -3), 0.25 I) + 0.7 N(x; (3, 3), 0.25 I)) - 1.234: log Z = 1.234,
+    two modes 17 standard deviations apart."""
+    d = ((x[:, None] - MIX_MEANS) ** 2).sum(-1)
+    log_mix = torch.logsumexp(torch.log(MIX_W) - d / (2 * MIX_S ** 2), 1)
+    return -(log_mix - math.log(2 * math.pi * MIX_S ** 2)) - MIX_C
+
+
+def mixture_samples(n):
+    k = torch.multinomial(MIX_W, n, replacement=True)
+    return MIX_MEANS[k] + MIX_S * torch.randn(n, 2, dtype=torch.float64)
+
+
+def std_gaussian(D, var):
+    return gaussian(D, torch.zeros(D), var * torch.eye(D)).double()
+
+
+# ----------------------------------------------------------------------------- the schedule
+@pytest.mark.parametrize("kind", ais.SCHEDULES)
+def test_schedule_runs_from_0_to_1_increasing(kind):
+    b = ais.schedule(50, kind)
+    assert b.dtype == torch.float64 and b.shape == (51,)
+    assert b[0] == 0 and b[-1] == 1 and (b.diff() > 0).all()
+
+
+# ----------------------------------------------------------------------------- log Z
+def test_gaussian_64d_log_Z():
+    """A 64-dimensional Gaussian energy from a different Gaussian base (other mean, isotropic
+    variance 1.5): |log Z-hat - log Z| < 0.1, acceptance adapted near HMC's 0.65."""
+    torch.manual_seed(0)
+    f, log_Z, _ = gaussian_energy(64)
+    res = ais.ais_log_Z(f, std_gaussian(64, 1.5), n_chains=256, n_temps=400, repeats=2)
+    assert abs(res.log_Z - log_Z) < 0.1, (res.log_Z, log_Z, res.log_Z_repeats)
+    assert abs(res.acceptance - 0.65) < 0.1
+    assert res.log_w.dtype == torch.float64 and res.log_w.shape == (2, 256)
+    assert (res.ess > 1).all() and (res.ess <= 256).all()
+
+
+def test_flow_energy_has_log_Z_zero():
+    """f = -log q(x) of a randomly perturbed 8-dimensional MAF is normalised: log Z = 0. The
+    base is a Gaussian fitted to the flow's samples (it is not the flow)."""
+    torch.manual_seed(1)
+    flow = maf(8, n_blocks=2, hidden=(32, 32)).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        base = gaussian_fit(flow.sample(2000)).double()
+    res = ais.ais_log_Z(lambda x: -flow.log_prob(x), base, n_chains=256, n_temps=200,
+                        repeats=2)
+    assert abs(res.log_Z) < 0.1, res.log_Z_repeats
+
+
+def test_separated_mixture_log_Z():
+    """Two modes 17 sd apart with weights 0.3 / 0.7 from a broad Gaussian base: the weights,
+    not the chains (which cannot cross), get the mode masses right."""
+    torch.manual_seed(2)
+    res = ais.ais_log_Z(mixture_energy, std_gaussian(2, 9.0), n_chains=512, n_temps=300,
+                        repeats=2, transition="mala")
+    assert abs(res.log_Z - MIX_C) < 0.1, res.log_Z_repeats
+
+
+def test_ebm_2d_matches_the_grid():
+    """A random small EBM(2, (32, 32)) (first and last layer scaled up so the density has
+    structure; importance sampling from the base alone has an ESS of 2%) with a Gaussian
+    confinement f + |x|^2 / 8, so exp(-f) is integrable: AIS within 0.02 nats of the float64
+    grid log Z on [-12, 12]^2 (grid converged: the same to 1e-6 on [-30, 30]^2)."""
+    torch.manual_seed(3)
+    ebm = EBM(2, (32, 32)).double()
+    with torch.no_grad():
+        ebm.net[0].weight.mul_(2.0)
+        ebm.net[-1].weight.mul_(5.0)
+
+    def f(x):
+        return ebm(x) + (x * x).sum(1) / 8
+
+    neg_f, area = gridmath.on_grid(lambda x: -f(x), 12.0, 600, dtype=torch.float64)
+    log_Z = gridmath.grid_log_Z(neg_f, area)
+    res = ais.ais_log_Z(f, std_gaussian(2, 4.0), n_chains=1000, n_temps=200, repeats=4,
+                        transition="mala", adapt="chain")
+    assert abs(res.log_Z - log_Z) < 0.02, (res.log_Z, log_Z, res.log_Z_repeats)
+
+
+# ----------------------------------------------------------------------------- the bracket
+def test_bracket_contains_the_true_log_likelihood():
+    """Exact model samples as the test set of the 64-dimensional Gaussian: the bracket
+    [lower, upper] holds the true mean log p (up to MC error), and lower <= upper."""
+    torch.manual_seed(4)
+    f, log_Z, sample = gaussian_energy(64)
+    x_test = sample(2000)
+    true = float((-f(x_test)).mean()) - log_Z
+    br = ais.loglik_bracket(f, std_gaussian(64, 1.5), x_test, n_chains=256, n_temps=50,
+                            repeats=2)
+    assert br.lower <= br.upper and br.gap == pytest.approx(br.upper - br.lower)
+    assert br.lower - 0.05 <= true <= br.upper + 0.05, (br.lower, true, br.upper)
+    assert br.log_Z_lower == br.forward.log_Z and br.log_Z_upper == br.reverse.log_Z
+
+
+def test_short_schedules_bound_log_Z_from_both_sides():
+    """With only 10 temperatures both estimates are biased, each to its own side: forward AIS
+    below log Z, reverse AIS from exact samples above it (Burda et al. 2015; Grosse et al.
+    2015), by far more than their spread."""
+    torch.manual_seed(5)
+    f, log_Z, sample = gaussian_energy(64)
+    base = std_gaussian(64, 1.5)
+    fwd = ais.ais_log_Z(f, base, n_chains=256, n_temps=10, repeats=2)
+    rev = ais.reverse_ais_log_Z(f, base, sample(512), n_temps=10, repeats=2,
+                                step_sizes=fwd.eps)
+    assert fwd.log_Z < log_Z - 0.5 and fwd.log_Z_repeats.max() < log_Z
+    assert rev.log_Z > log_Z + 0.5 and rev.log_Z_repeats.min() > log_Z
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_missing_run_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ais.py"), str(tmp_path / "nope")],
+                       capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = p.stderr.strip()
+    assert p.returncode == 2 and err and "\n" not in err and "Traceback" not in err, err
+    assert "nope" in err
+
+
+def test_cli_prints_log_Z_grid_and_bracket(tmp_path, capsys):
+    """A train.py-shaped checkpoint (config, EBM): the report has both AIS log Z, the grid
+    log Z and the bracket (plumbing only: an untrained EBM need not be normalisable)."""
+    torch.manual_seed(6)
+    ebm = EBM(2, (16, 16))
+    cfg = {"dataset": "8gaussians", "seed": 0, "samples": 500, "test_samples": 500}
+    util.save_checkpoint(str(tmp_path / "checkpoint.pt"),
+                         {"config": cfg, "ebm": ebm.state_dict(), "ebm_spec": ebm.spec(),
+                          "script": "train.py"})
+    assert ais.main([str(tmp_path), "--chains", "50", "--temps", "20", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "log Z  forward" in out and "log Z  grid" in out and "test log-likelihood in" in out
