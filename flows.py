@@ -72,9 +72,11 @@ class Flow(nn.Module):
         z, log_det = self(x)
         return std_normal_log_prob(z) + log_det
 
-    def sample_and_log_prob(self, n):
-        """Reparameterised samples x = T^{-1}(z), z ~ N(0, I), with log q(x) from the same pass."""
-        z = torch.randn(n, self.dim, device=self._anchor.device, dtype=self._anchor.dtype)
+    def sample_and_log_prob(self, n, z=None):
+        """Reparameterised samples x = T^{-1}(z), z ~ N(0, I), with log q(x) from the same pass.
+        `z` (n, D): base draws to push through instead of new ones."""
+        if z is None:
+            z = torch.randn(n, self.dim, device=self._anchor.device, dtype=self._anchor.dtype)
         x, log_det = self.inverse(z)
         return x, std_normal_log_prob(z) - log_det
 

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402  (Pillow comes with matplotlib)
 
@@ -115,7 +116,8 @@ def training_curves(path, runs, title=None):
     (or the training NLL of a flow fit alone), accuracy (solid) and EBM-step fraction
     (dotted) with the threshold (dashed), KL(p_data || model) of the EBM (solid) and the flow
     (dashed) when the density is known (else test NLL), and c - log Z."""
-    panels = ["-V (dashed: log 4) / training NLL", "accuracy, EBM-step fraction (dotted)",
+    panels = ["-V (dashed: log 4) / training NLL",
+              "accuracy: all noise (solid), flow's samples (dashed);\nflow-step fraction (dotted)",
               "KL(p_data || model): EBM solid, flow dashed", "c - log Z"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     log_kl = False  # KL panel on a log scale when any run has a positive KL
@@ -124,13 +126,14 @@ def training_curves(path, runs, title=None):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
         for key, ax, style in (("value", 0, "-"), ("nll_train", 0, "-"), ("accuracy", 1, "-"),
-                               ("ebm_step_fraction", 1, ":"), ("c_gap", 3, "-")):
+                               ("accuracy_flow", 1, "--"), ("flow_step_fraction", 1, ":"),
+                               ("c_gap", 3, "-")):
             s = series(key)
             if s:
                 axes[ax].plot(*s, style, color=color, lw=1,
                               label=label if key in ("value", "nll_train") else None)
         if threshold and series("accuracy"):
-            axes[1].axhline(threshold, color=color, ls="--", lw=0.8)
+            axes[1].axhline(threshold, color=color, ls="-.", lw=0.8)
         kl = series("kl_ebm") or series("kl_flow")
         for key, style in ((("kl_ebm", "-"), ("kl_flow", "--")) if kl else
                            (("nll_ebm", "-"), ("nll_flow", "--"))):
@@ -144,9 +147,19 @@ def training_curves(path, runs, title=None):
     for ax, name in zip(axes, panels):
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5, integer=True))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_short_count))
     if any(ax.get_legend_handles_labels()[0] for ax in axes[:1]):
         axes[0].legend(fontsize=7)
     return _save(fig, path, title)
+
+
+def _short_count(v, _pos=None):
+    """Tick label of an iteration count that stays short at any run length: 800, 12k, 1.5M."""
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.0f}"
 
 
 # ----------------------------------------------------------------------------- gifs

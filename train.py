@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import config
 import datasets
+import fce
 import plots
 import util
 from ebm import EBM
@@ -64,8 +65,14 @@ def build_parser():
     p.add_argument("--test_samples", type=config.positive_int, default=20_000,
                    help="held-out samples for the test NLL")
     p.add_argument("--batch", type=config.positive_int, default=256)
-    p.add_argument("--threshold", type=config.open_unit, default=0.8,
-                   help="update the EBM while the accuracy is below this, else the flow")
+    p.add_argument("--rule", default="every", choices=fce.RULES,
+                   help="who steps (fce): every: the EBM at every iteration and the flow at "
+                        "every --flow_every-th too; threshold: the EBM while the accuracy "
+                        "against the flow's own samples is below --threshold, else the flow")
+    p.add_argument("--flow_every", type=config.positive_int, default=1,
+                   help="--rule every: the flow steps at every k-th iteration (1: always)")
+    p.add_argument("--threshold", type=config.open_unit, default=0.6,
+                   help="--rule threshold: the accuracy in (0.5, 1) at which the flow steps")
     p.add_argument("--lr_ebm", type=config.positive_float, default=1e-3)
     p.add_argument("--lr_flow", type=config.positive_float, default=7e-4)
     p.add_argument("--b1", type=config.open_unit, default=0.9, help="Adam beta1")
@@ -117,7 +124,16 @@ def resolve_estimator(args):
         config.fail("--noise_mix must be below 1 (1 would be NCE: use --estimator=nce)")
     if args.estimator == "mle" and args.flow == "gaussian":
         config.fail("--estimator=mle needs a learned flow: pass --flow=" + "/".join(LEARNED_FLOWS))
+    if args.estimator == "fce":
+        why = rule(args).check()
+        if why:
+            config.fail(why)
     return args
+
+
+def rule(args):
+    """Who steps, from the flags (fce.Rule)."""
+    return fce.Rule(args.rule, args.flow_every, args.threshold, args.flow_mle)
 
 
 # ----------------------------------------------------------------------------- models
@@ -138,13 +154,28 @@ def flow_kwargs(args):
 
 
 def make_models(args, x_train, device):
-    """The EBM (None for mle) and the flow (fitted Gaussian for nce, initialised on data)."""
+    """The EBM (None for mle) and the flow: for nce the Gaussian fitted to the whole training
+    set (the same one FCE mixes into its noise), else initialised on the first batch."""
     ebm = EBM(2, args.ebm_hidden, args.ebm_act).to(device) if args.estimator != "mle" else None
+    data = x_train if args.flow == "gaussian" else x_train[:args.batch]
     try:
-        flow = build_flow(args.flow, x_train[:args.batch], **flow_kwargs(args)).to(device)
+        flow = build_flow(args.flow, data, **flow_kwargs(args)).to(device)
     except ValueError as e:
         config.fail(str(e))
     return ebm, flow
+
+
+def make_contrast(args, flow, x_train, device, window=8):
+    """FCE's / NCE's noise q (fce.Contrast): the flow mixed with the Gaussian fitted to the
+    training set (fce, --noise_mix), or the fixed Gaussian alone (nce). Under --rule every
+    the cache window ends at the next flow step."""
+    if args.estimator == "mle":
+        return None
+    mix = args.noise_mix if args.estimator == "fce" else 0.0
+    gauss = build_flow("gaussian", x_train).to(device) if mix > 0 else None
+    if args.estimator == "fce" and args.rule == "every":
+        window = max(1, args.flow_every - 1)
+    return fce.Contrast(flow, args.batch, args.seed, gauss, mix, window)
 
 
 def make_optimizers(args, ebm, flow):
@@ -153,70 +184,6 @@ def make_optimizers(args, ebm, flow):
     flow_params = [p for p in flow.parameters() if p.requires_grad]
     opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
-
-
-# ----------------------------------------------------------------------------- one iteration
-def noise(flow, x, mix=None):
-    """Noise samples y (as many as x) and log q at x and y, plus log q_flow(x).
-
-    Without `mix`, q is the flow. With mix = (g, eps), q = (1 - eps) q_flow + eps g, a fixed
-    Gaussian g fitted to the data keeping the whole plane covered: round(eps n) samples come
-    from g, the rest from the flow (reparameterised), and log q = logaddexp of the two."""
-    n = x.shape[0]
-    if mix is None:
-        y, log_q_y = flow.sample_and_log_prob(n)
-        log_q_x = flow.log_prob(x)
-        return y, log_q_x, log_q_y, log_q_x
-    g, eps = mix
-    m = int(round(eps * n))
-    y = torch.cat([flow.sample(n - m), g.sample(m)])
-    xy = torch.cat([x, y])
-    log_qf = flow.log_prob(xy)
-    log_q = torch.logaddexp(log_qf + math.log1p(-eps), g.log_prob(xy) + math.log(eps))
-    return y, log_q[:n], log_q[n:], log_qf[:n]
-
-
-def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold, flow_mle=0.0, mix=None):
-    """One FCE/NCE iteration on the data batch x; returns (V, accuracy, stepped model name).
-
-    The EBM ascends V when the accuracy is below `threshold` (always, for NCE), else the flow
-    descends V + flow_mle * (-E_data log q_flow). `mix` mixes a fixed Gaussian into the noise
-    (see `noise`). Forward passes build one graph; `torch.autograd.grad` then
-    back-propagates only into the model that steps: the EBM step never differentiates the
-    flow, and the flow step goes through f_theta only with respect to its input (the
-    samples), not its weights."""
-    n = x.shape[0]
-    y, log_q_x, log_q_y, log_qf_x = noise(flow, x, mix)
-    log_p_x, log_p_y = ebm.log_prob(torch.cat([x, y])).split(n)
-    V, acc = util.value_function(log_p_x, log_q_x, log_p_y, log_q_y)
-    if not torch.isfinite(V):
-        return V, acc, None
-    if opt_flow is None or acc < threshold:
-        opt, loss, who = opt_ebm, -V, "ebm"
-    else:
-        opt, loss, who = opt_flow, V - flow_mle * log_qf_x.mean(), "flow"
-    return (V.detach(), acc, who) if _step(opt, loss) else (V.new_tensor(math.nan), acc, None)
-
-
-def mle_step(flow, x, opt):
-    """One maximum-likelihood step of the flow alone; returns (-mean log q(x), None, "flow")."""
-    nll = -flow.log_prob(x).mean()
-    if not torch.isfinite(nll) or not _step(opt, nll):
-        return nll.new_tensor(math.nan), None, None
-    return nll.detach(), None, "flow"
-
-
-def _step(opt, loss):
-    """Gradient of `loss` for `opt`'s parameters only, then one step; False (and no step) if a
-    gradient is not finite."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    grads = torch.autograd.grad(loss, params)
-    if not all(torch.isfinite(g).all() for g in grads):
-        return False
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt.step()
-    return True
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -293,18 +260,18 @@ def train(args, ckpt, run, device):
     x_train = datasets.sample(args.dataset, args.samples, rng).to(device)
     x_test = datasets.sample(args.dataset, args.test_samples, rng).to(device)
 
-    # models and optimisers
+    # models, optimisers and the noise
     ebm, flow = make_models(args, x_train, device)
     opt_ebm, opt_flow = make_optimizers(args, ebm, flow)
-    mix = None
-    if args.estimator == "fce" and args.noise_mix > 0:
-        mix = (build_flow("gaussian", x_train).to(device), args.noise_mix)
+    contrast = make_contrast(args, flow, x_train, device)
+    the_rule = rule(args) if args.estimator == "fce" else fce.Rule()
     iters = args.samples // args.batch
     total = iters * args.epoch
     # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
     # a resumed run writes the same rows as an uninterrupted one)
-    loop = dict(epoch=0, it=0, step=0, perm=None, cpu_s=0.0, v_sum=0.0, acc_sum=0.0, n_ebm=0,
-                n_rows=0)
+    loop = dict(epoch=0, it=0, step=0, perm=None, cpu_s=0.0, v_sum=0.0, acc_sum=0.0,
+                acc_flow_sum=0.0, n_ebm=0, n_flow=0, n_rows=0, flow_steps=0,
+                flow_steps_at_eval=0)
     if ckpt is not None:
         flow.load_state_dict(ckpt["flow"])
         if opt_flow is not None:
@@ -319,27 +286,39 @@ def train(args, ckpt, run, device):
                 if opt is not None]
     log = run.log
     budget = f", budget {args.budget:g} CPU-s" if args.budget else ""
-    print(f"run {run.name}: {args.estimator} on {args.dataset}, flow={args.flow}, {total} "
+    who = (f", rule {args.rule}" + (f" (flow every {args.flow_every})" if args.rule == "every"
+                                    else f" (threshold {args.threshold:g})")
+           if args.estimator == "fce" else "")
+    print(f"run {run.name}: {args.estimator} on {args.dataset}, flow={args.flow}{who}, {total} "
           f"iterations ({args.epoch} epochs x {iters}){budget}, device={device}; outputs in "
           f"{args.out_dir}, figures in {args.image_dir}")
 
     def save():
         run.save(checkpoint_state(ebm, flow, opt_ebm, opt_flow, loop))
 
-    threshold = args.threshold if args.estimator == "fce" else None
+    threshold = args.threshold if args.estimator == "fce" and args.rule == "threshold" else None
 
     def evaluate(ep):
         flow.eval()
         m = util.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
         flow.train()
         tqdm.write(f"epoch {ep} | " + util.format_metrics(m))
-        log.log({**m, "epoch": ep, "cpu_s": loop["cpu_s"]}, loop["step"])
+        for note in flow_notes(args, m, loop):
+            tqdm.write(f"epoch {ep} | note: {note}")
+        loop["flow_steps_at_eval"] = loop["flow_steps"]
+        log.log({**m, "epoch": ep, "cpu_s": loop["cpu_s"], "flow_steps": loop["flow_steps"]},
+                loop["step"])
         plots.training_curves(os.path.join(args.out_dir, "curves.png"),
                               {run.name: (read_metrics(args.out_dir), threshold)})
         return m
 
     def out_of_budget():
         return args.budget and loop["cpu_s"] >= args.budget
+
+    def batch_at(s):
+        """The data batch of iteration s of the current epoch (None past its end)."""
+        i = loop["it"] + s - loop["step"]
+        return x_train[loop["perm"][i * args.batch:(i + 1) * args.batch]] if i < iters else None
 
     if ckpt is None:
         save()  # a NaN in the first epoch still leaves a loadable run
@@ -356,21 +335,23 @@ def train(args, ckpt, run, device):
             f = util.lr_factor(args.lr_schedule, progress, 1, args.lr_min_factor)
             for opt, lr in base_lrs:
                 util.set_lr(opt, lr * f)
-            it = loop["it"]
-            x = x_train[loop["perm"][it * args.batch:(it + 1) * args.batch]]
+            x = batch_at(step)
             if ebm is None:
-                V, acc, who = mle_step(flow, x, opt_flow)
+                V = fce.mle_step(flow, x, opt_flow)
+                r = fce.StepResult(V, None, None, False, bool(torch.isfinite(V)) or None)
             else:
-                V, acc, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, args.threshold,
-                                       args.flow_mle, mix)
-            if who is None:
+                r = fce.fce_step(ebm, contrast, step, x, batch_at, opt_ebm, opt_flow, the_rule)
+            if r.flow is None:
                 bar.close()
                 return run.nonfinite(f"non-finite loss or gradient at iteration {step} "
                                      f"(epoch {loop['epoch']})")
             loop["cpu_s"] += time.process_time() - t0
-            loop.update(step=step + 1, it=it + 1, v_sum=loop["v_sum"] + float(V),
-                        acc_sum=loop["acc_sum"] + (float(acc) if acc is not None else 0.0),
-                        n_ebm=loop["n_ebm"] + (who == "ebm"), n_rows=loop["n_rows"] + 1)
+            add = lambda k, v: loop[k] + (float(v) if v is not None else 0.0)  # noqa: E731
+            loop.update(step=step + 1, it=loop["it"] + 1, v_sum=add("v_sum", r.V),
+                        acc_sum=add("acc_sum", r.accuracy),
+                        acc_flow_sum=add("acc_flow_sum", r.accuracy_flow),
+                        n_ebm=loop["n_ebm"] + r.ebm, n_flow=loop["n_flow"] + r.flow,
+                        flow_steps=loop["flow_steps"] + r.flow, n_rows=loop["n_rows"] + 1)
             bar.update(1)
             if loop["step"] % args.log_every == 0:
                 now = time.perf_counter()
@@ -381,7 +362,8 @@ def train(args, ckpt, run, device):
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("value", "accuracy",
                                                               "nll_train") if k in row},
                                 refresh=False)
-                loop.update(v_sum=0.0, acc_sum=0.0, n_ebm=0, n_rows=0)
+                loop.update(v_sum=0.0, acc_sum=0.0, acc_flow_sum=0.0, n_ebm=0, n_flow=0,
+                            n_rows=0)
                 t_last, cpu_last, step_last = now, loop["cpu_s"], loop["step"]
         if run.stop_requested:
             break
@@ -399,11 +381,35 @@ def train(args, ckpt, run, device):
     if run.stop_requested:
         save()
         return run.interrupted(f"at iteration {loop['step']}")
-    code = run.done({**metrics, "steps": loop["step"], "cpu_s": loop["cpu_s"]}
-                    if metrics else None)
+    summary = {**metrics, "steps": loop["step"], "cpu_s": loop["cpu_s"],
+               "flow_steps": loop["flow_steps"]}
+    code = run.done(summary if metrics else None)
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
           f"{scaffold.gif_hint(args.image_dir)})")
     return code
+
+
+def flow_notes(args, m, loop):
+    """What a reader of the flow's numbers must know: a flow that stopped stepping while far
+    from the data (a failed FCE run), and a grid KL that disagrees with the Monte Carlo KL
+    on the test set by more than 0.05 nats plus three standard errors, and where from."""
+    notes = []
+    gap = m.get("nll_flow", math.nan) - m.get("entropy", math.nan)
+    if (args.estimator == "fce" and loop["flow_steps"] == loop["flow_steps_at_eval"]
+            and loop["step"] > 0 and gap > 0.1):
+        notes.append(f"the flow took no step since the last evaluation while its test NLL is "
+                     f"{gap:.3f} nats above the entropy: it has stopped learning (use --rule "
+                     f"every, or a lower --threshold)")
+    if "kl_flow" in m:
+        diff = m["kl_flow"] - m["kl_flow_mc"]
+        if abs(diff) > 0.05 + 3 * m["kl_flow_mc_se"]:
+            where = ("grid cells where the flow has almost no mass but the data has some "
+                     f"(holes; mass of p_data where log q < log p - 10: {m['hole_mass']:.2g})"
+                     if diff > 0 else "spikes of q narrower than a grid cell")
+            notes.append(f"the flow's grid KL {m['kl_flow']:.4f} and its Monte Carlo KL on "
+                         f"the test set {m['kl_flow_mc']:.4f} disagree by {diff:+.4f} nats: "
+                         f"{where}")
+    return notes
 
 
 def metrics_row(loop, ebm, opt_ebm, opt_flow):
@@ -411,7 +417,8 @@ def metrics_row(loop, ebm, opt_ebm, opt_flow):
     n = loop["n_rows"]
     row = ({"nll_train": loop["v_sum"] / n} if ebm is None else
            {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
-            "ebm_step_fraction": loop["n_ebm"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+            "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
+            "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
     row.update(epoch=loop["epoch"], cpu_s=loop["cpu_s"])
     if opt_flow is not None:
         row["lr_flow"] = opt_flow.param_groups[0]["lr"]

@@ -1,5 +1,4 @@
-"""Shared pieces of every training script: the FCE/NCE value function, exact evaluation of
-2D densities on a grid, seeding and devices, atomic checkpoints, and `load_run`.
+"""Shared pieces of every training script: exact evaluation of 2D densities on a grid, seeding and devices, atomic checkpoints, and `load_run`.
 
 Grid integration is in float64: on the square [-b, b]^2 with n x n cell centres of area dA,
 
@@ -15,24 +14,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 import datasets
 from gridmath import grid_kl, grid_log_Z, grid_points, on_grid  # noqa: F401 (re-exported)
-
-
-# ----------------------------------------------------------------------------- value function
-def value_function(log_p_data, log_q_data, log_p_noise, log_q_noise):
-    """FCE / NCE value V = E_data log p/(p+q) + E_q log q/(p+q) and classification accuracy.
-
-    log p/(p+q) = logsigmoid(log p - log q), so V is computed in log space. V = 2 log(1/2)
-    when p = q; the EBM maximises V, the flow (FCE) minimises it. The accuracy is that of the
-    classifier "data if p > q", averaged over the two equally sized batches."""
-    d_data = log_p_data - log_q_data
-    d_noise = log_q_noise - log_p_noise
-    V = F.logsigmoid(d_data).mean() + F.logsigmoid(d_noise).mean()
-    acc = 0.5 * ((d_data > 0).float().mean() + (d_noise > 0).float().mean())
-    return V, acc
 
 
 # ----------------------------------------------------------------------------- grid evaluation
@@ -52,8 +36,11 @@ def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=da
       log_Z          grid log Z of exp(-f); c_gap = c - log_Z (the learned normaliser's error)
       nll_ebm        -mean log p_theta(x_test), log p_theta = -f - log_Z (nats)
       nll_flow       -mean log q(x_test)
+      kl_flow_mc     mean log p_data(x) - log q(x) over x_test (a Monte Carlo KL, with its
+                     standard error kl_flow_mc_se): what the grid KL should agree with
       entropy        H(p_data), the lowest NLL any model can reach (known densities only)
       kl_ebm/kl_flow KL(p_data || model) on the grid (known densities only)
+      hole_mass      the mass of p_data on grid cells where log q < log p_data - 10
       mse_logp       mean over x_test of (log p_theta - log p_data)^2 (the fce-2d metric)
     """
     out = {}
@@ -75,10 +62,17 @@ def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=da
             ok = torch.isfinite(true_test)
             out["mse_logp"] = float(((log_p_test - true_test)[ok] ** 2).mean())
     if flow is not None:
-        out["nll_flow"] = float(-flow.log_prob(x_test).cpu().double().mean())
+        log_q_test = flow.log_prob(x_test).cpu().double()
+        out["nll_flow"] = float(-log_q_test.mean())
         if log_true is not None:
+            diff = datasets.log_density(dataset, x_test.cpu().double()) - log_q_test
+            diff = diff[torch.isfinite(diff)]
+            out["kl_flow_mc"] = float(diff.mean())
+            out["kl_flow_mc_se"] = float(diff.std() / math.sqrt(len(diff)))
             log_q, area = on_grid(flow.log_prob, bound, n, device)
             out["kl_flow"] = grid_kl(log_true, log_q, area)
+            hole = log_q < log_true - 10
+            out["hole_mass"] = float(log_true[hole].exp().sum() * area)
     return out
 
 

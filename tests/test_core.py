@@ -7,28 +7,28 @@ import torch
 import datasets
 import util
 from flows import build_flow
-from train import fce_step
+import fce
 
 
 # ----------------------------------------------------------------------------- value function
 def test_value_is_two_log_half_when_p_equals_q():
     lp = torch.randn(1000)
-    V, _ = util.value_function(lp, lp, lp, lp)
+    V, _ = fce.value_function(lp, lp, lp, lp)
     assert V.item() == pytest.approx(2 * math.log(0.5), abs=1e-6)
 
 
 def test_value_is_monotone_in_the_right_direction():
     """V grows when p rises on data and falls when p rises on noise samples."""
     zero = torch.zeros(100)
-    values = [util.value_function(zero + d, zero, zero, zero)[0].item() for d in (-2, 0, 2)]
+    values = [fce.value_function(zero + d, zero, zero, zero)[0].item() for d in (-2, 0, 2)]
     assert values[0] < values[1] < values[2]
-    values = [util.value_function(zero, zero, zero + d, zero)[0].item() for d in (-2, 0, 2)]
+    values = [fce.value_function(zero, zero, zero + d, zero)[0].item() for d in (-2, 0, 2)]
     assert values[0] > values[1] > values[2]
 
 
 def test_value_is_finite_for_huge_log_ratios():
     big = torch.tensor([1e4, -1e4])
-    V, acc = util.value_function(big, -big, -big, big)
+    V, acc = fce.value_function(big, -big, -big, big)
     assert torch.isfinite(V) and V.item() < -1e3  # log sigmoid(-2e4) = -2e4, no underflow
     assert acc.item() == 0.5
 
@@ -112,8 +112,10 @@ def test_nce_recovers_log_Z_of_a_gaussian_ebm():
         noise.transforms[0].chol.mul_(1.5)
     model = GaussianEBM()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    contrast = fce.Contrast(noise, 1000, seed=0, window=1)
     for i in range(1500):
-        fce_step(model, noise, data[torch.randint(0, len(data), (1000,))], opt, None, 0.6)
+        x = data[torch.randint(0, len(data), (1000,))]
+        fce.fce_step(model, contrast, i, x, lambda s, x=x: x, opt, None, fce.Rule())
     true_log_Z = math.log(2 * math.pi) + 0.5 * torch.logdet(cov).item()
     assert model.c.item() == pytest.approx(model.log_Z(), abs=0.05)
     assert model.c.item() == pytest.approx(true_log_Z, abs=0.05)

@@ -10,6 +10,7 @@ import torch
 
 import bench
 import curves
+import fce
 import flows
 import train
 import util
@@ -34,10 +35,14 @@ def models(seed=0):
     return ebm, flow, data[:100], flows.build_flow("gaussian", data)
 
 
+def contrast(flow, g, mix, n=100, window=1):
+    return fce.Contrast(flow, n, seed=3, gauss=g, mix=mix, window=window)
+
+
 def test_noise_mixture_density_is_the_mixture_and_normalised():
     ebm, flow, x, g = models()
-    y, lq_x, lq_y, lqf_x = train.noise(flow, x, (g, 0.3))
-    assert y.shape == x.shape
+    y, lq_x, lq_y, lqf_x, n_flow = contrast(flow, g, 0.3).live(0, x)
+    assert y.shape == x.shape and n_flow == 70
     for pts, lq in ((x, lq_x), (y, lq_y)):
         expect = torch.logaddexp(flow.log_prob(pts) + math.log(0.7), g.log_prob(pts) + math.log(0.3))
         assert torch.allclose(lq, expect, atol=1e-5)
@@ -56,6 +61,21 @@ def test_noise_mixture_density_is_the_mixture_and_normalised():
     assert any(gr is not None and (gr != 0).any() for gr in from_flow)
 
 
+def test_cached_noise_equals_the_live_noise_of_the_same_iteration():
+    """The window computed in one pass without a graph holds, for every iteration, exactly
+    the numbers a live (graph) pass of that iteration gives: the base draws depend on
+    (seed, step) only."""
+    ebm, flow, x, g = models()
+    batches = {s: x.roll(s, 0) for s in range(10, 16)}
+    c = contrast(flow, g, 0.5, window=4)
+    for s in range(10, 16):
+        cached = c.cached(s, batches.get)
+        live = contrast(flow, g, 0.5).live(s, batches[s])
+        for a, b in zip(cached[:4], live[:4]):
+            assert torch.allclose(a, b.detach(), atol=1e-5)
+    assert not torch.allclose(c.live(10, x).y, c.live(11, x).y)  # new draws every step
+
+
 def test_flow_step_descends_V_plus_the_weighted_nll():
     """The flow's update is the gradient of V - lambda mean log q_flow(data): with SGD the
     flow parameters move by exactly -lr times that gradient."""
@@ -63,16 +83,15 @@ def test_flow_step_descends_V_plus_the_weighted_nll():
     lam, lr = 2.0, 1e-2
     opt_e = torch.optim.SGD(ebm.parameters(), lr)
     opt_f = torch.optim.SGD(flow.parameters(), lr)
-    state = torch.get_rng_state()
-    y, lq_x, lq_y, lqf_x = train.noise(flow, x, (g, 0.5))
+    y, lq_x, lq_y, lqf_x, _ = contrast(flow, g, 0.5).live(5, x)
     lp_x, lp_y = ebm.log_prob(torch.cat([x, y])).split(len(x))
-    V, _ = util.value_function(lp_x, lq_x, lp_y, lq_y)
+    V, _ = fce.value_function(lp_x, lq_x, lp_y, lq_y)
     params = list(flow.parameters())
     grads = torch.autograd.grad(V - lam * lqf_x.mean(), params)
     before = [p.detach().clone() for p in params]
-    torch.set_rng_state(state)
-    _, _, who = train.fce_step(ebm, flow, x, opt_e, opt_f, 1e-6, lam, (g, 0.5))
-    assert who == "flow"
+    rule = fce.Rule("threshold", threshold=1e-6, flow_mle=lam)
+    r = fce.fce_step(ebm, contrast(flow, g, 0.5), 5, x, {5: x}.get, opt_e, opt_f, rule)
+    assert r.flow and not r.ebm
     for p, b, gr in zip(params, before, grads):
         assert torch.allclose(p.detach(), b - lr * gr, atol=1e-6)
 
@@ -135,7 +154,7 @@ def test_bad_input_exits_2_with_one_line(args, needle, capsys):
 
 def test_nan_in_a_spline_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
                                                                           capsys):
-    real = train.mle_step
+    real = fce.mle_step
     calls = {"n": 0}
 
     def poisoned(flow, x, opt):
@@ -145,7 +164,7 @@ def test_nan_in_a_spline_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
                 flow.transforms[0].made.out.bias.fill_(float("nan"))
         return real(flow, x, opt)
 
-    monkeypatch.setattr(train, "mle_step", poisoned)
+    monkeypatch.setattr(fce, "mle_step", poisoned)
     code, out = run(tmp_path, "--estimator", "mle", "--flow", "nsf", "--epoch", "3")
     assert code == 1 and "non-finite" in capsys.readouterr().err
     ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
@@ -179,7 +198,9 @@ def test_bench_grid_runs_skips_finished_runs_and_reports(tmp_path, capsys):
 
 
 def test_nan_at_the_first_iteration_leaves_a_loadable_initial_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "fce_step", lambda *a, **kw: (torch.tensor(math.nan), 0.5, None))
+    nan = torch.tensor(math.nan)
+    monkeypatch.setattr(fce, "fce_step", lambda *a, **kw: fce.StepResult(nan, nan, nan, None,
+                                                                          None))
     code, out = run(tmp_path, "--epoch", "2")
     assert code == 1
     loaded = util.load_run(str(out))
@@ -195,3 +216,31 @@ def test_checkpoint_rng_state_restores_numpy_and_torch():
     a, b = np.random.rand(3), torch.rand(3)
     util.set_rng_state(state)
     assert np.array_equal(np.random.rand(3), a) and torch.equal(torch.rand(3), b)
+
+
+@pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3), fce.Rule("threshold", threshold=0.51)])
+def test_cached_training_equals_recomputing_everything_at_every_step(rule):
+    """Training with the flow's work cached between flow steps ends with exactly the weights
+    of training that rebuilds the noise with a graph at every iteration (float64)."""
+    torch.manual_seed(0)
+    data = torch.randn(512, 2, dtype=torch.float64) * torch.tensor([1.5, 0.7], dtype=torch.float64)
+    g = flows.build_flow("gaussian", data).double()
+    results = []
+    for window in (0, 5):
+        torch.manual_seed(1)
+        ebm = train.EBM(2, (16, 16)).double()
+        flow = flows.build_flow("maf", data[:64].float(), n_blocks=2, hidden=[16]).double()
+        opt_e = torch.optim.Adam(ebm.parameters(), 5e-2)
+        opt_f = torch.optim.Adam(flow.parameters(), 1e-2)
+        c = fce.Contrast(flow, 64, seed=7, gauss=g, mix=0.5, window=window)
+        batch_at = lambda s: data[(s % 8) * 64:(s % 8 + 1) * 64]  # noqa: E731
+        whos = []
+        for step in range(60):
+            r = fce.fce_step(ebm, c, step, batch_at(step), batch_at, opt_e, opt_f, rule)
+            whos.append((r.ebm, r.flow))
+        results.append(([p.detach().clone() for p in [*ebm.parameters(), *flow.parameters()]],
+                        whos))
+    (ref, who_ref), (cached, who_cached) = results
+    assert who_ref == who_cached and any(f for _, f in who_ref) and any(e for e, _ in who_ref)
+    for a, b in zip(ref, cached):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)

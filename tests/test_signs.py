@@ -22,7 +22,7 @@ import vae as vae_mod
 from ebm import EBM
 from flows import build_flow
 from samplers import Energy, langevin
-from train import fce_step
+import fce
 
 
 def gauss_log_prob(x, mean, var):
@@ -50,12 +50,20 @@ def _fce_setup():
 
 
 def _value(ebm, flow, x, seed):
-    """V and the accuracy on the batch x and the flow samples of torch seed `seed` (the ones
-    fce_step draws after the same seed), and dV/d(params) for both models."""
-    torch.manual_seed(seed)
-    y, log_q_y = flow.sample_and_log_prob(len(x))
-    V, acc = util.value_function(ebm.log_prob(x), flow.log_prob(x), ebm.log_prob(y), log_q_y)
+    """V and the accuracy on the batch x and the flow samples of iteration `seed` (the ones
+    fce_step uses at that iteration)."""
+    y, log_q_y = flow.sample_and_log_prob(len(x), z=fce.base_draws(0, seed, len(x), 0, 2)[0]
+                                          .double())
+    V, acc = fce.value_function(ebm.log_prob(x), flow.log_prob(x), ebm.log_prob(y), log_q_y)
     return V, float(acc)
+
+
+def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold, step):
+    """One step of the threshold rule at iteration `step` (noise seed 0)."""
+    contrast = fce.Contrast(flow, len(x), seed=0, window=1)
+    r = fce.fce_step(ebm, contrast, step, x, {step: x}.get, opt_ebm, opt_flow,
+                     fce.Rule("threshold", threshold=threshold, flow_mle=0.0))
+    return r.V, r.accuracy_flow, "flow" if r.flow else "ebm"
 
 
 def _params(m):
@@ -80,9 +88,8 @@ def test_fce_step_moves_V_the_right_way_and_only_its_own_player(player):
     g = torch.autograd.grad(V0, list(mover.parameters()))
     predicted = lr * sum(float((gi * gi).sum()) for gi in g)
     ebm0, flow0 = _params(ebm), _params(flow)
-    torch.manual_seed(1)
     threshold = 2.0 if player == "ebm" else -1.0  # accuracy is always below 2, never below -1
-    V_step, _, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold)
+    V_step, _, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold, 1)
     assert who == player
     V0 = float(V0.detach())
     assert float(V_step) == pytest.approx(V0, abs=1e-12)  # V before the step
@@ -104,8 +111,7 @@ def test_ebm_steps_exactly_when_accuracy_is_below_threshold():
     for threshold in (acc + 1e-6, acc, acc - 1e-6):
         e, f = copy.deepcopy(ebm), copy.deepcopy(flow)
         opts = (torch.optim.SGD(e.parameters(), lr=1e-3), torch.optim.SGD(f.parameters(), lr=1e-3))
-        torch.manual_seed(3)
-        _, a, who = fce_step(e, f, x, *opts, threshold)
+        _, a, who = fce_step(e, f, x, *opts, threshold, 3)
         assert float(a) == acc
         whos.append(who)
     assert whos == ["ebm", "flow", "flow"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fce
 import train
 import util
 from logger import read_metrics
@@ -113,7 +114,7 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch)
     away from an epoch boundary."""
     common = ["--epoch", "2", "--wandb", "disabled", "--eval_every", "1", "--log_every", "3"]
     assert run_train(tmp_path, *common, name="straight")[0] == 0
-    real, calls = train.fce_step, {"n": 0}
+    real, calls = fce.fce_step, {"n": 0}
 
     def interrupted(*a, **kw):
         out = real(*a, **kw)
@@ -122,10 +123,10 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(train, "fce_step", interrupted)
+    monkeypatch.setattr(fce, "fce_step", interrupted)
     assert run_train(tmp_path, *common, name="split")[0] == 130
     assert util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 7
-    monkeypatch.setattr(train, "fce_step", real)
+    monkeypatch.setattr(fce, "fce_step", real)
     assert train.main(["--resume", str(tmp_path / "split")]) == 0
     assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")
     a = util.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
@@ -165,16 +166,17 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
 def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys,
                                                           bad_call, epoch, step):
     """A NaN at the first iteration leaves the initial state; later, the last epoch's."""
-    real = train.fce_step
+    real = fce.fce_step
     calls = {"n": 0}
 
     def flaky(*a, **kw):
         calls["n"] += 1
         if calls["n"] == bad_call:
-            return torch.tensor(float("nan")), torch.tensor(0.5), None
+            return fce.StepResult(torch.tensor(float("nan")), torch.tensor(0.5),
+                                  torch.tensor(0.5), None, None)
         return real(*a, **kw)
 
-    monkeypatch.setattr(train, "fce_step", flaky)
+    monkeypatch.setattr(fce, "fce_step", flaky)
     code, out = run_train(tmp_path, "--epoch", "3", "--wandb", "disabled")
     assert code == 1
     assert "non-finite" in capsys.readouterr().err
@@ -190,6 +192,10 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
     (["--flow", "realnvp"], "invalid choice"),
     (["--threshold", "1.5"], "(0, 1)"),
     (["--threshold", "0"], "(0, 1)"),
+    (["--rule", "threshold", "--threshold", "0.5"], "(0.5, 1)"),
+    (["--rule", "threshold", "--threshold", "0.3"], "(0.5, 1)"),
+    (["--rule", "sometimes"], "invalid choice"),
+    (["--flow_every", "0"], "positive"),
     (["--batch", "0"], "positive"),
     (["--samples", "-5"], "positive"),
     (["--samples", "100", "--batch", "200"], "smaller than --batch"),

@@ -1,0 +1,267 @@
+"""Flow contrastive estimation (Gao et al. 2020): the value function, the noise q, who steps,
+and one iteration. NCE (Gutmann & Hyvarinen 2010) is the same with a fixed Gaussian q.
+
+An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q play (eq. 5 of the paper)
+
+    V(alpha, theta) = E_data log p/(p+q) + E_q log q/(p+q),
+
+the EBM ascending V, the flow q_alpha descending V + lambda (-E_data log q_flow) (lambda =
+`flow_mle`; the likelihood term keeps q a density model where V's gradient saturates). The
+noise is q = (1 - m) q_flow + m g, a fixed Gaussian g fitted to the data keeping the plane
+covered (m = `mix`; 0 is the paper's FCE).
+
+Who steps (`Rule`):
+- "every": the EBM steps at every iteration, the flow at every `flow_every`-th one as well
+  (both from the same V; flow_every = 1 is both models at every iteration);
+- "threshold": the paper's rule. The EBM steps while the accuracy of the classifier
+  "data iff p > q" on data against the flow's *own* samples is below `threshold`, otherwise
+  the flow steps. Against a perfect flow that accuracy is 1/2, so any threshold in (1/2, 1)
+  can be reached by a flow that learns.
+
+Paying for the flow only when it changes: between flow steps the flow is fixed, so its
+samples, their log q and log q of the coming data batches are computed once, without a
+graph, for a window of iterations (`Contrast`). The base draws of iteration `step` come from a
+generator seeded by (seed, step) on the CPU, so a cached iteration sees exactly the noise a
+recomputed one would, on every device and after a resume.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+RULES = ("every", "threshold")
+
+
+# ----------------------------------------------------------------------------- value function
+def value_function(log_p_data: Tensor, log_q_data: Tensor, log_p_noise: Tensor,
+                   log_q_noise: Tensor) -> tuple[Tensor, Tensor]:
+    """V = E_data log p/(p+q) + E_q log q/(p+q) and the accuracy of "data iff p > q".
+
+    log p/(p+q) = logsigmoid(log p - log q), so V is computed in log space. V = 2 log(1/2)
+    when p = q; the EBM maximises V, the flow minimises it. The accuracy is averaged over the
+    two batches (each weighted 1/2 whatever its size)."""
+    d_data = log_p_data - log_q_data
+    d_noise = log_q_noise - log_p_noise
+    V = F.logsigmoid(d_data).mean() + F.logsigmoid(d_noise).mean()
+    acc = 0.5 * ((d_data > 0).float().mean() + (d_noise > 0).float().mean())
+    return V, acc
+
+
+# ----------------------------------------------------------------------------- the noise q
+class Noise(NamedTuple):
+    """One iteration's contrast: noise samples y, log q at the data x and at y (q the
+    mixture), log q_flow(x), and how many of the y (the first ones) are the flow's own."""
+    y: Tensor
+    log_q_x: Tensor
+    log_q_y: Tensor
+    log_qf_x: Tensor
+    n_flow: int
+
+
+def base_draws(seed: int, step: int, n_flow: int, n_gauss: int, dim: int):
+    """N(0, I) draws of iteration `step` for the flow and the Gaussian, from a CPU generator
+    seeded by (seed, step): the same numbers whoever asks, whenever, on any device."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    z = torch.randn(n_flow + n_gauss, dim, generator=gen)
+    return z[:n_flow], z[n_flow:]
+
+
+class Contrast:
+    """q = (1 - mix) q_flow + mix g, with the flow's part cached between flow steps.
+
+    `live(step, x)` builds the noise with an autograd graph through the flow (a flow step
+    needs it); `cached(step, batch_at)` returns the same numbers without a graph, computed
+    for `window` iterations at once (`batch_at(s)`: the data batch of iteration s, or None
+    past the end of the epoch). `flow_changed()` drops the cache; it must be called after
+    every flow step."""
+
+    def __init__(self, flow, n: int, seed: int, gauss=None, mix: float = 0.0,
+                 window: int = 8):
+        if mix > 0 and gauss is None:
+            raise ValueError("a noise mixture needs the Gaussian g")
+        self.flow, self.gauss, self.mix, self.seed, self.window = flow, gauss, mix, seed, window
+        self.n_gauss = int(round(mix * n)) if mix > 0 else 0
+        self.n_flow = n - self.n_gauss
+        self._cache: dict[int, Noise] = {}
+
+    def _noise(self, steps: list[int], xs: list[Tensor]) -> list[Noise]:
+        """The noise of several iterations in one batched pass of the flow."""
+        dev = self.flow._anchor.device
+        dtype = self.flow._anchor.dtype
+        draws = [base_draws(self.seed, s, self.n_flow, self.n_gauss, self.flow.dim)
+                 for s in steps]
+        z = torch.cat([d[0] for d in draws]).to(dev, dtype)
+        y_f, log_qf_yf = self.flow.sample_and_log_prob(len(z), z=z)
+        x = torch.cat(xs)
+        if self.n_gauss:
+            e = torch.cat([d[1] for d in draws]).to(dev, dtype)
+            y_g, log_g_yg = self.gauss.sample_and_log_prob(len(e), z=e)
+            log_qf_rest = self.flow.log_prob(torch.cat([x, y_g]))
+            log_qf_x, log_qf_yg = log_qf_rest[:len(x)], log_qf_rest[len(x):]
+            log_g_x, log_g_yf = self.gauss.log_prob(torch.cat([x, y_f])).split([len(x), len(y_f)])
+            a, b = math.log1p(-self.mix), math.log(self.mix)
+            log_q_x = torch.logaddexp(log_qf_x + a, log_g_x + b)
+            log_q_yf = torch.logaddexp(log_qf_yf + a, log_g_yf + b)
+            log_q_yg = torch.logaddexp(log_qf_yg + a, log_g_yg + b)
+        else:
+            log_qf_x = log_q_x = self.flow.log_prob(x)
+            log_q_yf = log_qf_yf
+        out = []
+        nx, nf, ng = len(xs[0]), self.n_flow, self.n_gauss
+        for i in range(len(steps)):
+            fx, ff, fg = slice(i * nx, (i + 1) * nx), slice(i * nf, (i + 1) * nf), \
+                slice(i * ng, (i + 1) * ng)
+            if ng:
+                y = torch.cat([y_f[ff], y_g[fg]])
+                log_q_y = torch.cat([log_q_yf[ff], log_q_yg[fg]])
+            else:
+                y, log_q_y = y_f[ff], log_q_yf[ff]
+            out.append(Noise(y, log_q_x[fx], log_q_y, log_qf_x[fx], nf))
+        return out
+
+    def live(self, step: int, x: Tensor) -> Noise:
+        """The noise of iteration `step` with a graph through the flow (reparameterised)."""
+        return self._noise([step], [x])[0]
+
+    def cached(self, step: int, batch_at: Callable[[int], Optional[Tensor]]) -> Noise:
+        """The noise of iteration `step` without a graph; on a miss, computes the window
+        step, step + 1, ... (as far as `batch_at` has batches) in one pass. With window 0
+        it is recomputed live at every call (the reference the cache is tested against)."""
+        if self.window == 0:
+            return self.live(step, batch_at(step))
+        with torch.no_grad():
+            return self._cached(step, batch_at)
+
+    def _cached(self, step, batch_at):
+        if step not in self._cache:
+            steps, xs = [], []
+            for s in range(step, step + self.window):
+                x = batch_at(s)
+                if x is None:
+                    break
+                steps.append(s)
+                xs.append(x)
+            self._cache = dict(zip(steps, self._noise(steps, xs)))
+        return self._cache.pop(step)
+
+    def flow_changed(self) -> None:
+        self._cache = {}
+
+
+# ----------------------------------------------------------------------------- who steps
+@dataclass(frozen=True)
+class Rule:
+    """Who steps (see the module docstring): name "every" or "threshold", the flow's period
+    under "every", the accuracy threshold under "threshold", and lambda of the flow's loss."""
+    name: str = "every"
+    flow_every: int = 1
+    threshold: float = 0.6
+    flow_mle: float = 1.0
+
+    def flow_due(self, step: int) -> bool:
+        """Under "every": does the flow step (too) at iteration `step`?"""
+        return self.name == "every" and step % self.flow_every == self.flow_every - 1
+
+    def check(self) -> Optional[str]:
+        """None, or why this rule cannot work (one line naming the fix)."""
+        if self.name not in RULES:
+            return f"unknown --rule {self.name!r}; choose one of: {', '.join(RULES)}"
+        if self.flow_every < 1:
+            return "--flow_every must be a positive integer"
+        if self.name == "threshold" and not 0.5 < self.threshold < 1:
+            return (f"--threshold {self.threshold:g} cannot work with --rule threshold: the "
+                    f"accuracy against the flow's own samples falls to 0.5 as the flow learns "
+                    f"and never exceeds 1, so the threshold must lie in (0.5, 1); the paper "
+                    f"uses 0.6")
+        return None
+
+
+class StepResult(NamedTuple):
+    """V before the step, the accuracy on the whole noise and on the flow's own samples, and
+    which models stepped (None for both when a loss or gradient was not finite)."""
+    V: Tensor
+    accuracy: Tensor
+    accuracy_flow: Tensor
+    ebm: Optional[bool]
+    flow: Optional[bool]
+
+
+def _contrast(ebm, x: Tensor, noise: Noise):
+    """V, its accuracy and the accuracy on the flow's own samples, for one noise batch."""
+    n = x.shape[0]
+    log_p_x, log_p_y = ebm.log_prob(torch.cat([x, noise.y])).split([n, len(noise.y)])
+    V, acc = value_function(log_p_x, noise.log_q_x, log_p_y, noise.log_q_y)
+    k = noise.n_flow
+    acc_flow = 0.5 * ((log_p_x > noise.log_q_x).float().mean()
+                      + (noise.log_q_y[:k] > log_p_y[:k]).float().mean()) if k else acc
+    return V, acc, acc_flow
+
+
+def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, opt_flow,
+             rule: Rule) -> StepResult:
+    """One FCE/NCE iteration on the data batch x (= batch_at(step)).
+
+    Without a flow step the EBM ascends V on the cached noise (the cost of an NCE step).
+    When the flow steps (rule.flow_due, or the threshold rule's accuracy reached), the noise
+    is rebuilt with a graph from the same base draws and the flow descends
+    V - lambda E_data log q_flow; under "every" the EBM steps from the same V. Each model's
+    gradient is taken with respect to its own parameters only (`torch.autograd.grad`)."""
+    learns = opt_flow is not None
+    if learns and rule.flow_due(step):
+        V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x))
+        # one backward pass: the likelihood term does not depend on the EBM, so the EBM's
+        # gradient of this loss is dV/dtheta, and the EBM ascends V by stepping on its negative
+        loss = V - rule.flow_mle * noise.log_qf_x.mean()
+        if not torch.isfinite(V) or not _step([(opt_flow, loss)], ascend=[opt_ebm], loss=loss):
+            return StepResult(V.detach() * math.nan, acc, acc_flow, None, None)
+        contrast.flow_changed()
+        return StepResult(V.detach(), acc, acc_flow, True, True)
+    V, acc, acc_flow = _contrast(ebm, x, contrast.cached(step, batch_at))
+    if not torch.isfinite(V):
+        return StepResult(V.detach(), acc, acc_flow, None, None)
+    if learns and rule.name == "threshold" and acc_flow >= rule.threshold:
+        V_live, _, _ = _contrast(ebm, x, noise := contrast.live(step, x))
+        ok = _step([(opt_flow, V_live - rule.flow_mle * noise.log_qf_x.mean())])
+        contrast.flow_changed()
+        return StepResult(V.detach() if ok else V.detach() * math.nan, acc, acc_flow,
+                          False if ok else None, True if ok else None)
+    ok = _step([(opt_ebm, -V)])
+    return StepResult(V.detach() if ok else V.detach() * math.nan, acc, acc_flow,
+                      True if ok else None, False if ok else None)
+
+
+def _step(pairs, ascend=(), loss=None) -> bool:
+    """For each (optimizer, loss): the gradient of the loss with respect to that optimizer's
+    parameters only; the optimizers in `ascend` step on the negative gradient of `loss` (the
+    same backward pass as the first pair's). Then, if every gradient is finite, one step of
+    each; False (and no step at all) otherwise."""
+    params_of = lambda opt: [p for g in opt.param_groups for p in g["params"]]  # noqa: E731
+    grads = []
+    for i, (opt, pair_loss) in enumerate(pairs):
+        params = params_of(opt) + ([p for o in ascend for p in params_of(o)] if i == 0 else [])
+        gs = torch.autograd.grad(pair_loss, params, retain_graph=i < len(pairs) - 1)
+        k = len(params_of(opt))
+        grads.append((opt, params[:k], gs[:k]))
+        for o in (ascend if i == 0 else ()):
+            m = len(params_of(o))
+            grads.append((o, params[k:k + m], [-g for g in gs[k:k + m]]))
+            k += m
+    if not all(torch.isfinite(g).all() for _, _, gs in grads for g in gs):
+        return False
+    for opt, params, gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+    return True
+
+
+def mle_step(flow, x: Tensor, opt) -> Tensor:
+    """One maximum-likelihood step of the flow alone; returns -mean log q(x) (NaN, and no
+    step, when it or a gradient is not finite)."""
+    nll = -flow.log_prob(x).mean()
+    if not torch.isfinite(nll) or not _step([(opt, nll)]):
+        return nll.detach() * math.nan
+    return nll.detach()
