@@ -10,11 +10,14 @@ import sys
 import pytest
 import torch
 
-import ais
-import gridmath
-import util
-from ebm import EBM
-from flows import gaussian, gaussian_fit, maf
+if __name__ == "__main__":  # python tests/test_ais.py prints the validation table
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ais  # noqa: E402
+import gridmath  # noqa: E402
+import util  # noqa: E402
+from ebm import EBM  # noqa: E402
+from flows import gaussian, gaussian_fit, maf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,19 +71,24 @@ def test_schedule_runs_from_0_to_1_increasing(kind):
 
 
 # ----------------------------------------------------------------------------- log Z
-def test_gaussian_64d_log_Z():
+def case_gaussian_64d():
     """A 64-dimensional Gaussian energy from a different Gaussian base (other mean, isotropic
-    variance 1.5): |log Z-hat - log Z| < 0.1, acceptance adapted near HMC's 0.65."""
+    variance 1.5), HMC."""
     torch.manual_seed(0)
     f, log_Z, _ = gaussian_energy(64)
-    res = ais.ais_log_Z(f, std_gaussian(64, 1.5), n_chains=256, n_temps=400, repeats=2)
+    return ais.ais_log_Z(f, std_gaussian(64, 1.5), n_chains=256, n_temps=400, repeats=2), log_Z
+
+
+def test_gaussian_64d_log_Z():
+    """|log Z-hat - log Z| < 0.1, acceptance adapted near HMC's 0.65."""
+    res, log_Z = case_gaussian_64d()
     assert abs(res.log_Z - log_Z) < 0.1, (res.log_Z, log_Z, res.log_Z_repeats)
     assert abs(res.acceptance - 0.65) < 0.1
     assert res.log_w.dtype == torch.float64 and res.log_w.shape == (2, 256)
     assert (res.ess > 1).all() and (res.ess <= 256).all()
 
 
-def test_flow_energy_has_log_Z_zero():
+def case_flow_energy():
     """f = -log q(x) of a randomly perturbed 8-dimensional MAF is normalised: log Z = 0. The
     base is a Gaussian fitted to the flow's samples (it is not the flow)."""
     torch.manual_seed(1)
@@ -89,25 +97,33 @@ def test_flow_energy_has_log_Z_zero():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn_like(p))
         base = gaussian_fit(flow.sample(2000)).double()
-    res = ais.ais_log_Z(lambda x: -flow.log_prob(x), base, n_chains=256, n_temps=200,
-                        repeats=2)
-    assert abs(res.log_Z) < 0.1, res.log_Z_repeats
+    return ais.ais_log_Z(lambda x: -flow.log_prob(x), base, n_chains=256, n_temps=200,
+                         repeats=2), 0.0
+
+
+def test_flow_energy_has_log_Z_zero():
+    res, log_Z = case_flow_energy()
+    assert abs(res.log_Z - log_Z) < 0.1, res.log_Z_repeats
+
+
+def case_mixture():
+    """Two modes 17 sd apart with weights 0.3 / 0.7 from a broad Gaussian base, MALA: the
+    weights, not the chains (which cannot cross), get the mode masses right."""
+    torch.manual_seed(2)
+    return ais.ais_log_Z(mixture_energy, std_gaussian(2, 9.0), n_chains=512, n_temps=300,
+                         repeats=2, transition="mala"), MIX_C
 
 
 def test_separated_mixture_log_Z():
-    """Two modes 17 sd apart with weights 0.3 / 0.7 from a broad Gaussian base: the weights,
-    not the chains (which cannot cross), get the mode masses right."""
-    torch.manual_seed(2)
-    res = ais.ais_log_Z(mixture_energy, std_gaussian(2, 9.0), n_chains=512, n_temps=300,
-                        repeats=2, transition="mala")
+    res, _ = case_mixture()
     assert abs(res.log_Z - MIX_C) < 0.1, res.log_Z_repeats
 
 
-def test_ebm_2d_matches_the_grid():
+def case_ebm_2d():
     """A random small EBM(2, (32, 32)) (first and last layer scaled up so the density has
-    structure; importance sampling from the base alone has an ESS of 2%) with a Gaussian
+    structure; importance sampling from the base alone has an ESS of 8%) with a Gaussian
     confinement f + |x|^2 / 8, so exp(-f) is integrable: AIS within 0.02 nats of the float64
-    grid log Z on [-12, 12]^2 (grid converged: the same to 1e-6 on [-30, 30]^2)."""
+    grid log Z on [-12, 12]^2 (grid converged: the same to 2e-6 on [-30, 30]^2)."""
     torch.manual_seed(3)
     ebm = EBM(2, (32, 32)).double()
     with torch.no_grad():
@@ -119,48 +135,67 @@ def test_ebm_2d_matches_the_grid():
 
     neg_f, area = gridmath.on_grid(lambda x: -f(x), 12.0, 600, dtype=torch.float64)
     log_Z = gridmath.grid_log_Z(neg_f, area)
-    res = ais.ais_log_Z(f, std_gaussian(2, 4.0), n_chains=1000, n_temps=200, repeats=4,
-                        transition="mala", adapt="chain")
+    return ais.ais_log_Z(f, std_gaussian(2, 4.0), n_chains=1000, n_temps=200, repeats=4,
+                         transition="mala", adapt="chain"), log_Z
+
+
+def test_ebm_2d_matches_the_grid():
+    res, log_Z = case_ebm_2d()
     assert abs(res.log_Z - log_Z) < 0.02, (res.log_Z, log_Z, res.log_Z_repeats)
+
+
+def case_three_temperatures():
+    """K = 3, 20,000 chains, a 4-dimensional Gaussian, kernels fixed in advance."""
+    torch.manual_seed(7)
+    f, log_Z, _ = gaussian_energy(4)
+    return ais.ais_log_Z(f, std_gaussian(4, 1.5), n_chains=20_000, n_temps=3,
+                         step_sizes=torch.tensor([0.8, 0.8])), log_Z
 
 
 def test_unbiased_with_three_temperatures():
     """With kernels fixed in advance (step_sizes, no adaptation) E[Z-hat] = Z for any number of
-    temperatures (Neal 2001): with K = 3 and 20,000 chains on a 4-dimensional Gaussian,
-    log Z-hat is within 0.03 of log Z (a weight evaluated at the wrong state or temperature is
-    biased by much more at such a short schedule)."""
-    torch.manual_seed(7)
-    f, log_Z, _ = gaussian_energy(4)
-    res = ais.ais_log_Z(f, std_gaussian(4, 1.5), n_chains=20_000, n_temps=3,
-                        step_sizes=torch.tensor([0.8, 0.8]))
+    temperatures (Neal 2001): log Z-hat within 0.03 of log Z (a kernel at the wrong
+    temperature is biased by much more at such a short schedule)."""
+    res, log_Z = case_three_temperatures()
     assert abs(res.log_Z - log_Z) < 0.03, (res.log_Z, log_Z, float(res.ess[0]))
 
 
 # ----------------------------------------------------------------------------- the bracket
-def test_bracket_contains_the_true_log_likelihood():
-    """Exact model samples as the test set of the 64-dimensional Gaussian: the bracket
-    [lower, upper] holds the true mean log p (up to MC error), and lower <= upper."""
+def case_bracket():
+    """Exact model samples as the test set of the 64-dimensional Gaussian, K = 50."""
     torch.manual_seed(4)
     f, log_Z, sample = gaussian_energy(64)
     x_test = sample(2000)
     true = float((-f(x_test)).mean()) - log_Z
-    br = ais.loglik_bracket(f, std_gaussian(64, 1.5), x_test, n_chains=256, n_temps=50,
-                            repeats=2)
+    return ais.loglik_bracket(f, std_gaussian(64, 1.5), x_test, n_chains=256, n_temps=50,
+                              repeats=2), true
+
+
+def test_bracket_contains_the_true_log_likelihood():
+    """The bracket [lower, upper] holds the true mean log p (up to MC error 0.05), and
+    lower <= upper."""
+    br, true = case_bracket()
     assert br.lower <= br.upper and br.gap == pytest.approx(br.upper - br.lower)
     assert br.lower - 0.05 <= true <= br.upper + 0.05, (br.lower, true, br.upper)
     assert br.log_Z_lower == br.forward.log_Z and br.log_Z_upper == br.reverse.log_Z
 
 
-def test_short_schedules_bound_log_Z_from_both_sides():
-    """With only 10 temperatures both estimates are biased, each to its own side: forward AIS
-    below log Z, reverse AIS from exact samples above it (Burda et al. 2015; Grosse et al.
-    2015), by far more than their spread."""
+def case_short_schedule():
+    """Forward and reverse (from exact samples) AIS with 10 temperatures, 64-d Gaussian."""
     torch.manual_seed(5)
     f, log_Z, sample = gaussian_energy(64)
     base = std_gaussian(64, 1.5)
     fwd = ais.ais_log_Z(f, base, n_chains=256, n_temps=10, repeats=2)
     rev = ais.reverse_ais_log_Z(f, base, sample(512), n_temps=10, repeats=2,
                                 step_sizes=fwd.eps)
+    return fwd, rev, log_Z
+
+
+def test_short_schedules_bound_log_Z_from_both_sides():
+    """With only 10 temperatures both estimates are biased, each to its own side: forward AIS
+    below log Z, reverse AIS from exact samples above it (Burda et al. 2015; Grosse et al.
+    2015), by far more than their spread."""
+    fwd, rev, log_Z = case_short_schedule()
     assert fwd.log_Z < log_Z - 0.5 and fwd.log_Z_repeats.max() < log_Z
     assert rev.log_Z > log_Z + 0.5 and rev.log_Z_repeats.min() > log_Z
 
@@ -187,3 +222,33 @@ def test_cli_prints_log_Z_grid_and_bracket(tmp_path, capsys):
     assert ais.main([str(tmp_path), "--chains", "50", "--temps", "20", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "log Z  forward" in out and "log Z  grid" in out and "test log-likelihood in" in out
+
+
+# ----------------------------------------------------------------------------- the numbers
+def validation_table():
+    """The cases above as a Markdown table (docs/ais.md): python tests/test_ais.py"""
+    rows = ["| case | estimate | exact | error | sd over repeats | ESS / chains | acceptance |",
+            "|---|---|---|---|---|---|---|"]
+    for name, case in (("64-d Gaussian, HMC, K=400, 2x256", case_gaussian_64d),
+                       ("8-d MAF energy (log Z = 0), HMC, K=200, 2x256", case_flow_energy),
+                       ("2D two-mode mixture, MALA, K=300, 2x512", case_mixture),
+                       ("2D EBM(2, (32, 32)) vs grid, MALA, K=200, 4x1000", case_ebm_2d),
+                       ("4-d Gaussian, K=3, fixed kernels, 20000", case_three_temperatures)):
+        res, exact = case()
+        n = res.log_w.shape[1]
+        rows.append(f"| {name} | {res.log_Z:.4f} | {exact:.4f} | {res.log_Z - exact:+.4f} | "
+                    f"{res.log_Z_sd:.4f} | {float(res.ess.mean()):.0f} / {n} | "
+                    f"{res.acceptance:.3f} |")
+    br, true = case_bracket()
+    rows.append(f"| bracket, 64-d Gaussian, exact samples, K=50, 2x256 | [{br.lower:.4f}, "
+                f"{br.upper:.4f}] | {true:.4f} | gap {br.gap:.4f} | | | |")
+    fwd, rev, log_Z = case_short_schedule()
+    rows.append(f"| log Z, 64-d Gaussian, K=10: forward / reverse | {fwd.log_Z:.4f} / "
+                f"{rev.log_Z:.4f} | {log_Z:.4f} | {fwd.log_Z - log_Z:+.4f} / "
+                f"{rev.log_Z - log_Z:+.4f} | {fwd.log_Z_sd:.4f} / {rev.log_Z_sd:.4f} | | |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(validation_table())
