@@ -18,6 +18,7 @@ Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF a
 zuko's with the same architecture, interleaved so machine load hits both alike, and the test
 NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when absent).
 """
+import json
 import os
 import statistics
 import sys
@@ -34,11 +35,17 @@ ESTIMATORS = {  # label: train.py flags on top of its defaults
     "fce-maf": ["--estimator", "fce", "--flow", "maf"],
     "fce-glow": ["--estimator", "fce", "--flow", "glow"],
     "fce-nsf": ["--estimator", "fce", "--flow", "nsf"],
+    "mle-maf": ["--estimator", "mle", "--flow", "maf"],
+    "mle-glow": ["--estimator", "mle", "--flow", "glow"],
     "mle-nsf": ["--estimator", "mle", "--flow", "nsf"],
 }
+DEFAULT_ESTIMATORS = ("nce", "fce-maf", "fce-glow", "fce-nsf", "mle-maf")
 TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", "moons",
        "circles", "swissroll")
-KEYS = ["kl_ebm", "nll_ebm", "kl_flow", "nll_flow", "entropy", "steps", "cpu_s"]
+KEYS = ["kl_ebm", "nll_ebm", "c_gap", "kl_flow", "kl_flow_mc", "nll_flow", "entropy", "steps",
+        "flow_steps", "cpu_s"]
+# the equal-iteration partner: NCE run for as many iterations as FCE-MAF made in its budget
+EQUAL_ITERS = ("nce", "fce-maf")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -46,15 +53,32 @@ def run_dir(root, label, dataset, seed):
     return os.path.join(root, f"{label}-{dataset}-s{seed}")
 
 
-def run_one(root, label, dataset, seed, budget, extra=()):
+def run_one(root, label, dataset, seed, budget, extra=(), steps=None):
     """One train.py run in its own process (scaffold.run_script: finished runs are kept, an
-    interrupted one resumes); returns (run folder, exit code). Output in <run folder>.log."""
+    interrupted one resumes); returns (run folder, exit code). Output in <run folder>.log.
+    With `steps`, the run ends after that many iterations instead of the CPU budget."""
     out = run_dir(root, label, dataset, seed)
     os.makedirs(root, exist_ok=True)
-    argv = [*ESTIMATORS[label], "--dataset", dataset, "--seed", str(seed), "--budget",
-            str(budget), "--epoch", "100000", "--eval_every", "100000", "--plot_every",
+    stop = ["--max_steps", str(steps)] if steps else ["--budget", str(budget)]
+    argv = [*ESTIMATORS[label], "--dataset", dataset, "--seed", str(seed), *stop,
+            "--epoch", "100000", "--eval_every", "100000", "--plot_every",
             "100000", "--image_dir", os.path.join(out, "images"), *extra]
     return out, scaffold.run_script("train.py", out, argv, log=f"{out}.log")
+
+
+def iters_root(root):
+    """Where the equal-iteration NCE runs live (beside --root, so that they never mix into the
+    equal-CPU table)."""
+    return os.path.normpath(root) + "-equal-iterations"
+
+
+def finished_steps(root, label, dataset, seed):
+    """The iterations a finished run made, or None."""
+    path = os.path.join(run_dir(root, label, dataset, seed), "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh).get("steps")
 
 
 def run_grid(args):
@@ -66,12 +90,24 @@ def run_grid(args):
 
     def one(job):
         t = time.time()
-        out, code = run_one(args.root, *job, args.budget, args.train_args.split())
+        lab, ds, seed = job
+        if lab == "equal-iterations":  # after the FCE-MAF run of the same set and seed
+            steps = finished_steps(args.root, EQUAL_ITERS[1], ds, seed)
+            if steps is None:
+                return 0
+            out, code = run_one(iters_root(args.root), EQUAL_ITERS[0], ds, seed, None,
+                                args.train_args.split(), steps=steps)
+        else:
+            out, code = run_one(args.root, *job, args.budget, args.train_args.split())
         print(f"{'ok ' if code == 0 else f'FAILED ({code})'} {out} ({time.time() - t:.0f} s)",
               flush=True)
         return code
 
-    return sum(c != 0 for c in scaffold.run_many(one, jobs, args.jobs))
+    failed = sum(c != 0 for c in scaffold.run_many(one, jobs, args.jobs))
+    if all(lab in args.estimators for lab in EQUAL_ITERS):
+        pairs = [("equal-iterations", ds, s) for s in args.seeds for ds in args.datasets]
+        failed += sum(c != 0 for c in scaffold.run_many(one, pairs, args.jobs))
+    return failed
 
 
 def gallery(agg, root, seed, path):
@@ -105,9 +141,13 @@ def report(args):
         return None
     agg = gather.aggregate(rows, KEYS)
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
-             f"seeds {' '.join(map(str, args.seeds))}.", "", gather.markdown(agg, KEYS)]
+             f"seeds {' '.join(map(str, args.seeds))}.", "", gather.markdown(agg, KEYS), "",
+             *speed_lines(rows)]
+    iters = equal_iterations(args, rows)
+    if iters:
+        lines += ["", *iters]
     print("\n".join(lines))
-    summary = kl_pivot(agg)
+    summary = "\n".join([kl_pivot(agg), "", *targets(agg)])
     print("\n" + summary)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -118,6 +158,53 @@ def report(args):
         gather.figure(agg, "kl_ebm", os.path.join(args.out, "kl_ebm.png"))
         print(f"wrote {gallery(agg, args.root, args.seeds[0], os.path.join(args.out, 'grid.png'))}")
     return lines
+
+
+def speed_lines(rows):
+    """What a CPU-second bought each estimator: iterations per CPU-second over its runs
+    (mean, sd, min-max): how far the budget moves on a shared machine."""
+    out = ["| estimator | iterations per CPU-s: mean ± sd | min - max | runs |", "|---|---|---|---|"]
+    for lab in dict.fromkeys(r["label"] for r in rows):
+        v = [r["steps"] / r["cpu_s"] for r in rows if r["label"] == lab and r.get("cpu_s")]
+        if v:
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            out.append(f"| {lab} | {statistics.mean(v):.1f} ± {sd:.1f} | {min(v):.1f} - "
+                       f"{max(v):.1f} | {len(v)} |")
+    return out
+
+
+def equal_iterations(args, rows):
+    """NCE run for exactly as many iterations as FCE-MAF made in its budget, beside FCE-MAF:
+    the equal-iteration comparison (lines of a table), or [] when there are none."""
+    root = iters_root(args.root)
+    nce = [r for r in gather.collect([root]) if r["dataset"] in args.datasets] \
+        if os.path.isdir(root) else []
+    if not nce:
+        return []
+    fce_rows = [r for r in rows if r["label"] == EQUAL_ITERS[1]]
+    for r in nce:
+        r["label"] = "nce (FCE-MAF's iterations)"
+    keys = ["kl_ebm", "c_gap", "steps", "cpu_s"]
+    return ["Equal iterations: NCE run for the number of iterations FCE-MAF made in its "
+            "budget (same data, seed and defaults).", "",
+            gather.markdown(gather.aggregate(fce_rows + nce, keys), keys)]
+
+
+def targets(agg):
+    """Per dataset: FCE-MAF's EBM against NCE's (difference of mean KL and the larger sd) and
+    each FCE flow's test NLL against the same flow trained alone by maximum likelihood."""
+    cell = {(a["label"], a["dataset"]): a for a in agg}
+    data = list(dict.fromkeys(a["dataset"] for a in agg))
+    out = ["| dataset | EBM KL: fce-maf - nce | larger sd | flow NLL: fce-maf - mle-maf |",
+           "|---|---|---|---|"]
+    for ds in data:
+        f, n, m = (cell.get((lab, ds)) for lab in ("fce-maf", "nce", "mle-maf"))
+        d_ebm = f"{f['kl_ebm'] - n['kl_ebm']:+.4f}" if f and n else "n/a"
+        sd = (f"{max(f.get('kl_ebm_sd') or 0, n.get('kl_ebm_sd') or 0):.4f}" if f and n
+              else "n/a")
+        d_flow = f"{f['nll_flow'] - m['nll_flow']:+.3f}" if f and m else "n/a"
+        out.append(f"| {ds} | {d_ebm} | {sd} | {d_flow} |")
+    return out
 
 
 def kl_pivot(agg):
@@ -208,11 +295,80 @@ def flows_vs_zuko(names, dataset_names, steps, seed=0, timing_steps=50, repeats=
     return lines
 
 
+# ----------------------------------------------------------------------------- step cost
+def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_block=40,
+              seed=0):
+    """CPU-ms of one iteration of train.py's defaults, split, measured side by side in one
+    process (one thread), interleaved so that machine load hits every kind alike; median over
+    blocks. Kinds: an NCE step; an FCE iteration in which only the EBM steps, with the
+    flow's samples and log q taken from the cache (`noise`: its share, the window's pass over
+    the flow amortised per iteration); an FCE iteration in which the flow steps as well."""
+    import torch
+
+    import fce
+    import train
+
+    torch.set_num_threads(1)
+    args = train.get_args(["--dataset", dataset])
+    x_train = datasets.sample(dataset, 20_000, seed)
+    batch_at = lambda s: x_train[(s % 78) * args.batch:(s % 78 + 1) * args.batch]  # noqa: E731
+    kinds = {}
+    torch.manual_seed(seed)
+    nce_args = train.get_args(["--dataset", dataset, "--estimator", "nce"])
+    ebm, gauss = train.make_models(nce_args, x_train, "cpu")
+    opt_ebm, _ = train.make_optimizers(nce_args, ebm, gauss)
+    nce_c = train.make_contrast(nce_args, gauss, x_train, "cpu")
+    kinds["nce step"] = lambda s: fce.fce_step(ebm, nce_c, s, batch_at(s), batch_at, opt_ebm,
+                                               None, fce.Rule())
+    window = max(1, args.flow_every - 1)
+    for name in flows:
+        fa = train.get_args(["--dataset", dataset, "--flow", name])
+        e, f = train.make_models(fa, x_train, "cpu")
+        oe, of = train.make_optimizers(fa, e, f)
+        c = train.make_contrast(fa, f, x_train, "cpu")
+        c.window = window
+        no_flow = fce.Rule("every", flow_every=10 ** 9, flow_mle=fa.flow_mle)
+        always = fce.Rule("every", flow_every=1, flow_mle=fa.flow_mle)
+
+        def refresh(s, c=c):
+            c.flow_changed()
+            with torch.no_grad():
+                c._noise(list(range(s, s + window)), [batch_at(i) for i in range(s, s + window)])
+        kinds[f"fce-{name}: EBM step (cached noise)"] = (
+            lambda s, e=e, c=c, oe=oe, of=of, r=no_flow: fce.fce_step(e, c, s, batch_at(s),
+                                                                      batch_at, oe, of, r))
+        kinds[f"fce-{name}: noise pass per iteration"] = refresh
+        kinds[f"fce-{name}: EBM + flow step"] = (
+            lambda s, e=e, c=c, oe=oe, of=of, r=always: fce.fce_step(e, c, s, batch_at(s),
+                                                                     batch_at, oe, of, r))
+    times = {k: [] for k in kinds}
+    step = 0
+    for _ in range(blocks):
+        for k, fn in kinds.items():
+            t = time.process_time()
+            for i in range(per_block):
+                fn(step + i)
+            times[k].append(1000 * (time.process_time() - t) / per_block)
+        step += per_block
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    nce = ms["nce step"]
+    lines = [f"One thread, {dataset}, batch {args.batch}, EBM {args.ebm_hidden}, noise window "
+             f"{window} iterations (--flow_every {args.flow_every}); median of {blocks} "
+             f"interleaved blocks of {per_block} iterations.", "",
+             "| kind | CPU-ms | / NCE step |", "|---|---|---|"]
+    for k, v in ms.items():
+        note = f"{v / nce:.2f}x" if "noise pass" not in k else f"{v / window:.2f} per iteration"
+        lines.append(f"| {k} | {v:.2f} | {note} |")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 # ----------------------------------------------------------------------------- CLI
 def build_parser():
     p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(TOY), choices=datasets.NAMES)
-    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS),
+                   choices=list(ESTIMATORS))
     p.add_argument("--seeds", nargs="+", type=config.seed, default=[0, 1, 2])
     p.add_argument("--budget", type=config.positive_float, default=40.0,
                    help="CPU-seconds of training per run")
@@ -223,8 +379,9 @@ def build_parser():
                    help="write table.md, kl_ebm.png and grid.png (the density grid) here")
     p.add_argument("--train_args", default="",
                    help='more train.py flags for every run, e.g. "--lr_ebm 2e-3"')
-    p.add_argument("--only", choices=["grid", "report", "flows"], default=None,
-                   help="grid: run and report; report: report finished runs; flows: vs zuko")
+    p.add_argument("--only", choices=["grid", "report", "flows", "cost"], default=None,
+                   help="grid: run and report; report: report finished runs; flows: vs zuko; "
+                        "cost: one iteration's CPU time split into EBM, flow and noise")
     p.add_argument("--flow_datasets", nargs="+", default=["8gaussians", "checkerboard", "rings"],
                    choices=datasets.NAMES)
     p.add_argument("--flow_steps", type=config.positive_int, default=5000)
@@ -245,6 +402,12 @@ def main(argv=None):
             return scaffold.stopped("bench.py")
     if args.only in (None, "grid", "report") and report(args) is None:
         failed += 1
+    if args.only in (None, "cost"):
+        lines = step_cost()
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "cost.md"), "w") as fh:
+                fh.write("\n".join(lines) + "\n")
     if args.only in (None, "flows"):
         lines = flows_vs_zuko(args.flows, args.flow_datasets, args.flow_steps)
         if args.out and lines:

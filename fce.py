@@ -6,7 +6,8 @@ An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q play (eq. 5 of the 
     V(alpha, theta) = E_data log p/(p+q) + E_q log q/(p+q),
 
 the EBM ascending V, the flow q_alpha descending V + lambda (-E_data log q_flow) (lambda =
-`flow_mle`; the likelihood term keeps q a density model where V's gradient saturates). The
+`flow_mle`; the likelihood term keeps q a density model where V's gradient saturates), plus
+a small likelihood term on the fixed Gaussian's samples against holes (`Rule.flow_loss`). The
 noise is q = (1 - m) q_flow + m g, a fixed Gaussian g fitted to the data keeping the plane
 covered (m = `mix`; 0 is the paper's FCE).
 
@@ -53,12 +54,14 @@ def value_function(log_p_data: Tensor, log_q_data: Tensor, log_p_noise: Tensor,
 # ----------------------------------------------------------------------------- the noise q
 class Noise(NamedTuple):
     """One iteration's contrast: noise samples y, log q at the data x and at y (q the
-    mixture), log q_flow(x), and how many of the y (the first ones) are the flow's own."""
+    mixture), log q_flow(x), how many of the y (the first ones) are the flow's own, and
+    log q_flow at the others (the fixed Gaussian's samples; empty without a mixture)."""
     y: Tensor
     log_q_x: Tensor
     log_q_y: Tensor
     log_qf_x: Tensor
     n_flow: int
+    log_qf_yg: Tensor
 
 
 def base_draws(seed: int, step: int, n_flow: int, n_gauss: int, dim: int):
@@ -109,6 +112,7 @@ class Contrast:
         else:
             log_qf_x = log_q_x = self.flow.log_prob(x)
             log_q_yf = log_qf_yf
+            log_qf_yg = log_qf_x[:0]
         out = []
         nx, nf, ng = len(xs[0]), self.n_flow, self.n_gauss
         for i in range(len(steps)):
@@ -119,7 +123,7 @@ class Contrast:
                 log_q_y = torch.cat([log_q_yf[ff], log_q_yg[fg]])
             else:
                 y, log_q_y = y_f[ff], log_q_yf[ff]
-            out.append(Noise(y, log_q_x[fx], log_q_y, log_qf_x[fx], nf))
+            out.append(Noise(y, log_q_x[fx], log_q_y, log_qf_x[fx], nf, log_qf_yg[fg]))
         return out
 
     def live(self, step: int, x: Tensor) -> Noise:
@@ -160,6 +164,20 @@ class Rule:
     flow_every: int = 1
     threshold: float = 0.6
     flow_mle: float = 1.0
+    flow_cover: float = 0.0
+
+    def flow_loss(self, V: Tensor, noise: Noise) -> Tensor:
+        """What the flow descends: V - lambda E_data log q_flow - eps E_g log q_flow.
+
+        The last term (eps = flow_cover, on the fixed Gaussian's samples of the mixture)
+        keeps the flow's density from collapsing to astronomically small values where the
+        data has little mass but g has some (holes: an affine MAF otherwise reaches
+        log q = -1e14 in the corners of the plane). It shifts the flow's likelihood target
+        to (p_data + eps g) / (1 + eps), costing at most log(1 + eps) nats on the data."""
+        loss = V - self.flow_mle * noise.log_qf_x.mean()
+        if self.flow_cover and len(noise.log_qf_yg):
+            loss = loss - self.flow_cover * noise.log_qf_yg.mean()
+        return loss
 
     def flow_due(self, step: int) -> bool:
         """Under "every": does the flow step (too) at iteration `step`?"""
@@ -214,7 +232,7 @@ def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, o
         V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x))
         # one backward pass: the likelihood term does not depend on the EBM, so the EBM's
         # gradient of this loss is dV/dtheta, and the EBM ascends V by stepping on its negative
-        loss = V - rule.flow_mle * noise.log_qf_x.mean()
+        loss = rule.flow_loss(V, noise)
         if not torch.isfinite(V) or not _step([(opt_flow, loss)], ascend=[opt_ebm], loss=loss):
             return StepResult(V.detach() * math.nan, acc, acc_flow, None, None)
         contrast.flow_changed()
@@ -224,7 +242,7 @@ def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, o
         return StepResult(V.detach(), acc, acc_flow, None, None)
     if learns and rule.name == "threshold" and acc_flow >= rule.threshold:
         V_live, _, _ = _contrast(ebm, x, noise := contrast.live(step, x))
-        ok = _step([(opt_flow, V_live - rule.flow_mle * noise.log_qf_x.mean())])
+        ok = _step([(opt_flow, rule.flow_loss(V_live, noise))])
         contrast.flow_changed()
         return StepResult(V.detach() if ok else V.detach() * math.nan, acc, acc_flow,
                           False if ok else None, True if ok else None)

@@ -41,7 +41,7 @@ import scaffold
 from logger import read_metrics
 
 # keys a resumed run may change; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("epoch", "budget", "eval_every", "plot_every", "log_every", "wandb",
+RESUME_OVERRIDES = ("epoch", "budget", "max_steps", "eval_every", "plot_every", "log_every", "wandb",
                     "device", "project", "image_dir", "threads")
 ESTIMATORS = ("fce", "nce", "mle")
 LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
@@ -56,10 +56,13 @@ def build_parser():
     p.add_argument("--flow", default=None, choices=[*LEARNED_FLOWS, "gaussian"],
                    help="noise model (fce) or model (mle); default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
-    p.add_argument("--epoch", type=config.positive_int, default=40, help="number of epochs")
+    p.add_argument("--epoch", type=config.positive_int, default=12, help="number of epochs")
     p.add_argument("--budget", type=config.positive_float, default=None,
                    help="CPU-seconds of training after which the run ends (default: none); "
                         "the learning-rate schedule then follows the spent fraction")
+    p.add_argument("--max_steps", type=config.positive_int, default=None,
+                   help="iterations after which the run ends (default: all the epochs); the "
+                        "learning-rate schedule then ends there")
     p.add_argument("--samples", type=config.positive_int, default=100_000,
                    help="training set size; an epoch is samples/batch iterations")
     p.add_argument("--test_samples", type=config.positive_int, default=20_000,
@@ -69,23 +72,26 @@ def build_parser():
                    help="who steps (fce): every: the EBM at every iteration and the flow at "
                         "every --flow_every-th too; threshold: the EBM while the accuracy "
                         "against the flow's own samples is below --threshold, else the flow")
-    p.add_argument("--flow_every", type=config.positive_int, default=1,
+    p.add_argument("--flow_every", type=config.positive_int, default=3,
                    help="--rule every: the flow steps at every k-th iteration (1: always)")
     p.add_argument("--threshold", type=config.open_unit, default=0.6,
                    help="--rule threshold: the accuracy in (0.5, 1) at which the flow steps")
-    p.add_argument("--lr_ebm", type=config.positive_float, default=1e-3)
-    p.add_argument("--lr_flow", type=config.positive_float, default=7e-4)
+    p.add_argument("--lr_ebm", type=config.positive_float, default=2e-3)
+    p.add_argument("--lr_flow", type=config.positive_float, default=3e-3)
     p.add_argument("--b1", type=config.open_unit, default=0.9, help="Adam beta1")
     p.add_argument("--b2", type=config.open_unit, default=0.999, help="Adam beta2")
     p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"],
                    help="cosine: both learning rates decay to lr_min_factor * lr at the end")
     p.add_argument("--lr_min_factor", type=config.unit_interval, default=0.05,
                    help="the cosine schedule's final fraction of each learning rate")
-    p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[256, 256, 256])
+    p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[128, 128, 128])
     p.add_argument("--ebm_act", default="silu", choices=["silu", "softplus", "tanh", "elu",
                                                          "leakyrelu", "relu"])
     p.add_argument("--flow_mle", type=config.nonnegative_float, default=1.0,
                    help="weight of -E_data log q added to the flow's loss at its steps (fce)")
+    p.add_argument("--flow_cover", type=config.nonnegative_float, default=0.01,
+                   help="weight of -E_g log q_flow on the fixed Gaussian's samples in the "
+                        "flow's loss (fce with --noise_mix > 0): keeps the flow free of holes")
     p.add_argument("--noise_mix", type=config.unit_interval, default=0.5,
                    help="fraction of FCE's noise drawn from a fixed Gaussian fitted to the data "
                         "(q = (1 - mix) q_flow + mix N(mean, cov)); 0: the flow alone")
@@ -96,7 +102,7 @@ def build_parser():
     p.add_argument("--nsf_bound", type=config.positive_float, default=5.0,
                    help="splines act on [-B, B], identity outside")
     config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")
-    p.add_argument("--eval_every", type=config.positive_int, default=5,
+    p.add_argument("--eval_every", type=config.positive_int, default=2,
                    help="epochs between exact grid evaluations (and the last epoch)")
     p.add_argument("--plot_every", type=config.positive_int, default=1,
                    help="epochs between density figures")
@@ -133,7 +139,8 @@ def resolve_estimator(args):
 
 def rule(args):
     """Who steps, from the flags (fce.Rule)."""
-    return fce.Rule(args.rule, args.flow_every, args.threshold, args.flow_mle)
+    return fce.Rule(args.rule, args.flow_every, args.threshold, args.flow_mle,
+                    args.flow_cover)
 
 
 # ----------------------------------------------------------------------------- models
@@ -241,6 +248,9 @@ def main(argv=None):
                                 keys=("flow", "epoch", "it", "step", "rng"))
     if not args.resume:
         resolve_estimator(args)
+    elif "rule" not in ckpt["config"]:
+        config.fail(f"--resume: {args.resume} was trained with the old step rule (accuracy on "
+                    f"the mixed noise), which is gone; start a new run")
     config.apply_threads(args)
     device = scaffold.device(args)
     config.check_memory({"--samples": args.samples * 2 * 4,
@@ -266,7 +276,7 @@ def train(args, ckpt, run, device):
     contrast = make_contrast(args, flow, x_train, device)
     the_rule = rule(args) if args.estimator == "fce" else fce.Rule()
     iters = args.samples // args.batch
-    total = iters * args.epoch
+    total = min(iters * args.epoch, args.max_steps or math.inf)
     # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
     # a resumed run writes the same rows as an uninterrupted one)
     loop = dict(epoch=0, it=0, step=0, perm=None, cpu_s=0.0, v_sum=0.0, acc_sum=0.0,
@@ -313,7 +323,7 @@ def train(args, ckpt, run, device):
         return m
 
     def out_of_budget():
-        return args.budget and loop["cpu_s"] >= args.budget
+        return (args.budget and loop["cpu_s"] >= args.budget) or loop["step"] >= total
 
     def batch_at(s):
         """The data batch of iteration s of the current epoch (None past its end)."""

@@ -41,7 +41,8 @@ def contrast(flow, g, mix, n=100, window=1):
 
 def test_noise_mixture_density_is_the_mixture_and_normalised():
     ebm, flow, x, g = models()
-    y, lq_x, lq_y, lqf_x, n_flow = contrast(flow, g, 0.3).live(0, x)
+    y, lq_x, lq_y, lqf_x, n_flow, lqf_yg = contrast(flow, g, 0.3).live(0, x)
+    assert torch.allclose(lqf_yg, flow.log_prob(y[70:]), atol=1e-5)
     assert y.shape == x.shape and n_flow == 70
     for pts, lq in ((x, lq_x), (y, lq_y)):
         expect = torch.logaddexp(flow.log_prob(pts) + math.log(0.7), g.log_prob(pts) + math.log(0.3))
@@ -77,19 +78,20 @@ def test_cached_noise_equals_the_live_noise_of_the_same_iteration():
 
 
 def test_flow_step_descends_V_plus_the_weighted_nll():
-    """The flow's update is the gradient of V - lambda mean log q_flow(data): with SGD the
-    flow parameters move by exactly -lr times that gradient."""
+    """The flow's update is the gradient of V - lambda mean log q_flow(data) - eps mean
+    log q_flow(Gaussian's samples): with SGD the flow parameters move by exactly -lr times
+    that gradient."""
     ebm, flow, x, g = models(1)
-    lam, lr = 2.0, 1e-2
+    lam, eps, lr = 2.0, 0.5, 1e-2
     opt_e = torch.optim.SGD(ebm.parameters(), lr)
     opt_f = torch.optim.SGD(flow.parameters(), lr)
-    y, lq_x, lq_y, lqf_x, _ = contrast(flow, g, 0.5).live(5, x)
+    y, lq_x, lq_y, lqf_x, _, lqf_yg = contrast(flow, g, 0.5).live(5, x)
     lp_x, lp_y = ebm.log_prob(torch.cat([x, y])).split(len(x))
     V, _ = fce.value_function(lp_x, lq_x, lp_y, lq_y)
     params = list(flow.parameters())
-    grads = torch.autograd.grad(V - lam * lqf_x.mean(), params)
+    grads = torch.autograd.grad(V - lam * lqf_x.mean() - eps * lqf_yg.mean(), params)
     before = [p.detach().clone() for p in params]
-    rule = fce.Rule("threshold", threshold=1e-6, flow_mle=lam)
+    rule = fce.Rule("threshold", threshold=1e-6, flow_mle=lam, flow_cover=eps)
     r = fce.fce_step(ebm, contrast(flow, g, 0.5), 5, x, {5: x}.get, opt_e, opt_f, rule)
     assert r.flow and not r.ebm
     for p, b, gr in zip(params, before, grads):
@@ -244,3 +246,25 @@ def test_cached_training_equals_recomputing_everything_at_every_step(rule):
     assert who_ref == who_cached and any(f for _, f in who_ref) and any(e for e, _ in who_ref)
     for a, b in zip(ref, cached):
         assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_a_flow_that_stops_stepping_far_from_the_data_is_reported(tmp_path, capsys):
+    """Under the threshold rule a threshold just below 1 is never reached by an untrained
+    flow: the run says that the flow has stopped learning."""
+    code, out = run(tmp_path, "--rule", "threshold", "--threshold", "0.999", "--epoch", "2",
+                    "--eval_every", "1")
+    assert code == 0
+    assert "has stopped learning" in capsys.readouterr().out
+    assert json.load(open(out / "summary.json"))["flow_steps"] == 0
+
+
+def test_the_flow_notes_name_holes_when_grid_and_monte_carlo_kl_disagree():
+    args = train.get_args(TINY)
+    loop = {"flow_steps": 5, "flow_steps_at_eval": 0, "step": 10}
+    m = {"nll_flow": 3.0, "entropy": 2.8, "kl_flow": 5.0, "kl_flow_mc": 0.2,
+         "kl_flow_mc_se": 0.01, "hole_mass": 1e-4}
+    notes = train.flow_notes(args, m, loop)
+    assert len(notes) == 1 and "holes" in notes[0]
+    assert train.flow_notes(args, {**m, "kl_flow": 0.21}, loop) == []
+    assert "stopped" in train.flow_notes(args, {**m, "kl_flow": 0.21},
+                                         {**loop, "flow_steps_at_eval": 5})[0]

@@ -48,6 +48,12 @@ def test_short_run_writes_everything(tmp_path):
     for r in train_rows:
         assert abs(2000 * r["accuracy"] - round(2000 * r["accuracy"])) < 1e-3
         assert abs(5 * r["ebm_step_fraction"] - round(5 * r["ebm_step_fraction"])) < 1e-9
+        assert 0 <= r["accuracy_flow"] <= 1
+    # the default rule: the EBM at every iteration, the flow at every --flow_every-th
+    every = cfg["flow_every"]
+    assert cfg["rule"] == "every"
+    assert sum(r["flow_step_fraction"] for r in train_rows) * 5 == 20 // every
+    assert all(r["ebm_step_fraction"] == 1 for r in train_rows)
     ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["step"] == 20 and ckpt["epoch"] == 2
     # the offline wandb log is readable without a server
