@@ -372,7 +372,8 @@ def grid_log_density(name, bound=BOUND, n=GRID):
         return None
     from gridmath import grid_points
 
-    return log_density(name, grid_points(bound, n, torch.float64)[0])
+    points = grid_points(bound, n, torch.float64)[0]
+    return torch.cat([log_density(name, c) for c in points.split(16384)])  # chunks: less memory
 
 
 @functools.lru_cache(maxsize=None)
