@@ -268,3 +268,25 @@ def test_the_flow_notes_name_holes_when_grid_and_monte_carlo_kl_disagree():
     assert train.flow_notes(args, {**m, "kl_flow": 0.21}, loop) == []
     assert "stopped" in train.flow_notes(args, {**m, "kl_flow": 0.21},
                                          {**loop, "flow_steps_at_eval": 5})[0]
+
+
+def test_a_flow_gone_non_finite_stops_fce_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                             monkeypatch, capsys):
+    """A NaN reaching the flow's weights in the second epoch: the next iteration's loss is
+    not finite, the run ends with status 1 and the checkpoint of epoch 1 is finite."""
+    real = fce.fce_step
+    calls = {"n": 0}
+
+    def poisoned(ebm, contrast, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            with torch.no_grad():
+                next(contrast.flow.parameters()).fill_(float("nan"))
+        return real(ebm, contrast, *a, **kw)
+
+    monkeypatch.setattr(fce, "fce_step", poisoned)
+    code, out = run(tmp_path, "--epoch", "3")
+    assert code == 1 and "non-finite" in capsys.readouterr().err
+    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["flow"].values() if v.is_floating_point())
