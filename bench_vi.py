@@ -33,11 +33,11 @@ import time
 import torch
 
 import config
-import flows
 import plots
 import scaffold
 import targets
 import util
+import vi_flows
 
 NAMES = list(targets.NAMES)
 OUT = os.path.join("runs", "bench_vi")
@@ -68,9 +68,9 @@ def speed(K=32, batch=256, steps=50, repeats=5):
     loop, ...) so that load from other processes hits both alike. One torch thread."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    fs = [flows.planar(2, K) for _ in NAMES]
+    fs = [vi_flows.planar(2, K) for _ in NAMES]
     opts = [torch.optim.Adam(f.parameters(), 1e-3) for f in fs]
-    stack = flows.stack({"name": "planar", "dim": 2, "K": K, "base": "learned"}, len(NAMES))
+    stack = vi_flows.stack({"name": "planar", "dim": 2, "K": K, "base": "learned"}, len(NAMES))
     opt = torch.optim.Adam(stack.parameters(), 1e-3)
     runs = {"loop": lambda: _loop_step(fs, opts, batch), "batched": lambda: _batched_step(stack, opt, batch)}
     times = {k: [] for k in runs}
@@ -156,9 +156,9 @@ def parse_runs(spec):
     out = []
     for part in spec.split():
         name, _, ks = part.partition(":")
-        if name not in flows.VI_FLOWS:
+        if name not in vi_flows.VI_FLOWS:
             config.fail(f"unknown flow {name!r} in --runs; choose from "
-                        f"{', '.join(flows.VI_FLOWS)}, e.g. --runs 'planar:2,8 nice:8'")
+                        f"{', '.join(vi_flows.VI_FLOWS)}, e.g. --runs 'planar:2,8 nice:8'")
         try:
             Ks = [config.positive_int(k) for k in ks.split(",")]
         except Exception:

@@ -19,7 +19,7 @@ modes (z1 < 0, z1 > 0).
 Writes runs/<run name>/ (config.json, metrics.jsonl, summary.json, checkpoint.pt) and the
 figures in --image_dir, default images/<run name>/ (frames/q_<step>.png, training.gif,
 final.png). Several targets in one run train side by side; planar flows then run as one
-batched module (flows.PlanarStack).
+batched module (vi_flows.PlanarStack).
 """
 import math
 import os
@@ -29,11 +29,11 @@ import time
 import torch
 
 import config
-import flows
 import plots
 import scaffold
 import targets
 import util
+import vi_flows
 
 # keys a resumed run may change; everything else comes from the checkpoint
 RESUME_OVERRIDES = ("steps", "wandb", "project", "device", "threads", "image_dir")
@@ -45,7 +45,7 @@ def build_parser():
     p.add_argument("--target", default="U1",
                    help="U1, U2, U3, U4, a comma list, 'all' (= U1,U2,U3,U4), or a dataset "
                         "with an exact density (8gaussians, checkerboard, ...)")
-    p.add_argument("--flow", default="planar", choices=flows.VI_FLOWS)
+    p.add_argument("--flow", default="planar", choices=vi_flows.VI_FLOWS)
     p.add_argument("--K", type=config.positive_int, default=32,
                    help="number of layers (planar/radial) or blocks (iaf/realnvp/nice/spline)")
     p.add_argument("--hidden", type=config.positive_int, nargs="+", default=[64, 64],
@@ -183,8 +183,8 @@ def build_model(args, names, device):
     flow_spec = {"name": args.flow, "dim": 2, "K": args.K, "base": args.base}
     if args.flow in HIDDEN_FLOWS:
         flow_spec["hidden"] = list(args.hidden)
-    return flows.build_flow("stack", flow_spec=flow_spec, n_targets=len(names),
-                            batched=args.batched).to(device)
+    return vi_flows.build_flow("stack", flow_spec=flow_spec, n_targets=len(names),
+                               batched=args.batched).to(device)
 
 
 def train(args, ckpt, run, model, names):

@@ -240,7 +240,7 @@ def load_run(run_dir, device="cpu", script=None):
     Returns a namespace with .config (dict), .ebm (callable: f(x) for an (N, 2) tensor, or
     None), .flow (log_prob / sample, or None), .step and .checkpoint (the raw dict)."""
     from ebm import EBM
-    from flows import flow_from_spec
+    from vi_flows import flow_from_spec  # density flows (train.py) and VI flows (train_vi.py)
 
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device,
                            script=script)

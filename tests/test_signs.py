@@ -19,6 +19,7 @@ import tilt
 import train_vi
 import util
 import vae as vae_mod
+import vi_flows
 from ebm import EBM
 from flows import build_flow
 from samplers import Energy, langevin
@@ -196,8 +197,9 @@ def _affine_flow():
     N(mu, diag sigma^2), then one coupling with constant shift t and log-scale s on the second
     coordinate (the coupling's net has zero weights and a bias (t, s)). Returns the stack and
     q's mean and variances."""
-    model = build_flow("stack", flow_spec={"name": "realnvp", "dim": 2, "K": 1, "hidden": [4],
-                                           "base": "learned"}, n_targets=1, batched=False).double()
+    model = vi_flows.build_flow("stack", flow_spec={"name": "realnvp", "dim": 2, "K": 1,
+                                                    "hidden": [4], "base": "learned"},
+                                n_targets=1, batched=False).double()
     base, coupling = model.flow(0).transforms[1], model.flow(0).transforms[0]
     assert not coupling.swap  # transforms the second coordinate given the first
     mu, sigma, t, s = (0.2, -0.3), (0.6, 0.5), 0.4, -0.3
@@ -234,11 +236,10 @@ def test_vi_training_uses_beta_t_at_step_t(tmp_path, monkeypatch):
     """Training step t (0-based) minimises mean(log q + beta_t U) with the documented beta_t:
     the loss logged after each step equals that mean, recomputed from the very samples, log q
     and energies of the step (recorded), and the logged beta is beta_t."""
-    import flows as flows_mod
     from logger import read_metrics
 
     energies, samples = [], []
-    real_energies, real_slp = targets.energies, flows_mod.PlanarStack.sample_and_log_prob
+    real_energies, real_slp = targets.energies, vi_flows.PlanarStack.sample_and_log_prob
 
     def spy_energies(names, x, confined=True):
         u = real_energies(names, x, confined)
@@ -252,7 +253,7 @@ def test_vi_training_uses_beta_t_at_step_t(tmp_path, monkeypatch):
         return x, lq
 
     monkeypatch.setattr(targets, "energies", spy_energies)
-    monkeypatch.setattr(flows_mod.PlanarStack, "sample_and_log_prob", spy_slp)
+    monkeypatch.setattr(vi_flows.PlanarStack, "sample_and_log_prob", spy_slp)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r"
     assert train_vi.main(["--target=U1", "--K=2", "--steps=4", "--anneal_steps=2",

@@ -1,4 +1,4 @@
-"""Flows fit to energy functions by reverse KL (targets.py, the VI section of flows.py,
+"""Flows fit to energy functions by reverse KL (targets.py, vi_flows.py,
 train_vi.py, bench_vi.py). Tiny budgets: the whole file runs in well under a minute on 2 cores."""
 import json
 import math
@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-import flows
 import targets
 import train_vi
 import util
+import vi_flows
+from flows import std_normal_log_prob
 from logger import read_metrics
 
 VI = ["planar", "radial", "iaf", "realnvp", "nice"]
@@ -22,7 +23,7 @@ def _random_flow(name, K=3, seed=0):
     """A flow in float64 whose parameters are pushed far from their (near-identity) init."""
     torch.manual_seed(seed)
     kw = {"hidden": [16, 16]} if name in ("iaf", "realnvp", "nice") else {}
-    f = flows.build_flow(name, dim=2, K=K, **kw).double()
+    f = vi_flows.build_flow(name, dim=2, K=K, **kw).double()
     with torch.no_grad():
         for p in f.parameters():
             p.add_(0.7 * torch.randn_like(p))
@@ -42,7 +43,7 @@ def test_inverse_round_trip_every_layer(name):
         assert torch.allclose(z_back, z, atol=1e-9), type(t).__name__
         assert torch.allclose(ld_fwd, -ld_back, atol=1e-9)
     x, ld = f.inverse(z)
-    assert torch.allclose(f.log_prob(x), flows.std_normal_log_prob(z) - ld, atol=1e-9)
+    assert torch.allclose(f.log_prob(x), std_normal_log_prob(z) - ld, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", VI)
@@ -65,12 +66,12 @@ def test_planar_constraint_holds_for_any_parameters():
     u = torch.randn(9, 500, 2, dtype=torch.float64) * scales[:, None, None]
     w = torch.randn(9, 500, 2, dtype=torch.float64) * scales.flip(0)[:, None, None]
     u[:, :250] = -w[:, :250] * scales[:, None, None]     # anti-parallel
-    u_hat = flows.planar_u_hat(u, w)
+    u_hat = vi_flows.planar_u_hat(u, w)
     wu_hat = (w * u_hat).sum(-1)
     rounding = 1e-14 * (w.norm(dim=-1) * u.norm(dim=-1) + 1)  # float64 cancellation in u_hat
     assert (wu_hat >= -1 - rounding).all()
     assert ((w * u).sum(-1) < -1).any()                  # the raw parameters did violate it
-    exact = flows.planar_w_dot_u_hat(u, w)               # the value the log-det uses
+    exact = vi_flows.planar_w_dot_u_hat(u, w)            # the value the log-det uses
     assert (exact >= -1).all()
     assert ((wu_hat - exact).abs() <= rounding + 1e-12).all()
 
@@ -79,9 +80,9 @@ def test_planar_uses_squared_norm():
     """With |w| != 1 the |w| (not |w|^2) variant of some implementations breaks w.u_hat = m."""
     u, w = torch.tensor([-10.0, 0.0]), torch.tensor([0.3, 0.1])   # w.u = -3, |w| = 0.32
     wu = float(w @ u)
-    assert float(w @ flows.planar_u_hat(u, w)) == pytest.approx(math.log1p(math.exp(wu)) - 1,
-                                                                abs=1e-6)
-    wrong = u + (flows.planar_m(torch.tensor(wu)) - wu) * w / w.norm()
+    assert float(w @ vi_flows.planar_u_hat(u, w)) == pytest.approx(
+        math.log1p(math.exp(wu)) - 1, abs=1e-6)
+    wrong = u + (vi_flows.planar_m(torch.tensor(wu)) - wu) * w / w.norm()
     assert float(w @ wrong) < -1                         # the bug gives a non-invertible layer
 
 
@@ -91,7 +92,7 @@ def test_planar_with_w_zero_is_a_translation(dtype):
     and the density direction inverts it; with |w|^2 below the smallest normal float the
     log-det still matches autograd; the batched PlanarStack agrees."""
     torch.manual_seed(0)
-    layer = flows.Planar(2).to(dtype)
+    layer = vi_flows.Planar(2).to(dtype)
     z = torch.randn(16, 2, dtype=dtype)
     for w in (0.0, 1e-30 if dtype == torch.float32 else 1e-170):
         with torch.no_grad():
@@ -105,17 +106,17 @@ def test_planar_with_w_zero_is_a_translation(dtype):
             z_back, ld_back = layer(x)
             assert torch.allclose(z_back, z, atol=1e-5)
             assert torch.allclose(ld_back, -ld, atol=1e-6)
-    s = flows.stack({"name": "planar", "dim": 2, "K": 2, "base": "fixed"}, 1)
+    s = vi_flows.stack({"name": "planar", "dim": 2, "K": 2, "base": "fixed"}, 1)
     with torch.no_grad():
         s.w.zero_()
     e = torch.randn(1, 8, 2)
     _, log_q = s.sample_and_log_prob(8, e)
-    assert torch.allclose(log_q[0], flows.std_normal_log_prob(e[0]), atol=1e-6)
+    assert torch.allclose(log_q[0], std_normal_log_prob(e[0]), atol=1e-6)
 
 
 def test_radial_beta_at_least_minus_alpha_and_monotone():
     torch.manual_seed(0)
-    layer = flows.Radial(2).double()
+    layer = vi_flows.Radial(2).double()
     for a, b in [(-30.0, -30.0), (5.0, -50.0), (0.0, 30.0), (-10.0, 10.0)]:
         with torch.no_grad():
             layer.a.fill_(a)
@@ -130,7 +131,7 @@ def test_radial_beta_at_least_minus_alpha_and_monotone():
 def test_planar_stack_equals_per_target_flows():
     """The batched module computes exactly the per-target planar flows it represents."""
     torch.manual_seed(0)
-    s = flows.stack({"name": "planar", "dim": 2, "K": 6, "base": "learned"}, 3)
+    s = vi_flows.stack({"name": "planar", "dim": 2, "K": 6, "base": "learned"}, 3)
     with torch.no_grad():
         for p in s.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -139,13 +140,13 @@ def test_planar_stack_equals_per_target_flows():
     for t in range(3):
         xt, ld = s.flow(t).inverse(z[t])
         assert torch.allclose(xt, x[t], atol=1e-5)
-        assert torch.allclose(flows.std_normal_log_prob(z[t]) - ld, log_q[t], atol=1e-4)
+        assert torch.allclose(std_normal_log_prob(z[t]) - ld, log_q[t], atol=1e-4)
 
 
 def test_flows_rebuild_from_spec():
     for name in VI:
         f = _random_flow(name).float()
-        g = flows.flow_from_spec(f.spec())
+        g = vi_flows.flow_from_spec(f.spec())
         g.load_state_dict(f.state_dict())
         x = torch.randn(16, 2)
         assert torch.allclose(f.log_prob(x), g.log_prob(x), atol=1e-5)
