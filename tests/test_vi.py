@@ -152,6 +152,37 @@ def test_flows_rebuild_from_spec():
         assert torch.allclose(f.log_prob(x), g.log_prob(x), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("flow, extra, spec, keys", [
+    ("planar", [], {"name": "planar", "dim": 2, "K": 2, "base": "learned"},
+     ["b", "log_sigma", "mu", "u", "w"]),
+    ("realnvp", ["--hidden", "8"],
+     {"name": "realnvp", "dim": 2, "K": 2, "base": "learned", "hidden": [8]},
+     sorted(f"flows.{t}.{k}" for t in (0, 1) for k in
+            ["_anchor", "transforms.2.log_sigma", "transforms.2.mu"] +
+            [f"transforms.{i}.net.{j}.{p}" for i in (0, 1) for j in (0, 2)
+             for p in ("bias", "weight")]))])
+def test_train_vi_checkpoint_loads_after_the_flows_split(flow, extra, spec, keys, in_tmp):
+    """A tiny train_vi.py run (batched planar, and the FlowStack loop): the checkpoint holds the
+    stack spec and state_dict keys that the code before the split (commit b5ee95b) wrote, and
+    util.load_run rebuilds the stack through vi_flows.flow_from_spec."""
+    out = str(in_tmp / flow)
+    assert train_vi.main(["--target=U1,U2", "--K=2", "--steps=4", "--eval_every=2",
+                          "--batch=16", "--eval_samples=100", "--final_samples=100",
+                          "--anneal_steps=2", "--no-frames", "--wandb=disabled",
+                          f"--flow={flow}", *extra, f"--out_dir={out}"]) == 0
+    run = util.load_run(out)
+    assert run.checkpoint["flow_spec"] == {"name": "stack", "flow_spec": spec, "n_targets": 2,
+                                           "batched": True}
+    assert sorted(run.checkpoint["flow"]) == keys
+    kind = vi_flows.PlanarStack if flow == "planar" else vi_flows.FlowStack
+    assert type(run.flow) is kind and len(run.flow) == 2
+    z = torch.randn(2, 8, 2)
+    x, log_q = run.flow.sample_and_log_prob(8, z)
+    for t in range(2):
+        assert torch.allclose(run.flow.flow(t).log_prob(x[t]), log_q[t], atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- targets
 def test_energies_against_hand_computed_values():
     # U1(0, 0) = (2/0.4)^2/2 - log(2 exp(-(2/0.6)^2/2)) = 12.5 + 50/9 - log 2
