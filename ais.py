@@ -49,8 +49,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+import checkpoint
 import config
 import datasets
+import evaluation
 import gridmath
 import util
 from flows import gaussian_fit
@@ -227,7 +229,7 @@ def _result(log_w, sign, acc, eps, direction):
     n = log_w.shape[1]
     est = sign * (torch.logsumexp(log_w, 1) - math.log(n))
     sd = float(est.std()) if len(est) > 1 else 0.0
-    ess = torch.tensor([util.effective_sample_size(lw) for lw in log_w], dtype=torch.float64)
+    ess = torch.tensor([evaluation.effective_sample_size(lw) for lw in log_w], dtype=torch.float64)
     mean_acc = float(acc.mean()) if len(acc) else float("nan")
     return AISResult(float(est.mean()), sd, est, log_w, ess, mean_acc, acc, eps, direction)
 
@@ -360,8 +362,8 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        run = util.load_run(args.run)
-    except (FileNotFoundError, util.CheckpointError) as e:
+        run = checkpoint.load_run(args.run)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(str(e))
     if run.ebm is None:
         config.fail(f"{args.run} has no EBM in its checkpoint (an MLE flow run?)")

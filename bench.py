@@ -112,8 +112,8 @@ def run_grid(args):
 
 def gallery(agg, root, seed, path):
     """Rows: datasets; columns: data and each estimator's density (seed `seed`)."""
+    import checkpoint
     import plots
-    import util
 
     labels = list(dict.fromkeys(a["label"] for a in agg))
     data = list(dict.fromkeys(a["dataset"] for a in agg))
@@ -125,7 +125,7 @@ def gallery(agg, root, seed, path):
             if not os.path.isfile(os.path.join(out, "summary.json")):
                 panels.append((f"{lab}: missing", lambda ax: None))
                 continue
-            run = util.load_run(out)
+            run = checkpoint.load_run(out)
             fn = (lambda v, r=run: -r.ebm(v)) if run.ebm is not None else run.flow.log_prob
             panels.append((lab, plots.density(fn, n=120)))
     return plots.save_panels(path, panels, rows=len(data), size=1.9)

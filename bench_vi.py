@@ -32,11 +32,11 @@ import time
 
 import torch
 
+import checkpoint
 import config
 import plots
 import scaffold
 import targets
-import util
 import vi_flows
 
 NAMES = list(targets.NAMES)
@@ -190,7 +190,7 @@ def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120, tag=""):
         panels.append((f"exp(-{name})", plots.density(lambda z: -targets.energy(name, z),
                                                       bound=targets.BOX, n=n)))
         for K in Ks:
-            run = util.load_run(_run_dir(flow, K, have[K], tag=tag))
+            run = checkpoint.load_run(_run_dir(flow, K, have[K], tag=tag))
             panels.append((f"{flow} K={K}", plots.density(run.flow.flow(t).log_prob,
                                                           bound=targets.BOX, n=n,
                                                           normalise=False)))

@@ -19,13 +19,13 @@ import torch
 
 import datasets
 import plots
-from util import grid_kl, grid_points
+from gridmath import grid_kl, grid_points
 
 
 # ----------------------------------------------------------------------------- KDE on the grid
 def kde_log_density(x, bw, bound=datasets.BOUND, n=datasets.GRID, return_outside=False):
     """log of a Gaussian KDE (bandwidth `bw`) of samples x (N, 2) at the centres of the n x n
-    grid on [-bound, bound]^2, float64, shape (n*n,) in `util.grid_points` order.
+    grid on [-bound, bound]^2, float64, shape (n*n,) in `gridmath.grid_points` order.
 
     Samples are binned to the grid (cell width 2 bound / n must be well below bw) and the
     histogram convolved with the Gaussian kernel truncated at 8 bw (any width, also wider than
@@ -121,7 +121,7 @@ def save_diagnostics(path, d, r, max_lag=30, window=None, title=None):
 def save_landscape(path, dataset, U, x_short, bw, bound=datasets.BOUND, n=150, title=None):
     """Rows density / log-density; columns: true density (when known), the EBM exp(-U)
     normalised on the grid, and the Gaussian KDE of the short-run samples x_short."""
-    from util import on_grid
+    from gridmath import on_grid
 
     cols = []
     if datasets.has_density(dataset):

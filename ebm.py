@@ -6,7 +6,7 @@ learned scalar c ~ log Z (Gutmann & Hyvarinen 2010), so that
     log p_theta(x) = -f_theta(x) - c.
 
 Maximum-likelihood methods (MCMC) ignore c. In 2D the exact log Z comes from grid
-integration (util.grid_log_Z), so the gap c - log Z can be watched during training.
+integration (gridmath.grid_log_Z), so the gap c - log Z can be watched during training.
 """
 import torch
 from torch import nn

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402  (Pillow comes with matplotlib)
 
 import datasets  # noqa: E402
-from util import on_grid  # noqa: E402
+from gridmath import on_grid  # noqa: E402
 
 
 def density(log_p_fn, bound=datasets.BOUND, n=150, device="cpu", normalise=True, log=False,

@@ -4,7 +4,7 @@ do long chains still look like the data?).
     python sample_mcmc.py --run runs/mcmc-gmm-convergent --sampler mala --steps 5000
     python sample_mcmc.py --run runs/mcmc-gmm-nonconvergent --sampler ula --steps 5000 --temperature 1
 
-Targets exp(-U(x) / T), U the run's energy (util.load_run). Prints the acceptance rate per
+Targets exp(-U(x) / T), U the run's energy (checkpoint.load_run). Prints the acceptance rate per
 step (MALA) and the energies of the chains as they run, and writes to --image_dir (default
 images/<run folder name>): longrun_<sampler>_<steps>.png (samples, KDE), _curves.png
 (acceptance per step, mean energy) and .pt (final states, energy of each chain, acceptance
@@ -31,6 +31,7 @@ import time
 
 import torch
 
+import checkpoint
 import config
 import datasets
 import diagnostics
@@ -137,8 +138,8 @@ def main(argv=None):
     config.apply_threads(args)
     device = scaffold.device(args)
     try:
-        run = util.load_run(args.run, device=device, script="train_mcmc.py")
-    except (FileNotFoundError, util.CheckpointError) as e:
+        run = checkpoint.load_run(args.run, device=device, script="train_mcmc.py")
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--run: {e}")
     image = run.config.get("dataset") in mcmc_images.IMAGE_DATASETS
     if image and args.kde_bw is not None:

@@ -40,6 +40,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import checkpoint
 import config
 import util
 from logger import RunLogger
@@ -66,8 +67,8 @@ def parse(parser, argv, script, overridable=None, resumable=True, keys=("step", 
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
     try:
-        ckpt = util.load_checkpoint(path, script=script, keys=keys)
-    except (FileNotFoundError, util.CheckpointError) as e:
+        ckpt = checkpoint.load_checkpoint(path, script=script, keys=keys)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--resume: {e}")
     return config.resumed_args(args, ckpt, path, argv, overridable), ckpt
 
@@ -235,7 +236,7 @@ class Run:
     def save(self, state):
         """Write `state` (tensors and plain types) atomically to <out_dir>/checkpoint.pt, with
         the script's name, the resolved config, every RNG state and the wandb run id."""
-        util.save_checkpoint(self.checkpoint_path, {
+        checkpoint.save_checkpoint(self.checkpoint_path, {
             **state, "script": self.script, "config": config.to_dict(self.args),
             "rng": util.rng_state(), "wandb_id": self.log.run_id})
         self._saved = True

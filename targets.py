@@ -36,6 +36,7 @@ import torch
 from torch.nn import functional as F
 
 import datasets
+from gridmath import grid_log_Z, on_grid
 
 NAMES = ("U1", "U2", "U3", "U4")
 BOX = 4.0            # U_c = U inside [-BOX, BOX]^2
@@ -112,8 +113,6 @@ def log_Z(name, confined=True, bound=GRID_BOUND, n=GRID_N):
 
     With the defaults the grid error is below 1e-6 nats for U1-U4 (n = 900 and n = 3600 agree
     to 1e-8; the midpoint rule is very accurate on these smooth integrands). For the improper U2-U4 with confined=False the result grows with `bound`."""
-    from util import grid_log_Z, on_grid  # local import: util imports datasets, keep targets light
-
     neg_u, area = on_grid(lambda z: -energy(name, z, confined), bound, n, chunk=1 << 20,
                           dtype=torch.float64)
     return grid_log_Z(neg_u, area)

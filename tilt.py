@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from flows import std_normal_log_prob
-from util import effective_sample_size
+from evaluation import effective_sample_size
 
 OBJECTIVES = ("ml", "hackathon")
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util import grid_points  # noqa: E402
+from gridmath import grid_points  # noqa: E402
 
 
 def _save(fig, path):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import config
 import datasets
+import evaluation
 import fce
 import plots
 import util
@@ -310,9 +311,9 @@ def train(args, ckpt, run, device):
 
     def evaluate(ep):
         flow.eval()
-        m = util.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
+        m = evaluation.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
         flow.train()
-        tqdm.write(f"epoch {ep} | " + util.format_metrics(m))
+        tqdm.write(f"epoch {ep} | " + evaluation.format_metrics(m))
         for note in flow_notes(args, m, loop):
             tqdm.write(f"epoch {ep} | note: {note}")
         loop["flow_steps_at_eval"] = loop["flow_steps"]

@@ -32,7 +32,7 @@ The run folder is runs/<--name> (the config files name their run), or with neith
 --out_dir runs/mcmc-<dataset>-<init>-eps<eps>-s<seed>-<time>.
 
 Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2), so
-`util.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
+`checkpoint.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
 Image runs store U under "image_ebm"/"image_ebm_spec" instead (mcmc_images.load_image_ebm).
 """
 import copy
@@ -46,6 +46,7 @@ import torch
 import config
 import datasets
 import diagnostics
+import evaluation
 import mcmc_images
 import plots
 import scaffold
@@ -333,7 +334,7 @@ def train(args, ckpt, run, device, data, F):
         return langevin(U, init_states(n)[0], args.L, eps)
 
     def save():
-        ebm_key = "image_ebm" if image else "ebm"  # util.load_run builds "ebm" as an MLP
+        ebm_key = "image_ebm" if image else "ebm"  # checkpoint.load_run builds "ebm" as an MLP
         run.save({ebm_key: scaled_ebm(F, scale).state_dict(), f"{ebm_key}_spec": F.spec(),
                   "F": F.state_dict(), "energy_scale": scale, "step": step,
                   "optimizer": opt.state_dict(), "bank": bank, "cpu_sec": cpu_sec,
@@ -362,7 +363,7 @@ def train(args, ckpt, run, device, data, F):
             log.log_image("negatives", fig, step)
         else:
             Uq = scaled_ebm(F, scale)
-            m = util.evaluate_2d(args.dataset, data["x_test"], ebm=Uq, device=device)
+            m = evaluation.evaluate_2d(args.dataset, data["x_test"], ebm=Uq, device=device)
             m.pop("c_gap", None)
             x_short = short_run_samples(args.n_kde)
             kl, outside = diagnostics.kde_kl(args.dataset, x_short, args.kde_bw,

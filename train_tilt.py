@@ -34,7 +34,9 @@ import time
 import numpy as np
 import torch
 
+import checkpoint
 import config
+import gridmath
 import plots
 import scaffold
 import tilt
@@ -275,8 +277,8 @@ def run_digits(args, device, log, state, save, data):
                         f"ess_{obj}": ess, f"ess_frac_{obj}": ess / args.pool,
                         f"log_Z_{obj}": log_Z, f"time_{obj}_s": time.perf_counter() - t_obj})
         if args.latent == 2:  # the IS estimate of log Z against grid integration
-            neg, area = util.on_grid(tilt.latent_log_density(E), 6.0, 300, device)
-            summary[f"log_Z_grid_{obj}"] = util.grid_log_Z(neg, area)
+            neg, area = gridmath.on_grid(tilt.latent_log_density(E), 6.0, 300, device)
+            summary[f"log_Z_grid_{obj}"] = gridmath.grid_log_Z(neg, area)
         print(f"{obj} tilt: SNIR TV {summary[f'tv_{obj}_snir']:.3f} (ESS {ess:.0f} of "
               f"{args.pool}), Langevin TV {summary[f'tv_{obj}_langevin']:.3f}, log Z {log_Z:.3f}")
         hists[f"{obj} tilt (SNIR)"] = tilt_data.label_histogram(lab_snir)
@@ -392,14 +394,14 @@ def run_mixture(args, device, log, state, save):
         emp = np.bincount(c_pos.numpy(), minlength=3) / len(c_pos)
         log_Z = float(tilt.log_Z_importance(E, pool.to(device)))
     tilted = lambda x: -E(x) + log_base(x)  # noqa: E731
-    neg, area = util.on_grid(tilted, tilt.MIXTURE_BOUND + 1.5, 300, device)
+    neg, area = gridmath.on_grid(tilted, tilt.MIXTURE_BOUND + 1.5, 300, device)
     summary = {"mix_hist": hist.tolist(), "mix_tv": tilt.tv(hist, tilt.TARGET_WEIGHTS),
                "mix_tilt_weights": tilt_w.tolist(),
                "mix_tv_tilt_weights": tilt.tv(tilt_w, tilt.TARGET_WEIGHTS),
                "mix_teaching": args.mix_teaching, "mix_unbiased_hist": emp.tolist(),
                "mix_tv_unbiased_sample": tilt.tv(emp, tilt.TARGET_WEIGHTS),
                "mix_tv_base": tilt.tv(tilt.BASE_WEIGHTS, tilt.TARGET_WEIGHTS), "mix_ess": ess,
-               "mix_log_Z_is": log_Z, "mix_log_Z_grid": util.grid_log_Z(neg, area)}
+               "mix_log_Z_is": log_Z, "mix_log_Z_grid": gridmath.grid_log_Z(neg, area)}
     print(f"2D mixture ({objective}): component histogram of {args.n_samples} resampled points "
           f"{np.round(hist, 3).tolist()}, TV to {list(tilt.TARGET_WEIGHTS)} = "
           f"{summary['mix_tv']:.3f} (base {summary['mix_tv_base']:.2f}; the tilt's own weights "
@@ -430,7 +432,7 @@ def load_tilt_run(run_dir, device="cpu"):
         images = r.vae.decode(z[idx])"""
     from types import SimpleNamespace
 
-    ckpt = util.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
+    ckpt = checkpoint.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
     vae = None
     if "vae" in ckpt:
         vae = VAE(**ckpt["vae_spec"]).to(device)

@@ -29,6 +29,7 @@ import time
 import torch
 
 import config
+import evaluation
 import plots
 import scaffold
 import targets
@@ -134,7 +135,7 @@ def evaluate(model, names, n, seed=0, chunk=50000, return_samples=False):
         d = log_q[t] + U                                  # log q - log p~ per sample
         log_Z = targets.log_Z(name)
         lw = -d                                           # log importance weights p~/q
-        ess = util.effective_sample_size(lw) / n
+        ess = evaluation.effective_sample_size(lw) / n
         r = {"bound": float(d.mean()), "kl": float(d.mean()) + log_Z,
              "kl_se": float(d.std() / math.sqrt(n)), "ess": ess, "log_Z": log_Z}
         if name == "U1":

@@ -407,7 +407,7 @@ def build_flow(name: str, **kwargs: Any) -> Flow | TargetStack:
 def flow_from_spec(spec: Mapping[str, Any]) -> Flow | TargetStack:
     """Rebuild an (untrained) flow from its `spec()`, a VI flow or stack (VI_BUILDERS) or a
     density flow (flows.BUILDERS); load the state_dict afterwards. The one route for
-    checkpoints: util.load_run uses it for every run, whichever script wrote it."""
+    checkpoints: checkpoint.load_run uses it for every run, whichever script wrote it."""
     spec = dict(spec)
     if spec["name"] in VI_BUILDERS:
         return build_flow(spec.pop("name"), **spec)

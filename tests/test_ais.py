@@ -14,8 +14,8 @@ if __name__ == "__main__":  # python tests/test_ais.py prints the validation tab
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ais  # noqa: E402
+import checkpoint  # noqa: E402
 import gridmath  # noqa: E402
-import util  # noqa: E402
 from ebm import EBM  # noqa: E402
 from flows import gaussian, gaussian_fit, maf  # noqa: E402
 
@@ -216,7 +216,7 @@ def test_cli_prints_log_Z_grid_and_bracket(tmp_path, capsys):
     torch.manual_seed(6)
     ebm = EBM(2, (16, 16))
     cfg = {"dataset": "8gaussians", "seed": 0, "samples": 500, "test_samples": 500}
-    util.save_checkpoint(str(tmp_path / "checkpoint.pt"),
+    checkpoint.save_checkpoint(str(tmp_path / "checkpoint.pt"),
                          {"config": cfg, "ebm": ebm.state_dict(), "ebm_spec": ebm.spec(),
                           "script": "train.py"})
     assert ais.main([str(tmp_path), "--chains", "50", "--temps", "20", "--repeats", "2"]) == 0

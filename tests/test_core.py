@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import datasets
-import util
+import evaluation
+import gridmath
 from flows import build_flow
 import fce
 
@@ -54,16 +55,16 @@ def test_entropies_match_closed_forms():
 # ----------------------------------------------------------------------------- grid evaluation
 def test_grid_log_Z_of_a_gaussian_energy_is_exact():
     s = 0.7
-    neg_f, area = util.on_grid(lambda x: -(x * x).sum(1) / (2 * s * s), 6.0, 400,
+    neg_f, area = gridmath.on_grid(lambda x: -(x * x).sum(1) / (2 * s * s), 6.0, 400,
                               dtype=torch.float64)
-    assert util.grid_log_Z(neg_f, area) == pytest.approx(math.log(2 * math.pi * s * s), abs=1e-9)
+    assert gridmath.grid_log_Z(neg_f, area) == pytest.approx(math.log(2 * math.pi * s * s), abs=1e-9)
 
 
 def test_grid_kl_of_two_gaussians_is_exact():
-    x, area = util.grid_points(8.0, 500)
+    x, area = gridmath.grid_points(8.0, 500)
     lp = -(x * x).sum(1) / 2 - math.log(2 * math.pi)
     lq = -((x - torch.tensor([1.0, 0.0], dtype=x.dtype)) ** 2).sum(1) / 2 - math.log(2 * math.pi)
-    assert util.grid_kl(lp, lq, area) == pytest.approx(0.5, abs=1e-6)
+    assert gridmath.grid_kl(lp, lq, area) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_evaluate_2d_reports_true_model_as_optimal():
@@ -75,7 +76,7 @@ def test_evaluate_2d_reports_true_model_as_optimal():
             return -datasets.log_density("8gaussians", x)
 
     x_test = datasets.sample("8gaussians", 50_000, 1)
-    m = util.evaluate_2d("8gaussians", x_test, TrueEnergy())
+    m = evaluation.evaluate_2d("8gaussians", x_test, TrueEnergy())
     assert abs(m["kl_ebm"]) < 1e-4 and abs(m["log_Z"]) < 1e-4 and m["mse_logp"] < 1e-8
     assert m["nll_ebm"] == pytest.approx(m["entropy"], abs=0.02)
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import curves
 import fce
 import flows
+import gridmath
 import train
 import util
 from logger import read_metrics
@@ -51,7 +53,7 @@ def test_noise_mixture_density_is_the_mixture_and_normalised():
     mix = lambda v: torch.logaddexp(flow.log_prob(v) + math.log(0.7),  # noqa: E731
                                     g.log_prob(v) + math.log(0.3))
     with torch.no_grad():
-        values, area = util.on_grid(mix, 12.0, 300)
+        values, area = gridmath.on_grid(mix, 12.0, 300)
     assert math.exp(torch.logsumexp(values, 0)) * area == pytest.approx(1, abs=2e-3)
     # round(0.3 n) = 30 of the 100 noise points come from the fixed Gaussian (no gradient into
     # the flow), the first 70 are reparameterised flow samples
@@ -106,7 +108,7 @@ def test_mle_run_has_no_ebm_and_lowers_the_flow_nll(tmp_path):
     assert "kl_ebm" not in summary and "nll_ebm" not in summary
     evals = [r["nll_flow"] for r in read_metrics(out) if "nll_flow" in r]
     assert len(evals) == 4 and evals[-1] < evals[0] - 0.1
-    loaded = util.load_run(str(out))
+    loaded = checkpoint.load_run(str(out))
     assert loaded.ebm is None and loaded.flow.spec()["name"] == "nsf"
     assert os.path.isfile(out / "curves.png")
 
@@ -127,9 +129,9 @@ def test_budgeted_run_resumes_with_more_budget(tmp_path):
     code, out = run(tmp_path, "--epoch", "1000", "--budget", "0.5", "--eval_every", "1000",
                     "--plot_every", "1000", name="b")
     assert code == 0
-    first = util.load_checkpoint(str(out / "checkpoint.pt"))
+    first = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert train.main(["--resume", str(out), "--budget", "1.0"]) == 0
-    second = util.load_checkpoint(str(out / "checkpoint.pt"))
+    second = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert second["step"] > first["step"] and second["cpu_s"] >= 1.0
 
 
@@ -169,7 +171,7 @@ def test_nan_in_a_spline_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     monkeypatch.setattr(fce, "mle_step", poisoned)
     code, out = run(tmp_path, "--estimator", "mle", "--flow", "nsf", "--epoch", "3")
     assert code == 1 and "non-finite" in capsys.readouterr().err
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["flow"].values()
                                       if v.is_floating_point())
 
@@ -205,7 +207,7 @@ def test_nan_at_the_first_iteration_leaves_a_loadable_initial_checkpoint(tmp_pat
                                                                           None))
     code, out = run(tmp_path, "--epoch", "2")
     assert code == 1
-    loaded = util.load_run(str(out))
+    loaded = checkpoint.load_run(str(out))
     assert loaded.step == 0 and loaded.ebm is not None and loaded.flow is not None
 
 
@@ -287,6 +289,6 @@ def test_a_flow_gone_non_finite_stops_fce_and_keeps_the_last_good_checkpoint(tmp
     monkeypatch.setattr(fce, "fce_step", poisoned)
     code, out = run(tmp_path, "--epoch", "3")
     assert code == 1 and "non-finite" in capsys.readouterr().err
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["flow"].values() if v.is_floating_point())

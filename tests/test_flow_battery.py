@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import flows
+import gridmath
 import splines
-import util
 import vi_flows
 
 DIMS = (2, 8, 64)
@@ -168,7 +168,7 @@ def test_density_integrates_to_one(name, dim):
     flow = make(name, dim).float()
     bound = 12.0
     with torch.no_grad():
-        values, area = util.on_grid(flow.log_prob, bound, 400)
+        values, area = gridmath.on_grid(flow.log_prob, bound, 400)
         inside = float((flow.sample(100_000).abs() < bound).all(1).double().mean())
     integral = math.exp(torch.logsumexp(values, 0)) * area
     assert inside > 0.95

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import flows
-import util
 from flows import MADE, build_flow
 
 
@@ -113,7 +113,7 @@ def test_unknown_flow_names_valid_ones():
 def test_train_py_checkpoint_loads_after_the_flows_split(tmp_path):
     """A tiny train.py run: its checkpoint names the flow by the spec and state_dict keys that
     the code before the split (flows.py holding every flow, commit b5ee95b) wrote, and
-    util.load_run (through vi_flows.flow_from_spec) rebuilds it as the trained density flow."""
+    checkpoint.load_run (through vi_flows.flow_from_spec) rebuilds it as the trained density flow."""
     import train
 
     out = tmp_path / "run"
@@ -121,7 +121,7 @@ def test_train_py_checkpoint_loads_after_the_flows_split(tmp_path):
                        "--ebm_hidden", "32", "--flow_hidden", "16", "--flow_layers", "2",
                        "--log_every", "5", "--epoch", "1", "--wandb", "disabled",
                        "--out_dir", str(out), "--image_dir", str(tmp_path / "img")]) == 0
-    run = util.load_run(str(out))
+    run = checkpoint.load_run(str(out))
     spec, state = run.checkpoint["flow_spec"], run.checkpoint["flow"]
     assert spec == {"name": "maf", "dim": 2, "n_blocks": 2, "hidden": [16], "act": "relu",
                     "batch_norm": False}

@@ -92,7 +92,7 @@ def test_langevin_fast_and_autograd_paths_agree_and_unfreeze():
 @pytest.mark.parametrize("name", ["gmm", "rings4"])
 def test_paper_toys_densities_integrate_and_match_samples(name):
     import datasets
-    from util import grid_points
+    from gridmath import grid_points
 
     x, area = grid_points(datasets.BOUND, 720, torch.float64)
     mass = float(datasets.log_density(name, x).exp().sum() * area)
@@ -117,7 +117,7 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
     import datasets
     import train_mcmc
     from logger import read_metrics
-    from util import load_run
+    from checkpoint import load_run
 
     out, img = str(tmp_path / "run"), tmp_path / "img"
     x_data = datasets.sample("gmm", 2000, 1)
@@ -211,9 +211,9 @@ def _training_rows(out):
 
 
 def _assert_same_weights(a, b):
-    import util
+    import checkpoint
 
-    ca, cb = (util.load_checkpoint(str(d / "checkpoint.pt")) for d in (a, b))
+    ca, cb = (checkpoint.load_checkpoint(str(d / "checkpoint.pt")) for d in (a, b))
     assert ca["step"] == cb["step"]
     for k in ca["F"]:
         assert torch.equal(ca["F"][k], cb["F"][k]), k
@@ -249,7 +249,7 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch,
     import signal
 
     import train_mcmc
-    import util
+    import checkpoint
 
     common = ["--n_iter", "30", "--eval_every", "10", "--log_every", "4", "--init", init,
               "--lr_decay", "0.98", "--lr_min", "0.5", "--data_epsilon", "0.01"]
@@ -264,7 +264,7 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch,
 
     monkeypatch.setattr(train_mcmc, "langevin", interrupted)
     assert _train(tmp_path, "split", *common) == 130
-    assert util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 15
+    assert checkpoint.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 15
     monkeypatch.setattr(train_mcmc, "langevin", real)
     assert train_mcmc.main(["--resume", str(tmp_path / "split")]) == 0
     rows = _training_rows(tmp_path / "straight")
@@ -276,7 +276,7 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch,
 def test_nan_at_the_first_iteration_leaves_a_loadable_checkpoint(tmp_path, monkeypatch,
                                                                    capsys):
     import train_mcmc
-    import util
+    import checkpoint
 
     def nan_chains(U, x0, *a, **kw):
         x, r = langevin(U, x0, *a, **kw)
@@ -286,10 +286,10 @@ def test_nan_at_the_first_iteration_leaves_a_loadable_checkpoint(tmp_path, monke
     assert _train(tmp_path, "nan", "--n_iter", "5") == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "checkpoint" in err
-    ckpt = util.load_checkpoint(str(tmp_path / "nan" / "checkpoint.pt"), script="train_mcmc.py")
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "nan" / "checkpoint.pt"), script="train_mcmc.py")
     assert ckpt["step"] == 0 and len(ckpt["d_hist"]) == 0
     assert all(torch.isfinite(v).all() for v in ckpt["F"].values())
-    assert util.load_run(str(tmp_path / "nan")).ebm is not None
+    assert checkpoint.load_run(str(tmp_path / "nan")).ebm is not None
 
 
 def test_evaluation_does_not_change_the_training_random_streams(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import config
 import scaffold
 import util
@@ -61,7 +62,7 @@ def test_a_saved_run_is_kept_when_it_fails_later(here):
         with scaffold.Run(args, "x.py", ("x",)) as run:
             run.save({"step": 0})
             raise RuntimeError("crash after the first checkpoint")
-    ckpt = util.load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), script="x.py")
+    ckpt = checkpoint.load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), script="x.py")
     assert ckpt["script"] == "x.py" and ckpt["config"]["seed"] == 0 and "rng" in ckpt
 
 
@@ -92,7 +93,7 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint(here, capsys):
             raise AssertionError("not reached: the second Ctrl-C interrupts")
     assert e.value.code == scaffold.INTERRUPTED
     assert "--resume" in capsys.readouterr().err
-    assert util.load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"))["step"] == 3
+    assert checkpoint.load_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"))["step"] == 3
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
 
 

@@ -11,13 +11,15 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoint
 import datasets
 import diagnostics
+import evaluation
+import gridmath
 import samplers
 import targets
 import tilt
 import train_vi
-import util
 import vae as vae_mod
 import vi_flows
 from ebm import EBM
@@ -129,10 +131,10 @@ KL_QP = gauss_kl((0, 0), (VAR_Q,) * 2, (0, 0), (VAR_P,) * 2)
 def test_grid_kl_is_kl_of_first_from_second():
     assert KL_PQ == pytest.approx(2 * (math.log(2) - 0.375), abs=1e-12)
     assert KL_QP == pytest.approx(2 * (1.5 - math.log(2)), abs=1e-12)
-    x, area = util.grid_points(6.0, 600)
+    x, area = gridmath.grid_points(6.0, 600)
     lp, lq = gauss_log_prob(x, (0, 0), (VAR_P,) * 2), gauss_log_prob(x, (0, 0), (VAR_Q,) * 2)
-    assert util.grid_kl(lp, lq, area) == pytest.approx(KL_PQ, abs=1e-6)
-    assert util.grid_kl(lq, lp, area) == pytest.approx(KL_QP, abs=1e-4)  # q's tails beyond 6
+    assert gridmath.grid_kl(lp, lq, area) == pytest.approx(KL_PQ, abs=1e-6)
+    assert gridmath.grid_kl(lq, lp, area) == pytest.approx(KL_QP, abs=1e-4)  # q's tails beyond 6
 
 
 @pytest.fixture
@@ -160,7 +162,7 @@ class _GaussFlow:
 def test_evaluate_2d_kls_are_kl_of_data_from_model(gaussian_dataset):
     """kl_ebm and kl_flow are KL(p_data || model), and nll = H(p_data) + KL(p_data || model)."""
     x_test = 0.5 * torch.randn(100_000, 2, generator=torch.Generator().manual_seed(0))
-    m = util.evaluate_2d("g", x_test, _GaussEnergy(), _GaussFlow())
+    m = evaluation.evaluate_2d("g", x_test, _GaussEnergy(), _GaussFlow())
     assert m["kl_ebm"] == pytest.approx(KL_PQ, abs=1e-4)
     assert m["kl_flow"] == pytest.approx(KL_PQ, abs=1e-4)
     assert m["log_Z"] == pytest.approx(math.log(2 * math.pi * VAR_Q), abs=1e-4)
@@ -354,7 +356,7 @@ def test_train_mcmc_d_t_and_r_t_on_a_linear_F(tmp_path, monkeypatch):
                      "--batch", "64", "--bank_size", "200", "--n_kde", "200", "--n_iter", "1",
                      "--wandb", "disabled", "--eval_every", "1000", "--out_dir", str(out),
                      "--image_dir", str(tmp_path / "img")])
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     x_neg = negatives[0]
     first_two = seen[:2]
     is_neg = [torch.equal(s_, x_neg) for s_ in first_two]
@@ -567,7 +569,7 @@ def test_kde_shape_and_mass_for_any_bandwidth(bw):
     assert mass == pytest.approx(inside_1d ** 2, abs=1e-12)
     assert outside == pytest.approx(1 - inside_1d ** 2, abs=1e-12)
     # and the values sit where the kernel is: the maximum at the sample's cell
-    grid, _ = util.grid_points(bound, n)
+    grid, _ = gridmath.grid_points(bound, n)
     assert torch.allclose(grid[int(log_kde.argmax())], torch.tensor([0.2, 0.2],
                                                                     dtype=torch.float64))
     if bw == 3.0:  # against the continuous Gaussian's mass in the square

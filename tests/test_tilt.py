@@ -13,7 +13,7 @@ import torch
 import tilt
 import tilt_data as td
 import vae as vae_mod
-from util import grid_log_Z, on_grid
+from gridmath import grid_log_Z, on_grid
 
 
 # ----------------------------------------------------------------------------- data

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import fce
 import train
-import util
 from logger import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_short_run_writes_everything(tmp_path):
     assert cfg["rule"] == "every"
     assert sum(r["flow_step_fraction"] for r in train_rows) * 5 == 20 // every
     assert all(r["ebm_step_fraction"] == 1 for r in train_rows)
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["step"] == 20 and ckpt["epoch"] == 2
     # the offline wandb log is readable without a server
     runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
@@ -76,8 +76,8 @@ def test_resume_continues_exactly(tmp_path):
     assert run_train(tmp_path, "--epoch", "2", *common, name="straight")[0] == 0
     assert run_train(tmp_path, "--epoch", "1", *common, name="split")[0] == 0
     assert train.main(["--resume", str(tmp_path / "split"), "--epoch", "2"]) == 0
-    a = util.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
-    b = util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
+    a = checkpoint.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
+    b = checkpoint.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
     assert b["step"] == 20
     for k in a["ebm"]:
         assert torch.equal(a["ebm"][k], b["ebm"][k]), k
@@ -131,12 +131,12 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch)
 
     monkeypatch.setattr(fce, "fce_step", interrupted)
     assert run_train(tmp_path, *common, name="split")[0] == 130
-    assert util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 7
+    assert checkpoint.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 7
     monkeypatch.setattr(fce, "fce_step", real)
     assert train.main(["--resume", str(tmp_path / "split")]) == 0
     assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")
-    a = util.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
-    b = util.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
+    a = checkpoint.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
+    b = checkpoint.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
     for k in a["ebm"]:
         assert torch.equal(a["ebm"][k], b["ebm"][k]), k
 
@@ -160,11 +160,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "--resume" in err
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["step"] >= 15
     epoch = ckpt["epoch"]
     assert train.main(["--resume", str(out), "--epoch", str(epoch + 1)]) == 0
-    after = util.load_checkpoint(str(out / "checkpoint.pt"))
+    after = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert after["epoch"] == epoch + 1 and after["step"] == (epoch + 1) * 20
 
 
@@ -186,10 +186,10 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
     code, out = run_train(tmp_path, "--epoch", "3", "--wandb", "disabled")
     assert code == 1
     assert "non-finite" in capsys.readouterr().err
-    ckpt = util.load_checkpoint(str(out / "checkpoint.pt"), script="train.py")
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"), script="train.py")
     assert ckpt["epoch"] == epoch and ckpt["step"] == step
     assert all(torch.isfinite(v).all() for v in ckpt["ebm"].values())
-    run = util.load_run(str(out))
+    run = checkpoint.load_run(str(out))
     assert run.ebm is not None and run.step == step
 
 
@@ -244,7 +244,7 @@ def test_cli_error_has_no_traceback():
 
 def test_load_run_rebuilds_models(tmp_path):
     code, out = run_train(tmp_path, "--epoch", "1", "--wandb", "disabled", "--flow", "glow")
-    run = util.load_run(str(out))
+    run = checkpoint.load_run(str(out))
     assert run.config["flow"] == "glow" and run.step == 10
     x = torch.randn(7, 2)
     assert run.ebm(x).shape == (7,)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+import checkpoint
 import targets
 import train_vi
-import util
 import vi_flows
 from flows import std_normal_log_prob
 from logger import read_metrics
@@ -165,13 +165,13 @@ def test_flows_rebuild_from_spec():
 def test_train_vi_checkpoint_loads_after_the_flows_split(flow, extra, spec, keys, in_tmp):
     """A tiny train_vi.py run (batched planar, and the FlowStack loop): the checkpoint holds the
     stack spec and state_dict keys that the code before the split (commit b5ee95b) wrote, and
-    util.load_run rebuilds the stack through vi_flows.flow_from_spec."""
+    checkpoint.load_run rebuilds the stack through vi_flows.flow_from_spec."""
     out = str(in_tmp / flow)
     assert train_vi.main(["--target=U1,U2", "--K=2", "--steps=4", "--eval_every=2",
                           "--batch=16", "--eval_samples=100", "--final_samples=100",
                           "--anneal_steps=2", "--no-frames", "--wandb=disabled",
                           f"--flow={flow}", *extra, f"--out_dir={out}"]) == 0
-    run = util.load_run(out)
+    run = checkpoint.load_run(out)
     assert run.checkpoint["flow_spec"] == {"name": "stack", "flow_spec": spec, "n_targets": 2,
                                            "batched": True}
     assert sorted(run.checkpoint["flow"]) == keys
@@ -242,12 +242,12 @@ def test_short_reverse_kl_run_lowers_bound_and_writes_figures(in_tmp):
     for n in ("U1", "U2"):
         assert last[f"{n}/bound"] < first[f"{n}/bound"] - 1.0
     # the summary is the final evaluation (seed 1, --final_samples) of the saved flow
-    final = train_vi.evaluate(util.load_run(out).flow, ["U1", "U2"], 4000, seed=1)
+    final = train_vi.evaluate(checkpoint.load_run(out).flow, ["U1", "U2"], 4000, seed=1)
     assert dict(rows)["U1/mass_left"] == final["U1"]["mass_left"]
     assert dict(rows)["U1/kl"] == pytest.approx(final["U1"]["kl"], abs=1e-9)
     assert os.path.isfile(in_tmp / "images" / "vi" / "final.png")
     assert os.path.isfile(in_tmp / "images" / "vi" / "training.gif")
-    run = util.load_run(out)
+    run = checkpoint.load_run(out)
     assert run.step == 120
     kl = train_vi.evaluate(run.flow, ["U1", "U2"], 4000)
     # the same flow and the same evaluation samples (seed 0, 4000) as the step-120 row
@@ -266,7 +266,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(in_tmp, monkeypatch):
 
     monkeypatch.setattr(targets, "energies", poisoned)
     assert train_vi.main(_argv(out)) == 1
-    ckpt = util.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ckpt["step"] == 60
     assert all(torch.isfinite(v).all() for v in ckpt["flow"].values())
 
@@ -279,7 +279,7 @@ def _rows(out):
 
 
 def _weights(out):
-    return util.load_checkpoint(os.path.join(out, "checkpoint.pt"))["flow"]
+    return checkpoint.load_checkpoint(os.path.join(out, "checkpoint.pt"))["flow"]
 
 
 def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(in_tmp, monkeypatch):
@@ -299,7 +299,7 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(in_tmp, monkeypatch):
 
     monkeypatch.setattr(train_vi.targets, "energies", interrupt)
     assert train_vi.main(_argv(split, *common)) == 130
-    assert util.load_checkpoint(os.path.join(split, "checkpoint.pt"))["step"] == 55
+    assert checkpoint.load_checkpoint(os.path.join(split, "checkpoint.pt"))["step"] == 55
     assert [r["step"] for r in read_metrics(split)] == [0, 40, 40]
     monkeypatch.setattr(train_vi.targets, "energies", real)
     assert train_vi.main(["--resume", split]) == 0
@@ -316,7 +316,7 @@ def test_nan_at_the_first_step_leaves_a_loadable_checkpoint(in_tmp, monkeypatch,
                         lambda *a, **kw: real(*a, **kw) * float("nan"))
     assert train_vi.main(_argv(out)) == 1
     assert "checkpoint" in capsys.readouterr().err
-    run = util.load_run(out)
+    run = checkpoint.load_run(out)
     assert run.step == 0 and run.checkpoint["script"] == "train_vi.py"
     assert all(torch.isfinite(v).all() for v in run.checkpoint["flow"].values())
     x = torch.zeros(3, 2)

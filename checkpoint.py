@@ -1,0 +1,79 @@
+"""Checkpoints: atomic writes (`save_checkpoint`), checked reads (`load_checkpoint`, which
+raises `CheckpointError` with what it found) and `load_run`, which rebuilds a run's EBM and
+flow from its checkpoint: `run = load_run("runs/<name>")`.
+"""
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ebm import EBM
+from vi_flows import flow_from_spec  # density flows (train.py) and VI flows (train_vi.py)
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then an atomic rename: a crash or Ctrl-C during the
+    write never leaves a truncated checkpoint. Keep `state` to tensors and plain Python types
+    (torch.load uses weights_only=True)."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, empty, truncated, not a checkpoint, or
+    written by another script. The message names what was found."""
+
+
+def load_checkpoint(path, map_location="cpu", script=None, keys=()):
+    """Read a checkpoint written by `save_checkpoint`. With `script` (e.g. "train.py"), one
+    written by another script is refused; one without the entries `keys` (a checkpoint from
+    before checkpoints named their script) too. Raises CheckpointError (or
+    FileNotFoundError)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; check the path or train a run first")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); the run never saved one")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all one case
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not written "
+                              f"by this toolkit: {first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a run checkpoint of "
+                              f"this toolkit (no saved config)")
+    writer = ckpt.get("script")
+    if script is not None and writer is not None and writer != script:
+        raise CheckpointError(f"{path} was written by {writer}; continue it with "
+                              f"`python {writer} --resume {os.path.dirname(path) or '.'}`")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}: it is not a "
+                              f"{script or 'matching'} run; start a new run instead")
+    return ckpt
+
+
+def load_run(run_dir, device="cpu", script=None):
+    """Load a finished or interrupted run: `run = load_run("runs/<name>")`.
+
+    Returns a namespace with .config (dict), .ebm (callable: f(x) for an (N, 2) tensor, or
+    None), .flow (log_prob / sample, or None), .step and .checkpoint (the raw dict)."""
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device,
+                           script=script)
+    ebm = flow = None
+    if "ebm" in ckpt:
+        ebm = EBM(**ckpt["ebm_spec"]).to(device)
+        ebm.load_state_dict(ckpt["ebm"])
+        ebm.eval()
+    if "flow" in ckpt:
+        flow = flow_from_spec(ckpt["flow_spec"]).to(device)
+        flow.load_state_dict(ckpt["flow"])
+        flow.eval()
+    config = ckpt.get("config")
+    if config is None:
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            config = json.load(fh)
+    return SimpleNamespace(config=config, ebm=ebm, flow=flow, step=ckpt.get("step"),
+                           checkpoint=ckpt)
