@@ -26,19 +26,13 @@ The conventions, the same for every script:
 - exit status: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad input
   (`config.fail`), 130 interrupted.
 
-Benchmarks run training scripts through `run_script` (a finished run is kept, an interrupted
-one resumed, anything else started afresh, each in its own process) and `run_many` (several
-at a time; after Ctrl-C no new run starts).
+Benchmarks start these scripts through bench/runs.py.
 """
-import json
 import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import checkpoint
 import config
@@ -271,99 +265,6 @@ class Run:
             self.log.summary(summary)
         self.log.finish()
         return DONE
-
-
-# ----------------------------------------------------------------------------- benchmarks
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-class Stopped(Exception):
-    """Ctrl-C during a benchmark: its runs keep what they saved; start no new one."""
-
-
-def finished(run_dir):
-    """The summary of a finished run (summary.json, with status "done" where the script
-    writes a status), else None."""
-    path = os.path.join(run_dir, "summary.json")
-    try:
-        with open(path) as fh:
-            summary = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("status", "done") != "done":
-        return None
-    return summary
-
-
-def run_script(script, run_dir, argv, log=None, resumable=True):
-    """One run of a training script for a benchmark, in its own process (one thread, wandb
-    off): a finished run is kept; an interrupted one (a checkpoint) is resumed with its saved
-    configuration when the script can resume; anything else starts afresh in run_dir
-    (--overwrite) with `argv`. Output goes to the file `log` (default: this terminal).
-    Returns the exit status; raises Stopped after Ctrl-C (the run exits 130, having saved)."""
-    if finished(run_dir):
-        return 0
-    if resumable and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        flags = ["--resume", run_dir]
-    else:
-        flags = [*argv, "--out_dir", run_dir, "--overwrite", "--threads", "1",
-                 "--wandb", "disabled"]
-    return run_process([os.path.join(ROOT, script), *flags], log)
-
-
-def run_process(argv, log=None):
-    """`python argv...` for a benchmark (no progress bars, no display), output appended to
-    the file `log` (default: this terminal); returns the exit status, raises Stopped after
-    Ctrl-C (the child exits 130, having saved, or this process is interrupted)."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
-    out = open(log, "a") if log else None
-    try:
-        code = subprocess.run([sys.executable, *argv], stdout=out,
-                              stderr=subprocess.STDOUT if out else None, env=env).returncode
-    except KeyboardInterrupt:
-        raise Stopped() from None
-    finally:
-        if out:
-            out.close()
-    if code in (INTERRUPTED, -signal.SIGINT):
-        raise Stopped()
-    return code
-
-
-def run_many(fn, jobs, parallel=1):
-    """[fn(job) for job in jobs], `parallel` at a time; after Ctrl-C (Stopped or
-    KeyboardInterrupt) no new job starts, the running ones finish saving, and Stopped is
-    raised."""
-    stop = threading.Event()
-
-    def guarded(job):
-        if stop.is_set():
-            return None
-        try:
-            return fn(job)
-        except Stopped:
-            stop.set()
-            return None
-
-    try:
-        with ThreadPoolExecutor(parallel) as pool:
-            try:
-                results = list(pool.map(guarded, jobs))
-            except KeyboardInterrupt:
-                stop.set()
-                raise
-    except KeyboardInterrupt:
-        raise Stopped() from None
-    if stop.is_set():
-        raise Stopped()
-    return results
-
-
-def stopped(script):
-    """A benchmark's message after Ctrl-C; exit status 130."""
-    print(f"\n{script}: interrupted; finished runs are kept and an interrupted run resumes: "
-          f"run the same command to continue", file=sys.stderr)
-    return INTERRUPTED
 
 
 def _holds_run(path, figures):

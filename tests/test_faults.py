@@ -18,13 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING = ["train.py", "train_mcmc.py", "train_vi.py", "train_tilt.py"]
 RESUMABLE = ["train.py", "train_mcmc.py", "train_vi.py"]  # train_tilt's runs are short
 SHARED = TRAINING + ["sample_mcmc.py"]  # the flags of config.parser
-ENTRY = SHARED + ["bench.py", "bench_mcmc.py", "bench_mcmc_images.py", "bench_vi.py",
-                  "bench_tilt.py", "gather.py", "curves.py", "images/create_gif.py"]
+ENTRY = SHARED + ["bench/fce.py", "bench/mcmc.py", "bench/mcmc_images.py", "bench/vi.py",
+                  "bench/tilt.py", "bench/gather.py", "curves.py", "images/create_gif.py"]
 # scripts not yet on the scaffold's conventions (one per line; remove a line when it passes)
 PENDING = {
 }
 # arguments a script needs before anything else can be checked
-BASE = {"sample_mcmc.py": ["--run", "no-such-run"], "gather.py": ["runs"],
+BASE = {"sample_mcmc.py": ["--run", "no-such-run"], "bench/gather.py": ["runs"],
         "curves.py": ["runs"], "images/create_gif.py": ["images"]}
 
 
@@ -236,11 +236,11 @@ def test_bench_report_without_finished_runs_writes_nothing(tmp_path, capsys):
     (out / "grid.png").write_bytes(b"the published figure")
     empty = tmp_path / "runs"
     os.makedirs(empty / "fce-maf-rings-s0")  # an unfinished run: no summary.json
-    code = load("bench.py").main(["--only", "report", "--root", str(empty), "--out", str(out)])
+    code = load("bench/fce.py").main(["--only", "report", "--root", str(empty), "--out", str(out)])
     assert code == 1 and "nothing written" in capsys.readouterr().err
     assert os.listdir(out) == ["grid.png"]
     assert (out / "grid.png").read_bytes() == b"the published figure"
-    fails("bench.py", ["--only", "report", "--root", str(tmp_path / "nowhere")], capsys,
+    fails("bench/fce.py", ["--only", "report", "--root", str(tmp_path / "nowhere")], capsys,
           "does not exist")
 
 

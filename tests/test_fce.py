@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import bench
+from bench import fce as bench_fce
 import checkpoint
 import curves
 import fce
@@ -192,12 +192,12 @@ def test_bench_grid_runs_skips_finished_runs_and_reports(tmp_path, capsys):
     argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "mle-nsf",
             "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
             "--jobs", "2", "--train_args", " ".join(TINY)]
-    assert bench.main(argv) == 0
+    assert bench_fce.main(argv) == 0
     table = open(out / "table.md").read()
     assert "| nce | 8gaussians | 1 |" in table and "| mle-nsf | 8gaussians | 1 |" in table
     assert os.path.isfile(out / "grid.png") and os.path.isfile(out / "kl_ebm.png")
     stamp = os.path.getmtime(root / "nce-8gaussians-s0" / "summary.json")
-    assert bench.main(argv) == 0  # finished runs are kept, not run again
+    assert bench_fce.main(argv) == 0  # finished runs are kept, not run again
     assert os.path.getmtime(root / "nce-8gaussians-s0" / "summary.json") == stamp
 
 

@@ -381,7 +381,7 @@ def test_bad_flag_one_line_error(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-# ----------------------------------------------------------------------------- bench_mcmc.py
+# ----------------------------------------------------------------------------- bench/mcmc.py
 def _png(path, color):
     from PIL import Image
 
@@ -392,7 +392,7 @@ def _png(path, color):
 def test_bench_without_finished_runs_writes_no_figure(tmp_path, capsys):
     """Unfinished runs (figures but no summary with status done) and an empty folder: the
     report exits 1 with one line and the README figures are left as they are."""
-    import bench_mcmc
+    from bench import mcmc as bench_mcmc
 
     runs, figs = tmp_path / "runs", tmp_path / "figs"
     for regime in ("convergent", "nonconvergent"):
@@ -415,11 +415,11 @@ def test_bench_trains_only_unfinished_runs(tmp_path, monkeypatch):
     """Finished runs are kept, an interrupted one is resumed, anything else starts again."""
     import subprocess
 
-    import bench_mcmc
-    import scaffold
+    from bench import mcmc as bench_mcmc
+    from bench import runner
 
     calls = []
-    monkeypatch.setattr(scaffold.subprocess, "run",
+    monkeypatch.setattr(runner.subprocess, "run",
                         lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     done, stopped, empty = (str(tmp_path / n) for n in ("done", "stopped", "empty"))
     os.makedirs(done)
@@ -437,7 +437,7 @@ def test_bench_trains_only_unfinished_runs(tmp_path, monkeypatch):
 def test_bench_figures_only_from_finished_pairs(tmp_path, capsys):
     """rings4's two runs finished, gmm's not: the rings4 figures are written, the gmm ones
     are left as they are."""
-    import bench_mcmc
+    from bench import mcmc as bench_mcmc
 
     runs, figs = tmp_path / "runs", tmp_path / "figs"
     for ds in ("gmm", "rings4"):

@@ -276,9 +276,9 @@ def test_vanilla_net_on_tiny_mnist(tmp_path):
 
 
 def test_bench_without_finished_runs_writes_no_figure(tmp_path, capsys):
-    """bench_mcmc_images.py --no_train on a folder without finished runs: exit 1, one line,
+    """bench/mcmc_images.py --no_train on a folder without finished runs: exit 1, one line,
     the docs figures left as they are."""
-    import bench_mcmc_images
+    from bench import mcmc_images as bench_mcmc_images
 
     runs, figs = tmp_path / "runs", tmp_path / "figs"
     os.makedirs(runs / "mcmc-digits-convergent-s0")  # started, never finished

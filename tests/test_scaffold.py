@@ -148,10 +148,10 @@ def test_generated_gifs_and_runs_are_ignored_by_git():
 
 def test_a_benchmark_stops_starting_runs_after_ctrl_c(here, monkeypatch):
     """A run that exits 130 (Ctrl-C reached it too) raises Stopped; run_many then starts no
-    new job and re-raises; bench.py turns that into exit status 130."""
+    new job and re-raises; bench/fce.py turns that into exit status 130."""
     import subprocess
 
-    import bench
+    from bench import fce as bench_fce, runner
 
     started = []
 
@@ -159,14 +159,14 @@ def test_a_benchmark_stops_starting_runs_after_ctrl_c(here, monkeypatch):
         started.append(cmd)
         return subprocess.CompletedProcess(cmd, 130 if len(started) == 2 else 0)
 
-    monkeypatch.setattr(scaffold.subprocess, "run", fake_run)
-    with pytest.raises(scaffold.Stopped):
-        scaffold.run_many(lambda d: scaffold.run_script("train.py", d, []),
-                          ["a", "b", "c", "d"], parallel=1)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    with pytest.raises(runner.Stopped):
+        runner.run_many(lambda d: runner.run_script("train.py", d, []),
+                        ["a", "b", "c", "d"], parallel=1)
     assert len(started) == 2
     started.clear()
-    code = bench.main(["--only", "grid", "--datasets", "rings", "--seeds", "0",
-                       "--root", str(here / "bench")])
+    code = bench_fce.main(["--only", "grid", "--datasets", "rings", "--seeds", "0",
+                           "--root", str(here / "bench")])
     assert code == scaffold.INTERRUPTED and len(started) == 2
 
 

@@ -1,4 +1,4 @@
-"""wandb sweep files (sweeps/*.yaml) and gather.py, without a wandb server.
+"""wandb sweep files (sweeps/*.yaml) and bench/gather.py, without a wandb server.
 
 Each sweep file is checked the way a cluster would find out too late: wandb's own sweep
 engine (the open-source `sweeps` package, what the server runs) validates it against the
@@ -8,7 +8,7 @@ sweep schema and proposes configurations; every proposal becomes the exact comma
 One proposal per file then runs for real with tiny sizes, in the environment an agent sets
 (WANDB_SWEEP_ID, WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH; WANDB_MODE=offline as there is no
 server), with no stdin and a timeout: it must exit 0 and write the sweep's metric to its run
-summary. gather.py then builds the table from those run folders.
+summary. bench/gather.py then builds the table from those run folders.
 """
 import argparse
 import concurrent.futures
@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 import warnings
 from unittest import mock
@@ -28,7 +29,7 @@ import pytest
 import yaml
 
 import config
-import gather
+from bench import gather
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILES = sorted(glob.glob(os.path.join(ROOT, "sweeps", "*.yaml")))
@@ -288,7 +289,8 @@ def _agent_run(work, cfg, values, run_id, wandb_mode):
     env.update(WANDB_MODE=wandb_mode, WANDB_SILENT="true", WANDB_SWEEP_ID=SWEEP_ID,
                WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=param_path, WANDB_DIR=work,
                MPLBACKEND="Agg", TQDM_DISABLE="1")
-    proc = subprocess.run(agent_command(cfg, values), cwd=work, env=env, text=True,
+    command = [sys.executable if c == "python" else c for c in agent_command(cfg, values)]
+    proc = subprocess.run(command, cwd=work, env=env, text=True,
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
     return proc, os.path.join(work, "runs", f"sweep-{SWEEP_ID}", run_id), values
 

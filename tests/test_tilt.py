@@ -361,7 +361,7 @@ def test_contrastive_data_tilt_runs_and_lowers_positive_energy():
         assert E(x_pos).mean() < E(model.sample(256)[0]).mean()
 
 
-# ----------------------------------------------------------------------------- bench_tilt.py
+# ----------------------------------------------------------------------------- bench/tilt.py
 @pytest.fixture
 def docs_tree(tmp_path, monkeypatch):
     """A repository-like folder: docs/tilt.md with the table block, published figures."""
@@ -381,7 +381,7 @@ def _untouched(root):
 
 
 def test_bench_report_without_finished_runs_writes_nothing(docs_tree, capsys):
-    import bench_tilt
+    from bench import tilt as bench_tilt
 
     os.makedirs(docs_tree / "runs" / "bench_tilt" / "digits-s0")  # unfinished: no summary
     assert bench_tilt.main(["--report_only", "--write_docs"]) == 1
@@ -392,10 +392,10 @@ def test_bench_report_without_finished_runs_writes_nothing(docs_tree, capsys):
 
 
 def test_bench_checks_the_docs_block_before_training(docs_tree, monkeypatch, capsys):
-    import bench_tilt
-    import scaffold
+    from bench import tilt as bench_tilt
+    from bench import runner
 
-    monkeypatch.setattr(scaffold.subprocess, "run", lambda *a, **kw: pytest.fail("trained"))
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **kw: pytest.fail("trained"))
     (docs_tree / "docs" / "tilt.md").write_text("# tilt, no table block\n")
     with pytest.raises(SystemExit) as e:
         bench_tilt.main(["--write_docs"])
@@ -410,8 +410,8 @@ def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(docs_tree, monke
     every seed finished."""
     import subprocess
 
-    import bench_tilt
-    import scaffold
+    from bench import tilt as bench_tilt
+    from bench import runner
 
     calls = []
 
@@ -421,7 +421,7 @@ def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(docs_tree, monke
         _fake_run(argv[argv.index("--out_dir") + 1], argv[argv.index("--image_dir") + 1])
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(scaffold.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
     out = "runs/bench_tilt"
     for name, _ in bench_tilt.RUNS:
         _fake_run(f"{out}/{name}-s0", f"{out}/images/{name}-s0")

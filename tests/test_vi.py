@@ -1,5 +1,5 @@
 """Flows fit to energy functions by reverse KL (targets.py, vi_flows.py,
-train_vi.py, bench_vi.py). Tiny budgets: the whole file runs in well under a minute on 2 cores."""
+train_vi.py, bench/vi.py). Tiny budgets: the whole file runs in well under a minute on 2 cores."""
 import json
 import math
 import os
@@ -356,8 +356,8 @@ def test_bad_flags_exit_2(argv, in_tmp):
 
 
 def test_bench_split_rows_merge_per_flow():
-    """bench_vi.py --split: four single-target summaries make one table row (seconds summed)."""
-    import bench_vi
+    """bench/vi.py --split: four single-target summaries make one table row (seconds summed)."""
+    from bench import vi as bench_vi
 
     assert bench_vi._run_name("realnvp", 8, 42, "U3") == "bench_vi-realnvp-K8-U3"
     assert bench_vi._run_name("planar", 32, 0) == "bench_vi-planar-K32-s0"
@@ -375,9 +375,9 @@ def test_bench_split_rows_merge_per_flow():
 
 
 def test_bench_report_without_finished_runs_writes_nothing(in_tmp, capsys):
-    """bench_vi.py --report_only with no finished runs (one unfinished folder): exit 1, one
+    """bench/vi.py --report_only with no finished runs (one unfinished folder): exit 1, one
     line, and the published figures and tables are untouched."""
-    import bench_vi
+    from bench import vi as bench_vi
 
     readme = in_tmp / "images" / "readme"
     os.makedirs(readme)
@@ -398,7 +398,7 @@ def test_bench_report_without_finished_runs_writes_nothing(in_tmp, capsys):
     (["--extra=--seed=3"], "--seed"), (["--split"], "--no-figures"),
 ])
 def test_bench_bad_input_is_one_line(argv, needle, in_tmp, capsys):
-    import bench_vi
+    from bench import vi as bench_vi
 
     with pytest.raises(SystemExit) as e:
         bench_vi.main(argv + ["--no-speed"])
@@ -412,8 +412,8 @@ def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(in_tmp, monkeypa
     with --overwrite (never a refusal that loses the benchmark's time)."""
     import subprocess
 
-    import bench_vi
-    import scaffold
+    from bench import vi as bench_vi
+    from bench import runner
 
     calls = []
 
@@ -425,7 +425,7 @@ def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(in_tmp, monkeypa
             json.dump({f"{n}/kl": 0.1 for n in targets.NAMES}, fh)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(scaffold.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
     os.makedirs(bench_vi.OUT)
     done = in_tmp / "runs" / "bench_vi-planar-K2"
     os.makedirs(done)

@@ -1,10 +1,10 @@
 """Benchmark of the VI flows: speed of a planar training step, and the quality table
 flow x K x target (KL(q || p), ESS, seconds) with the Figure-3-style figures.
 
-    python bench_vi.py --speed_only          # ms per step: per-target loop vs batched module
-    python bench_vi.py                       # + trains every run (10,000 steps each) and
+    python -m bench.vi --speed_only          # ms per step: per-target loop vs batched module
+    python -m bench.vi                       # + trains every run (10,000 steps each) and
                                              #   writes images/readme/vi_*.png, runs/bench_vi/
-    python bench_vi.py --best --jobs 2       # the "best flow" row only: RealNVP K=8, one
+    python -m bench.vi --best --jobs 2       # the "best flow" row only: RealNVP K=8, one
                                              #   process per target (runs/bench_vi/table-best.md)
 
 Every run trains the four confined targets U1-U4 at once with train_vi.py (planar flows as one
@@ -16,11 +16,11 @@ run the targets one after another anyway); the row's seconds are then the sum ov
 than 42 end in -s<seed>, and `--tag T` (for runs with `--extra` flags) adds -T to run directories
 and table files, so such runs never overwrite the default ones, e.g.
 
-    python bench_vi.py --runs planar:32 --extra="--lr=3e-3" --tag lr3e-3 --seed 42 0 1 \
+    python -m bench.vi --runs planar:32 --extra="--lr=3e-3" --tag lr3e-3 --seed 42 0 1 \
         --jobs 2 --no-speed --no-figures
 
 A run that finished (its summary.json exists) is kept and skipped, an interrupted one resumes
-from its checkpoint and anything else starts again (scaffold.run_script), so an interrupted
+from its checkpoint and anything else starts again (runner.run_script), so an interrupted
 benchmark continues where it stopped. The table and figures come from finished runs only; with none, nothing is written (exit status 1)
 and the published figures in images/readme/ stay as they are.
 """
@@ -34,8 +34,8 @@ import torch
 
 import checkpoint
 import config
+from bench import runner
 import plots
-import scaffold
 import targets
 import vi_flows
 
@@ -113,18 +113,18 @@ def _train_argv(flow, K, target, seed, steps, extra):
 
 def _train(job):
     """One train_vi run (U1-U4, or one target with --split) in its own process
-    (scaffold.run_script: a finished run is kept, an interrupted one resumed, anything else
+    (runner.run_script: a finished run is kept, an interrupted one resumed, anything else
     started afresh); returns its summary.json, or None when it did not finish."""
     flow, K, target, seed, steps, extra, tag = job
     out = _run_dir(flow, K, seed, target, tag)
     log = os.path.join(OUT, _run_name(flow, K, seed, target, tag)[len("bench_vi-"):] + ".log")
-    if scaffold.finished(out):
+    if runner.finished(out):
         print(f"{out}: finished, kept", file=sys.stderr)
-    code = scaffold.run_script("train_vi.py", out,
+    code = runner.run_script("train_vi.py", out,
                                _train_argv(flow, K, target, seed, steps, extra), log=log)
     if code != 0:
         print(f"{out}: train_vi.py exited with status {code}; see {log}", file=sys.stderr)
-    summary = scaffold.finished(out)
+    summary = runner.finished(out)
     return None if summary is None else {"flow": flow, "K": K, "seed": seed, "status": code,
                                          **summary}
 
@@ -286,9 +286,9 @@ def main(argv=None):
     os.makedirs(OUT, exist_ok=True)
     jobs = _jobs(runs, args.split, args.seed, args.steps, extra, args.tag)
     try:
-        done = [r for r in scaffold.run_many(_train, jobs, args.jobs) if r is not None]
-    except scaffold.Stopped:
-        return scaffold.stopped("bench_vi.py")
+        done = [r for r in runner.run_many(_train, jobs, args.jobs) if r is not None]
+    except runner.Stopped:
+        return runner.stopped("bench/vi.py")
     results = [r for r in merge(done) if all(f"{n}/kl" in r for n in NAMES)]
     code = report(results, args.figures, tag, args.tag)
     return 1 if len(done) < len(jobs) else code
@@ -315,8 +315,8 @@ def report(results, figures=True, tag="", run_tag=""):
     """Table (printed and runs/bench_vi/table<tag>.md) and, with `figures`, the two figures
     under images/readme/. Without finished runs nothing is written and the status is 1."""
     if not results:
-        print("bench_vi.py: no finished runs to report: nothing written (images/readme/ "
-              "unchanged); train them first (python bench_vi.py without --report_only)",
+        print("bench/vi.py: no finished runs to report: nothing written (images/readme/ "
+              "unchanged); train them first (python -m bench.vi without --report_only)",
               file=sys.stderr)
         return 1
     os.makedirs(OUT, exist_ok=True)

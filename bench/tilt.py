@@ -1,9 +1,9 @@
 """Benchmark of the tilting experiments over seeds: the results table of docs/tilt.md.
 
-    python bench_tilt.py                    # seeds 0-7, prints the table, runs/bench_tilt/
-    python bench_tilt.py --write_docs       # also replaces the table in docs/tilt.md and
+    python -m bench.tilt                    # seeds 0-7, prints the table, runs/bench_tilt/
+    python -m bench.tilt --write_docs       # also replaces the table in docs/tilt.md and
                                             #   copies seed 0's figures to images/readme/
-    python bench_tilt.py --report_only      # the table of the runs already finished
+    python -m bench.tilt --report_only      # the table of the runs already finished
 
 Per seed: `train_tilt.py --objective both --data_tilt` (digits) and
 `train_tilt.py --experiment mixture`, one torch thread, wandb off. The table lists the TV
@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 import config
-import scaffold
+from bench import runner
 
 START, END = "<!-- bench_tilt:start -->", "<!-- bench_tilt:end -->"
 DOCS = os.path.join("docs", "tilt.md")
@@ -38,18 +38,19 @@ FIGURES = (("digits", ("label_histograms", "latent", "samples")), ("mixture", ("
 
 
 def _summary(out, name, seed):
-    return scaffold.finished(os.path.join(out, f"{name}-s{seed}"))
+    return runner.finished(os.path.join(out, runner.run_name(name, seed=seed)))
 
 
 def train_seed(seed, out):
-    """The three runs of one seed (scaffold.run_script: a finished run is kept, anything else
+    """The three runs of one seed (runner.run_script: a finished run is kept, anything else
     is started afresh; train_tilt.py has no resume). Returns False when a run did not finish
-    (its log, <run folder>.log, says why); raises scaffold.Stopped after Ctrl-C."""
+    (its log, <run folder>.log, says why); raises runner.Stopped after Ctrl-C."""
     ok = True
     for name, flags in RUNS:
-        run = f"{out}/{name}-s{seed}"
-        argv = ["--seed", str(seed), *flags, "--image_dir", f"{out}/images/{name}-s{seed}"]
-        code = scaffold.run_script("train_tilt.py", run, argv, log=f"{run}.log",
+        run = f"{out}/{runner.run_name(name, seed=seed)}"
+        argv = ["--seed", str(seed), *flags, "--image_dir",
+                f"{out}/images/{runner.run_name(name, seed=seed)}"]
+        code = runner.run_script("train_tilt.py", run, argv, log=f"{run}.log",
                                    resumable=False)
         if code != 0:
             print(f"seed {seed}: train_tilt.py {' '.join(flags)} exited with status {code}; "
@@ -170,12 +171,12 @@ def main(argv=None):
             for seed in args.seeds:
                 train_seed(seed, args.out)
                 print(f"seed {seed}: done", flush=True)
-        except scaffold.Stopped:
-            return scaffold.stopped("bench_tilt.py")
+        except runner.Stopped:
+            return runner.stopped("bench/tilt.py")
     rows = [r for r in (collect(seed, args.out) for seed in args.seeds) if r is not None]
     missing = [s for s in args.seeds if s not in {r["seed"] for r in rows}]
     if not rows:
-        print(f"bench_tilt.py: no seed has finished runs under {args.out}: nothing written "
+        print(f"bench/tilt.py: no seed has finished runs under {args.out}: nothing written "
               f"({DOCS} and images/readme/ unchanged)", file=sys.stderr)
         return 1
     text = table(rows)
@@ -185,7 +186,7 @@ def main(argv=None):
     with open(f"{args.out}/table.md", "w") as fh:
         fh.write(text + "\n")
     if missing:
-        print(f"bench_tilt.py: seeds {missing} did not finish: left out of the table"
+        print(f"bench/tilt.py: seeds {missing} did not finish: left out of the table"
               + (f"; {DOCS} and images/readme/ not written" if args.write_docs else ""),
               file=sys.stderr)
         return 1
@@ -194,7 +195,7 @@ def main(argv=None):
                    for run, names in FIGURES for name in names]
         lost = [src for src, _ in figures if not os.path.isfile(src)]
         if lost:
-            print(f"bench_tilt.py: {', '.join(lost)} missing: {DOCS} and images/readme/ not "
+            print(f"bench/tilt.py: {', '.join(lost)} missing: {DOCS} and images/readme/ not "
                   f"written; delete {args.out}/digits-s0 and {args.out}/mixture-s0 to run them "
                   f"again", file=sys.stderr)
             return 1

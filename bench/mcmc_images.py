@@ -1,11 +1,11 @@
 """Benchmark of short-run MCMC learning on digits: both regimes, two seeds, long-run chains,
 and the speed of the image Langevin loop. Prints one table.
 
-    python bench_mcmc_images.py                    # train what is missing, sample, print the table
-    python bench_mcmc_images.py --seeds 0 1 --steps 10000 --n 500
-    python bench_mcmc_images.py --speed_only
-    python bench_mcmc_images.py --figures          # also docs/figures/mcmc_digits_*.png
-    python bench_mcmc_images.py --no_train --no_speed --figures   # finished runs only
+    python -m bench.mcmc_images                    # train what is missing, sample, print the table
+    python -m bench.mcmc_images --seeds 0 1 --steps 10000 --n 500
+    python -m bench.mcmc_images --speed_only
+    python -m bench.mcmc_images --figures          # also docs/figures/mcmc_digits_*.png
+    python -m bench.mcmc_images --no_train --no_speed --figures   # finished runs only
 
 Resumable: finished runs (runs/bench_mcmc_images/mcmc-digits-<regime>-s<seed>/summary.json with
 status "done") and finished long runs (images/<run>/longrun_ula_<init>.json with the same
@@ -42,12 +42,11 @@ import time
 import torch
 
 import config
-import scaffold
+from bench import runner
 from mcmc_images import ConvEBM
 from samplers import ConvEnergy, langevin
 
 REGIMES = {"nonconvergent": "uniform", "convergent": "data"}  # regime -> long-run start
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------- speed
@@ -103,7 +102,7 @@ def speed(n_fs=(16, 32), L=50, batch=100, repeats=7, eps=0.015):
 
 # ----------------------------------------------------------------------------- runs
 def run_dir(runs_dir, regime, seed):
-    return os.path.join(runs_dir, f"mcmc-digits-{regime}-s{seed}")
+    return os.path.join(runs_dir, runner.run_name("mcmc", "digits", regime, seed=seed))
 
 
 def image_dir(out):
@@ -113,25 +112,25 @@ def image_dir(out):
 
 def call(args):
     """Run a script of this project in its own process (one thread); Ctrl-C raises
-    scaffold.Stopped, a failure stops the benchmark with one line."""
-    argv = [os.path.join(ROOT, args[0]), *args[1:], "--threads", "1"]
+    runner.Stopped, a failure stops the benchmark with one line."""
+    argv = [os.path.join(runner.ROOT, args[0]), *args[1:], "--threads", "1"]
     print("$ " + " ".join(argv), flush=True)
-    code = scaffold.run_process(argv)
+    code = runner.run_process(argv)
     if code != 0:
-        raise SystemExit(f"bench_mcmc_images.py: {' '.join(argv)} failed "
+        raise SystemExit(f"bench/mcmc_images.py: {' '.join(argv)} failed "
                          f"(exit {code}); rerun to continue from where it stopped")
 
 
 def train(regime, seed, runs_dir):
-    """Train one run (scaffold.run_script: finished kept, interrupted resumed, anything else
+    """Train one run (runner.run_script: finished kept, interrupted resumed, anything else
     started afresh); returns its folder."""
     out = run_dir(runs_dir, regime, seed)
-    cfg = os.path.join(ROOT, "configs", f"mcmc_digits_{regime}.json")
+    cfg = os.path.join(runner.ROOT, "configs", f"mcmc_digits_{regime}.json")
     print(f"$ train_mcmc.py --config {cfg} --seed {seed} --out_dir {out}", flush=True)
-    code = scaffold.run_script("train_mcmc.py", out, ["--config", cfg, "--seed", str(seed),
+    code = runner.run_script("train_mcmc.py", out, ["--config", cfg, "--seed", str(seed),
                                                       "--image_dir", image_dir(out)])
     if code != 0:
-        raise SystemExit(f"bench_mcmc_images.py: the run in {out} failed (exit {code}); "
+        raise SystemExit(f"bench/mcmc_images.py: the run in {out} failed (exit {code}); "
                          f"rerun to continue from where it stopped")
     return out
 
@@ -182,7 +181,7 @@ def table(results, steps):
         by_step = {r["step"]: r for r in lr["results"]}
         fds = " | ".join(f"{by_step[c]['fd']:.1f}" for c in cols)
         ratio = by_step[cols[-1]]["fd"] / by_step[100]["fd"] if 100 in by_step else float("nan")
-        print(f"| {res['regime']} | {res['seed']} | {ev['cpu_sec']:.0f} | {ev['fd']:.1f} "
+        print(f"| {res['regime']} | {res['seed']} | {runner.cpu_seconds(ev):.0f} | {ev['fd']:.1f} "
               f"({ev['fd_floor']:.1f}) | {ev['label_tv']:.3f} | {lr['init']} | {fds} | "
               f"{ratio:.2f} | {by_step[cols[-1]]['label_tv']:.3f} | {lr['cpu_sec']:.0f} |")
 
@@ -248,7 +247,7 @@ def runs(args):
             if args.no_train:
                 out = run_dir(args.runs_dir, regime, seed)
                 rec = long_run_record(out, init, args.steps, args.n, seed) \
-                    if scaffold.finished(out) else None
+                    if runner.finished(out) else None
                 if rec is None:
                     continue
             else:
@@ -272,10 +271,10 @@ def main(argv=None):
         return 0
     try:
         results = runs(args)
-    except scaffold.Stopped:
-        return scaffold.stopped("bench_mcmc_images.py")
+    except runner.Stopped:
+        return runner.stopped("bench/mcmc_images.py")
     if not results:
-        print(f"bench_mcmc_images.py: no finished runs with long runs of --steps {args.steps} "
+        print(f"bench/mcmc_images.py: no finished runs with long runs of --steps {args.steps} "
               f"--n {args.n} under {args.runs_dir}: nothing written", file=sys.stderr)
         return 1
     table(results, args.steps)

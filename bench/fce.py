@@ -1,17 +1,17 @@
 """The estimator comparison: every estimator on every toy set, measured exactly, at an equal
 CPU-second budget per run (numbers for README and docs/fce.md; not a test).
 
-    python bench.py --jobs 2                          # 5 estimators x 9 datasets x 3 seeds
-    python bench.py --datasets rings --seeds 0 --budget 30
-    python bench.py --only flows                      # NSF / MAF against zuko: step time, NLL
+    python -m bench.fce --jobs 2                          # 5 estimators x 9 datasets x 3 seeds
+    python -m bench.fce --datasets rings --seeds 0 --budget 30
+    python -m bench.fce --only flows                      # NSF / MAF against zuko: step time, NLL
 
 Grid: each run is the real `train.py` in its own process (one thread, wandb off) with the
 estimator's flags on top of train.py's defaults, `--budget` CPU-seconds of training (each
 estimator runs as many iterations as fit) and one exact evaluation at the end. Runs live in
 `<root>/<label>-<dataset>-s<seed>/`; a finished run (summary.json) is kept and skipped, an
-interrupted one resumes from its checkpoint (scaffold.run_script), so a benchmark stopped by
+interrupted one resumes from its checkpoint (runner.run_script), so a benchmark stopped by
 Ctrl-C continues where it stopped when the same command runs again.
-The table (mean ± sd over seeds, via gather.py) and a figure grid (rows: datasets; columns:
+The table (mean ± sd over seeds, via bench/gather.py) and a figure grid (rows: datasets; columns:
 data and each estimator's density, the EBM's or, for mle, the flow's) are written to --out.
 
 Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF and MAF against
@@ -25,11 +25,9 @@ import sys
 import time
 
 import config
+from bench import gather, runner
 import datasets
-import gather
-import scaffold
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 ESTIMATORS = {  # label: train.py flags on top of its defaults
     "nce": ["--estimator", "nce"],
     "fce-maf": ["--estimator", "fce", "--flow", "maf"],
@@ -50,11 +48,11 @@ EQUAL_ITERS = ("nce", "fce-maf")
 
 # ----------------------------------------------------------------------------- the grid
 def run_dir(root, label, dataset, seed):
-    return os.path.join(root, f"{label}-{dataset}-s{seed}")
+    return os.path.join(root, runner.run_name(label, dataset, seed=seed))
 
 
 def run_one(root, label, dataset, seed, budget, extra=(), steps=None):
-    """One train.py run in its own process (scaffold.run_script: finished runs are kept, an
+    """One train.py run in its own process (runner.run_script: finished runs are kept, an
     interrupted one resumes); returns (run folder, exit code). Output in <run folder>.log.
     With `steps`, the run ends after that many iterations instead of the CPU budget."""
     out = run_dir(root, label, dataset, seed)
@@ -63,7 +61,7 @@ def run_one(root, label, dataset, seed, budget, extra=(), steps=None):
     argv = [*ESTIMATORS[label], "--dataset", dataset, "--seed", str(seed), *stop,
             "--epoch", "100000", "--eval_every", "100000", "--plot_every",
             "100000", "--image_dir", os.path.join(out, "images"), *extra]
-    return out, scaffold.run_script("train.py", out, argv, log=f"{out}.log")
+    return out, runner.run_script("train.py", out, argv, log=f"{out}.log")
 
 
 def iters_root(root):
@@ -103,10 +101,10 @@ def run_grid(args):
               flush=True)
         return code
 
-    failed = sum(c != 0 for c in scaffold.run_many(one, jobs, args.jobs))
+    failed = sum(c != 0 for c in runner.run_many(one, jobs, args.jobs))
     if all(lab in args.estimators for lab in EQUAL_ITERS):
         pairs = [("equal-iterations", ds, s) for s in args.seeds for ds in args.datasets]
-        failed += sum(c != 0 for c in scaffold.run_many(one, pairs, args.jobs))
+        failed += sum(c != 0 for c in runner.run_many(one, pairs, args.jobs))
     return failed
 
 
@@ -137,7 +135,7 @@ def report(args):
     rows = [r for r in gather.collect([args.root]) if r["dataset"] in args.datasets
             and r["label"] in args.estimators] if os.path.isdir(args.root) else []
     if not rows:
-        print(f"bench.py: no finished runs under {args.root}: nothing written", file=sys.stderr)
+        print(f"bench/fce.py: no finished runs under {args.root}: nothing written", file=sys.stderr)
         return None
     agg = gather.aggregate(rows, KEYS)
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
@@ -399,8 +397,8 @@ def main(argv=None):
     if args.only in (None, "grid"):
         try:
             failed = run_grid(args)
-        except scaffold.Stopped:
-            return scaffold.stopped("bench.py")
+        except runner.Stopped:
+            return runner.stopped("bench/fce.py")
     if args.only in (None, "grid", "report") and report(args) is None:
         failed += 1
     if args.only in (None, "cost"):

@@ -1,8 +1,8 @@
 """Gather finished runs into one table: from local run folders or from a wandb sweep.
 
-    python gather.py runs/bench --keys kl_ebm nll_ebm nll_flow cpu_s
-    python gather.py runs/sweep-abc123 --by lr_ebm lr_flow threshold --keys kl_ebm
-    python gather.py --wandb entity/project/sweep_id --keys kl_ebm nll_flow --out table.md
+    python -m bench.gather runs/bench --keys kl_ebm nll_ebm nll_flow cpu_s
+    python -m bench.gather runs/sweep-abc123 --by lr_ebm lr_flow threshold --keys kl_ebm
+    python -m bench.gather --wandb entity/project/sweep_id --keys kl_ebm nll_flow --out table.md
 
 A run folder is one with a `config.json` (the resolved flags every entry script writes); it is
 finished when it also has `summary.json` (written only at the end of a run). Each finished run
@@ -10,7 +10,7 @@ becomes one row: its label (estimator and flow for train.py, e.g. `fce-maf`, `nc
 see `label`), dataset, seed, run_dir and every numeric key of its summary. Unfinished runs and
 folders that are not runs are skipped with one line each on stderr; nothing here raises on a
 bad folder. Rows of the same (label, dataset) over seeds become mean +- sd (sample standard
-deviation, n - 1), the table `bench.py` prints. The wandb route reads the same config and
+deviation, n - 1), the table `bench/fce.py` prints. The wandb route reads the same config and
 summary from the server (`wandb.Api()`), so a grid run by agents on many machines ends in the
 same table.
 
@@ -28,7 +28,7 @@ import sys
 
 import config  # standard library only: gathering needs no torch
 
-# table order: estimators and flows as in bench.py, datasets as in datasets.NAMES (kept here
+# table order: estimators and flows as in bench/fce.py, datasets as in datasets.NAMES (kept here
 # so that gathering needs neither torch nor the datasets module)
 ESTIMATOR_ORDER = ("nce", "fce", "mle")
 FLOW_ORDER = ("gaussian", "maf", "glow", "nsf", "nsf_coupling")
@@ -220,7 +220,7 @@ def aggregate(rows, keys):
 
     Returns a list of dicts {label, dataset, n (runs), seeds, <key>: mean, <key>_sd: sd,
     <key>_n: runs that have the key}; sd is nan for a single run, a key no run has is left
-    out. Ordered by estimator, flow, dataset as bench.py lists them."""
+    out. Ordered by estimator, flow, dataset as bench/fce.py lists them."""
     groups = {}
     for r in rows:
         groups.setdefault((r["label"], r["dataset"]), []).append(r)
@@ -325,7 +325,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    prog = "gather.py"
+    prog = "bench/gather.py"
     if not args.paths and not args.wandb:
         p.error("give run folders or --wandb entity/project/sweep_id")
     rows = []

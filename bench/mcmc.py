@@ -1,9 +1,9 @@
 """Benchmark of short-run MCMC learning: Langevin speed, and the two regimes' numbers.
 
-    python bench_mcmc.py                 # speed table + results of finished runs in runs/
-    python bench_mcmc.py --train         # first train the 4 configs (configs/mcmc_*.json)
-    python bench_mcmc.py --speed_only
-    python bench_mcmc.py --no_speed --figures   # the README figures (images/readme/mcmc_*)
+    python -m bench.mcmc                 # speed table + results of finished runs in runs/
+    python -m bench.mcmc --train         # first train the 4 configs (configs/mcmc_*.json)
+    python -m bench.mcmc --speed_only
+    python -m bench.mcmc --no_speed --figures   # the README figures (images/readme/mcmc_*)
 
 Runs live in --runs_dir/mcmc-<dataset>-<regime>/ (train_mcmc.py --out_dir). With --train, a
 finished run (summary.json with status "done") is kept and skipped, an interrupted one
@@ -30,12 +30,11 @@ import time
 import torch
 
 import config
-import scaffold
+from bench import runner
 from ebm import EBM
 from logger import read_metrics
 from samplers import Energy, langevin
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 RUNS = [("gmm", "convergent"), ("gmm", "nonconvergent"),
         ("rings4", "convergent"), ("rings4", "nonconvergent")]
 
@@ -96,12 +95,12 @@ def speed(L=100, batch=100, repeats=30):
 
 
 def train(run_dir, cfg):
-    """Train one config into run_dir (scaffold.run_script: a finished run is kept, an
+    """Train one config into run_dir (runner.run_script: a finished run is kept, an
     interrupted one resumed, anything else started afresh). Returns the exit status."""
     print(f"$ train_mcmc.py --config {cfg} --out_dir {run_dir}", flush=True)
-    code = scaffold.run_script("train_mcmc.py", run_dir, ["--config", cfg])
+    code = runner.run_script("train_mcmc.py", run_dir, ["--config", cfg])
     if code != 0:
-        print(f"bench_mcmc.py: the run in {run_dir} failed (exit {code}); rerun to continue",
+        print(f"bench/mcmc.py: the run in {run_dir} failed (exit {code}); rerun to continue",
               file=sys.stderr)
     return code
 
@@ -111,14 +110,14 @@ def results(runs_dir, train_first):
     number of finished runs."""
     rows = []
     for ds, regime in RUNS:
-        name = f"mcmc-{ds}-{regime}"
-        cfg = os.path.join(ROOT, "configs", f"mcmc_{ds}_{regime}.json")
+        name = runner.run_name("mcmc", ds, regime)
+        cfg = os.path.join(runner.ROOT, "configs", f"mcmc_{ds}_{regime}.json")
         run_dir = os.path.join(runs_dir, name)
         if train_first:
             train(run_dir, cfg)
-        s = scaffold.finished(run_dir)
+        s = runner.finished(run_dir)
         if s is None:
-            rows.append((name, os.path.relpath(cfg, ROOT)))
+            rows.append((name, os.path.relpath(cfg, runner.ROOT)))
             continue
         # the EBM's KL at every evaluation, to show where in its oscillation the run ended
         s["kl_ebm_trace"] = [r["kl_ebm"] for r in read_metrics(run_dir) if "kl_ebm" in r]
@@ -133,7 +132,7 @@ def results(runs_dir, train_first):
         trace = " / ".join(f"{v:.3g}" for v in s["kl_ebm_trace"])
         print(f"| {name} | {s['step']} | {s.get('kl_ebm', float('nan')):.3f} | "
               f"{s.get('kl_kde', float('nan')):.3f} | {s.get('kl_kde_floor', float('nan')):.3f} | "
-              f"{s.get('sec_per_iter', float('nan')):.4f} | {s.get('cpu_sec', float('nan')):.0f} | "
+              f"{s.get('sec_per_iter', float('nan')):.4f} | {runner.cpu_seconds(s):.0f} | "
               f"{trace} |")
     return sum(not isinstance(s, str) for _, s in rows)
 
@@ -166,8 +165,8 @@ def figures(runs_dir, out_dir):
     were written."""
     written = 0
     for ds in dict(RUNS):
-        dirs = [os.path.join(runs_dir, f"mcmc-{ds}-{r}") for r in ("convergent", "nonconvergent")]
-        unfinished = [d for d in dirs if not scaffold.finished(d)]
+        dirs = [os.path.join(runs_dir, runner.run_name("mcmc", ds, r)) for r in ("convergent", "nonconvergent")]
+        unfinished = [d for d in dirs if not runner.finished(d)]
         if unfinished:
             print(f"skipping the mcmc_{ds}_* figures: {', '.join(unfinished)} not finished")
             continue
@@ -211,14 +210,14 @@ def main(argv=None):
         return 0
     try:
         n_finished = results(args.runs_dir, args.train)
-    except scaffold.Stopped:
-        return scaffold.stopped("bench_mcmc.py")
+    except runner.Stopped:
+        return runner.stopped("bench/mcmc.py")
     if n_finished == 0:
-        print(f"bench_mcmc.py: no finished runs under {args.runs_dir}: nothing written; "
+        print(f"bench/mcmc.py: no finished runs under {args.runs_dir}: nothing written; "
               f"train them with --train", file=sys.stderr)
         return 1
     if args.figures and figures(args.runs_dir, args.figure_dir) == 0:
-        print(f"bench_mcmc.py: no dataset has both runs finished under {args.runs_dir}: no "
+        print(f"bench/mcmc.py: no dataset has both runs finished under {args.runs_dir}: no "
               f"figure written", file=sys.stderr)
         return 1
     return 0
