@@ -1,0 +1,28 @@
+"""The training figure stays readable at any run length: short iteration labels, and the
+flow-step fraction and the accuracy on the flow's own samples drawn when a run logged them."""
+import plots
+
+
+def test_iteration_labels_stay_short_and_flow_series_are_drawn(tmp_path, monkeypatch):
+    rows = [{"step": s, "value": 1.0, "accuracy": 0.7, "accuracy_flow": 0.6,
+             "flow_step_fraction": 1 / 3, "ebm_step_fraction": 1.0} for s in
+            range(20, 1_200_001, 20_000)]
+    rows += [{"step": 1_200_000, "kl_ebm": 0.01, "kl_flow": 0.2, "c_gap": 0.0}]
+    seen = {}
+
+    def keep(fig, path, title=None):
+        fig.canvas.draw()
+        seen["fig"] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.training_curves(str(tmp_path / "c.png"), {"run": (rows, None)})
+    axes = seen["fig"].axes
+    for ax in axes:
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and all(len(t) <= 5 for t in labels), labels
+    assert any(lab.endswith("M") for lab in (t.get_text() for t in axes[0].get_xticklabels()))
+    styles = sorted(line.get_linestyle() for line in axes[1].get_lines())
+    assert styles.count(":") >= 1 and styles.count("--") >= 1  # flow-step fraction, acc_flow
+    assert plots._short_count(800) == "800" and plots._short_count(12_000) == "12k"
+    assert plots._short_count(1_500_000) == "1.5M"
