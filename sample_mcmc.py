@@ -282,7 +282,7 @@ def sample_images(args, run, device):
               "temperature": args.temperature, "seed": args.seed, "steps": args.steps,
               "results": results, "floor": metric.floor, "energy_trace": energy_trace,
               "acceptance_mean": None if acc is None else float(acc.mean()),
-              "wall_sec": secs, "cpu_sec": cpu}
+              "wall_sec": secs, "cpu_s": cpu}
     with open(stem + ".json", "w") as fh:
         json.dump(record, fh, indent=1)
     torch.save({"x": x.cpu(), "acceptance": acc, "eps": eps, "temperature": args.temperature},

@@ -1,16 +1,19 @@
-"""The run scaffold every training script uses: folders, logger, checkpoint, Ctrl-C, exit codes.
+"""The run scaffold every training script uses: folders, logger, checkpoint and restore, the
+loop's CPU clock and progress, the non-finite guard, Ctrl-C and SIGTERM, exit codes.
 
-    args, ckpt = scaffold.parse(parser, argv, "train.py", overridable=("epoch", ...))
+    SCRIPT = scaffold.Script("train.py", overridable=("epoch", ...), keys=("step", "rng"))
+    args, ckpt = scaffold.parse(parser, argv, SCRIPT)
     device = scaffold.device(args)
     ...                                         # data and models: bad input fails here,
-    with scaffold.Run(args, "train.py", ("fce", "maf", "8gaussians", "s42"), ckpt) as run:
-        run.save(state)                         # before the first iteration
-        while step < n and not run.stop_requested:   # Ctrl-C: stop at an iteration boundary
-            ...; run.log.log(row, step)
-        if run.stop_requested:
-            run.save(state); return run.interrupted(f"at iteration {step}")   # status 130
-        if not finite: return run.nonfinite("loss is nan ...")   # exit status 1
-        return run.done()                                        # exit status 0
+    with scaffold.Run(args, SCRIPT, ("fce", "maf", "8gaussians", "s42"), ckpt) as run:
+        return run.execute(lambda: train(args, run))
+
+    def train(args, run):                       # the experiment only
+        loop = run.restore(dict(step=0), model=model, opt=opt)   # or loaded from --resume
+        for step in run.iterations(loop["step"], n):  # stops at a boundary on Ctrl-C/SIGTERM
+            ...; loss.backward(); run.check(loss, params); opt.step()
+            loop["step"] = step + 1
+        return summary                          # summary.json, exit status 0
 
 The conventions, the same for every script:
 - the run folder is `--out_dir`, default runs/<name>-<time>; its figures go to `--image_dir`,
@@ -20,19 +23,30 @@ The conventions, the same for every script:
 - a folder that cannot be written, a device this machine lacks and a bad or foreign
   checkpoint are one-line errors with exit status 2, before any work; a start that fails
   after the folders were made removes them again.
-- checkpoints are written atomically and carry the script's name, the resolved config, every
-  RNG state and the wandb run id; Ctrl-C sets a flag that the loop reads between iterations
-  (a second Ctrl-C stops at once, keeping the last checkpoint).
-- exit status: 0 done, 1 non-finite loss (the last good checkpoint is kept), 2 bad input
-  (`config.fail`), 130 interrupted.
+- checkpoints are written atomically and carry the script's name, the resolved config, the
+  tracked models and optimisers, the loop's position, the CPU clock `cpu_s`, every RNG state
+  and the wandb run id. `cpu_s` is the process CPU time spent inside `run.iterations`.
+- Ctrl-C and SIGTERM (a scheduler, a stopped sweep agent) set a flag that `run.iterations`
+  reads between iterations: the run saves, prints the `--resume` command and exits 130 (for
+  SIGTERM too); a second signal stops at once, keeping the last checkpoint.
+- exit status: 0 done, 1 non-finite loss or gradient (one line; the last good checkpoint is
+  kept), 2 bad input (`config.fail`), 130 interrupted.
 
-Benchmarks start these scripts through bench/runs.py.
+Benchmarks start these scripts through bench/runner.py.
 """
+import math
 import os
 import shlex
 import shutil
 import signal
 import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from tqdm import tqdm
 
 import checkpoint
 import config
@@ -40,31 +54,50 @@ import util
 from logger import RunLogger
 
 DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+CPU_KEYS = ("cpu_s", "cpu_sec", "seconds")  # the CPU clock in checkpoints, then older names
 
 
-def parse(parser, argv, script, overridable=None, resumable=True, keys=("step", "rng")):
+@dataclass(frozen=True)
+class Script:
+    """An entry script, declared once: its file name, whether `--resume` continues its runs,
+    the flags a resumed run may change (None: all) and the checkpoint entries it reads."""
+
+    name: str
+    resumable: bool = True
+    overridable: tuple[str, ...] | None = None
+    keys: tuple[str, ...] = ("step", "rng")
+
+
+class NonFinite(Exception):
+    """A non-finite loss or gradient: the run ends with exit status 1 (`Run.execute`)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, seen at a boundary; the message says where (`Run.execute`)."""
+
+
+def parse(parser, argv, script: Script):
     """Parse the command line (and --config); for --resume, load and check the checkpoint
-    (written by `script`, holding the entries `keys` the script reads) and return the run's
-    saved configuration with the `overridable` flags typed now on top. A script whose runs
-    are short says `resumable=False`: --resume is then refused.
-    Returns (args, checkpoint or None)."""
+    (written by `script`, holding its `keys`) and return the run's saved configuration with
+    the `script.overridable` flags typed now on top; a script that is not resumable refuses
+    --resume. Returns (args, checkpoint or None)."""
     args = config.parse(parser, argv)
     for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
         Run._writable(folder)  # before any work: data and models come after parse
     if not args.resume:
         return args, None
-    if not resumable:
-        config.fail(f"{script} has no --resume (its runs are short); start the run again with "
+    if not script.resumable:
+        config.fail(f"{script.name} has no --resume (its runs are short); start the run again with "
                     f"the same --seed")
     if getattr(args, "overwrite", False):
         config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
     try:
-        ckpt = checkpoint.load_checkpoint(path, script=script, keys=keys)
+        ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--resume: {e}")
-    return config.resumed_args(args, ckpt, path, argv, overridable), ckpt
+    return config.resumed_args(args, ckpt, path, argv, script.overridable), ckpt
 
 
 def device(args):
@@ -76,16 +109,23 @@ def device(args):
 
 
 class Run:
-    """One run's folders, logger (`run.log`, a RunLogger), checkpoint and exit codes.
+    """One run: folders, logger (`run.log`, a RunLogger), checkpoint and restore, the loop's
+    CPU clock and progress, the non-finite guard, Ctrl-C and SIGTERM, exit codes.
 
     Use it as a context manager around the training: a start that fails inside it (bad input
-    found late, an exception) removes the folders it created, and the Ctrl-C handler is
+    found late, an exception) removes the folders it created, and the signal handlers are
     installed only inside it."""
 
-    def __init__(self, args, script, name_parts, ckpt=None, figures=True, resumable=True):
-        self.args, self.script, self.ckpt, self.resumable = args, script, ckpt, resumable
-        self.stop_requested = False
-        self._created, self._saved, self._old_handler = [], ckpt is not None, None
+    def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
+                 ckpt: dict | None = None, figures: bool = True):
+        script = script if isinstance(script, Script) else Script(script)
+        self.args, self.script, self.ckpt = args, script.name, ckpt
+        self.resumable, self.stop_requested = script.resumable, False
+        self.loop: dict = {}
+        self.step = 0  # the iteration under way (then the next one)
+        self._objects, self._extra, self._bar, self._cpu, self._t0 = {}, None, None, 0.0, None
+        self._rate_at = None
+        self._created, self._saved, self._old_handlers = [], ckpt is not None, {}
         try:
             if ckpt is None:
                 self._make_folders(name_parts, figures)
@@ -196,24 +236,27 @@ class Run:
         if not os.access(probe, os.W_OK | os.X_OK):
             config.fail(f"cannot write to {probe}; choose a writable folder")
 
-    # -- context: Ctrl-C and failed starts --------------------------------------------------
-    def __enter__(self):
-        try:
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-            self._old_handler = None
+    # -- context: Ctrl-C, SIGTERM and failed starts ----------------------------------------
+    def __enter__(self) -> "Run":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: signals keep their default behaviour
+                pass
         return self
 
-    def _on_sigint(self, signum, frame):
-        if self.stop_requested:  # second Ctrl-C: stop now
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.stop_requested = True
-        print("\nCtrl-C: stopping after this iteration (press again to stop at once)",
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration (again: stop at once)",
               file=sys.stderr, flush=True)
 
     def __exit__(self, exc_type, exc, tb):
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._close_bar()
         if exc_type is None:
             return False
         self.log.finish()
@@ -226,16 +269,117 @@ class Run:
             raise SystemExit(INTERRUPTED)
         return False
 
-    # -- checkpoints and endings ---------------------------------------------------------------
-    def save(self, state):
-        """Write `state` (tensors and plain types) atomically to <out_dir>/checkpoint.pt, with
-        the script's name, the resolved config, every RNG state and the wandb run id."""
+    # -- restore, checkpoints --------------------------------------------------------------
+    def restore(self, loop: dict, extra: Callable[[], dict] | None = None,
+                **objects: Any) -> dict:
+        """Track `objects` (models, optimisers: state_dict holders; None is skipped), the
+        loop's position `loop` (plain values and tensors) and `extra()` (more checkpoint
+        entries). On --resume load them, the CPU clock and every RNG state from the
+        checkpoint; a fresh run saves its first checkpoint now. Returns `loop`."""
+        self._objects = {k: v for k, v in objects.items() if v is not None}
+        self.loop, self._extra = loop, extra
+        if self.ckpt is None:
+            self.save()  # a NaN at the first iteration still leaves a loadable run
+            return loop
+        for key, obj in self._objects.items():
+            obj.load_state_dict(self.ckpt[key])
+        for key, old in loop.items():
+            if key in self.ckpt:
+                new = self.ckpt[key]
+                loop[key] = new.to(old.device) if torch.is_tensor(old) and torch.is_tensor(new) \
+                    else new
+        self._cpu = float(next((self.ckpt[k] for k in CPU_KEYS if k in self.ckpt), 0.0))
+        util.set_rng_state(self.ckpt["rng"])
+        print(f"resuming {self.out_dir} at iteration {loop.get('step', 0)}")
+        return loop
+
+    def save(self, extra: dict | None = None) -> None:
+        """Write atomically to <out_dir>/checkpoint.pt the tracked objects' state_dicts, the
+        loop's position, `extra`, the CPU clock `cpu_s`, the script's name, the resolved
+        config, every RNG state and the wandb run id."""
+        state = {k: obj.state_dict() for k, obj in self._objects.items()}
+        state.update(self.loop, **(self._extra() if self._extra else {}), **(extra or {}))
         checkpoint.save_checkpoint(self.checkpoint_path, {
-            **state, "script": self.script, "config": config.to_dict(self.args),
-            "rng": util.rng_state(), "wandb_id": self.log.run_id})
+            **state, "cpu_s": self.cpu_s, "script": self.script,
+            "config": config.to_dict(self.args), "rng": util.rng_state(),
+            "wandb_id": self.log.run_id})
         self._saved = True
 
-    def resume_hint(self):
+    # -- the loop: iterations, CPU clock, progress, non-finite guard ---------------------------
+    @property
+    def cpu_s(self) -> float:
+        """Process CPU seconds spent inside `iterations` (and `clock`), over all sessions."""
+        return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
+
+    @contextmanager
+    def clock(self) -> Iterator[None]:
+        """Count the process CPU time spent inside the block in `cpu_s`."""
+        self._t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self._cpu, self._t0 = self.cpu_s, None
+
+    def iterations(self, start: int, stop: int, total: int | None = None,
+                   until: Callable[[], bool] | None = None) -> Iterator[int]:
+        """The iterations start, ..., stop - 1, each timed by `clock` and shown by the
+        progress bar (of `total` iterations, default `stop`); ends early once `until()`, and
+        raises Interrupted at the boundary after Ctrl-C or SIGTERM."""
+        if self._bar is None:
+            self._bar = progress_bar(total or stop, start, self.name)
+            self._rate_at = (time.perf_counter(), self.cpu_s, start)
+        for i in range(start, stop):
+            if until is not None and until():
+                return
+            if self.stop_requested:
+                raise Interrupted(f"at iteration {i}")
+            self.step = i
+            with self.clock():
+                yield i
+            self.step = i + 1
+            self._bar.update(1)
+
+    def rate(self) -> tuple[float, float]:
+        """(iterations per second, CPU seconds per iteration) since the last call."""
+        now, (t, cpu, step) = time.perf_counter(), self._rate_at
+        self._rate_at = (now, self.cpu_s, self.step)
+        n = max(self.step - step, 1)
+        return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
+
+    def print(self, line: str | None, postfix: dict | None = None) -> None:
+        """A progress line printed above the bar, and values shown on the bar."""
+        if line is not None:
+            tqdm.write(line)
+        if postfix and self._bar is not None:
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
+        """The non-finite guard: raise NonFinite when `loss` (None: a step that reported
+        failure) or a gradient of `params` is not finite."""
+        loss = loss.detach() if torch.is_tensor(loss) else loss
+        if loss is None or not math.isfinite(float(loss)) or not all(
+                torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+            raise NonFinite(f"non-finite loss or gradient at iteration {self.step}")
+
+    def _close_bar(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -- endings ------------------------------------------------------------------------------
+    def execute(self, train: Callable[[], dict | None]) -> int:
+        """Run the experiment `train` and end the run: its summary (or None) -> `done`, exit
+        status 0; NonFinite -> `nonfinite`, 1; Interrupted -> save, `interrupted`, 130."""
+        try:
+            summary = train()
+        except NonFinite as e:
+            return self.nonfinite(str(e))
+        except Interrupted as e:
+            self.save()
+            return self.interrupted(str(e))
+        return self.done(summary)
+
+    def resume_hint(self) -> str:
         """How to go on from the checkpoint: the --resume command, or for a script without
         resume where the weights are."""
         if not self.resumable:
@@ -243,26 +387,29 @@ class Run:
                     f"has no --resume (its runs are short): start it again with the same flags")
         return f"continue with\n  python {self.script} --resume {shlex.quote(self.out_dir)}"
 
-    def interrupted(self, where):
-        """After Ctrl-C (the caller has saved): where it stopped ("at iteration 7"), the
-        resume command; exit status 130."""
+    def interrupted(self, where: str) -> int:
+        """After Ctrl-C or SIGTERM (the caller has saved): where it stopped ("at iteration
+        7"), the resume command; exit status 130."""
+        self._close_bar()
         self.log.finish()
         print(f"\ninterrupted {where}: checkpoint saved; {self.resume_hint()}",
               file=sys.stderr)
         return INTERRUPTED
 
-    def nonfinite(self, message):
-        """A non-finite loss or gradient: the message, where the last good checkpoint is;
-        exit status 1."""
+    def nonfinite(self, message: str) -> int:
+        """A non-finite loss or gradient: one line with the message and where the last good
+        checkpoint is; exit status 1."""
+        self._close_bar()
         self.log.finish()
         print(f"error: {message}; the last good checkpoint is kept in {self.checkpoint_path}. "
               f"Try a lower learning rate or another --seed.", file=sys.stderr)
         return NONFINITE
 
-    def done(self, summary=None):
-        """Write summary.json (when given), close the logger; exit status 0."""
+    def done(self, summary: dict | None = None) -> int:
+        """Write summary.json (when given, with `cpu_s`), close the logger; exit status 0."""
+        self._close_bar()
         if summary:
-            self.log.summary(summary)
+            self.log.summary({**summary, "cpu_s": self.cpu_s})
         self.log.finish()
         return DONE
 
@@ -279,7 +426,31 @@ def _holds_run(path, figures):
     return all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
 
 
-def gif_hint(folder):
+class _Lines:
+    """A stream for tqdm off a terminal: each refresh becomes one plain line (no carriage
+    returns piling up in log files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total: int, initial: int, desc: str) -> tqdm:
+    """tqdm on a terminal; off one (CI, nohup, redirected logs), a plain line every 30 s."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc[:40])
+    return tqdm(total=total, initial=initial, ncols=100, mininterval=30, ascii=True,
+                desc=desc[:30], file=_Lines(sys.stderr))
+
+
+def gif_hint(folder: str) -> str:
     """The command that turns a folder of frames into a gif."""
     return f"python images/create_gif.py {shlex.quote(folder)}"
 

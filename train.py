@@ -25,10 +25,8 @@ figure per epoch in images/<run>/, wandb (online when logged in, else offline).
 import math
 import os
 import sys
-import time
 
 import torch
-from tqdm import tqdm
 
 import config
 import datasets
@@ -41,9 +39,10 @@ from flows import build_flow
 import scaffold
 from logger import read_metrics
 
-# keys a resumed run may change; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("epoch", "budget", "max_steps", "eval_every", "plot_every", "log_every", "wandb",
-                    "device", "project", "image_dir", "threads")
+# a resumed run may change the `overridable` flags; everything else comes from the checkpoint
+SCRIPT = scaffold.Script("train.py", keys=("flow", "epoch", "it", "step", "rng"), overridable=(
+    "epoch", "budget", "max_steps", "eval_every", "plot_every", "log_every", "wandb", "device",
+    "project", "image_dir", "threads"))
 ESTIMATORS = ("fce", "nce", "mle")
 LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
 DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf"}
@@ -195,30 +194,6 @@ def make_optimizers(args, ebm, flow):
 
 
 # ----------------------------------------------------------------------------- outputs
-class _Lines:
-    """A stream for tqdm off a terminal: each refresh becomes one plain line (no carriage
-    returns piling up in log files)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, s):
-        s = s.replace("\r", "").strip()
-        if s:
-            self.stream.write(s + "\n")
-
-    def flush(self):
-        self.stream.flush()
-
-
-def progress_bar(total, initial, desc):
-    """tqdm on a terminal; off one (CI, nohup, redirected logs), a plain line every 30 s."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc[:40])
-    return tqdm(total=total, initial=initial, ncols=100, mininterval=30, ascii=True,
-                desc=desc[:30], file=_Lines(sys.stderr))
-
-
 def save_figure(args, ebm, flow, x_show, epoch, device):
     path = os.path.join(args.image_dir, f"epoch_{epoch:04d}.png")
     was_training = flow.training
@@ -233,20 +208,14 @@ def save_figure(args, ebm, flow, x_show, epoch, device):
     return plots.save_panels(path, panels, title=f"{args.dataset}, {args.flow}, epoch {epoch}")
 
 
-def checkpoint_state(ebm, flow, opt_ebm, opt_flow, loop):
-    """Models, optimisers and the loop's position (`loop`: epoch, it, step, perm, cpu_s and
-    the sums of the current metrics row); the scaffold adds config and RNG states."""
-    state = {"flow": flow.state_dict(), "flow_spec": flow.spec(),
-             "opt_flow": opt_flow.state_dict() if opt_flow else None, **loop}
-    if ebm is not None:
-        state.update(ebm=ebm.state_dict(), ebm_spec=ebm.spec(), opt_ebm=opt_ebm.state_dict())
-    return state
+def specs(ebm, flow):
+    """The architectures next to the weights (checkpoint.load_run rebuilds the models)."""
+    return {"flow_spec": flow.spec(), **({"ebm_spec": ebm.spec()} if ebm is not None else {})}
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train.py", RESUME_OVERRIDES,
-                                keys=("flow", "epoch", "it", "step", "rng"))
+    args, ckpt = scaffold.parse(build_parser(), argv, SCRIPT)
     if not args.resume:
         resolve_estimator(args)
     elif "rule" not in ckpt["config"]:
@@ -260,17 +229,20 @@ def main(argv=None):
         config.fail(f"--samples {args.samples} is smaller than --batch {args.batch}; an epoch "
                     f"needs at least one batch")
     name = (args.estimator, args.flow, args.dataset, f"s{args.seed}")
-    with scaffold.Run(args, "train.py", name, ckpt) as run:
-        return train(args, ckpt, run, device)
+    with scaffold.Run(args, SCRIPT, name, ckpt) as run:
+        return run.execute(lambda: train(args, run, device))
 
 
-def train(args, ckpt, run, device):
-    """Data, models, the training loop, evaluation; returns the exit status."""
+ROW_SUMS = dict(v_sum=0.0, acc_sum=0.0, acc_flow_sum=0.0, n_ebm=0, n_flow=0, n_rows=0)
+
+
+def train(args, run, device):
+    """Data, models, the update and evaluation; returns the summary (None before the first
+    evaluation)."""
     # data: a fixed training set and a held-out test set, both from the seed
     rng = util.set_seed(args.seed)
     x_train = datasets.sample(args.dataset, args.samples, rng).to(device)
     x_test = datasets.sample(args.dataset, args.test_samples, rng).to(device)
-
     # models, optimisers and the noise
     ebm, flow = make_models(args, x_train, device)
     opt_ebm, opt_flow = make_optimizers(args, ebm, flow)
@@ -280,22 +252,57 @@ def train(args, ckpt, run, device):
     total = min(iters * args.epoch, args.max_steps or math.inf)
     # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
     # a resumed run writes the same rows as an uninterrupted one)
-    loop = dict(epoch=0, it=0, step=0, perm=None, cpu_s=0.0, v_sum=0.0, acc_sum=0.0,
-                acc_flow_sum=0.0, n_ebm=0, n_flow=0, n_rows=0, flow_steps=0,
-                flow_steps_at_eval=0)
-    if ckpt is not None:
-        flow.load_state_dict(ckpt["flow"])
-        if opt_flow is not None:
-            opt_flow.load_state_dict(ckpt["opt_flow"])
-        if ebm is not None:
-            ebm.load_state_dict(ckpt["ebm"])
-            opt_ebm.load_state_dict(ckpt["opt_ebm"])
-        loop.update({k: ckpt[k] for k in loop if k in ckpt})
-        util.set_rng_state(ckpt["rng"])
-        print(f"resuming {args.out_dir} at epoch {loop['epoch']}, iteration {loop['step']}")
+    loop = run.restore(dict(epoch=0, it=0, step=0, perm=None, flow_steps=0,
+                            flow_steps_at_eval=0, **ROW_SUMS), lambda: specs(ebm, flow),
+                       flow=flow, opt_flow=opt_flow, ebm=ebm, opt_ebm=opt_ebm)
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
                 if opt is not None]
-    log = run.log
+    print_start(args, run, total, iters, device)
+
+    def out_of_budget():
+        return (args.budget and run.cpu_s >= args.budget) or loop["step"] >= total
+
+    def batch_at(s):
+        """The data batch of iteration s of the current epoch (None past its end)."""
+        i = loop["it"] + s - loop["step"]
+        return x_train[loop["perm"][i * args.batch:(i + 1) * args.batch]] if i < iters else None
+
+    metrics = {}
+    while loop["epoch"] < args.epoch and not out_of_budget():
+        if loop["perm"] is None:
+            loop["perm"] = torch.randperm(args.samples, device=device)
+        epoch_end = loop["step"] - loop["it"] + iters
+        for step in run.iterations(loop["step"], epoch_end, total, until=out_of_budget):
+            progress = max(step / total, run.cpu_s / args.budget if args.budget else 0)
+            for opt, lr in base_lrs:
+                util.set_lr(opt, lr * util.lr_factor(args.lr_schedule, progress, 1,
+                                                     args.lr_min_factor))
+            if ebm is None:
+                V = fce.mle_step(flow, batch_at(step), opt_flow)
+                r = fce.StepResult(V, None, None, False, bool(torch.isfinite(V)) or None)
+            else:
+                r = fce.fce_step(ebm, contrast, step, batch_at(step), batch_at, opt_ebm,
+                                 opt_flow, the_rule)
+            run.check(r.V if r.flow is not None else None)
+            count_step(loop, r)
+            if loop["step"] % args.log_every == 0:
+                log_row(run, loop, ebm, opt_ebm, opt_flow)
+        if loop["it"] == iters:
+            loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
+        epoch, last = loop["epoch"], loop["epoch"] == args.epoch or out_of_budget()
+        if epoch % args.eval_every == 0 or last:
+            metrics = evaluate(args, run, loop, ebm, flow, x_test, device)
+        if epoch % args.plot_every == 0 or last:
+            run.log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device),
+                              loop["step"])
+        run.save()
+    print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
+          f"{scaffold.gif_hint(args.image_dir)})")
+    return {**metrics, "steps": loop["step"], "flow_steps": loop["flow_steps"]} \
+        if metrics else None
+
+
+def print_start(args, run, total, iters, device):
     budget = f", budget {args.budget:g} CPU-s" if args.budget else ""
     who = (f", rule {args.rule}" + (f" (flow every {args.flow_every})" if args.rule == "every"
                                     else f" (threshold {args.threshold:g})")
@@ -304,100 +311,44 @@ def train(args, ckpt, run, device):
           f"iterations ({args.epoch} epochs x {iters}){budget}, device={device}; outputs in "
           f"{args.out_dir}, figures in {args.image_dir}")
 
-    def save():
-        run.save(checkpoint_state(ebm, flow, opt_ebm, opt_flow, loop))
 
-    threshold = args.threshold if args.estimator == "fce" and args.rule == "threshold" else None
+def count_step(loop, r):
+    """Move the loop's position on by one iteration and add its results to the row's sums."""
+    add = lambda k, v: loop[k] + (float(v) if v is not None else 0.0)  # noqa: E731
+    loop.update(step=loop["step"] + 1, it=loop["it"] + 1, v_sum=add("v_sum", r.V),
+                acc_sum=add("acc_sum", r.accuracy),
+                acc_flow_sum=add("acc_flow_sum", r.accuracy_flow),
+                n_ebm=loop["n_ebm"] + r.ebm, n_flow=loop["n_flow"] + r.flow,
+                flow_steps=loop["flow_steps"] + r.flow, n_rows=loop["n_rows"] + 1)
 
-    def evaluate(ep):
-        flow.eval()
-        m = evaluation.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
-        flow.train()
-        tqdm.write(f"epoch {ep} | " + evaluation.format_metrics(m))
-        for note in flow_notes(args, m, loop):
-            tqdm.write(f"epoch {ep} | note: {note}")
-        loop["flow_steps_at_eval"] = loop["flow_steps"]
-        log.log({**m, "epoch": ep, "cpu_s": loop["cpu_s"], "flow_steps": loop["flow_steps"]},
+
+def log_row(run, loop, ebm, opt_ebm, opt_flow):
+    """A metrics row of the iterations since the last one (and their timing); the sums start
+    again."""
+    row = metrics_row(loop, ebm, opt_ebm, opt_flow, run.cpu_s)
+    row["it_per_s"], row["cpu_s_per_it"] = run.rate()
+    run.log.log(row, loop["step"])
+    run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train")
+                       if k in row})
+    loop.update(ROW_SUMS)
+
+
+def evaluate(args, run, loop, ebm, flow, x_test, device):
+    """The exact grid evaluation (printed, logged with the flow's notes) and the curves."""
+    ep = loop["epoch"]
+    flow.eval()
+    m = evaluation.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
+    flow.train()
+    run.print(f"epoch {ep} | " + evaluation.format_metrics(m))
+    for note in flow_notes(args, m, loop):
+        run.print(f"epoch {ep} | note: {note}")
+    loop["flow_steps_at_eval"] = loop["flow_steps"]
+    run.log.log({**m, "epoch": ep, "cpu_s": run.cpu_s, "flow_steps": loop["flow_steps"]},
                 loop["step"])
-        plots.training_curves(os.path.join(args.out_dir, "curves.png"),
-                              {run.name: (read_metrics(args.out_dir), threshold)})
-        return m
-
-    def out_of_budget():
-        return (args.budget and loop["cpu_s"] >= args.budget) or loop["step"] >= total
-
-    def batch_at(s):
-        """The data batch of iteration s of the current epoch (None past its end)."""
-        i = loop["it"] + s - loop["step"]
-        return x_train[loop["perm"][i * args.batch:(i + 1) * args.batch]] if i < iters else None
-
-    if ckpt is None:
-        save()  # a NaN in the first epoch still leaves a loadable run
-    bar = progress_bar(total, loop["step"], run.name)
-    t_last, cpu_last, step_last = time.perf_counter(), loop["cpu_s"], loop["step"]
-    metrics = {}
-    while loop["epoch"] < args.epoch and not out_of_budget() and not run.stop_requested:
-        if loop["perm"] is None:
-            loop["perm"] = torch.randperm(args.samples, device=device)
-        while loop["it"] < iters and not out_of_budget() and not run.stop_requested:
-            t0 = time.process_time()
-            step = loop["step"]
-            progress = max(step / total, loop["cpu_s"] / args.budget if args.budget else 0)
-            f = util.lr_factor(args.lr_schedule, progress, 1, args.lr_min_factor)
-            for opt, lr in base_lrs:
-                util.set_lr(opt, lr * f)
-            x = batch_at(step)
-            if ebm is None:
-                V = fce.mle_step(flow, x, opt_flow)
-                r = fce.StepResult(V, None, None, False, bool(torch.isfinite(V)) or None)
-            else:
-                r = fce.fce_step(ebm, contrast, step, x, batch_at, opt_ebm, opt_flow, the_rule)
-            if r.flow is None:
-                bar.close()
-                return run.nonfinite(f"non-finite loss or gradient at iteration {step} "
-                                     f"(epoch {loop['epoch']})")
-            loop["cpu_s"] += time.process_time() - t0
-            add = lambda k, v: loop[k] + (float(v) if v is not None else 0.0)  # noqa: E731
-            loop.update(step=step + 1, it=loop["it"] + 1, v_sum=add("v_sum", r.V),
-                        acc_sum=add("acc_sum", r.accuracy),
-                        acc_flow_sum=add("acc_flow_sum", r.accuracy_flow),
-                        n_ebm=loop["n_ebm"] + r.ebm, n_flow=loop["n_flow"] + r.flow,
-                        flow_steps=loop["flow_steps"] + r.flow, n_rows=loop["n_rows"] + 1)
-            bar.update(1)
-            if loop["step"] % args.log_every == 0:
-                now = time.perf_counter()
-                row = metrics_row(loop, ebm, opt_ebm, opt_flow)
-                row.update(it_per_s=(loop["step"] - step_last) / (now - t_last),
-                           cpu_s_per_it=(loop["cpu_s"] - cpu_last) / (loop["step"] - step_last))
-                log.log(row, loop["step"])
-                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("value", "accuracy",
-                                                              "nll_train") if k in row},
-                                refresh=False)
-                loop.update(v_sum=0.0, acc_sum=0.0, acc_flow_sum=0.0, n_ebm=0, n_flow=0,
-                            n_rows=0)
-                t_last, cpu_last, step_last = now, loop["cpu_s"], loop["step"]
-        if run.stop_requested:
-            break
-        if loop["it"] == iters:
-            loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
-        epoch = loop["epoch"]
-        last = epoch == args.epoch or out_of_budget()
-        if epoch % args.eval_every == 0 or last:
-            metrics = evaluate(epoch)
-        if epoch % args.plot_every == 0 or last:
-            log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device),
-                          loop["step"])
-        save()
-    bar.close()
-    if run.stop_requested:
-        save()
-        return run.interrupted(f"at iteration {loop['step']}")
-    summary = {**metrics, "steps": loop["step"], "cpu_s": loop["cpu_s"],
-               "flow_steps": loop["flow_steps"]}
-    code = run.done(summary if metrics else None)
-    print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
-          f"{scaffold.gif_hint(args.image_dir)})")
-    return code
+    threshold = args.threshold if args.estimator == "fce" and args.rule == "threshold" else None
+    plots.training_curves(os.path.join(args.out_dir, "curves.png"),
+                          {run.name: (read_metrics(args.out_dir), threshold)})
+    return m
 
 
 def flow_notes(args, m, loop):
@@ -423,14 +374,14 @@ def flow_notes(args, m, loop):
     return notes
 
 
-def metrics_row(loop, ebm, opt_ebm, opt_flow):
+def metrics_row(loop, ebm, opt_ebm, opt_flow, cpu_s):
     """The averages of the iterations since the last row (no timing columns)."""
     n = loop["n_rows"]
     row = ({"nll_train": loop["v_sum"] / n} if ebm is None else
            {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
             "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
             "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
-    row.update(epoch=loop["epoch"], cpu_s=loop["cpu_s"])
+    row.update(epoch=loop["epoch"], cpu_s=cpu_s)
     if opt_flow is not None:
         row["lr_flow"] = opt_flow.param_groups[0]["lr"]
     return row

@@ -39,7 +39,6 @@ import copy
 import os
 import shutil
 import sys
-import time
 
 import torch
 
@@ -54,10 +53,11 @@ import util
 from ebm import ACTIVATIONS, EBM
 from samplers import ConvEnergy, Energy, langevin
 
-# flags a resumed run may change (none of them changes the training itself); the rest comes
-# from the checkpoint
-RESUME_OVERRIDES = ("n_iter", "eval_every", "log_every", "image_dir", "wandb", "project",
-                    "device", "threads")
+# a resumed run may change the `overridable` flags (none of them changes the training
+# itself); the rest comes from the checkpoint
+SCRIPT = scaffold.Script("train_mcmc.py", keys=("F", "optimizer", "step", "rng", "d_hist",
+                                                "r_hist"), overridable=(
+    "n_iter", "eval_every", "log_every", "image_dir", "wandb", "project", "device", "threads"))
 # flags that only one kind of data uses (set for the other kind they are refused)
 IMAGE_ONLY = ("net", "n_f", "mnist_images", "mnist_labels", "n_eval", "langevin_dtype")
 TOY_ONLY = ("hidden", "act", "n_test", "n_kde", "kde_bw")
@@ -257,10 +257,90 @@ def scaled_ebm(F, scale):
     return U.eval()
 
 
+class Chains:
+    """The negatives' chains: where they start (--init; the persistent bank is updated in
+    place by the caller) and the short-run distribution from there."""
+
+    def __init__(self, args, U, x_train, bank):
+        self.args, self.U, self.x_train, self.bank = args, U, x_train, bank
+        self.dim, self.device = x_train.shape[1], x_train.device
+
+    def starts(self, n):
+        """Chain starts and, for the persistent bank, their indices."""
+        a, dim, device = self.args, self.dim, self.device
+        if a.init == "persistent":
+            idx = torch.randperm(len(self.bank), device=device)[:n]
+            return self.bank[idx], idx
+        if a.init == "uniform":
+            return a.init_scale * (2 * torch.rand(n, dim, device=device) - 1), None
+        if a.init == "gaussian":
+            return a.init_scale * torch.randn(n, dim, device=device), None
+        return self.x_train[torch.randint(len(self.x_train), (n,), device=device)], None
+
+    def short_run(self, n):
+        """n samples of the short-run distribution (the bank is read, not updated)."""
+        return langevin(self.U, self.starts(n)[0], self.args.L, self.args.eps)
+
+
+def make_optimizer(args, F):
+    """SGD (lr scaled by eps^2 / 2, the paper's tuning) or Adam on F's energy parameters (the
+    learned normaliser c plays no part in ML learning); returns it and its base lr."""
+    lr0 = args.lr * (args.eps ** 2 / 2 if args.optimizer == "sgd" else 1.0)
+    params = F.energy_params()
+    return (torch.optim.SGD(params, lr=lr0) if args.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=lr0)), lr0
+
+
+def make_scorer(args, data, image):
+    """The evaluation's yardstick: the image metric (trains its classifier once) or, for 2D
+    data, the KL of a KDE of n_kde true samples (the short-run KDE's floor)."""
+    if not image:
+        return diagnostics.kde_kl(args.dataset, data["x_floor"], args.kde_bw)
+    metric = mcmc_images.SampleMetric(data["x_train"].cpu(), data["y_train"], data["x_test"],
+                                      data["y_test"], n=args.n_eval)
+    print(f"{args.dataset}: {len(data['x_train'])} training / {len(data['x_test'])} test "
+          f"images; metric classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
+          f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
+    return metric
+
+
+def evaluate(args, run, F, scale, chains, scorer, data, x_neg, step):
+    """Images: the sample metric of n_eval short-run samples and a grid of the current
+    negatives (a gif frame). 2D: grid KL of the EBM and of the short-run KDE (and the KDE's
+    mass outside the grid), the landscape figure. Both: the d_t / r_t figure."""
+    title = f"{run.name}  iteration {step}"
+    if args.dataset in mcmc_images.IMAGE_DATASETS:
+        m = scorer(chains.short_run(args.n_eval))
+        m.update({f"{k}_floor": scorer.floor[k] for k in ("fd", "fd_pixels", "label_tv")})
+        m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
+        fig = mcmc_images.save_grid(os.path.join(args.image_dir, "negatives",
+                                                 f"step_{step:06d}.png"),
+                                    x_neg[:100], F.shape, title=title)
+        key, name = "negatives", "negatives.png"
+    else:
+        Uq = scaled_ebm(F, scale)
+        m = evaluation.evaluate_2d(args.dataset, data["x_test"], ebm=Uq, device=x_neg.device)
+        m.pop("c_gap", None)
+        x_short = chains.short_run(args.n_kde)
+        kl, outside = diagnostics.kde_kl(args.dataset, x_short, args.kde_bw, return_outside=True)
+        if kl is not None:
+            m.update(kl_kde=kl, kl_kde_floor=scorer, kde_outside=outside)
+        fig = diagnostics.save_landscape(os.path.join(args.image_dir, f"landscape_{step:06d}.png"),
+                                         args.dataset, Uq, x_short, args.kde_bw, title=title)
+        key, name = "landscape", "landscape.png"
+    shutil.copyfile(fig, os.path.join(args.out_dir, name))
+    run.log.log_image(key, fig, step)
+    if len(run.loop["d_hist"]) > 2:
+        diag = diagnostics.save_diagnostics(os.path.join(args.out_dir, "diagnostics.png"),
+                                            run.loop["d_hist"], run.loop["r_hist"],
+                                            args.max_lag, title=title)
+        run.log.log_image("diagnostics", diag, step)
+    return m
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train_mcmc.py", RESUME_OVERRIDES,
-                                keys=("F", "optimizer", "step", "rng", "d_hist", "r_hist"))
+    args, ckpt = scaffold.parse(build_parser(), argv, SCRIPT)
     check_args(args, argv)
     if ckpt is not None and ckpt["step"] >= args.n_iter:
         config.fail(f"{args.out_dir} already ran {ckpt['step']} iterations; pass a larger "
@@ -270,178 +350,82 @@ def main(argv=None):
     data = load_data(args, device)
     F = build_energy(args, device)
     name = ("mcmc", args.dataset, args.init, f"eps{args.eps}", f"s{args.seed}")
-    with scaffold.Run(args, "train_mcmc.py", name, ckpt) as run:
-        return train(args, ckpt, run, device, data, F)
+    with scaffold.Run(args, SCRIPT, name, ckpt) as run:
+        return run.execute(lambda: train(args, run, data, F))
 
 
-def train(args, ckpt, run, device, data, F):
-    """Optimiser, chains, the training loop and evaluation; returns the exit status."""
+def train(args, run, data, F):
+    """Chains, the update and evaluation; returns the summary."""
     image = args.dataset in mcmc_images.IMAGE_DATASETS
-    x_train, bank_size = data["x_train"], data["bank_size"]
-    dim = x_train.shape[1]
-    eps = args.eps
+    x_train, eps = data["x_train"], args.eps
     scale = 2.0 / eps ** 2  # U = scale * F
-    params = F.energy_params()  # the learned normaliser c plays no part in ML learning
-    lr0 = args.lr * (eps ** 2 / 2 if args.optimizer == "sgd" else 1.0)
-    opt = (torch.optim.SGD(params, lr=lr0) if args.optimizer == "sgd"
-           else torch.optim.Adam(params, lr=lr0))
-    if image:
-        U = ConvEnergy(F, scale, dtype=getattr(torch, args.langevin_dtype)
-                       if args.langevin_dtype != "float32" else None)
-    else:
-        U = Energy(F, scale)
+    opt, lr0 = make_optimizer(args, F)
+    params = F.energy_params()
+    U = (ConvEnergy(F, scale, dtype=None if args.langevin_dtype == "float32" else
+                    getattr(torch, args.langevin_dtype)) if image else Energy(F, scale))
     bank = None
     if args.init == "persistent":
-        bank = args.init_scale * (2 * torch.rand(bank_size, dim, device=device) - 1)
+        bank = args.init_scale * (2 * torch.rand(data["bank_size"], x_train.shape[1],
+                                                 device=x_train.device) - 1)
     # the loop's position and everything accumulated (kept in checkpoints: a resumed run
-    # writes the same rows and weights as an uninterrupted one)
-    step, cpu_sec, d_hist, r_hist = 0, 0.0, [], []
-    if ckpt is not None:
-        F.load_state_dict(ckpt["F"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if bank is not None:
-            bank = ckpt["bank"].to(device)
-        step, cpu_sec = ckpt["step"], float(ckpt["cpu_sec"])
-        d_hist, r_hist = ckpt["d_hist"].tolist(), ckpt["r_hist"].tolist()
-        util.set_rng_state(ckpt["rng"])
-        print(f"resuming {args.out_dir} at iteration {step}")
-
-    # evaluation: the image metric (trains its classifier once) or the 2D KDE's floor (KDE of
-    # n_kde true samples, same bandwidth)
-    if image:
-        metric = mcmc_images.SampleMetric(data["x_train"].cpu(), data["y_train"], data["x_test"],
-                                          data["y_test"], n=args.n_eval)
-        print(f"{args.dataset}: {len(x_train)} training / {len(data['x_test'])} test images; "
-              f"metric classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
-              f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
-    else:
-        kl_kde_floor = diagnostics.kde_kl(args.dataset, data["x_floor"], args.kde_bw)
-    log = run.log
-
-    def init_states(n):
-        """Chain starts and, for the persistent bank, their indices."""
-        if args.init == "persistent":
-            idx = torch.randperm(bank_size, device=device)[:n]
-            return bank[idx], idx
-        if args.init == "uniform":
-            return args.init_scale * (2 * torch.rand(n, dim, device=device) - 1), None
-        if args.init == "gaussian":
-            return args.init_scale * torch.randn(n, dim, device=device), None
-        return x_train[torch.randint(len(x_train), (n,), device=device)], None
-
-    def short_run_samples(n):
-        """n samples of the short-run distribution (the bank is read, not updated)."""
-        return langevin(U, init_states(n)[0], args.L, eps)
-
-    def save():
-        ebm_key = "image_ebm" if image else "ebm"  # checkpoint.load_run builds "ebm" as an MLP
-        run.save({ebm_key: scaled_ebm(F, scale).state_dict(), f"{ebm_key}_spec": F.spec(),
-                  "F": F.state_dict(), "energy_scale": scale, "step": step,
-                  "optimizer": opt.state_dict(), "bank": bank, "cpu_sec": cpu_sec,
-                  "d_hist": torch.tensor(d_hist, dtype=torch.float64),
-                  "r_hist": torch.tensor(r_hist, dtype=torch.float64)})
-
-    def diagnostics_figure(title):
-        if len(d_hist) > 2:
-            diag = diagnostics.save_diagnostics(os.path.join(args.out_dir, "diagnostics.png"),
-                                                d_hist, r_hist, args.max_lag, title=title)
-            log.log_image("diagnostics", diag, step)
-
-    def evaluate(x_neg):
-        """Images: the sample metric of n_eval short-run samples and a grid of the current
-        negatives (a gif frame). 2D: grid KL of the EBM and of the short-run KDE (and the
-        KDE's mass outside the grid), the landscape figure. Both: the d_t / r_t figure."""
-        title = f"{run.name}  iteration {step}"
-        if image:
-            m = metric(short_run_samples(args.n_eval))
-            m.update({f"{k}_floor": metric.floor[k] for k in ("fd", "fd_pixels", "label_tv")})
-            m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
-            fig = mcmc_images.save_grid(os.path.join(args.image_dir, "negatives",
-                                                     f"step_{step:06d}.png"),
-                                        x_neg[:100], F.shape, title=title)
-            shutil.copyfile(fig, os.path.join(args.out_dir, "negatives.png"))
-            log.log_image("negatives", fig, step)
-        else:
-            Uq = scaled_ebm(F, scale)
-            m = evaluation.evaluate_2d(args.dataset, data["x_test"], ebm=Uq, device=device)
-            m.pop("c_gap", None)
-            x_short = short_run_samples(args.n_kde)
-            kl, outside = diagnostics.kde_kl(args.dataset, x_short, args.kde_bw,
-                                             return_outside=True)
-            if kl is not None:
-                m.update(kl_kde=kl, kl_kde_floor=kl_kde_floor, kde_outside=outside)
-            fig = diagnostics.save_landscape(os.path.join(args.image_dir,
-                                                          f"landscape_{step:06d}.png"),
-                                             args.dataset, Uq, x_short, args.kde_bw, title=title)
-            shutil.copyfile(fig, os.path.join(args.out_dir, "landscape.png"))
-            log.log_image("landscape", fig, step)
-        diagnostics_figure(title)
-        return m
-
-    # -------------------------------------------------------------------- training loop
+    # writes the same rows and weights as an uninterrupted one); the checkpoint also holds
+    # U itself ("ebm", images "image_ebm"), which checkpoint.load_run reads as the energy
+    key = "image_ebm" if image else "ebm"
+    loop = run.restore(dict(step=0, bank=bank, d_hist=[], r_hist=[]), lambda: {
+        key: scaled_ebm(F, scale).state_dict(), f"{key}_spec": F.spec(), "energy_scale": scale,
+        **{k: torch.tensor(run.loop[k], dtype=torch.float64) for k in ("d_hist", "r_hist")}},
+        F=F, optimizer=opt)
+    d_hist, r_hist = ([float(v) for v in loop[k]] for k in ("d_hist", "r_hist"))
+    loop.update(d_hist=d_hist, r_hist=r_hist)
+    chains = Chains(args, U, x_train, loop["bank"])
+    scorer = make_scorer(args, data, image)
     print(f"run {run.name}: {args.dataset}, init={args.init}, eps={eps}, L={args.L}, "
-          f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations, device={device}; outputs in "
-          f"{args.out_dir}, figures in {args.image_dir}")
-    if ckpt is None:
-        save()  # a NaN at the first iteration still leaves a loadable run
-    metrics, t_loop, n_timed = {}, 0.0, 0
-    floor = args.lr_min / args.lr
-    while step < args.n_iter and not run.stop_requested:
-        t0, c0 = time.perf_counter(), time.process_time()
-        util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter, floor,
-                                              args.lr_decay))
-        x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=device)]
+          f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations, device={x_train.device}; "
+          f"outputs in {args.out_dir}, figures in {args.image_dir}")
+    metrics = {}
+    for step in run.iterations(loop["step"], args.n_iter):
+        util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter,
+                                              args.lr_min / args.lr, args.lr_decay))
+        x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=x_train.device)]
         if args.data_epsilon > 0:
             x_pos = x_pos + args.data_epsilon * torch.randn_like(x_pos)
-        x0, idx = init_states(args.batch)
+        x0, idx = chains.starts(args.batch)
         x_neg, r = langevin(U, x0, args.L, eps, return_grad_norm=True)
         d = F(x_pos).mean() - F(x_neg).mean()
         loss = scale * d
         opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-        if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in params):
-            return run.nonfinite(f"non-finite loss or gradient at iteration {step + 1} (loss "
-                                 f"{float(loss.detach()):.4g})")
+        loss.backward()
+        run.check(loss, params)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
-        if bank is not None:
-            bank[idx] = x_neg  # persistent chains: updated in place
-        step += 1
+        if chains.bank is not None:
+            chains.bank[idx] = x_neg  # persistent chains: updated in place
         d_hist.append(float(d.detach()))
         r_hist.append(float(r.mean()))
-        t_loop += time.perf_counter() - t0
-        cpu_sec += time.process_time() - c0
-        n_timed += 1
-
+        loop["step"] = step = step + 1
         if step % args.log_every == 0 or step == 1:
             row = {"d_t": d_hist[-1], "r_t": r_hist[-1], "loss": float(loss.detach()),
-                   "lr": opt.param_groups[0]["lr"], "sec_per_iter": t_loop / n_timed,
-                   "cpu_sec": cpu_sec}
-            log.log(row, step)
-            print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
-                  f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
+                   "lr": opt.param_groups[0]["lr"], "sec_per_iter": 1 / run.rate()[0],
+                   "cpu_s": run.cpu_s}
+            run.log.log(row, step)
+            run.print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
+                      f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
         if step % args.eval_every == 0 or step == args.n_iter:
-            c0 = time.process_time()
             with util.fixed_rng(args.seed):  # evaluating never changes training
-                metrics = evaluate(x_neg)
-            cpu_sec += time.process_time() - c0
-            metrics.update(sec_per_iter=t_loop / n_timed, cpu_sec=cpu_sec)
-            log.log(metrics, step)
-            print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                 if k in ("kl_ebm", "kl_kde", "kde_outside",
-                                                          "nll_ebm", "fd", "fd_pixels",
-                                                          "label_tv")))
-            save()
-    if run.stop_requested and step < args.n_iter:
-        save()
-        return run.interrupted(f"at iteration {step}")
+                metrics = evaluate(args, run, F, scale, chains, scorer, data, x_neg, step)
+            metrics.update(sec_per_iter=1 / run.rate()[0], cpu_s=run.cpu_s)
+            run.log.log(metrics, step)
+            run.print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                    if k in EVAL_SHOWN))
+            run.save()
     if image:
         print(f"wrote {plots.make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
-    code = run.done({"status": "done", "step": step, **metrics})
     print(f"done: {args.out_dir} (figures: {args.image_dir})")
-    return code
+    return {"status": "done", "step": loop["step"], **metrics}
+
+
+EVAL_SHOWN = ("kl_ebm", "kl_kde", "kde_outside", "nll_ebm", "fd", "fd_pixels", "label_tv")
 
 
 if __name__ == "__main__":

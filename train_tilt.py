@@ -162,21 +162,13 @@ class StageLog:
         return on_step
 
     def check_stop(self, stage):
-        """Between stages: raise Interrupted once Ctrl-C was pressed."""
+        """Between stages: raise scaffold.Interrupted once Ctrl-C or SIGTERM came."""
         if self.run.stop_requested:
-            raise Interrupted(f"after {stage}" if self.stage is None else
+            raise scaffold.Interrupted(f"after {stage}" if self.stage is None else
                               f"in {self.stage} at step {self.stage_step}")
 
     def image(self, key, path):
         self.log.log_image(key, path, self.step)
-
-
-class NonFinite(Exception):
-    """A loss became NaN/inf: training stopped, the last finite weights were kept."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C: training stopped at a step boundary; the message says where."""
 
 
 # ----------------------------------------------------------------------------- digits
@@ -202,13 +194,12 @@ def prepare_digits(args):
 
 
 def run_digits(args, device, log, state, save, data):
-    t0 = time.perf_counter()
+    """The digits story, stage by stage; returns the summary."""
     X, y, split, rng = data
     clf, clf_acc = tilt_data.train_classifier(X, y, rng, max_iter=args.clf_max_iter)
     log.check_stop("the classifier")
     x_biased = torch.tensor(X[split.biased], device=device)
     x_unbiased = torch.tensor(X[split.unbiased], device=device)
-    n_val = max(1, int(args.val_frac * len(x_biased)))
     print(f"data: {args.data}, biased set {len(split.biased)} images {split.biased_counts}, "
           f"unbiased {len(split.unbiased)} ({split.per_class} per class); classifier test "
           f"accuracy {clf_acc:.3f}")
@@ -216,8 +207,41 @@ def run_digits(args, device, log, state, save, data):
     def labels_of(images):
         return clf.predict(images.detach().cpu().numpy())
 
-    # -- base model: the VAE on the biased set, early-stopped on a validation split
-    vae = VAE(X.shape[1], args.latent, args.vae_hidden, args.likelihood).to(device)
+    vae, hist = fit_base(args, device, log, state, save, x_biased, X.shape[1])
+    summary = {"classifier_accuracy": clf_acc, "vae_best_val_elbo": hist["best_val"],
+               "vae_epochs": len(hist["val"]), "n_biased": len(split.biased),
+               "n_unbiased": len(split.unbiased)}
+    out = dict(hists={"biased set": tilt_data.label_histogram(y[split.biased]),
+                      "unbiased set": tilt_data.label_histogram(y[split.unbiased])},
+               grids={}, latent_tilts={"base prior N(0, I)": (None, None)})
+    with torch.no_grad():
+        base_x, _ = vae.sample(args.n_samples)
+        base_labels = labels_of(base_x)
+        z_pos, _ = vae.encode(x_unbiased)  # positives: encoder means of the unbiased images
+    summary["tv_base"] = tilt_data.tv_to_uniform(base_labels)
+    out["hists"]["base VAE"] = tilt_data.label_histogram(base_labels)
+    out["grids"]["base VAE"] = base_x.cpu().numpy()
+    print(f"base VAE samples: TV to uniform(0-4) = {summary['tv_base']:.3f}")
+    for obj in ["ml", "hackathon"] if args.objective == "both" else [args.objective]:
+        latent_tilt(args, obj, vae, z_pos, labels_of, device, log, state, summary, out)
+    state["stage"] = "latent tilts"
+    save()
+    if args.data_tilt:
+        x_dpos = x_unbiased
+        if args.data_pos == "recon":
+            with torch.no_grad():
+                x_dpos = vae.decode(z_pos)
+        data_tilt(args, vae, x_dpos, base_x, labels_of, device, log, state, summary, out)
+        state["stage"] = "data tilt"
+        save()
+    digits_figures(args, log, vae, X, y, split, x_biased, x_unbiased, out)
+    return summary
+
+
+def fit_base(args, device, log, state, save, x_biased, dim):
+    """The base model: a VAE on the biased set, early-stopped on a validation split."""
+    n_val = max(1, int(args.val_frac * len(x_biased)))
+    vae = VAE(dim, args.latent, args.vae_hidden, args.likelihood).to(device)
     state.update(vae=vae.state_dict(), vae_spec=vae.spec(), stage="init")
     save()  # a NaN in the first epoch still leaves a loadable run
     on_epoch = log.every("vae", 1)
@@ -226,137 +250,121 @@ def run_digits(args, device, log, state, save, data):
                        args.vae_lr, args.patience,
                        on_epoch=lambda e, tr, va: on_epoch(e, {"train_loss": tr, "val_elbo": va}))
     except FloatingPointError as e:
-        raise NonFinite(str(e))
+        raise scaffold.NonFinite(str(e))
     state.update(vae=vae.state_dict(), stage="vae")
     log.check_stop("the VAE")
     print(f"VAE: {len(hist['val'])} epochs, best validation ELBO {hist['best_val']:.2f} at epoch "
           f"{hist['best_epoch']} (weights restored)")
     save()
+    return vae, hist
 
-    summary = {"classifier_accuracy": clf_acc, "vae_best_val_elbo": hist["best_val"],
-               "vae_epochs": len(hist["val"]), "n_biased": len(split.biased),
-               "n_unbiased": len(split.unbiased)}
-    hists = {"biased set": tilt_data.label_histogram(y[split.biased]),
-             "unbiased set": tilt_data.label_histogram(y[split.unbiased])}
+
+def latent_tilt(args, obj, vae, z_pos, labels_of, device, log, state, summary, out):
+    """One latent tilt (objective `obj`), sampled by SNIR and Langevin and labelled; adds to
+    the summary and to the figures' histograms, grids and latent panels (`out`)."""
+    E = EBM(args.latent, args.tilt_hidden, "silu").to(device)
+    t_obj = time.perf_counter()
+    th = tilt.fit_tilt(E, z_pos, lambda s: torch.randn(args.n_base, args.latent, device=device),
+                       args.tilt_steps, obj, args.tilt_lr, reg=args.reg, gp=args.gp,
+                       on_step=log.every(obj))
+    state[f"ebm_{obj}"], state[f"ebm_{obj}_spec"] = E.state_dict(), E.spec()
+    if th["nan_step"] is not None:
+        raise scaffold.NonFinite(f"{obj} tilt loss is not finite at step {th['nan_step']}")
+    log.check_stop(f"the {obj} tilt")
+    E.eval()
     with torch.no_grad():
-        base_x, _ = vae.sample(args.n_samples)
-        base_labels = labels_of(base_x)
-        z_pos, _ = vae.encode(x_unbiased)  # positives: encoder means of the unbiased images
-    summary["tv_base"] = tilt_data.tv_to_uniform(base_labels)
-    hists["base VAE"] = tilt_data.label_histogram(base_labels)
-    print(f"base VAE samples: TV to uniform(0-4) = {summary['tv_base']:.3f}")
-    grids = {"base VAE": base_x.cpu().numpy()}
-    latent_tilts = {"base prior N(0, I)": (None, None)}
+        pool = torch.randn(args.pool, args.latent, device=device)
+        idx, ess = tilt.snir(-E(pool), args.n_samples)
+        z_snir = pool[idx]
+        x_snir = vae.decode(z_snir)
+        log_Z = float(tilt.log_Z_importance(E, pool))
+    z_lang = langevin(tilt.latent_U(E), torch.randn(args.n_samples, args.latent, device=device),
+                      args.langevin_steps, args.langevin_eps, freeze=E)
+    with torch.no_grad():
+        x_lang = vae.decode(z_lang)
+    lab_snir, lab_lang = labels_of(x_snir), labels_of(x_lang)
+    summary.update({f"tv_{obj}_snir": tilt_data.tv_to_uniform(lab_snir),
+                    f"tv_{obj}_langevin": tilt_data.tv_to_uniform(lab_lang),
+                    f"ess_{obj}": ess, f"ess_frac_{obj}": ess / args.pool,
+                    f"log_Z_{obj}": log_Z, f"time_{obj}_s": time.perf_counter() - t_obj})
+    if args.latent == 2:  # the IS estimate of log Z against grid integration
+        neg, area = gridmath.on_grid(tilt.latent_log_density(E), 6.0, 300, device)
+        summary[f"log_Z_grid_{obj}"] = gridmath.grid_log_Z(neg, area)
+    print(f"{obj} tilt: SNIR TV {summary[f'tv_{obj}_snir']:.3f} (ESS {ess:.0f} of "
+          f"{args.pool}), Langevin TV {summary[f'tv_{obj}_langevin']:.3f}, log Z {log_Z:.3f}")
+    out["hists"][f"{obj} tilt (SNIR)"] = tilt_data.label_histogram(lab_snir)
+    out["grids"][f"{obj} tilt (SNIR)"] = x_snir.cpu().numpy()
+    out["latent_tilts"][f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
+    log.check_stop(f"sampling the {obj} tilt")
 
-    # -- latent tilts
-    objectives = ["ml", "hackathon"] if args.objective == "both" else [args.objective]
-    for obj in objectives:
-        E = EBM(args.latent, args.tilt_hidden, "silu").to(device)
-        t_obj = time.perf_counter()
-        th = tilt.fit_tilt(E, z_pos, lambda s: torch.randn(args.n_base, args.latent, device=device),
-                           args.tilt_steps, obj, args.tilt_lr, reg=args.reg, gp=args.gp,
-                           on_step=log.every(obj))
-        state[f"ebm_{obj}"], state[f"ebm_{obj}_spec"] = E.state_dict(), E.spec()
-        if th["nan_step"] is not None:
-            raise NonFinite(f"{obj} tilt loss is not finite at step {th['nan_step']}")
-        log.check_stop(f"the {obj} tilt")
-        E.eval()
-        with torch.no_grad():
-            pool = torch.randn(args.pool, args.latent, device=device)
-            idx, ess = tilt.snir(-E(pool), args.n_samples)
-            z_snir = pool[idx]
-            x_snir = vae.decode(z_snir)
-            log_Z = float(tilt.log_Z_importance(E, pool))
-        z_lang = langevin(tilt.latent_U(E), torch.randn(args.n_samples, args.latent, device=device),
-                          args.langevin_steps, args.langevin_eps, freeze=E)
-        with torch.no_grad():
-            x_lang = vae.decode(z_lang)
-        lab_snir, lab_lang = labels_of(x_snir), labels_of(x_lang)
-        summary.update({f"tv_{obj}_snir": tilt_data.tv_to_uniform(lab_snir),
-                        f"tv_{obj}_langevin": tilt_data.tv_to_uniform(lab_lang),
-                        f"ess_{obj}": ess, f"ess_frac_{obj}": ess / args.pool,
-                        f"log_Z_{obj}": log_Z, f"time_{obj}_s": time.perf_counter() - t_obj})
-        if args.latent == 2:  # the IS estimate of log Z against grid integration
-            neg, area = gridmath.on_grid(tilt.latent_log_density(E), 6.0, 300, device)
-            summary[f"log_Z_grid_{obj}"] = gridmath.grid_log_Z(neg, area)
-        print(f"{obj} tilt: SNIR TV {summary[f'tv_{obj}_snir']:.3f} (ESS {ess:.0f} of "
-              f"{args.pool}), Langevin TV {summary[f'tv_{obj}_langevin']:.3f}, log Z {log_Z:.3f}")
-        hists[f"{obj} tilt (SNIR)"] = tilt_data.label_histogram(lab_snir)
-        grids[f"{obj} tilt (SNIR)"] = x_snir.cpu().numpy()
-        latent_tilts[f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
-        log.check_stop(f"sampling the {obj} tilt")
-    state["stage"] = "latent tilts"
-    save()
 
-    # -- data-space tilt: exp(-E(x)) p_phi(x); p_phi = decoded means ("ml") or exp(ELBO) ("cd")
-    if args.data_tilt:
-        t_dt = time.perf_counter()
-        Ex = EBM(X.shape[1], args.data_tilt_hidden, "silu").to(device)
-        with torch.no_grad():
-            x_dpos = vae.decode(z_pos) if args.data_pos == "recon" else x_unbiased
-        on_step = log.every("data")
-        if args.data_objective == "ml":
-            dh = tilt.fit_tilt(Ex, x_dpos, lambda s: vae.sample(args.n_base // 4)[0],
-                               args.data_tilt_steps, "ml", args.tilt_lr, on_step=on_step)
-        else:
-            dh = tilt.fit_data_tilt(
-                Ex, x_dpos, vae, args.data_tilt_steps, args.tilt_lr, n_neg=128,
-                langevin_steps=args.data_langevin_steps, eps=args.data_langevin_eps,
-                reg=args.reg, on_step=on_step)
-        state["ebm_data"], state["ebm_data_spec"] = Ex.state_dict(), Ex.spec()
-        if dh["nan_step"] is not None:
-            raise NonFinite(f"data-space tilt loss is not finite at step {dh['nan_step']}")
-        log.check_stop("the data-space tilt")
-        Ex.eval()
-        with torch.no_grad():
-            pool_x, _ = vae.sample(args.pool)
-            idx, ess = tilt.snir(-Ex(pool_x), args.n_samples)
-            x_dsnir = pool_x[idx]
-        # Langevin under the model that was trained (tilt.sample_data_tilt): ml in latent space
-        # with the latent Langevin settings, cd in data space from the base VAE samples
-        if args.data_objective == "ml":
-            x_dlang, model = tilt.sample_data_tilt(Ex, vae, "ml", args.n_samples,
-                                                   args.langevin_steps, args.langevin_eps)
-        else:
-            x_dlang, model = tilt.sample_data_tilt(Ex, vae, "cd", args.n_samples,
-                                                   args.data_langevin_steps,
-                                                   args.data_langevin_eps, x0=base_x)
-        snir_model = tilt.DATA_TILT_MODELS["ml"]  # SNIR reweights decoded means of prior draws
-        lab_d, lab_dl = labels_of(x_dsnir), labels_of(x_dlang)
-        summary.update({"tv_data_snir": tilt_data.tv_to_uniform(lab_d),
-                        "tv_data_langevin": tilt_data.tv_to_uniform(lab_dl), "ess_data": ess,
-                        "data_tilt_trained": model, "data_tilt_langevin_samples": model,
-                        "data_tilt_snir_samples": snir_model,
-                        "time_data_s": time.perf_counter() - t_dt})
-        print(f"data-space tilt ({args.data_objective}), trained and Langevin-sampled model: "
-              f"{model}: SNIR TV {summary['tv_data_snir']:.3f} (ESS {ess:.0f}"
-              + ("" if snir_model == model else f"; SNIR samples {snir_model}")
-              + f"), Langevin TV {summary['tv_data_langevin']:.3f}")
-        hists["data tilt (SNIR)"] = tilt_data.label_histogram(lab_d)
-        grids["data tilt (SNIR)"] = x_dsnir.cpu().numpy()
-        state["stage"] = "data tilt"
-        save()
+def data_tilt(args, vae, x_dpos, base_x, labels_of, device, log, state, summary, out):
+    """The data-space tilt exp(-E(x)) p_phi(x); p_phi = decoded means ("ml") or exp(ELBO)
+    ("cd"); sampled by SNIR and Langevin and labelled (adds to summary and `out`)."""
+    t_dt = time.perf_counter()
+    Ex = EBM(x_dpos.shape[1], args.data_tilt_hidden, "silu").to(device)
+    on_step = log.every("data")
+    if args.data_objective == "ml":
+        dh = tilt.fit_tilt(Ex, x_dpos, lambda s: vae.sample(args.n_base // 4)[0],
+                           args.data_tilt_steps, "ml", args.tilt_lr, on_step=on_step)
+    else:
+        dh = tilt.fit_data_tilt(
+            Ex, x_dpos, vae, args.data_tilt_steps, args.tilt_lr, n_neg=128,
+            langevin_steps=args.data_langevin_steps, eps=args.data_langevin_eps,
+            reg=args.reg, on_step=on_step)
+    state["ebm_data"], state["ebm_data_spec"] = Ex.state_dict(), Ex.spec()
+    if dh["nan_step"] is not None:
+        raise scaffold.NonFinite(f"data-space tilt loss is not finite at step {dh['nan_step']}")
+    log.check_stop("the data-space tilt")
+    Ex.eval()
+    with torch.no_grad():
+        pool_x, _ = vae.sample(args.pool)
+        idx, ess = tilt.snir(-Ex(pool_x), args.n_samples)
+        x_dsnir = pool_x[idx]
+    # Langevin under the model that was trained (tilt.sample_data_tilt): ml in latent space
+    # with the latent Langevin settings, cd in data space from the base VAE samples
+    if args.data_objective == "ml":
+        x_dlang, model = tilt.sample_data_tilt(Ex, vae, "ml", args.n_samples,
+                                               args.langevin_steps, args.langevin_eps)
+    else:
+        x_dlang, model = tilt.sample_data_tilt(Ex, vae, "cd", args.n_samples,
+                                               args.data_langevin_steps,
+                                               args.data_langevin_eps, x0=base_x)
+    snir_model = tilt.DATA_TILT_MODELS["ml"]  # SNIR reweights decoded means of prior draws
+    lab_d, lab_dl = labels_of(x_dsnir), labels_of(x_dlang)
+    summary.update({"tv_data_snir": tilt_data.tv_to_uniform(lab_d),
+                    "tv_data_langevin": tilt_data.tv_to_uniform(lab_dl), "ess_data": ess,
+                    "data_tilt_trained": model, "data_tilt_langevin_samples": model,
+                    "data_tilt_snir_samples": snir_model,
+                    "time_data_s": time.perf_counter() - t_dt})
+    print(f"data-space tilt ({args.data_objective}), trained and Langevin-sampled model: "
+          f"{model}: SNIR TV {summary['tv_data_snir']:.3f} (ESS {ess:.0f}"
+          + ("" if snir_model == model else f"; SNIR samples {snir_model}")
+          + f"), Langevin TV {summary['tv_data_langevin']:.3f}")
+    out["hists"]["data tilt (SNIR)"] = tilt_data.label_histogram(lab_d)
+    out["grids"]["data tilt (SNIR)"] = x_dsnir.cpu().numpy()
 
-    # -- figures
+
+def digits_figures(args, log, vae, X, y, split, x_biased, x_unbiased, out):
+    """Label histograms, sample grids (square images) and latent panels (2D latents)."""
     img = args.image_dir
     target = np.r_[np.full(5, 0.2), np.zeros(5)]
-    f = tilt_plots.label_histograms(os.path.join(img, "label_histograms.png"), hists,
+    f = tilt_plots.label_histograms(os.path.join(img, "label_histograms.png"), out["hists"],
                                     "labels of data and of 1,000 decoded samples "
                                     "(dashed: uniform over 0-4)", target=target)
     log.image("label_histograms", f)
     if int(np.sqrt(X.shape[1])) ** 2 == X.shape[1]:  # square images: sample grids
-        f = tilt_plots.image_grids(os.path.join(img, "samples.png"), grids)
+        f = tilt_plots.image_grids(os.path.join(img, "samples.png"), out["grids"])
         log.image("samples", f)
     if args.latent == 2:
         with torch.no_grad():
             z_all, _ = vae.encode(torch.cat([x_biased, x_unbiased]))
         lab_all = np.r_[y[split.biased], y[split.unbiased]]
         f = tilt_plots.latent_panels(os.path.join(img, "latent.png"), z_all.cpu(), lab_all,
-                                     latent_tilts, title="encoder means of biased + unbiased "
-                                     "images by label; contours: log prior; dots: SNIR samples")
+                                     out["latent_tilts"], title="encoder means of biased + "
+                                     "unbiased images by label; contours: log prior; dots: "
+                                     "SNIR samples")
         log.image("latent", f)
-    summary["time_total_s"] = time.perf_counter() - t0
-    return summary
 
 
 # ----------------------------------------------------------------------------- 2D mixture
@@ -364,7 +372,6 @@ def run_mixture(args, device, log, state, save):
     """Base: mixture with weights BASE_WEIGHTS; 100 points with TARGET_WEIGHTS teach the tilt
     (stratified by default: exactly 30/40/30, see --mix_teaching); SNIR from 20,000 base draws
     (whose components are known) gives the component histogram."""
-    t0 = time.perf_counter()
     util.set_seed(args.seed)
     x_pos, c_pos = tilt.mixture_sample(args.n_unbiased_2d, tilt.TARGET_WEIGHTS,
                                        stratified=args.mix_teaching == "stratified")
@@ -379,7 +386,7 @@ def run_mixture(args, device, log, state, save):
                        on_step=log.every("mix"))
     state.update(ebm=E.state_dict(), stage="mixture")
     if th["nan_step"] is not None:
-        raise NonFinite(f"mixture tilt loss is not finite at step {th['nan_step']}")
+        raise scaffold.NonFinite(f"mixture tilt loss is not finite at step {th['nan_step']}")
     log.check_stop("the mixture tilt")
     save()
     E.eval()
@@ -419,7 +426,6 @@ def run_mixture(args, device, log, state, save):
         {"base": tilt.BASE_WEIGHTS, "resampled": hist, "target": tilt.TARGET_WEIGHTS},
         title=f"2D mixture tilt: component histogram TV {summary['mix_tv']:.3f} to target")
     log.image("mixture", f)
-    summary["time_total_s"] = time.perf_counter() - t0
     return summary
 
 
@@ -449,43 +455,35 @@ def load_tilt_run(run_dir, device="cpu"):
 
 
 # ----------------------------------------------------------------------------- main
+SCRIPT = scaffold.Script("train_tilt.py", resumable=False)
+
+
 def main(argv=None):
-    args, _ = scaffold.parse(build_parser(), argv, "train_tilt.py", resumable=False)
+    args, _ = scaffold.parse(build_parser(), argv, SCRIPT)
     check_args(args)
     config.apply_threads(args)
     device = scaffold.device(args)
     data = prepare_digits(args) if args.experiment == "digits" else None
-    with scaffold.Run(args, "train_tilt.py", ("tilt", args.experiment, f"s{args.seed}"),
-                      resumable=False) as run:
-        return train(args, run, device, data)
+    with scaffold.Run(args, SCRIPT, ("tilt", args.experiment, f"s{args.seed}")) as run:
+        return run.execute(lambda: train(args, run, device, data))
 
 
 def train(args, run, device, data):
-    """The experiment's stages; returns the exit status. `state` collects the trained weights
-    (checkpoint.pt, saved after each stage and on NaN or Ctrl-C)."""
+    """The experiment's stages (timed by the run's CPU clock); returns the summary. `state`
+    collects the trained weights (checkpoint.pt, saved after each stage and on Ctrl-C)."""
     print(f"run {run.name}: experiment {args.experiment}, device {device}; outputs in "
           f"{args.out_dir}, figures in {args.image_dir}")
-    log, state = StageLog(run), {}
-
-    def save():
-        run.save(state)
-
-    try:
+    log, state = StageLog(run), run.restore({})
+    with run.clock():
         if args.experiment == "digits":
-            summary = run_digits(args, device, log, state, save, data)
+            summary = run_digits(args, device, log, state, run.save, data)
         else:
-            summary = run_mixture(args, device, log, state, save)
-    except NonFinite as e:
-        save()
-        return run.nonfinite(str(e))
-    except Interrupted as e:
-        state["stage"] = f"interrupted {e}"
-        save()
-        return run.interrupted(e)
+            summary = run_mixture(args, device, log, state, run.save)
+    summary["cpu_s"] = run.cpu_s
     run.log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, log.step)
-    print(f"done in {summary['time_total_s']:.1f} s: {args.out_dir} (summary.json), "
+    print(f"done in {summary['cpu_s']:.1f} CPU s: {args.out_dir} (summary.json), "
           f"figures in {args.image_dir}")
-    return run.done(summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ batched module (vi_flows.PlanarStack).
 import math
 import os
 import sys
-import time
 
 import torch
 
@@ -36,8 +35,9 @@ import targets
 import util
 import vi_flows
 
-# keys a resumed run may change; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("steps", "wandb", "project", "device", "threads", "image_dir")
+# a resumed run may change the `overridable` flags; everything else comes from the checkpoint
+SCRIPT = scaffold.Script("train_vi.py", keys=("flow", "optimizer", "step", "rng"), overridable=(
+    "steps", "wandb", "project", "device", "threads", "image_dir"))
 HIDDEN_FLOWS = ("iaf", "realnvp", "nice", "spline")  # the flows that have --hidden networks
 
 
@@ -156,8 +156,7 @@ def save_frame(path, x, names, step, res):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, ckpt = scaffold.parse(build_parser(), argv, "train_vi.py", RESUME_OVERRIDES,
-                                keys=("flow", "optimizer", "step", "rng"))
+    args, ckpt = scaffold.parse(build_parser(), argv, SCRIPT)
     if ckpt is None:
         check_args(args, argv)
     else:
@@ -174,8 +173,8 @@ def main(argv=None):
               f"the end", file=sys.stderr)
     name = ("vi", args.flow, f"K{args.K}", "+".join(names), f"s{args.seed}")
     model = build_model(args, names, device)
-    with scaffold.Run(args, "train_vi.py", name, ckpt) as run:
-        return train(args, ckpt, run, model, names)
+    with scaffold.Run(args, SCRIPT, name, ckpt) as run:
+        return run.execute(lambda: train(args, run, model, names))
 
 
 def build_model(args, names, device):
@@ -188,81 +187,60 @@ def build_model(args, names, device):
                                batched=args.batched).to(device)
 
 
-def train(args, ckpt, run, model, names):
-    """The training loop, evaluation and figures; returns the exit status."""
-    device = next(model.parameters()).device
+def train(args, run, model, names):
+    """The reverse-KL update with the annealed U term, evaluation and figures; returns the
+    summary."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step, seconds = 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["flow"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
-        util.set_rng_state(ckpt["rng"])
-        print(f"resuming {args.out_dir} at step {step}", file=sys.stderr)
-    log, img_dir = run.log, args.image_dir
-    t0 = time.perf_counter()
-
-    def save():
-        run.save({"flow": model.state_dict(), "flow_spec": model.spec(), "step": step,
-                  "optimizer": opt.state_dict(), "targets": names,
-                  "seconds": seconds + time.perf_counter() - t0})
-
-    def eval_and_log(at):
-        res, x = evaluate(model, names, args.eval_samples, return_samples=True)
-        log.log({f"{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "log_Z"},
-                at)
-        if args.frames:
-            frame = save_frame(os.path.join(img_dir, "frames", f"q_{at:06d}.png"), x, names,
-                               at, res)
-            log.log_image("q", frame, at)
-        return res
-
+    loop = run.restore(dict(step=0), lambda: {"flow_spec": model.spec(), "targets": names},
+                       flow=model, optimizer=opt)
     print(f"{run.name}: {args.flow} K={args.K} on {', '.join(names)}, {args.steps} steps, "
-          f"{sum(p.numel() for p in model.parameters())} parameters, device {device}; outputs "
-          f"in {args.out_dir}, figures in {img_dir}", file=sys.stderr)
-    if ckpt is None:
-        eval_and_log(0)
-        save()  # a NaN at the first step still leaves a loadable run
-
-    # -- training loop: reverse KL, batch of q samples, annealed U term --
-    last_t, last_step = time.perf_counter(), step
-    while step < args.steps and not run.stop_requested:
+          f"{sum(p.numel() for p in model.parameters())} parameters, device "
+          f"{next(model.parameters()).device}; outputs in {args.out_dir}, figures in "
+          f"{args.image_dir}", file=sys.stderr)
+    if run.ckpt is None:
+        eval_and_log(args, run, model, names, 0)
+    for step in run.iterations(loop["step"], args.steps):
         beta = beta_at(step, vars(args))
         lr = args.lr * util.lr_factor(args.lr_schedule, step, args.steps)
         util.set_lr(opt, lr)
         x, log_q = model.sample_and_log_prob(args.batch)          # (T, B, 2), (T, B)
         per_target = (log_q + beta * targets.energies(names, x)).mean(1)
         loss = per_target.sum()                                     # targets independent
-        if not torch.isfinite(loss):
-            bad = [n for n, v in zip(names, per_target.tolist()) if not math.isfinite(v)]
-            return run.nonfinite(f"loss is {loss.item()} at step {step} (targets "
-                                 f"{', '.join(bad)})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if not all(torch.isfinite(p.grad).all() for p in model.parameters()
-                   if p.grad is not None):
-            return run.nonfinite(f"a gradient is not finite at step {step}")
+        run.check(loss, model.parameters())
         opt.step()
-        step += 1
+        loop["step"] = step = step + 1
         if step % args.eval_every == 0 or step == args.steps:
-            now = time.perf_counter()
             row = {f"{n}/loss": v for n, v in zip(names, per_target.tolist())}
-            log.log({**row, "beta": beta, "lr": lr,
-                     "ms_per_step": 1000 * (now - last_t) / (step - last_step)}, step)
-            res = eval_and_log(step)
-            save()
-            last_t, last_step = time.perf_counter(), step
-            print(f"step {step:6d} beta {beta:.3f} " + " ".join(
-                f"{n}: KL {r['kl']:.4f} ESS {r['ess']:.3f}" for n, r in res.items()),
-                file=sys.stderr, flush=True)
-    if run.stop_requested:
-        save()
-        return run.interrupted(f"at step {step}")
+            run.log.log({**row, "beta": beta, "lr": lr, "ms_per_step": 1000 / run.rate()[0]},
+                        step)
+            res = eval_and_log(args, run, model, names, step)
+            run.save()
+            run.print(f"step {step:6d} beta {beta:.3f} " + " ".join(
+                f"{n}: KL {r['kl']:.4f} ESS {r['ess']:.3f}" for n, r in res.items()))
+    return finish(args, run, model, names)
 
-    # -- final evaluation, figures, summary --
+
+def eval_and_log(args, run, model, names, at):
+    """An evaluation on eval_samples, logged, and its gif frame."""
+    res, x = evaluate(model, names, args.eval_samples, return_samples=True)
+    run.log.log({f"{t}/{k}": v for t, r in res.items() for k, v in r.items() if k != "log_Z"},
+                at)
+    if args.frames:
+        frame = save_frame(os.path.join(args.image_dir, "frames", f"q_{at:06d}.png"), x, names,
+                           at, res)
+        run.log.log_image("q", frame, at)
+    return res
+
+
+def finish(args, run, model, names):
+    """The final evaluation on final_samples, figures and the printed results; returns the
+    summary."""
+    img_dir, step = args.image_dir, run.loop["step"]
     res = evaluate(model, names, args.final_samples, seed=1)
     summary = {f"{t}/{k}": v for t, r in res.items() for k, v in r.items()}
-    summary.update(step=step, seconds=seconds + time.perf_counter() - t0)
+    summary["step"] = step
     panels = [(f"exp(-{n})", plots.density(lambda z, n=n: -targets.energy(n, z),
                                            bound=targets.BOX)) for n in names]
     for t, n in enumerate(names):
@@ -270,7 +248,7 @@ def train(args, ckpt, run, model, names):
                        plots.density(model.flow(t).log_prob, bound=targets.BOX,
                                      normalise=False)))
     final = plots.save_panels(os.path.join(img_dir, "final.png"), panels, rows=2)
-    log.log_image("final", final, step)
+    run.log.log_image("final", final, step)
     if args.frames:
         plots.make_gif(os.path.join(img_dir, "frames"), os.path.join(img_dir, "training.gif"),
                        fps=4)
@@ -279,7 +257,7 @@ def train(args, ckpt, run, model, names):
                  if "mass_left" in r else "")
         print(f"{n}: KL(q||p) {r['kl']:.4f} ± {r['kl_se']:.4f} nats, ESS {r['ess']:.3f}{modes}")
     print(f"figures in {img_dir}/, run in {args.out_dir}/")
-    return run.done(summary)
+    return summary
 
 
 if __name__ == "__main__":

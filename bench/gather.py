@@ -86,6 +86,9 @@ def row(cfg, summary, run_dir, by=()):
             out[k] = v
         elif isinstance(v, str) and v.lower() in ("nan", "inf", "-inf"):
             out[k] = float(v)  # logger.py stores non-finite floats as text
+    old = next((k for k in ("cpu_sec", "seconds", "time_total_s") if k in out), None)
+    if "cpu_s" not in out and old:  # runs written before every script's clock was cpu_s
+        out["cpu_s"] = out[old]
     return out
 
 

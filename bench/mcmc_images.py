@@ -183,7 +183,7 @@ def table(results, steps):
         ratio = by_step[cols[-1]]["fd"] / by_step[100]["fd"] if 100 in by_step else float("nan")
         print(f"| {res['regime']} | {res['seed']} | {runner.cpu_seconds(ev):.0f} | {ev['fd']:.1f} "
               f"({ev['fd_floor']:.1f}) | {ev['label_tv']:.3f} | {lr['init']} | {fds} | "
-              f"{ratio:.2f} | {by_step[cols[-1]]['label_tv']:.3f} | {lr['cpu_sec']:.0f} |")
+              f"{ratio:.2f} | {by_step[cols[-1]]['label_tv']:.3f} | {runner.cpu_seconds(lr):.0f} |")
 
 
 # ----------------------------------------------------------------------------- figures

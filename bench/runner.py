@@ -7,7 +7,8 @@
   (checkpoint.pt) resumed, anything else started afresh; `run_many` runs several at a time;
   after Ctrl-C no new run starts (`Stopped`) and the benchmark exits 130 (`stopped`);
 - time: `cpu_seconds(summary)` is the CPU seconds of training a run's summary.json holds,
-  under the key its script writes it (train.py `cpu_s`, train_mcmc.py `cpu_sec`).
+  under `cpu_s` (every script), or in runs written before one clock under their old keys
+  (train_mcmc.py `cpu_sec`, train_vi.py `seconds`, train_tilt.py `time_total_s`).
 Tables are written by bench/gather.py (`aggregate`, `markdown`).
 """
 import json
@@ -117,7 +118,7 @@ def run_name(*parts, seed=None):
     return "-".join(map(str, parts)) + ("" if seed is None else f"-s{seed}")
 
 
-CPU_KEYS = ("cpu_s", "cpu_sec")  # train.py, train_mcmc.py
+CPU_KEYS = ("cpu_s", "cpu_sec", "seconds", "time_total_s")  # every script; older runs
 
 
 def cpu_seconds(summary, default=float("nan")):

@@ -126,7 +126,7 @@ def _train(job):
         print(f"{out}: train_vi.py exited with status {code}; see {log}", file=sys.stderr)
     summary = runner.finished(out)
     return None if summary is None else {"flow": flow, "K": K, "seed": seed, "status": code,
-                                         **summary}
+                                         **summary, "seconds": runner.cpu_seconds(summary)}
 
 
 def merge(results):

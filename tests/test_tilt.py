@@ -439,7 +439,7 @@ def _fake_run(out, image_dir):
     """A finished train_tilt.py run: summary.json with the table's keys, and its figures."""
     keys = ["tv_base", "tv_ml_snir", "ess_ml", "tv_ml_langevin", "tv_hackathon_snir",
             "tv_data_snir", "mix_tv", "mix_tv_tilt_weights", "mix_tv_unbiased_sample",
-            "time_total_s"]
+            "cpu_s"]
     os.makedirs(out, exist_ok=True)
     os.makedirs(image_dir, exist_ok=True)
     with open(os.path.join(out, "summary.json"), "w") as fh:

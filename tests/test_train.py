@@ -141,31 +141,54 @@ def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch)
         assert torch.equal(a["ebm"][k], b["ebm"][k]), k
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+def _signal_a_running_train(tmp_path, sig, **popen):
+    """Start train.py (500 epochs), send `sig` once it has written 3 metrics rows; returns its
+    exit status, stderr and run folder."""
     out = tmp_path / "int"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--batch", "100",
            "--epoch", "500", "--wandb", "disabled", "--eval_every", "500", "--plot_every", "500",
            "--out_dir", str(out), "--image_dir", str(tmp_path / "img")]
-    # a shell's background jobs inherit SIGINT ignored, and Python then installs no
-    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
     while time.time() < deadline and len(read_metrics(out)) < 3:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "--resume" in err
+    return proc.returncode, err, out
+
+
+def _resume_one_more_epoch(out):
+    """The interrupted run's checkpoint resumes, and finishes its next epoch."""
     ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
-    assert ckpt["step"] >= 15
+    assert ckpt["step"] >= 15 and ckpt["step"] == ckpt["epoch"] * 20 + ckpt["it"]
     epoch = ckpt["epoch"]
     assert train.main(["--resume", str(out), "--epoch", str(epoch + 1)]) == 0
     after = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert after["epoch"] == epoch + 1 and after["step"] == (epoch + 1) * 20
+    assert after["cpu_s"] >= ckpt["cpu_s"] > 0
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    # a shell's background jobs inherit SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
+    code, err, out = _signal_a_running_train(
+        tmp_path, signal.SIGINT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert code == 130 and "--resume" in err, err
+    _resume_one_more_epoch(out)
+
+
+def test_sigterm_stops_at_an_iteration_boundary_and_resumes(tmp_path):
+    """SIGTERM (a scheduler, a stopped sweep agent) takes the Ctrl-C path: the run stops at an
+    iteration boundary, saves, prints the --resume command and exits 130; --resume then
+    finishes it."""
+    code, err, out = _signal_a_running_train(tmp_path, signal.SIGTERM)
+    assert code == 130, err
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    _resume_one_more_epoch(out)
 
 
 @pytest.mark.parametrize("bad_call,epoch,step", [(1, 0, 0), (15, 1, 10)])
