@@ -30,9 +30,11 @@ import hashlib
 import math
 import os
 
+from typing import Any, Sequence
+
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import tilt_data
 import util
@@ -91,11 +93,14 @@ class ConvEBM(nn.Module):
         conv3x3 s1 -> conv4x4 s2 -> conv4x4 s2 -> conv2x2 (8 -> 8 -> 4 -> 2 -> 1)
     arch "vanilla" (the paper's VanillaNet for 32x32; 28x28 MNIST is padded with -1 to 32):
         conv3x3 s1 -> conv4x4 s2 -> conv4x4 s2 -> conv4x4 s2 -> conv4x4 (32 -> ... -> 4 -> 1)
+
+        F = ConvEBM("conv8", (1, 8, 8), n_f=16)
+        F(torch.rand(5, 64) * 2 - 1)        # (5,) energies of five 8x8 images in [-1, 1]
     """
 
     ARCHS = ("conv8", "vanilla")
 
-    def __init__(self, arch="conv8", shape=(1, 8, 8), n_f=16):
+    def __init__(self, arch: str = "conv8", shape: Sequence[int] = (1, 8, 8), n_f: int = 16):
         super().__init__()
         if arch not in self.ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(self.ARCHS)}")
@@ -119,20 +124,22 @@ class ConvEBM(nn.Module):
                 nn.Conv2d(2 * n_f, 4 * n_f, 4, 2, 1), act(),
                 nn.Conv2d(4 * n_f, 8 * n_f, 4, 2, 1), act(), nn.Conv2d(8 * n_f, 1, 4, 1, 0))
 
-    def images(self, x):
+    def images(self, x: Tensor) -> Tensor:
         """Flattened rows (N, C*H*W) -> the padded (N, C, H', W') batch the convs see."""
         x = x.reshape(x.shape[0], *self.shape)
         if self.pad:
             x = nn.functional.pad(x, (self.pad,) * 4, value=-1.0)
         return x
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
+        """F(x) of flattened images x (N, C*H*W), shape (N,)."""
         return self.net(self.images(x)).reshape(x.shape[0])
 
-    def energy_params(self):
+    def energy_params(self) -> list[nn.Parameter]:
+        """The parameters of F (all of them: a ConvEBM has no log-normaliser)."""
         return list(self.net.parameters())
 
-    def spec(self):
+    def spec(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this module (stored in checkpoints)."""
         return {"arch": self.arch, "shape": list(self.shape), "n_f": self.n_f}
 

@@ -35,14 +35,19 @@ import copy
 import math
 import warnings
 
+from typing import Callable, Sequence, Union
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import ebm as _ebm
 
+EnergyFn = Callable[[Tensor], Tensor]  # U: (N, D) -> (N,)
+Modules = Union[nn.Module, Sequence[nn.Module], None]
+
 
 @contextlib.contextmanager
-def frozen(*modules):
+def frozen(*modules: nn.Module | None):
     """Set requires_grad=False on every parameter of `modules` (None entries are skipped)
     and restore the previous flags on exit, also on error."""
     params = [p for m in modules if m is not None for p in m.parameters()]
@@ -162,25 +167,30 @@ class Energy:
     When f is exactly an `ebm.EBM` or an nn.Sequential MLP of Linear layers and LeakyReLU,
     ReLU, SiLU, Tanh, Softplus or ELU (see `_mlp_layers`) and this torch's kernels pass their
     check, `grad` is the hand-written backward pass w.r.t. x (`self.fast` is True; checked
-    against autograd in tests/test_mcmc.py and tests/test_signs.py); otherwise it is autograd
-    with f's parameters frozen. Calling U(x) is differentiable as usual (training losses)."""
+    against autograd in tests/test_mcmc.py and tests/test_directions.py); otherwise it is autograd
+    with f's parameters frozen. Calling U(x) is differentiable as usual (training losses).
 
-    def __init__(self, f, scale=1.0):
+        U = Energy(ebm, scale=2 / eps**2)   # U(x) = scale * ebm(x)
+        U(x), U.grad(x)                     # (N,) energies, (N, D) detached gradients
+    """
+
+    def __init__(self, f: EnergyFn, scale: float = 1.0):
         self.f, self.scale = f, float(scale)
         self.layers = _mlp_layers(f) if isinstance(f, nn.Module) else None
 
-    def __call__(self, x):
+    def __call__(self, x: Tensor) -> Tensor:
+        """U(x) = scale * f(x), shape (N,); differentiable."""
         return self.f(x) * self.scale
 
     @property
-    def fast(self):
+    def fast(self) -> bool:
         """Whether `grad` uses the hand-written backward pass (else autograd)."""
         if self.layers is None:
             return False
         w = self.layers[0].weight
         return all(_kernels_ok(m, w.dtype, w.device) for m in self.layers[1::2])
 
-    def grad_fn(self):
+    def grad_fn(self) -> Callable[[Tensor], Tensor]:
         """A function x -> grad_x U(x) for the current weights, with everything that does not
         depend on x (transposed weights, scaled last layer, activation kernels) prepared once:
         call it once per sampling run, not once per step."""
@@ -199,7 +209,7 @@ class Energy:
             return torch.autograd.grad(self(y).sum(), y)[0]
 
     @torch.no_grad()
-    def grad(self, x):
+    def grad(self, x: Tensor) -> Tensor:
         """grad_x U(x), shape (N, D), detached."""
         return self.grad_fn()(x)
 
@@ -211,7 +221,9 @@ def _modules(U, freeze):
     return mods
 
 
-def langevin(U, x, n_steps, eps, temperature=1.0, return_grad_norm=False, freeze=None):
+def langevin(U: EnergyFn, x: Tensor, n_steps: int, eps: float, temperature: float = 1.0,
+             return_grad_norm: bool = False,
+             freeze: Modules = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """n_steps of unadjusted Langevin dynamics on exp(-U / temperature) from x (N, D).
 
     U maps (N, D) -> (N,) energies. `freeze`: module(s) whose parameters U uses (an nn.Module
@@ -249,7 +261,9 @@ def langevin(U, x, n_steps, eps, temperature=1.0, return_grad_norm=False, freeze
     return x
 
 
-def mala(U, x, n_steps, eps, temperature=1.0, freeze=None, return_energy=False):
+def mala(U: EnergyFn, x: Tensor, n_steps: int, eps: float, temperature: float = 1.0,
+         freeze: Modules = None, return_energy: bool = False,
+         ) -> Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """n_steps of MALA on exp(-U / temperature) from x (N, D).
 
     Each step: p ~ N(0, I); one leapfrog step of size eps,
@@ -333,7 +347,7 @@ class ConvEnergy(Energy):
           layer forward, one activation-backward + mm per layer back. On the 16-32-64 digit
           net (8x8, 0.7M matrix elements) it measured 1.2-1.4x faster than the convolution
           kernels on one idle-ish core, and level with them (within +-7%) in
-          bench_mcmc_images.py on a loaded machine; for bigger layers (the 32-64-128 net,
+          bench/mcmc_images.py on a loaded machine; for bigger layers (the 32-64-128 net,
           2.8M) the matrices outgrow the caches and it is 2x slower.
       "conv": the convolutions, and one ATen `convolution_backward` with output_mask
           (input, -, -) plus one activation-backward kernel per layer on the way back.
@@ -348,7 +362,8 @@ class ConvEnergy(Energy):
 
     DENSE_MAX = 1_000_000  # matrix elements; the 32-64-128 digit net (2.75M) is faster as conv
 
-    def __init__(self, f, scale=1.0, dtype=None, mode="auto"):
+    def __init__(self, f: EnergyFn, scale: float = 1.0, dtype: torch.dtype | None = None,
+                 mode: str = "auto"):
         if mode not in ("auto", "dense", "conv"):
             raise ValueError(f"mode must be auto, dense or conv, got {mode!r}")
         self.f, self.scale, self.dtype = f, float(scale), dtype
@@ -389,7 +404,7 @@ class ConvEnergy(Energy):
         return self._maps
 
     @property
-    def fast(self):
+    def fast(self) -> bool:
         """Whether `grad` uses the hand-written backward pass: f has the supported layers and,
         checked once per instance on two random images, the hand-written gradient equals
         autograd's (a subclass whose forward does something else fails the check: autograd).
@@ -419,7 +434,7 @@ class ConvEnergy(Energy):
             self._checked = bool(ok)
         return self._checked
 
-    def grad_fn(self):
+    def grad_fn(self) -> Callable[[Tensor], Tensor]:
         """A function x (N, D) -> grad_x U(x) (N, D) for the current weights, everything that
         does not depend on x prepared once: call it once per sampling run."""
         if not self.fast:
