@@ -9,7 +9,9 @@ step (MALA) and the energies of the chains as they run, and writes to --image_di
 images/<run folder name>): longrun_<sampler>_<steps>.png (samples, KDE), _curves.png
 (acceptance per step, mean energy) and .pt (final states, energy of each chain, acceptance
 per step, the KDE's KL and escaped mass). Outputs of an earlier sampling of the same name are
-refused unless --overwrite replaces them.
+refused unless --overwrite replaces them. Ctrl-C or SIGTERM stops the chains at the next
+--chunk boundary (exit status 130; the final outputs are not written); bad input is a
+one-line error, exit status 2 (the scaffold's conventions, without a run folder).
 
 Image runs (train_mcmc.py --dataset digits|mnist) are sampled the same way, the images as
 flattened rows, and at each step of --save_at the chains are scored with the run's dataset
@@ -41,6 +43,7 @@ import scaffold
 import util
 from samplers import ConvEnergy, Energy, langevin, mala
 
+SCRIPT = scaffold.Script("sample_mcmc.py", resumable=False)
 # shared flags that mean nothing here: sampling writes no run and logs nothing to wandb
 NOT_HERE = ("out_dir", "resume", "wandb", "project")
 
@@ -83,8 +86,10 @@ def build_parser():
     return p
 
 
-def advance(U, x, k, eps, args, acc_all):
-    """k steps of args.sampler (MALA appends its acceptances to acc_all); returns (x, U(x))."""
+def advance(U, x, k, eps, args, acc_all, signals, done):
+    """k steps of args.sampler after `done` (MALA appends its acceptances to acc_all); returns
+    (x, U(x)). Raises scaffold.Interrupted before them once Ctrl-C or SIGTERM came."""
+    signals.boundary(f"at step {done} of {args.steps}")
     if args.sampler == "mala":
         x, acc, u = mala(U, x, k, eps, temperature=args.temperature, return_energy=True)
         acc_all.append(acc)
@@ -129,12 +134,11 @@ def chain_starts(args, run, n, dim, x_data, device):
 
 
 def main(argv=None):
-    args = config.parse(build_parser(), argv)
-    given = config.given_flags(argv)
-    unused = [f"--{f}" for f in NOT_HERE if f in given]
+    unused = [f"--{f}" for f in NOT_HERE if f in config.given_flags(argv)]
     if unused:
         config.fail(f"{', '.join(unused)} mean(s) nothing to sample_mcmc.py (it writes no run; "
                     f"its outputs go to --image_dir); drop {' '.join(unused)}")
+    args, _ = scaffold.parse(build_parser(), argv, SCRIPT)
     config.apply_threads(args)
     device = scaffold.device(args)
     try:
@@ -151,11 +155,17 @@ def main(argv=None):
                     f"--steps or drop that step")
     args.image_dir = args.image_dir or os.path.join(
         "images", os.path.basename(os.path.normpath(args.run)))
-    (sample_images if image else sample_2d)(args, run, device)
-    return 0
+    with scaffold.Signals() as signals:
+        try:
+            (sample_images if image else sample_2d)(args, run, device, signals)
+        except scaffold.Interrupted as e:
+            print(f"\ninterrupted {e}: the final outputs were not written; sample again "
+                  f"(with --overwrite)", file=sys.stderr)
+            return scaffold.INTERRUPTED
+    return scaffold.DONE
 
 
-def sample_2d(args, run, device):
+def sample_2d(args, run, device, signals):
     """Long-run chains of a 2D run: final states, energies, KDE and its KL to the data."""
     if run.ebm is None:
         config.fail(f"{args.run} has no EBM in its checkpoint")
@@ -178,7 +188,7 @@ def sample_2d(args, run, device):
     t0 = time.perf_counter()
     while done < args.steps:
         k = min(args.chunk, args.steps - done)
-        x, u = advance(U, x, k, eps, args, acc_all)
+        x, u = advance(U, x, k, eps, args, acc_all, signals, done)
         done += k
         mean_u.append((done, float(u.mean())))
         line = f"step {done:6d}  energy mean {float(u.mean()):+.3f}  min {float(u.min()):+.3f}" \
@@ -215,7 +225,7 @@ def sample_2d(args, run, device):
     print(f"wrote {stem}.png, {stem}_curves.png, {stem}.pt")
 
 
-def sample_images(args, run, device):
+def sample_images(args, run, device, signals):
     """Long-run chains of an image run, scored and saved at the --save_at steps."""
     cfg, ckpt = run.config, run.checkpoint
     if "image_ebm" not in ckpt:
@@ -270,7 +280,7 @@ def sample_images(args, run, device):
         if done >= args.steps:
             break
         k = min(args.chunk, args.steps - done, min(s for s in save_at if s > done) - done)
-        x, u = advance(U, x, k, eps, args, acc_all)
+        x, u = advance(U, x, k, eps, args, acc_all, signals, done)
         done += k
         energy_trace.append((done, float(u.mean())))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0

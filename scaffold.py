@@ -108,7 +108,42 @@ def device(args):
         config.fail(str(e))
 
 
-class Run:
+class Signals:
+    """Ctrl-C and SIGTERM (a scheduler, a stopped sweep agent) as a flag, `stop_requested`,
+    that a loop reads at its boundaries (`boundary`); installed only inside `with`. A second
+    signal stops at once (KeyboardInterrupt: `config.cli` ends it with exit status 130)."""
+
+    stop_requested = False
+
+    def __enter__(self):
+        self._old_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: signals keep their default behaviour
+                pass
+        return self
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration (again: stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        return False
+
+    def boundary(self, where: str) -> None:
+        """Raise Interrupted(where) once Ctrl-C or SIGTERM came."""
+        if self.stop_requested:
+            raise Interrupted(where)
+
+
+class Run(Signals):
     """One run: folders, logger (`run.log`, a RunLogger), checkpoint and restore, the loop's
     CPU clock and progress, the non-finite guard, Ctrl-C and SIGTERM, exit codes.
 
@@ -120,12 +155,12 @@ class Run:
                  ckpt: dict | None = None, figures: bool = True):
         script = script if isinstance(script, Script) else Script(script)
         self.args, self.script, self.ckpt = args, script.name, ckpt
-        self.resumable, self.stop_requested = script.resumable, False
+        self.resumable = script.resumable
         self.loop: dict = {}
         self.step = 0  # the iteration under way (then the next one)
         self._objects, self._extra, self._bar, self._cpu, self._t0 = {}, None, None, 0.0, None
         self._rate_at = None
-        self._created, self._saved, self._old_handlers = [], ckpt is not None, {}
+        self._created, self._saved = [], ckpt is not None
         try:
             if ckpt is None:
                 self._make_folders(name_parts, figures)
@@ -236,26 +271,9 @@ class Run:
         if not os.access(probe, os.W_OK | os.X_OK):
             config.fail(f"cannot write to {probe}; choose a writable folder")
 
-    # -- context: Ctrl-C, SIGTERM and failed starts ----------------------------------------
-    def __enter__(self) -> "Run":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: signals keep their default behaviour
-                pass
-        return self
-
-    def _on_signal(self, signum, frame):
-        if self.stop_requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after this iteration (again: stop at once)",
-              file=sys.stderr, flush=True)
-
+    # -- context: Ctrl-C, SIGTERM (Signals) and failed starts --------------------------------
     def __exit__(self, exc_type, exc, tb):
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
+        super().__exit__(exc_type, exc, tb)
         self._close_bar()
         if exc_type is None:
             return False
@@ -331,8 +349,7 @@ class Run:
         for i in range(start, stop):
             if until is not None and until():
                 return
-            if self.stop_requested:
-                raise Interrupted(f"at iteration {i}")
+            self.boundary(f"at iteration {i}")
             self.step = i
             with self.clock():
                 yield i

@@ -1,6 +1,7 @@
 """Short-run MCMC learning (Nijkamp et al. 2020): samplers, training loop, configs."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def _gap(F, x_data, x_noise):
         return float(F(x_data).mean() - F(x_noise).mean())
 
 
-def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
+def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path, monkeypatch,
+                                                                   capsys):
     import datasets
     import train_mcmc
     from logger import read_metrics
@@ -165,6 +167,19 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path):
     assert sample_mcmc.main(sample + ["--eps", "0.5", "--overwrite"]) == 0
     big = torch.load(img / "longrun_mala_30.pt", weights_only=True)
     assert float(big["acceptance"].mean()) < 0.75
+    # SIGTERM (or Ctrl-C) stops the chains at the next chunk: exit 130, outputs untouched
+    import scaffold
+    real = sample_mcmc.advance
+
+    def advance_then_term(*a):
+        out = real(*a)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(sample_mcmc, "advance", advance_then_term)
+    assert sample_mcmc.main(sample + ["--overwrite"]) == scaffold.INTERRUPTED
+    assert "interrupted at step 15 of 30" in capsys.readouterr().err
+    assert not os.path.exists(img / "longrun_mala_30.pt")  # --overwrite removed the old ones
 
 
 def _rows(x):
