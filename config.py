@@ -64,6 +64,7 @@ positive_float = _number(float, lambda v: 0 < v < INF, "a positive number")
 nonnegative_float = _number(float, lambda v: 0 <= v < INF, "a number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 open_unit = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")  # e.g. the threshold
+decay = _number(float, lambda v: 0 < v <= 1, "a decay in (0, 1] (1: no decay)")  # per iteration
 
 
 def boolean(s):
@@ -138,19 +139,13 @@ def parser(description):
     return p
 
 
-def physical_memory():
-    """Bytes of physical memory (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def check_memory(sizes):
-    """Fail with one line when the arrays a run would allocate cannot fit in memory:
-    `sizes` maps a flag ("--samples") to the bytes its value asks for."""
-    total = physical_memory()
-    if total is None:
+    """Fail with one line when the arrays a run would allocate cannot fit in physical memory
+    (not checked where the OS does not say): `sizes` maps a flag ("--samples") to the bytes
+    its value asks for."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
         return
     need = sum(sizes.values())
     if need > total:

@@ -76,35 +76,28 @@ class RunLogger:
             print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
             return
         if mode == "auto":
-            env_mode = os.environ.get("WANDB_MODE", "").strip()
-            if env_mode:
-                mode = env_mode
-            else:
-                mode = "online" if self._logged_in(wandb) else "offline"
+            mode = os.environ.get("WANDB_MODE", "").strip() or (
+                "online" if self._logged_in(wandb) else "offline")
         elif mode == "online" and not self._logged_in(wandb):
             print("wandb: no API key configured (run `wandb login`); logging offline",
                   file=sys.stderr)
             mode = "offline"
-        if mode == "disabled":
-            return
         kwargs = dict(project=project, name=name, config=config, dir=self.out_dir,
                       reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
-        try:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
-                                                                     silent=True), **kwargs)
-        except Exception as e:  # unreachable server, bad key, ...
-            if mode == "offline":
-                print(f"wandb failed to start ({e}); logging to metrics.jsonl only",
-                      file=sys.stderr)
+        # online first when asked; an unreachable server or a bad key falls back to offline
+        for mode in {"online": ("online", "offline")}.get(mode, (mode,)):
+            if mode == "disabled":
                 return
-            print(f"wandb online failed ({type(e).__name__}); logging offline", file=sys.stderr)
             try:
-                mode = "offline"
-                self.run = wandb.init(mode=mode, **kwargs)
-            except Exception as e2:
-                print(f"wandb failed to start ({e2}); logging to metrics.jsonl only",
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
+                                                                         silent=True), **kwargs)
+                break
+            except Exception as e:
+                print(f"wandb {mode} failed to start ({type(e).__name__}: {e}); logging "
+                      f"{'offline' if mode == 'online' else 'to metrics.jsonl only'}",
                       file=sys.stderr)
-                return
+        else:
+            return
         self.wandb = wandb
         self.offline = mode == "offline"
 

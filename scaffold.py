@@ -385,16 +385,27 @@ class Run(Signals):
 
     # -- endings ------------------------------------------------------------------------------
     def execute(self, train: Callable[[], dict | None]) -> int:
-        """Run the experiment `train` and end the run: its summary (or None) -> `done`, exit
-        status 0; NonFinite -> `nonfinite`, 1; Interrupted -> save, `interrupted`, 130."""
+        """Run the experiment `train`, end the run and return its exit status: the summary
+        (or None) -> summary.json with `cpu_s`, 0; NonFinite -> one line naming the last good
+        checkpoint, 1; Interrupted -> save, one line with the resume command, 130."""
+        summary, status, message = None, DONE, None
         try:
             summary = train()
         except NonFinite as e:
-            return self.nonfinite(str(e))
+            status, message = NONFINITE, (
+                f"error: {e}; the last good checkpoint is kept in {self.checkpoint_path}. "
+                f"Try a lower learning rate or another --seed.")
         except Interrupted as e:
             self.save()
-            return self.interrupted(str(e))
-        return self.done(summary)
+            status = INTERRUPTED
+            message = f"\ninterrupted {e}: checkpoint saved; {self.resume_hint()}"
+        self._close_bar()
+        if summary:
+            self.log.summary({**summary, "cpu_s": self.cpu_s})
+        self.log.finish()
+        if message:
+            print(message, file=sys.stderr)
+        return status
 
     def resume_hint(self) -> str:
         """How to go on from the checkpoint: the --resume command, or for a script without
@@ -403,32 +414,6 @@ class Run(Signals):
             return (f"the weights trained so far are in {self.checkpoint_path}; {self.script} "
                     f"has no --resume (its runs are short): start it again with the same flags")
         return f"continue with\n  python {self.script} --resume {shlex.quote(self.out_dir)}"
-
-    def interrupted(self, where: str) -> int:
-        """After Ctrl-C or SIGTERM (the caller has saved): where it stopped ("at iteration
-        7"), the resume command; exit status 130."""
-        self._close_bar()
-        self.log.finish()
-        print(f"\ninterrupted {where}: checkpoint saved; {self.resume_hint()}",
-              file=sys.stderr)
-        return INTERRUPTED
-
-    def nonfinite(self, message: str) -> int:
-        """A non-finite loss or gradient: one line with the message and where the last good
-        checkpoint is; exit status 1."""
-        self._close_bar()
-        self.log.finish()
-        print(f"error: {message}; the last good checkpoint is kept in {self.checkpoint_path}. "
-              f"Try a lower learning rate or another --seed.", file=sys.stderr)
-        return NONFINITE
-
-    def done(self, summary: dict | None = None) -> int:
-        """Write summary.json (when given, with `cpu_s`), close the logger; exit status 0."""
-        self._close_bar()
-        if summary:
-            self.log.summary({**summary, "cpu_s": self.cpu_s})
-        self.log.finish()
-        return DONE
 
 
 def _holds_run(path, figures):

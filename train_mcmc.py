@@ -36,6 +36,7 @@ Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2)
 Image runs store U under "image_ebm"/"image_ebm_spec" instead (mcmc_images.load_image_ebm).
 """
 import copy
+import math
 import os
 import shutil
 import sys
@@ -72,18 +73,6 @@ def hidden_sizes(s):
         raise config.argparse.ArgumentTypeError(
             f"expected comma-separated positive layer widths like 32,64,64,64, got {s!r}")
     return sizes
-
-
-def decay_rate(s):
-    """A per-iteration learning-rate decay in (0, 1] (1: constant)."""
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not 0 < v <= 1:
-        raise config.argparse.ArgumentTypeError(
-            f"expected a decay in (0, 1] (1: no decay), got {s!r}")
-    return v
 
 
 def build_parser():
@@ -132,7 +121,7 @@ def build_parser():
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=config.positive_float, default=0.1,
                    help="SGD: multiplied by eps^2/2 (the paper's tuning); Adam: as is")
-    p.add_argument("--lr_decay", type=decay_rate, default=1.0,
+    p.add_argument("--lr_decay", type=config.decay, default=1.0,
                    help="lr at iteration t: max(lr_min, lr * lr_decay^t); in (0, 1]")
     p.add_argument("--lr_min", type=config.positive_float, default=None,
                    help="floor of the decayed lr (default: lr)")
@@ -181,16 +170,8 @@ def check_args(args, argv):
     if not image and args.n_train < args.batch:
         config.fail(f"--n_train {args.n_train} is smaller than --batch {args.batch}; every "
                     f"batch would repeat training points: lower --batch")
-    check_memory(args, image)
-
-
-def check_memory(args, image):
-    """A one-line error when the data, the chains and the Langevin noise (drawn up front,
-    L steps at once) cannot fit in this machine's physical memory."""
-    dim = 1
-    for s in (mcmc_images.image_shape(args.dataset) if image else (2,)):
-        dim *= s
-    f32 = 4 * dim
+    # the data, the chains and the Langevin noise (drawn up front, L steps at once) must fit
+    f32 = 4 * math.prod(mcmc_images.image_shape(args.dataset) if image else (2,))
     sizes = {"--batch": f32 * args.batch * (args.L + 3), "--bank_size": f32 * args.bank_size}
     if image:
         sizes["--n_eval"] = f32 * args.n_eval * (args.L + 2)

@@ -147,17 +147,13 @@ class StageLog:
         self.run, self.log, self.step = run, run.log, 0
         self.stage, self.stage_step = None, 0
 
-    def __call__(self, stage, local_step, metrics):
-        row = {f"{stage}/{k}": v for k, v in metrics.items()}
-        row[f"{stage}/step"] = local_step
-        self.log.log(row, self.step)
-        self.step += 1
-
     def every(self, stage, n=10):
         def on_step(local_step, metrics):
             self.stage, self.stage_step = stage, local_step + 1
             if local_step % n == 0:
-                self(stage, local_step, metrics)
+                self.log.log({**{f"{stage}/{k}": v for k, v in metrics.items()},
+                              f"{stage}/step": local_step}, self.step)
+                self.step += 1
             return self.run.stop_requested
         return on_step
 
@@ -258,6 +254,16 @@ def fit_base(args, device, log, state, save, x_biased, dim):
     return vae, hist
 
 
+def fitted(h, E, key, what, log, state):
+    """After a tilt stage's fit `h`: E's weights into the checkpoint's `state` (`key`, with its
+    spec); a non-finite loss ends the run (exit status 1), a Ctrl-C after the stage (130)."""
+    state[key], state[f"{key}_spec"] = E.state_dict(), E.spec()
+    if h["nan_step"] is not None:
+        raise scaffold.NonFinite(f"{what} loss is not finite at step {h['nan_step']}")
+    log.check_stop(f"the {what}")
+    E.eval()
+
+
 def latent_tilt(args, obj, vae, z_pos, labels_of, device, log, state, summary, out):
     """One latent tilt (objective `obj`), sampled by SNIR and Langevin and labelled; adds to
     the summary and to the figures' histograms, grids and latent panels (`out`)."""
@@ -266,11 +272,7 @@ def latent_tilt(args, obj, vae, z_pos, labels_of, device, log, state, summary, o
     th = tilt.fit_tilt(E, z_pos, lambda s: torch.randn(args.n_base, args.latent, device=device),
                        args.tilt_steps, obj, args.tilt_lr, reg=args.reg, gp=args.gp,
                        on_step=log.every(obj))
-    state[f"ebm_{obj}"], state[f"ebm_{obj}_spec"] = E.state_dict(), E.spec()
-    if th["nan_step"] is not None:
-        raise scaffold.NonFinite(f"{obj} tilt loss is not finite at step {th['nan_step']}")
-    log.check_stop(f"the {obj} tilt")
-    E.eval()
+    fitted(th, E, f"ebm_{obj}", f"{obj} tilt", log, state)
     with torch.no_grad():
         pool = torch.randn(args.pool, args.latent, device=device)
         idx, ess = tilt.snir(-E(pool), args.n_samples)
@@ -311,24 +313,18 @@ def data_tilt(args, vae, x_dpos, base_x, labels_of, device, log, state, summary,
             Ex, x_dpos, vae, args.data_tilt_steps, args.tilt_lr, n_neg=128,
             langevin_steps=args.data_langevin_steps, eps=args.data_langevin_eps,
             reg=args.reg, on_step=on_step)
-    state["ebm_data"], state["ebm_data_spec"] = Ex.state_dict(), Ex.spec()
-    if dh["nan_step"] is not None:
-        raise scaffold.NonFinite(f"data-space tilt loss is not finite at step {dh['nan_step']}")
-    log.check_stop("the data-space tilt")
-    Ex.eval()
+    fitted(dh, Ex, "ebm_data", "data-space tilt", log, state)
     with torch.no_grad():
         pool_x, _ = vae.sample(args.pool)
         idx, ess = tilt.snir(-Ex(pool_x), args.n_samples)
         x_dsnir = pool_x[idx]
     # Langevin under the model that was trained (tilt.sample_data_tilt): ml in latent space
     # with the latent Langevin settings, cd in data space from the base VAE samples
-    if args.data_objective == "ml":
-        x_dlang, model = tilt.sample_data_tilt(Ex, vae, "ml", args.n_samples,
-                                               args.langevin_steps, args.langevin_eps)
-    else:
-        x_dlang, model = tilt.sample_data_tilt(Ex, vae, "cd", args.n_samples,
-                                               args.data_langevin_steps,
-                                               args.data_langevin_eps, x0=base_x)
+    ml = args.data_objective == "ml"
+    x_dlang, model = tilt.sample_data_tilt(
+        Ex, vae, args.data_objective, args.n_samples,
+        args.langevin_steps if ml else args.data_langevin_steps,
+        args.langevin_eps if ml else args.data_langevin_eps, x0=None if ml else base_x)
     snir_model = tilt.DATA_TILT_MODELS["ml"]  # SNIR reweights decoded means of prior draws
     lab_d, lab_dl = labels_of(x_dsnir), labels_of(x_dlang)
     summary.update({"tv_data_snir": tilt_data.tv_to_uniform(lab_d),
@@ -383,12 +379,9 @@ def run_mixture(args, device, log, state, save):
                        lambda s: tilt.mixture_sample(args.n_base, tilt.BASE_WEIGHTS)[0].to(device),
                        args.mix_steps, objective, args.mix_lr, reg=args.reg, gp=args.gp,
                        on_step=log.every("mix"))
-    state.update(ebm=E.state_dict(), stage="mixture")
-    if th["nan_step"] is not None:
-        raise scaffold.NonFinite(f"mixture tilt loss is not finite at step {th['nan_step']}")
-    log.check_stop("the mixture tilt")
+    state["stage"] = "mixture"
+    fitted(th, E, "ebm", "mixture tilt", log, state)
     save()
-    E.eval()
     with torch.no_grad():
         pool, comp = tilt.mixture_sample(args.pool, tilt.BASE_WEIGHTS)
         idx, ess = tilt.snir(-E(pool.to(device)), args.n_samples)
@@ -438,19 +431,17 @@ def load_tilt_run(run_dir, device="cpu"):
     from types import SimpleNamespace
 
     ckpt = checkpoint.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), map_location=device)
-    vae = None
-    if "vae" in ckpt:
-        vae = VAE(**ckpt["vae_spec"]).to(device)
-        vae.load_state_dict(ckpt["vae"])
-        vae.eval()
-    energies = {}
-    for key, name in (("ebm_ml", "ml"), ("ebm_hackathon", "hackathon"), ("ebm_data", "data"),
-                      ("ebm", "mixture")):
-        if key in ckpt:
-            energies[name] = EBM(**ckpt[f"{key}_spec"]).to(device)
-            energies[name].load_state_dict(ckpt[key])
-            energies[name].eval()
-    return SimpleNamespace(config=ckpt["config"], vae=vae, energies=energies)
+
+    def load(cls, key):
+        module = cls(**ckpt[f"{key}_spec"]).to(device)
+        module.load_state_dict(ckpt[key])
+        return module.eval()
+
+    energies = {name: load(EBM, key) for key, name in (
+        ("ebm_ml", "ml"), ("ebm_hackathon", "hackathon"), ("ebm_data", "data"), ("ebm", "mixture"))
+        if key in ckpt}
+    return SimpleNamespace(config=ckpt["config"], vae=load(VAE, "vae") if "vae" in ckpt else None,
+                           energies=energies)
 
 
 # ----------------------------------------------------------------------------- main

@@ -127,9 +127,11 @@ def test_printed_hints_paste_into_a_shell(here, capsys):
     import shlex
 
     args = args_for(out_dir="my runs/run one", image_dir="my images/run one")
+    def stopped():
+        raise scaffold.Interrupted("at iteration 1")
+
     with scaffold.Run(args, "x.py", ("x",)) as run:
-        run.save({"step": 1})
-        assert run.interrupted("at iteration 1") == scaffold.INTERRUPTED
+        assert run.execute(stopped) == scaffold.INTERRUPTED
     line = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln][0]
     assert shlex.split(line)[-1] == "my runs/run one"
     assert shlex.split(scaffold.gif_hint("my images/run one"))[-1] == "my images/run one"
