@@ -41,7 +41,7 @@ import mcmc_images
 import plots
 import scaffold
 import util
-from samplers import ConvEnergy, Energy, langevin, mala
+from samplers import ConvEnergy, Energy, chain_starts, langevin, mala
 
 SCRIPT = scaffold.Script("sample_mcmc.py", resumable=False)
 # shared flags that mean nothing here: sampling writes no run and logs nothing to wandb
@@ -119,18 +119,15 @@ def claim_outputs(args, files, frames=None):
                     f"writable --image_dir")
 
 
-def chain_starts(args, run, n, dim, x_data, device):
-    """n chain starts of --init (x_data: the training data, for --init data)."""
-    if args.init == "bank":
-        bank = run.checkpoint.get("bank")
-        if bank is None:
-            config.fail(f"{args.run} has no persistent bank; use --init uniform/gaussian/data")
-        return bank.to(device)[torch.randint(len(bank), (n,), device=device)]
-    if args.init == "uniform":
-        return args.init_scale * (2 * torch.rand(n, dim, device=device) - 1)
-    if args.init == "gaussian":
-        return args.init_scale * torch.randn(n, dim, device=device)
-    return x_data[torch.randint(len(x_data), (n,))].to(device)
+def starts(args, run, n, dim, x_data, device):
+    """n chain starts of --init (x_data: the training data, for --init data; bank: the run's
+    persistent chains)."""
+    bank = run.checkpoint.get("bank")
+    if args.init == "bank" and bank is None:
+        config.fail(f"{args.run} has no persistent bank; use --init uniform/gaussian/data")
+    bank = bank.to(device) if args.init == "bank" else None
+    return chain_starts("persistent" if bank is not None else args.init, n, dim,
+                        args.init_scale, bank, x_data, device)[0]
 
 
 def main(argv=None):
@@ -179,7 +176,7 @@ def sample_2d(args, run, device, signals):
     args.init_scale = scale
     rng = util.set_seed(args.seed)
     x_data = datasets.sample(dataset, n, rng) if args.init == "data" else None
-    x = chain_starts(args, run, n, 2, x_data, device)
+    x = starts(args, run, n, 2, x_data, device)
     U = Energy(run.ebm)
     print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {n} chains, "
           f"{args.steps} steps from {args.init}")
@@ -253,7 +250,7 @@ def sample_images(args, run, device, signals):
     args.init_scale = scale
     metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=n)
     util.set_seed(args.seed)
-    x = chain_starts(args, run, n, x_train.shape[1], x_train, device)
+    x = starts(args, run, n, x_train.shape[1], x_train, device)
     net = mcmc_images.load_image_ebm(ckpt, device=device)
     U = ConvEnergy(net)  # image_ebm is U itself (scaled by 2 / eps^2 at training time)
     print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {n} chains, {args.steps} "

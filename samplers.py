@@ -310,6 +310,26 @@ def mala(U: EnergyFn, x: Tensor, n_steps: int, eps: float, temperature: float = 
     return x, acc
 
 
+def chain_starts(init: str, n: int, dim: int, scale: float = 1.0, bank: Tensor | None = None,
+                 data: Tensor | None = None, device: torch.device | str | None = None,
+                 ) -> tuple[Tensor, Tensor | None]:
+    """n chain starts (n, dim) and, from a bank, their indices (to update it in place): init
+    "uniform" U[-scale, scale]^dim, "gaussian" N(0, scale^2 I), "data" rows of `data` (with
+    replacement, drawn on data's device), "persistent" chains of `bank` (distinct while n fits).
+
+        x0, idx = chain_starts("uniform", 500, 2, scale=2.0)
+    """
+    if init == "persistent":
+        idx = (torch.randperm(len(bank), device=device)[:n] if n <= len(bank) else
+               torch.randint(len(bank), (n,), device=device))
+        return bank[idx], idx
+    if init == "uniform":
+        return scale * (2 * torch.rand(n, dim, device=device) - 1), None
+    if init == "gaussian":
+        return scale * torch.randn(n, dim, device=device), None
+    return data[torch.randint(len(data), (n,), device=data.device)].to(device), None
+
+
 # ----------------------------------------------------------------------------- images
 def _conv_layers(module):
     """The nn.Sequential of Conv2d layers and supported activations in `module.net` (conv,

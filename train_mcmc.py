@@ -52,7 +52,7 @@ import plots
 import scaffold
 import util
 from ebm import ACTIVATIONS, EBM
-from samplers import ConvEnergy, Energy, langevin
+from samplers import ConvEnergy, Energy, chain_starts, langevin
 
 # a resumed run may change the `overridable` flags (none of them changes the training
 # itself); the rest comes from the checkpoint
@@ -248,15 +248,8 @@ class Chains:
 
     def starts(self, n):
         """Chain starts and, for the persistent bank, their indices."""
-        a, dim, device = self.args, self.dim, self.device
-        if a.init == "persistent":
-            idx = torch.randperm(len(self.bank), device=device)[:n]
-            return self.bank[idx], idx
-        if a.init == "uniform":
-            return a.init_scale * (2 * torch.rand(n, dim, device=device) - 1), None
-        if a.init == "gaussian":
-            return a.init_scale * torch.randn(n, dim, device=device), None
-        return self.x_train[torch.randint(len(self.x_train), (n,), device=device)], None
+        return chain_starts(self.args.init, n, self.dim, self.args.init_scale, self.bank,
+                            self.x_train, self.device)
 
     def short_run(self, n):
         """n samples of the short-run distribution (the bank is read, not updated)."""
