@@ -121,3 +121,15 @@ def test_nce_recovers_log_Z_of_a_gaussian_ebm():
     assert model.c.item() == pytest.approx(model.log_Z(), abs=0.05)
     assert model.c.item() == pytest.approx(true_log_Z, abs=0.05)
     assert torch.allclose(model.m, torch.tensor([1.0, -0.5]), atol=0.05)
+
+
+def test_test_log_density_is_cached_per_test_set_and_never_mixes_sets():
+    import evaluation
+
+    a = datasets.sample("spiral", 300, 0)
+    b = datasets.sample("spiral", 300, 1)
+    first = evaluation.test_log_density("spiral", a)
+    assert evaluation.test_log_density("spiral", a) is first  # computed once
+    assert torch.allclose(evaluation.test_log_density("spiral", b),
+                          datasets.log_density("spiral", b.double()))
+    assert torch.allclose(first, datasets.log_density("spiral", a.double()))
