@@ -6,18 +6,10 @@
     python train.py --estimator=mle --flow=nsf       # the flow alone, by maximum likelihood
     python train.py --budget=60                      # stop after 60 CPU-seconds of training
 
-An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q_alpha play the value function
-(Gao et al. 2020, eq. 5; Gutmann & Hyvarinen 2010)
-
-    V(alpha, theta) = E_data log p/(p+q) + E_q log q/(p+q).
-
-The EBM ascends V while the classifier "data iff p > q" is less than --threshold accurate on
-the current batch, otherwise the flow descends V. With --flow=gaussian q is a fixed Gaussian
-fitted to the data and only the EBM (with c) learns: that is NCE (`--flow=gaussian` is the same
-as `--estimator=nce`). At the optimum p = q = p_data and -V = log 4 = 1.386. `--flow_mle=lambda`
-adds lambda * (-E_data log q) to the flow's loss at its steps, which keeps q a density model of
-the data (V alone gives no gradient where q << p on data: the log-sigmoid saturates there).
-`--estimator=mle` trains the flow alone on -E_data log q, the pure density-estimation baseline.
+An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q play the value function
+V = E_data log p/(p+q) + E_q log q/(p+q) (Gao et al. 2020, eq. 5): the EBM ascends it, the
+flow descends it plus likelihood terms, at the iterations --rule names (fce.py has the maths).
+NCE is the EBM against the fixed Gaussian fitted to the data; mle the flow alone.
 
 Outputs: runs/<run>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, curves.png}, one
 figure per epoch in images/<run>/, wandb (online when logged in, else offline).
@@ -303,13 +295,13 @@ def train(args, run, device):
 
 
 def print_start(args, run, total, iters, device):
-    budget = f", budget {args.budget:g} CPU-s" if args.budget else ""
-    who = (f", rule {args.rule}" + (f" (flow every {args.flow_every})" if args.rule == "every"
-                                    else f" (threshold {args.threshold:g})")
+    who = (f", rule {args.rule} " + (f"(flow every {args.flow_every})" if args.rule == "every"
+                                     else f"(threshold {args.threshold:g})")
            if args.estimator == "fce" else "")
     print(f"run {run.name}: {args.estimator} on {args.dataset}, flow={args.flow}{who}, {total} "
-          f"iterations ({args.epoch} epochs x {iters}){budget}, device={device}; outputs in "
-          f"{args.out_dir}, figures in {args.image_dir}")
+          f"iterations ({args.epoch} epochs x {iters})" + (f", budget {args.budget:g} CPU-s"
+          if args.budget else "") + f", device={device}; outputs in {args.out_dir}, figures "
+          f"in {args.image_dir}")
 
 
 def count_step(loop, r):
@@ -323,9 +315,16 @@ def count_step(loop, r):
 
 
 def log_row(run, loop, ebm, opt_ebm, opt_flow):
-    """A metrics row of the iterations since the last one (and their timing); the sums start
-    again."""
-    row = metrics_row(loop, ebm, opt_ebm, opt_flow, run.cpu_s)
+    """A metrics row: the averages of the iterations since the last one and their timing;
+    the sums start again."""
+    n = loop["n_rows"]
+    row = ({"nll_train": loop["v_sum"] / n} if ebm is None else
+           {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
+            "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
+            "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+    row.update(epoch=loop["epoch"], cpu_s=run.cpu_s)
+    if opt_flow is not None:
+        row["lr_flow"] = opt_flow.param_groups[0]["lr"]
     row["it_per_s"], row["cpu_s_per_it"] = run.rate()
     run.log.log(row, loop["step"])
     run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train")
@@ -372,19 +371,6 @@ def flow_notes(args, m, loop):
                          f"the test set {m['kl_flow_mc']:.4f} disagree by {diff:+.4f} nats: "
                          f"{where}")
     return notes
-
-
-def metrics_row(loop, ebm, opt_ebm, opt_flow, cpu_s):
-    """The averages of the iterations since the last row (no timing columns)."""
-    n = loop["n_rows"]
-    row = ({"nll_train": loop["v_sum"] / n} if ebm is None else
-           {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
-            "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
-            "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
-    row.update(epoch=loop["epoch"], cpu_s=cpu_s)
-    if opt_flow is not None:
-        row["lr_flow"] = opt_flow.param_groups[0]["lr"]
-    return row
 
 
 if __name__ == "__main__":
