@@ -117,7 +117,7 @@ def add_flag(parser_, name, default=False, help=None):
 
 def parser(description):
     """A Parser with the flags every script shares: --config, --seed, --device, --wandb,
-    --project, --out_dir, --resume, --threads."""
+    --project, --out_dir, --image_dir, --resume, --overwrite, --threads."""
     p = Parser(description=description,
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
@@ -129,6 +129,8 @@ def parser(description):
     p.add_argument("--project", default="ebm-flows", help="wandb project")
     p.add_argument("--out_dir", default=None,
                    help="run directory (config, metrics, checkpoint); default runs/<run name>")
+    p.add_argument("--image_dir", default=None,
+                   help="the run's figure folder (default images/<run folder name>)")
     p.add_argument("--resume", default=None,
                    help="run directory (or its checkpoint.pt) to continue from")
     add_flag(p, "--overwrite", help="reuse an existing --out_dir: delete the old run's files "

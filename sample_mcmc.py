@@ -81,8 +81,6 @@ def build_parser():
                         "0,100,1000,10000 (default 0, 100, 1000, ... up to --steps)")
     p.add_argument("--kde_bw", type=config.positive_float, default=None,
                    help="2D runs: KDE bandwidth of the chains (default 0.05)")
-    p.add_argument("--image_dir", default=None,
-                   help="output folder (default images/<run folder name>)")
     return p
 
 

@@ -100,8 +100,6 @@ def build_parser():
                    help="epochs between density figures")
     p.add_argument("--log_every", type=config.positive_int, default=20,
                    help="iterations between metric rows")
-    p.add_argument("--image_dir", default=None,
-                   help="the run's figure folder (default images/<run folder name>)")
     return p
 
 

@@ -136,8 +136,6 @@ def build_parser():
     p.add_argument("--kde_bw", type=config.positive_float, default=0.05)
     p.add_argument("--max_lag", type=config.positive_int, default=30,
                    help="largest lag of the d_t / r_t correlations in diagnostics.png")
-    p.add_argument("--image_dir", default=None,
-                   help="the run's figure folder (default images/<run folder name>)")
     return p
 
 

@@ -53,8 +53,6 @@ def build_parser():
     p = config.parser("EBM tilts of a VAE trained on class-imbalanced digits")
     p.add_argument("--experiment", default="digits", choices=["digits", "mixture"],
                    help="digits: de-bias a VAE; mixture: the 2D Gaussian-mixture example")
-    p.add_argument("--image_dir", default=None,
-                   help="the run's figure folder (default images/<run folder name>)")
     # data
     p.add_argument("--data", default="digits", choices=["digits", "mnist"],
                    help="digits: scikit-learn's 8x8 digits (offline); mnist: local IDX files")

@@ -73,8 +73,6 @@ def build_parser():
     p.add_argument("--final_samples", type=config.positive_int, default=200000)
     config.add_flag(p, "--frames", default=True,
                     help="a q-density frame per evaluation and a gif at the end")
-    p.add_argument("--image_dir", default=None,
-                   help="the run's figure folder (default images/<run folder name>)")
     return p
 
 
