@@ -161,14 +161,15 @@ def report(args):
 def speed_lines(rows):
     """What a CPU-second bought each estimator: iterations per CPU-second over its runs
     (mean, sd, min-max): how far the budget moves on a shared machine."""
-    out = ["| estimator | iterations per CPU-s: mean ± sd | min - max | runs |", "|---|---|---|---|"]
+    out = []
     for lab in dict.fromkeys(r["label"] for r in rows):
         v = [r["steps"] / r["cpu_s"] for r in rows if r["label"] == lab and r.get("cpu_s")]
         if v:
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            out.append(f"| {lab} | {statistics.mean(v):.1f} ± {sd:.1f} | {min(v):.1f} - "
-                       f"{max(v):.1f} | {len(v)} |")
-    return out
+            out.append([lab, f"{statistics.mean(v):.1f} ± {sd:.1f}",
+                        f"{min(v):.1f} - {max(v):.1f}", f"{len(v)}"])
+    return gather.table(["estimator", "iterations per CPU-s: mean ± sd", "min - max", "runs"],
+                        out)
 
 
 def equal_iterations(args, rows):
@@ -193,16 +194,16 @@ def targets(agg):
     each FCE flow's test NLL against the same flow trained alone by maximum likelihood."""
     cell = {(a["label"], a["dataset"]): a for a in agg}
     data = list(dict.fromkeys(a["dataset"] for a in agg))
-    out = ["| dataset | EBM KL: fce-maf - nce | larger sd | flow NLL: fce-maf - mle-maf |",
-           "|---|---|---|---|"]
+    out = []
     for ds in data:
         f, n, m = (cell.get((lab, ds)) for lab in ("fce-maf", "nce", "mle-maf"))
         d_ebm = f"{f['kl_ebm'] - n['kl_ebm']:+.4f}" if f and n else "n/a"
         sd = (f"{max(f.get('kl_ebm_sd') or 0, n.get('kl_ebm_sd') or 0):.4f}" if f and n
               else "n/a")
         d_flow = f"{f['nll_flow'] - m['nll_flow']:+.3f}" if f and m else "n/a"
-        out.append(f"| {ds} | {d_ebm} | {sd} | {d_flow} |")
-    return out
+        out.append([ds, d_ebm, sd, d_flow])
+    return gather.table(["dataset", "EBM KL: fce-maf - nce", "larger sd",
+                         "flow NLL: fce-maf - mle-maf"], out)
 
 
 def kl_pivot(agg):
@@ -213,16 +214,15 @@ def kl_pivot(agg):
     cells = {(a["label"], a["dataset"]): a.get("kl_ebm", a.get("kl_flow")) for a in agg}
     best = {ds: min((v for (lab, d), v in cells.items() if d == ds and v is not None
                      and not lab.startswith("mle")), default=None) for ds in data}
-    lines = ["| KL(p_data \\|\\| model) | " + " | ".join(data) + " |",
-             "|---|" + "---|" * len(data)]
+    lines = []
     for lab in labels:
-        row = []
+        row = [f"{lab}{' (flow)' if lab.startswith('mle') else ''}"]
         for ds in data:
             v = cells.get((lab, ds))
             txt = "n/a" if v is None else f"{v:.4f}"
             row.append(f"**{txt}**" if v is not None and v == best[ds] else txt)
-        lines.append(f"| {lab}{' (flow)' if lab.startswith('mle') else ''} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        lines.append(row)
+    return "\n".join(gather.table(["KL(p_data \\|\\| model)", *data], lines))
 
 
 # ----------------------------------------------------------------------------- flows vs zuko
@@ -250,8 +250,8 @@ def flows_vs_zuko(names, dataset_names, steps, seed=0, timing_steps=50, repeats=
         print("zuko not installed: `pip install zuko` to compare")
         return []
     torch.set_num_threads(1)
-    lines = ["| flow | dataset | ours: ms / step | zuko: ms / step | ours: test NLL | "
-             "zuko: test NLL | entropy H |", "|---|---|---|---|---|---|---|"]
+    lines = gather.table(["flow", "dataset", "ours: ms / step", "zuko: ms / step",
+                          "ours: test NLL", "zuko: test NLL", "entropy H"], [])
     for name, make_ours, make_zuko in pairs:
         for ds in dataset_names:
             x_train = datasets.sample(ds, 100_000, seed)
@@ -286,9 +286,10 @@ def flows_vs_zuko(names, dataset_names, steps, seed=0, timing_steps=50, repeats=
                     done[k] += 1
             with torch.no_grad():
                 nll = {k: float(-log_prob[k](x_test).double().mean()) for k in models}
-            lines.append(f"| {name} | {ds} | {1000 * statistics.median(times['ours']):.1f} | "
-                         f"{1000 * statistics.median(times['zuko']):.1f} | {nll['ours']:.3f} | "
-                         f"{nll['zuko']:.3f} | {datasets.entropy(ds):.3f} |")
+            lines.append(gather.table_line(
+                [name, ds, f"{1000 * statistics.median(times['ours']):.1f}",
+                 f"{1000 * statistics.median(times['zuko']):.1f}", f"{nll['ours']:.3f}",
+                 f"{nll['zuko']:.3f}", f"{datasets.entropy(ds):.3f}"]))
             print(lines[-1], flush=True)
     return lines
 
@@ -352,12 +353,13 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
     nce = ms["nce step"]
     lines = [f"One thread, {dataset}, batch {args.batch}, EBM {args.ebm_hidden}, noise window "
              f"{window} iterations (--flow_every {args.flow_every}); median of {blocks} "
-             f"interleaved blocks of {per_block} iterations.", "",
-             "| kind | CPU-ms | / NCE step |", "|---|---|---|"]
+             f"interleaved blocks of {per_block} iterations.", ""]
+    rows = []
     for k, v in ms.items():
         note = (f"{v / nce:.2f}x" if "noise pass" not in k else
                 f"{v / window / nce:.2f}x per iteration ({window} iterations per pass)")
-        lines.append(f"| {k} | {v:.2f} | {note} |")
+        rows.append([k, f"{v:.2f}", note])
+    lines += gather.table(["kind", "CPU-ms", "/ NCE step"], rows)
     print("\n".join(lines), flush=True)
     return lines
 

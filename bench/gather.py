@@ -258,14 +258,37 @@ def cell(a, k):
     return f"{m:.{d}f}" if not math.isfinite(sd) else f"{m:.{d}f} ± {sd:.{d}f}"
 
 
+def text(v):
+    """One table cell as text: strings as they are (benches format their own numbers), None
+    as n/a, integers plain, other numbers with the decimals of `cell` (4 below 1, 3 below 10,
+    2 below 100, else none)."""
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return "n/a"
+    if isinstance(v, int) or not math.isfinite(v):
+        return str(v)
+    return f"{v:.{_decimals(v)}f}"
+
+
+def table_line(cells):
+    """One markdown table line: `| a | b |` (an empty cell stays `| |`)."""
+    return "|" + "|".join(f" {t} " if t else " " for t in map(text, cells)) + "|"
+
+
+def table(header, rows, align="---"):
+    """The lines of a markdown table: the header, its alignment line (`align` for every
+    column, or one string per column, e.g. `---:` right-aligned) and one line per row; cells
+    as in `text`. The one table writer of every bench."""
+    aligns = [align] * len(header) if isinstance(align, str) else list(align)
+    return [table_line(header), "|" + "|".join(aligns) + "|"] + [table_line(r) for r in rows]
+
+
 def markdown(agg, keys):
     """A README-style markdown table: one row per (label, dataset), mean ± sd over seeds."""
-    lines = ["| estimator | dataset | seeds | " + " | ".join(keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
-    for a in agg:
-        lines.append(f"| {a['label']} | {a['dataset']} | {a['n']} | "
-                     + " | ".join(cell(a, k) for k in keys) + " |")
-    return "\n".join(lines)
+    return "\n".join(table(["estimator", "dataset", "seeds", *keys],
+                           [[a["label"], a["dataset"], a["n"], *(cell(a, k) for k in keys)]
+                            for a in agg]))
 
 
 def figure(agg, key, path):

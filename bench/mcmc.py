@@ -30,7 +30,7 @@ import time
 import torch
 
 import config
-from bench import runner
+from bench import gather, runner
 from ebm import EBM
 from logger import read_metrics
 from samplers import Energy, langevin
@@ -85,12 +85,11 @@ def speed(L=100, batch=100, repeats=30):
         out[label] = time_it(lambda: iteration(F, opt, x_pos, x0, L, eps, fast), repeats)
     print(f"\nseconds per training iteration (L = {L}, batch {batch}, 1 thread, median of "
           f"{repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
-    print("| Langevin loop | wall s/it | CPU s/it |")
-    print("|---|---|---|")
-    for label, (w, c) in out.items():
-        print(f"| {label} | {w:.4f} | {c:.4f} |")
     (w0, c0), (w1, c1) = out["straightforward"], out["samplers.langevin"]
-    print(f"| speed-up | {w0 / w1:.2f}x | {c0 / c1:.2f}x |")
+    print("\n".join(gather.table(
+        ["Langevin loop", "wall s/it", "CPU s/it"],
+        [[label, f"{w:.4f}", f"{c:.4f}"] for label, (w, c) in out.items()]
+        + [["speed-up", f"{w0 / w1:.2f}x", f"{c0 / c1:.2f}x"]])))
     return out
 
 
@@ -122,18 +121,21 @@ def results(runs_dir, train_first):
         # the EBM's KL at every evaluation, to show where in its oscillation the run ended
         s["kl_ebm_trace"] = [r["kl_ebm"] for r in read_metrics(run_dir) if "kl_ebm" in r]
         rows.append((name, s))
-    print("\n| run (config) | iterations | KL(p_data‖p_θ) EBM | KL(p_data‖KDE of short-run) "
-          "| KDE floor (true samples) | s/it (wall) | CPU s total | EBM KL at each evaluation |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = []
     for name, s in rows:
         if isinstance(s, str):
-            print(f"| {name} | not run: `python train_mcmc.py --config {s}` | | | | | | |")
+            lines.append([name, f"not run: `python train_mcmc.py --config {s}`", *[""] * 6])
             continue
         trace = " / ".join(f"{v:.3g}" for v in s["kl_ebm_trace"])
-        print(f"| {name} | {s['step']} | {s.get('kl_ebm', float('nan')):.3f} | "
-              f"{s.get('kl_kde', float('nan')):.3f} | {s.get('kl_kde_floor', float('nan')):.3f} | "
-              f"{s.get('sec_per_iter', float('nan')):.4f} | {runner.cpu_seconds(s):.0f} | "
-              f"{trace} |")
+        lines.append([name, f"{s['step']}", f"{s.get('kl_ebm', float('nan')):.3f}",
+                      f"{s.get('kl_kde', float('nan')):.3f}",
+                      f"{s.get('kl_kde_floor', float('nan')):.3f}",
+                      f"{s.get('sec_per_iter', float('nan')):.4f}",
+                      f"{runner.cpu_seconds(s):.0f}", trace])
+    print("\n" + "\n".join(gather.table(
+        ["run (config)", "iterations", "KL(p_data‖p_θ) EBM", "KL(p_data‖KDE of short-run)",
+         "KDE floor (true samples)", "s/it (wall)", "CPU s total", "EBM KL at each evaluation"],
+        lines)))
     return sum(not isinstance(s, str) for _, s in rows)
 
 

@@ -42,7 +42,7 @@ import time
 import torch
 
 import config
-from bench import runner
+from bench import gather, runner
 from mcmc_images import ConvEBM
 from samplers import ConvEnergy, langevin
 
@@ -91,12 +91,13 @@ def speed(n_fs=(16, 32), L=50, batch=100, repeats=7, eps=0.015):
     print(f"\nms per Langevin step (8x8 digits, batch {batch}, conv8 net, 1 thread, median of "
           f"{repeats} interleaved repeats of {L} steps, process CPU time; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
-    print("| channels | Langevin loop | ms / step | speed-up |")
-    print("|---|---|---|---|")
+    lines = []
     for n_f, k, ms, up in rows:
         auto = " (auto)" if k.endswith(f"'{ConvEnergy(ConvEBM('conv8', (1, 8, 8), n_f)).mode}')") \
             else ""
-        print(f"| {n_f}-{2 * n_f}-{4 * n_f} | {k}{auto} | {ms:.2f} | {up:.2f}x |", flush=True)
+        lines.append([f"{n_f}-{2 * n_f}-{4 * n_f}", f"{k}{auto}", f"{ms:.2f}", f"{up:.2f}x"])
+    print("\n".join(gather.table(["channels", "Langevin loop", "ms / step", "speed-up"], lines)),
+          flush=True)
     return rows
 
 
@@ -171,19 +172,19 @@ def table(results, steps):
           f"(500 real training digits) in brackets; long-run: ULA, {n_long} chains, eps of the "
           f"run, floor {results[0]['long']['floor']['fd']:.1f} ({n_long} real digits); label "
           f"TV to the test-label histogram\n")
-    head = " | ".join(f"FD @ {c}" for c in cols)
-    print(f"| regime | seed | train CPU s | short-run FD (floor) | short-run label TV | "
-          f"long-run from | {head} | FD {cols[-1]} / FD 100 | label TV @ {cols[-1]} | "
-          f"long-run CPU s |")
-    print("|---|---|---|---|---|---|" + "---|" * len(cols) + "---|---|---|")
+    lines = []
     for res in results:
         ev, lr = res["eval"], res["long"]
         by_step = {r["step"]: r for r in lr["results"]}
-        fds = " | ".join(f"{by_step[c]['fd']:.1f}" for c in cols)
         ratio = by_step[cols[-1]]["fd"] / by_step[100]["fd"] if 100 in by_step else float("nan")
-        print(f"| {res['regime']} | {res['seed']} | {runner.cpu_seconds(ev):.0f} | {ev['fd']:.1f} "
-              f"({ev['fd_floor']:.1f}) | {ev['label_tv']:.3f} | {lr['init']} | {fds} | "
-              f"{ratio:.2f} | {by_step[cols[-1]]['label_tv']:.3f} | {runner.cpu_seconds(lr):.0f} |")
+        lines.append([f"{res['regime']}", f"{res['seed']}", f"{runner.cpu_seconds(ev):.0f}",
+                      f"{ev['fd']:.1f} ({ev['fd_floor']:.1f})", f"{ev['label_tv']:.3f}",
+                      f"{lr['init']}", *(f"{by_step[c]['fd']:.1f}" for c in cols), f"{ratio:.2f}",
+                      f"{by_step[cols[-1]]['label_tv']:.3f}", f"{runner.cpu_seconds(lr):.0f}"])
+    print("\n".join(gather.table(
+        ["regime", "seed", "train CPU s", "short-run FD (floor)", "short-run label TV",
+         "long-run from", *(f"FD @ {c}" for c in cols), f"FD {cols[-1]} / FD 100",
+         f"label TV @ {cols[-1]}", "long-run CPU s"], lines)))
 
 
 # ----------------------------------------------------------------------------- figures

@@ -9,7 +9,8 @@
 - time: `cpu_seconds(summary)` is the CPU seconds of training a run's summary.json holds,
   under `cpu_s` (every script), or in runs written before one clock under their old keys
   (train_mcmc.py `cpu_sec`, train_vi.py `seconds`, train_tilt.py `time_total_s`).
-Tables are written by bench/gather.py (`aggregate`, `markdown`).
+Tables are written by bench/gather.py (`aggregate`, `markdown`; `table` for every other
+table of a bench).
 """
 import json
 import os

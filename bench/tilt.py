@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 import config
-from bench import runner
+from bench import gather, runner
 
 START, END = "<!-- bench_tilt:start -->", "<!-- bench_tilt:end -->"
 DOCS = os.path.join("docs", "tilt.md")
@@ -71,26 +71,23 @@ def collect(seed, out):
 
 def table(rows):
     f = lambda v: f"{v:.3f}"  # noqa: E731
-    lines = ["| seed | TV base VAE | TV ML tilt, SNIR (ESS of 20k) | TV ML tilt, Langevin | "
-             "TV hackathon, SNIR | TV data-space tilt, SNIR | 2D mixture TV, stratified 30/40/30 "
-             "points (tilt's own weights) | 2D mixture TV, i.i.d. points (tilt's own; points' "
-             "own) | time (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {f(r['tv_base'])} | {f(r['tv_ml_snir'])} "
-                     f"({r['ess_ml']:.0f}) | {f(r['tv_ml_langevin'])} | "
-                     f"{f(r['tv_hackathon_snir'])} | {f(r['tv_data_snir'])} | "
-                     f"{f(r['mix_tv'])} ({f(r['mix_tv_tilt_weights'])}) | "
-                     f"{f(r['iid_mix_tv'])} ({f(r['iid_mix_tv_tilt_weights'])}; "
-                     f"{f(r['iid_mix_tv_unbiased_sample'])}) | {r['wall_s']:.0f} |")
+    cells = [[f"{r['seed']}", f(r["tv_base"]), f"{f(r['tv_ml_snir'])} ({r['ess_ml']:.0f})",
+              f(r["tv_ml_langevin"]), f(r["tv_hackathon_snir"]), f(r["tv_data_snir"]),
+              f"{f(r['mix_tv'])} ({f(r['mix_tv_tilt_weights'])})",
+              f"{f(r['iid_mix_tv'])} ({f(r['iid_mix_tv_tilt_weights'])}; "
+              f"{f(r['iid_mix_tv_unbiased_sample'])})", f"{r['wall_s']:.0f}"] for r in rows]
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     worst = lambda k: max(r[k] for r in rows)  # noqa: E731
-    lines.append(f"| mean | {f(mean('tv_base'))} | {f(mean('tv_ml_snir'))} | "
-                 f"{f(mean('tv_ml_langevin'))} | {f(mean('tv_hackathon_snir'))} | "
-                 f"{f(mean('tv_data_snir'))} | {f(mean('mix_tv'))} "
-                 f"({f(mean('mix_tv_tilt_weights'))}) | {f(mean('iid_mix_tv'))} "
-                 f"({f(mean('iid_mix_tv_tilt_weights'))}; "
-                 f"{f(mean('iid_mix_tv_unbiased_sample'))}) | {mean('wall_s'):.0f} |")
+    cells.append(["mean", f(mean("tv_base")), f(mean("tv_ml_snir")), f(mean("tv_ml_langevin")),
+                  f(mean("tv_hackathon_snir")), f(mean("tv_data_snir")),
+                  f"{f(mean('mix_tv'))} ({f(mean('mix_tv_tilt_weights'))})",
+                  f"{f(mean('iid_mix_tv'))} ({f(mean('iid_mix_tv_tilt_weights'))}; "
+                  f"{f(mean('iid_mix_tv_unbiased_sample'))})", f"{mean('wall_s'):.0f}"])
+    lines = gather.table(["seed", "TV base VAE", "TV ML tilt, SNIR (ESS of 20k)",
+                          "TV ML tilt, Langevin", "TV hackathon, SNIR", "TV data-space tilt, SNIR",
+                          "2D mixture TV, stratified 30/40/30 points (tilt's own weights)",
+                          "2D mixture TV, i.i.d. points (tilt's own; points' own)", "time (s)"],
+                         cells, align="---:")
     n = len(rows)
     won = lambda k: sum(r[k] < r["tv_base"] for r in rows)  # noqa: E731
     drop = lambda k: mean("tv_base") - mean(k)  # noqa: E731

@@ -34,7 +34,7 @@ import torch
 
 import checkpoint
 import config
-from bench import runner
+from bench import gather, runner
 import plots
 import targets
 import vi_flows
@@ -171,14 +171,13 @@ def parse_runs(spec):
 
 
 def table(results):
-    rows = ["| flow | K | seed | " + " | ".join(f"{n} KL | {n} ESS" for n in NAMES)
-            + " | U1 mass left/right | seconds (4 targets) |",
-            "|---|---|---|" + "---|---|" * len(NAMES) + "---|---|"]
-    for r in results:
-        cells = " | ".join(f"{r[f'{n}/kl']:.3f} | {r[f'{n}/ess']:.2f}" for n in NAMES)
-        rows.append(f"| {r['flow']} | {r['K']} | {r.get('seed', DEFAULT_SEED)} | {cells} | {r['U1/mass_left']:.3f}/"
-                    f"{r['U1/mass_right']:.3f} | {r['seconds']:.0f} |")
-    return "\n".join(rows)
+    rows = [[f"{r['flow']}", f"{r['K']}", f"{r.get('seed', DEFAULT_SEED)}",
+             *(c for n in NAMES for c in (f"{r[f'{n}/kl']:.3f}", f"{r[f'{n}/ess']:.2f}")),
+             f"{r['U1/mass_left']:.3f}/{r['U1/mass_right']:.3f}", f"{r['seconds']:.0f}"]
+            for r in results]
+    return "\n".join(gather.table(
+        ["flow", "K", "seed", *(h for n in NAMES for h in (f"{n} KL", f"{n} ESS")),
+         "U1 mass left/right", "seconds (4 targets)"], rows))
 
 
 def figure3(results, path, flow="planar", Ks=(2, 8, 32), n=120, tag=""):

@@ -408,6 +408,12 @@ def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, ca
     mle = next(line for line in table if line.startswith("| mle-nsf"))
     assert "n/a" in mle  # the flow alone has no EBM
 
+    # the one table writer of every bench: header, alignment line, rows; text cells as given,
+    # integers plain, None n/a, floats with cell()'s decimals, empty cells kept
+    assert gather.table(["a", "b", "c"], [["x", 3, None], ["", 12.3456, 0.5]]) == [
+        "| a | b | c |", "|---|---|---|", "| x | 3 | n/a |", "| | 12.35 | 0.5000 |"]
+    assert gather.table(["a", "b"], [], align="---:")[1] == "|---:|---:|"
+
     # the CLI: the same table on stdout, a figure
     fig = os.path.join(tmp_path, "fig.png")
     code = gather.main([sweep_dir, "--keys", *keys, "--figure", fig])
