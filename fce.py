@@ -198,13 +198,14 @@ class Rule:
 
 
 class StepResult(NamedTuple):
-    """V before the step, the accuracy on the whole noise and on the flow's own samples, and
-    which models stepped (None for both when a loss or gradient was not finite)."""
+    """V before the step (not finite, and no step, when a loss or gradient was not finite),
+    the accuracy on the whole noise and on the flow's own samples, and which models
+    stepped."""
     V: Tensor
     accuracy: Tensor
     accuracy_flow: Tensor
-    ebm: Optional[bool]
-    flow: Optional[bool]
+    ebm: bool
+    flow: bool
 
 
 def _contrast(ebm, x: Tensor, noise: Noise):
@@ -225,54 +226,43 @@ def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, o
     Without a flow step the EBM ascends V on the cached noise (the cost of an NCE step).
     When the flow steps (rule.flow_due, or the threshold rule's accuracy reached), the noise
     is rebuilt with a graph from the same base draws and the flow descends
-    V - lambda E_data log q_flow; under "every" the EBM steps from the same V. Each model's
+    `Rule.flow_loss`; under "every" the EBM steps from the same V, in one backward pass (the
+    likelihood terms do not depend on the EBM, so its gradient of the flow's loss is dV/dtheta
+    and it ascends V by stepping on the negative). Each model's
     gradient is taken with respect to its own parameters only (`torch.autograd.grad`)."""
     learns = opt_flow is not None
     if learns and rule.flow_due(step):
         V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x))
-        # one backward pass: the likelihood term does not depend on the EBM, so the EBM's
-        # gradient of this loss is dV/dtheta, and the EBM ascends V by stepping on its negative
-        loss = rule.flow_loss(V, noise)
-        if not torch.isfinite(V) or not _step([(opt_flow, loss)], ascend=[opt_ebm], loss=loss):
-            return StepResult(V.detach() * math.nan, acc, acc_flow, None, None)
+        if not torch.isfinite(V) or not _step(opt_flow, rule.flow_loss(V, noise), opt_ebm):
+            return StepResult(V.detach() * math.nan, acc, acc_flow, False, False)
         contrast.flow_changed()
         return StepResult(V.detach(), acc, acc_flow, True, True)
     V, acc, acc_flow = _contrast(ebm, x, contrast.cached(step, batch_at))
     if not torch.isfinite(V):
-        return StepResult(V.detach(), acc, acc_flow, None, None)
+        return StepResult(V.detach(), acc, acc_flow, False, False)
     if learns and rule.name == "threshold" and acc_flow >= rule.threshold:
         V_live, _, _ = _contrast(ebm, x, noise := contrast.live(step, x))
-        ok = _step([(opt_flow, rule.flow_loss(V_live, noise))])
+        ok = _step(opt_flow, rule.flow_loss(V_live, noise))
         contrast.flow_changed()
-        return StepResult(V.detach() if ok else V.detach() * math.nan, acc, acc_flow,
-                          False if ok else None, True if ok else None)
-    ok = _step([(opt_ebm, -V)])
-    return StepResult(V.detach() if ok else V.detach() * math.nan, acc, acc_flow,
-                      True if ok else None, False if ok else None)
+        return StepResult(V.detach() * (1.0 if ok else math.nan), acc, acc_flow, False, ok)
+    ok = _step(opt_ebm, -V)
+    return StepResult(V.detach() * (1.0 if ok else math.nan), acc, acc_flow, ok, False)
 
 
-def _step(pairs, ascend=(), loss=None) -> bool:
-    """For each (optimizer, loss): the gradient of the loss with respect to that optimizer's
-    parameters only; the optimizers in `ascend` step on the negative gradient of `loss` (the
-    same backward pass as the first pair's). Then, if every gradient is finite, one step of
-    each; False (and no step at all) otherwise."""
-    params_of = lambda opt: [p for g in opt.param_groups for p in g["params"]]  # noqa: E731
-    grads = []
-    for i, (opt, pair_loss) in enumerate(pairs):
-        params = params_of(opt) + ([p for o in ascend for p in params_of(o)] if i == 0 else [])
-        gs = torch.autograd.grad(pair_loss, params, retain_graph=i < len(pairs) - 1)
-        k = len(params_of(opt))
-        grads.append((opt, params[:k], gs[:k]))
-        for o in (ascend if i == 0 else ()):
-            m = len(params_of(o))
-            grads.append((o, params[k:k + m], [-g for g in gs[k:k + m]]))
-            k += m
-    if not all(torch.isfinite(g).all() for _, _, gs in grads for g in gs):
+def _step(opt, loss: Tensor, ascend=None) -> bool:
+    """One backward pass of `loss`: `opt` steps on its gradient with respect to its own
+    parameters, the optimizer `ascend` (if any) on the negative of the gradient with respect
+    to its parameters. No step at all, and False, when a gradient is not finite."""
+    groups = [(opt, 1.0)] + ([(ascend, -1.0)] if ascend is not None else [])
+    params = [[p for g in o.param_groups for p in g["params"]] for o, _ in groups]
+    grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps]))
+    grads = [[sign * next(grads) for _ in ps] for (_, sign), ps in zip(groups, params)]
+    if not all(torch.isfinite(g).all() for gs in grads for g in gs):
         return False
-    for opt, params, gs in grads:
-        for p, g in zip(params, gs):
+    for (o, _), ps, gs in zip(groups, params, grads):
+        for p, g in zip(ps, gs):
             p.grad = g
-        opt.step()
+        o.step()
     return True
 
 
@@ -280,6 +270,6 @@ def mle_step(flow, x: Tensor, opt) -> Tensor:
     """One maximum-likelihood step of the flow alone; returns -mean log q(x) (NaN, and no
     step, when it or a gradient is not finite)."""
     nll = -flow.log_prob(x).mean()
-    if not torch.isfinite(nll) or not _step([(opt, nll)]):
+    if not torch.isfinite(nll) or not _step(opt, nll):
         return nll.detach() * math.nan
     return nll.detach()

@@ -269,11 +269,11 @@ def train(args, run, device):
                                                      args.lr_min_factor))
             if ebm is None:
                 V = fce.mle_step(flow, batch_at(step), opt_flow)
-                r = fce.StepResult(V, None, None, False, bool(torch.isfinite(V)) or None)
+                r = fce.StepResult(V, None, None, False, True)
             else:
                 r = fce.fce_step(ebm, contrast, step, batch_at(step), batch_at, opt_ebm,
                                  opt_flow, the_rule)
-            run.check(r.V if r.flow is not None else None)
+            run.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
             count_step(loop, r)
             if loop["step"] % args.log_every == 0:
                 log_row(run, loop, ebm, opt_ebm, opt_flow)

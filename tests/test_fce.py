@@ -203,8 +203,8 @@ def test_bench_grid_runs_skips_finished_runs_and_reports(tmp_path, capsys):
 
 def test_nan_at_the_first_iteration_leaves_a_loadable_initial_checkpoint(tmp_path, monkeypatch):
     nan = torch.tensor(math.nan)
-    monkeypatch.setattr(fce, "fce_step", lambda *a, **kw: fce.StepResult(nan, nan, nan, None,
-                                                                          None))
+    monkeypatch.setattr(fce, "fce_step", lambda *a, **kw: fce.StepResult(nan, nan, nan, False,
+                                                                          False))
     code, out = run(tmp_path, "--epoch", "2")
     assert code == 1
     loaded = checkpoint.load_run(str(out))

@@ -202,7 +202,7 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
         calls["n"] += 1
         if calls["n"] == bad_call:
             return fce.StepResult(torch.tensor(float("nan")), torch.tensor(0.5),
-                                  torch.tensor(0.5), None, None)
+                                  torch.tensor(0.5), False, False)
         return real(*a, **kw)
 
     monkeypatch.setattr(fce, "fce_step", flaky)
