@@ -302,6 +302,8 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
     blocks. Kinds: an NCE step; an FCE iteration in which only the EBM steps, with the
     flow's samples and log q taken from the cache (`noise`: its share, the window's pass over
     the flow amortised per iteration); an FCE iteration in which the flow steps as well."""
+    import dataclasses
+
     import torch
 
     import fce
@@ -326,13 +328,12 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
         oe, of = train.make_optimizers(fa, e, f)
         c = train.make_contrast(fa, f, x_train, "cpu")
         c.window = window
-        no_flow = fce.Rule("every", flow_every=10 ** 9, flow_mle=fa.flow_mle)
-        always = fce.Rule("every", flow_every=1, flow_mle=fa.flow_mle)
+        no_flow = dataclasses.replace(train.rule(fa), flow_every=10 ** 9)
+        always = dataclasses.replace(train.rule(fa), flow_every=1)
 
-        def refresh(s, c=c):
+        def refresh(s, c=c):  # the window's pass, as after a flow step
             c.flow_changed()
-            with torch.no_grad():
-                c._noise(list(range(s, s + window)), [batch_at(i) for i in range(s, s + window)])
+            c.cached(s, batch_at)
         kinds[f"fce-{name}: EBM step (cached noise)"] = (
             lambda s, e=e, c=c, oe=oe, of=of, r=no_flow: fce.fce_step(e, c, s, batch_at(s),
                                                                       batch_at, oe, of, r))
