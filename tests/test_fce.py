@@ -292,3 +292,10 @@ def test_a_flow_gone_non_finite_stops_fce_and_keeps_the_last_good_checkpoint(tmp
     ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["flow"].values() if v.is_floating_point())
+
+
+def test_step_cost_times_every_kind_side_by_side():
+    lines = bench_fce.step_cost(flows=("maf",), blocks=1, per_block=2)
+    kinds = [ln.split(" | ")[0].lstrip("| ") for ln in lines if ln.startswith("| ")][1:]
+    assert kinds == ["nce step", "fce-maf: EBM step (cached noise)",
+                     "fce-maf: noise pass (one per flow update)", "fce-maf: EBM + flow step"]
