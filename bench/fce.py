@@ -18,7 +18,6 @@ Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF a
 zuko's with the same architecture, interleaved so machine load hits both alike, and the test
 NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when absent).
 """
-import json
 import os
 import statistics
 import sys
@@ -70,15 +69,6 @@ def iters_root(root):
     return os.path.normpath(root) + "-equal-iterations"
 
 
-def finished_steps(root, label, dataset, seed):
-    """The iterations a finished run made, or None."""
-    path = os.path.join(run_dir(root, label, dataset, seed), "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh).get("steps")
-
-
 def run_grid(args):
     """Every run of the grid, --jobs at a time; returns the number that failed."""
     # seed by seed, so that an interrupted benchmark holds whole seeds
@@ -90,7 +80,8 @@ def run_grid(args):
         t = time.time()
         lab, ds, seed = job
         if lab == "equal-iterations":  # after the FCE-MAF run of the same set and seed
-            steps = finished_steps(args.root, EQUAL_ITERS[1], ds, seed)
+            steps = (runner.finished(run_dir(args.root, EQUAL_ITERS[1], ds, seed))
+                     or {}).get("steps")
             if steps is None:
                 return 0
             out, code = run_one(iters_root(args.root), EQUAL_ITERS[0], ds, seed, None,

@@ -299,3 +299,20 @@ def test_step_cost_times_every_kind_side_by_side():
     kinds = [ln.split(" | ")[0].lstrip("| ") for ln in lines if ln.startswith("| ")][1:]
     assert kinds == ["nce step", "fce-maf: EBM step (cached noise)",
                      "fce-maf: noise pass (one per flow update)", "fce-maf: EBM + flow step"]
+
+
+def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
+    """After the equal-CPU grid, NCE runs again for exactly the iterations FCE-MAF made, in
+    a folder beside the grid's (so it never mixes into the equal-CPU table), and the report
+    has the equal-iteration table."""
+    root, out = tmp_path / "grid", tmp_path / "report"
+    argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "fce-maf",
+            "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
+            "--jobs", "2", "--train_args", " ".join(TINY)]
+    assert bench_fce.main(argv) == 0
+    fce_steps = json.load(open(root / "fce-maf-8gaussians-s0" / "summary.json"))["steps"]
+    partner = tmp_path / "grid-equal-iterations" / "nce-8gaussians-s0" / "summary.json"
+    assert json.load(open(partner))["steps"] == fce_steps
+    table = open(out / "table.md").read()
+    assert "| nce (FCE-MAF's iterations) | 8gaussians | 1 |" in table
+    assert table.count("| nce | 8gaussians | 1 |") == 1
