@@ -316,3 +316,22 @@ def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
     table = open(out / "table.md").read()
     assert "| nce (FCE-MAF's iterations) | 8gaussians | 1 |" in table
     assert table.count("| nce | 8gaussians | 1 |") == 1
+
+
+def test_max_steps_ends_the_run_mid_epoch_and_evaluates(tmp_path):
+    code, out = run(tmp_path, "--epoch", "5", "--max_steps", "13")
+    assert code == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 13 and "kl_ebm" in summary
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_mixed_noise_rule(tmp_path, capsys):
+    code, out = run(tmp_path, "--epoch", "1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["rule"]  # written before --rule existed
+    torch.save(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(out), "--epoch", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "old step rule" in err and len(err.splitlines()) == 1
