@@ -52,8 +52,10 @@ from torch import Tensor, nn
 import checkpoint
 import config
 import datasets
+import dequantize
 import evaluation
 import gridmath
+import mcmc_images
 import util
 from flows import gaussian_fit
 from samplers import frozen
@@ -61,6 +63,7 @@ from samplers import frozen
 SCHEDULES = ("sigmoid", "geometric", "linear")
 TARGET_ACCEPTANCE = {"hmc": 0.65, "mala": 0.57}
 ADAPT = ("global", "chain", "none")
+ESS_FLOOR = 0.05  # a repeat whose ESS is below this fraction of its chains is degenerate
 
 
 # ----------------------------------------------------------------------------- the path
@@ -126,22 +129,87 @@ def _evaluate(energy, base, x):
     return _State(y.detach(), f.detach(), log_q0.detach(), grad_f, grad_log_q0)
 
 
+# ----------------------------------------------------------------------------- the box
+def reflect(x: Tensor, rho: Tensor, box: tuple) -> tuple:
+    """Fold x back into [lo, hi] by mirror reflections at the walls and flip the momentum of
+    every coordinate reflected an odd number of times (Neal 2011, sec. 5.1): with n the number
+    of walls crossed, t = x - lo - n w (w = hi - lo),
+
+        x <- lo + t (n even),  lo + w - t (n odd);   rho <- (-1)^n rho.
+
+    The map is volume-preserving and reversible, so HMC with it leaves pi_b restricted to the
+    box invariant and the chains never leave the box."""
+    lo, hi = box
+    w = hi - lo
+    n = torch.floor((x - lo) / w)
+    t = x - lo - n * w
+    odd = torch.remainder(n, 2) == 1
+    return lo + torch.where(odd, w - t, t), torch.where(odd, -rho, rho)
+
+
+class BoxGaussian(nn.Module):
+    """N(m, diag s^2) truncated to the box [lo, hi]^D: a normalised base on the box,
+
+        log q0(x) = sum_i [log N(x_i; m_i, s_i^2) - log(Phi(b_i) - Phi(a_i))],  x in the box,
+        a_i = (lo - m_i) / s_i,  b_i = (hi - m_i) / s_i    (-inf outside),
+
+    sampled by inversion, x_i = m_i + s_i Phi^-1(Phi(a_i) + u (Phi(b_i) - Phi(a_i))),
+    u ~ U(0, 1). `BoxGaussian.fit(x, box)` takes m and s from the points x."""
+
+    def __init__(self, m: Tensor, s: Tensor, box: tuple = (-1.0, 1.0)):
+        super().__init__()
+        self.box = tuple(float(v) for v in box)
+        self.register_buffer("m", m.double())
+        self.register_buffer("s", s.double())
+
+    @classmethod
+    def fit(cls, x: Tensor, box: tuple = (-1.0, 1.0), s_min: float = 1e-3):
+        x = x.double()
+        return cls(x.mean(0), x.std(0).clamp(min=s_min), box)
+
+    def _ends(self):
+        lo, hi = self.box
+        return (torch.special.ndtr((lo - self.m) / self.s),
+                torch.special.ndtr((hi - self.m) / self.s))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        Pa, Pb = self._ends()
+        z = (x - self.m) / self.s
+        log_n = -0.5 * z ** 2 - torch.log(self.s) - 0.5 * math.log(2 * math.pi)
+        lp = (log_n - torch.log(Pb - Pa)).sum(1)
+        inside = ((x >= self.box[0]) & (x <= self.box[1])).all(1)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+
+    def sample_and_log_prob(self, n: int):
+        Pa, Pb = self._ends()
+        u = torch.rand(n, self.m.numel(), dtype=self.m.dtype, device=self.m.device)
+        fi = torch.finfo(u.dtype)
+        z = torch.special.ndtri((Pa + u * (Pb - Pa)).clamp(fi.tiny, 1 - fi.eps))
+        x = (self.m + self.s * z).clamp(*self.box)
+        return x, self.log_prob(x)
+
+
 # ----------------------------------------------------------------------------- transitions
 def metropolis(log_a: Tensor) -> Tensor:
     """Accept each proposal with probability min(1, exp(log_a))."""
     return torch.log(torch.rand_like(log_a)) < log_a
 
 
-def hmc(energy, base, s: _State, b: float, eps: Tensor, n_leapfrog: int):
+def hmc(energy, base, s: _State, b: float, eps: Tensor, n_leapfrog: int,
+        box: Optional[tuple] = None):
     """One HMC transition leaving pi_b invariant: momentum rho ~ N(0, I), `n_leapfrog` leapfrog
     steps of size eps (per chain, shape (n, 1)), Metropolis test on H = U_b(x) + |rho|^2 / 2
-    (in float64). Returns the new state and the acceptance probabilities (n,)."""
+    (in float64). With `box` = (lo, hi) the position steps reflect at its walls (`reflect`):
+    pi_b restricted to the box. Returns the new state and the acceptance probabilities (n,)."""
     rho = torch.randn_like(s.x)
     H0 = s.U(b) + 0.5 * (rho.double() ** 2).sum(1)
     t = s
     rho = rho - 0.5 * eps * t.grad_U(b)
     for i in range(n_leapfrog):
-        t = _evaluate(energy, base, t.x + eps * rho)
+        x = t.x + eps * rho
+        if box is not None:
+            x, rho = reflect(x, rho, box)
+        t = _evaluate(energy, base, x)
         rho = rho - (eps if i < n_leapfrog - 1 else 0.5 * eps) * t.grad_U(b)
     H1 = t.U(b) + 0.5 * (rho.double() ** 2).sum(1)
     log_a = torch.nan_to_num(H0 - H1, nan=-math.inf).clamp(max=0.0)
@@ -176,14 +244,15 @@ def _fixed_modules(*modules):
 
 def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
            n_leapfrog: int = 5, eps: float = 0.1, step_sizes: Optional[Tensor] = None,
-           adapt: str = "global", repeats: int = 1, gamma: float = 0.5):
+           adapt: str = "global", repeats: int = 1, gamma: float = 0.5,
+           box: Optional[tuple] = None):
     """Run chains x along b = betas[0] -> betas[-1] (either direction), accumulating
 
         log w += (b_k - b_{k-1}) (-f(x) - log q0(x)),  then x <- T_k(x) for the inner b_k.
 
     `step_sizes` (len(betas) - 2,) fixes eps per inner temperature (no adaptation: the kernels
     are chosen in advance and AIS is exactly unbiased); otherwise eps starts at `eps` and adapts.
-    Returns log w (n,) float64, acceptance per inner temperature, eps used per inner
+    `box` = (lo, hi) keeps the chains in [lo, hi]^D (`hmc`). Returns log w (n,) float64, acceptance per inner temperature, eps used per inner
     temperature (geometric mean over chains) and the final chains."""
     n_leapfrog = 1 if transition == "mala" else n_leapfrog
     target = TARGET_ACCEPTANCE[transition]
@@ -199,7 +268,7 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
             break
         if step_sizes is not None:
             log_eps = torch.full_like(log_eps, math.log(float(step_sizes[k - 1])))
-        s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog)
+        s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog, box)
         acc.append(float(a.mean()))
         used.append(float(log_eps.mean().exp()))
         if step_sizes is None:
@@ -212,7 +281,9 @@ class AISResult:
     """log_Z: mean over repeats of the repeat estimates log_Z_repeats (R,); log_Z_sd their sd
     (0 for one repeat); log_w (R, n) float64; ess (R,) (sum w)^2 / sum w^2 per repeat;
     acceptance: mean acceptance probability, acceptance_per_temp and eps per inner temperature;
-    direction "forward" (lower bound) or "reverse" (upper bound)."""
+    direction "forward" (lower bound) or "reverse" (upper bound); degenerate: some repeat's
+    ESS is below ESS_FLOOR of its chains or below 2 (or not finite): the estimate is then
+    set by a handful of chains and is unreliable (`warning` says so)."""
     log_Z: float
     log_Z_sd: float
     log_Z_repeats: Tensor
@@ -222,6 +293,14 @@ class AISResult:
     acceptance_per_temp: Tensor
     eps: Tensor
     direction: str
+    degenerate: bool = False
+
+    def warning(self) -> str:
+        """'' or the line printed beside a degenerate estimate."""
+        if not self.degenerate:
+            return ""
+        return (f"weights degenerate: ESS {float(self.ess.min()):.1f} of "
+                f"{self.log_w.shape[1]} chains; the estimate is unreliable; use more --temps")
 
 
 def _result(log_w, sign, acc, eps, direction):
@@ -231,32 +310,38 @@ def _result(log_w, sign, acc, eps, direction):
     sd = float(est.std()) if len(est) > 1 else 0.0
     ess = torch.tensor([evaluation.effective_sample_size(lw) for lw in log_w], dtype=torch.float64)
     mean_acc = float(acc.mean()) if len(acc) else float("nan")
-    return AISResult(float(est.mean()), sd, est, log_w, ess, mean_acc, acc, eps, direction)
+    degenerate = bool((~(ess >= max(ESS_FLOOR * n, 2.0))).any())  # nan counts as degenerate
+    return AISResult(float(est.mean()), sd, est, log_w, ess, mean_acc, acc, eps, direction,
+                     degenerate)
 
 
 def ais_log_Z(energy: Callable[[Tensor], Tensor], base, n_chains: int = 256,
               n_temps: int = 500, repeats: int = 1, schedule_kind: str = "sigmoid",
               transition: str = "hmc", n_leapfrog: int = 5, eps: float = 0.1,
-              adapt: str = "global", step_sizes: Optional[Tensor] = None) -> AISResult:
+              adapt: str = "global", step_sizes: Optional[Tensor] = None,
+              box: Optional[tuple] = None) -> AISResult:
     """Forward AIS from q0 = `base` to exp(-energy): log Z-hat = logsumexp(log w) - log n, a
     stochastic lower bound (E[log Z-hat] <= log Z; E[Z-hat] = Z).
 
     `repeats` independent runs of `n_chains` chains each (run together as one batch, each with
     its own step-size adaptation) give log_Z (their mean) and log_Z_sd (their spread). Chains
-    run in the dtype of the base's samples; weights are float64."""
+    run in the dtype of the base's samples; weights are float64. With `box` = (lo, hi) the
+    target is exp(-f) on [lo, hi]^D only (Z = int_box exp(-f)) and `base` must be a normalised
+    density on the box (`BoxGaussian`)."""
     _check(transition, adapt)
     betas = schedule(n_temps, schedule_kind)
     with _fixed_modules(energy, base), torch.no_grad():
         x = base.sample_and_log_prob(n_chains * repeats)[0].detach()
         log_w, acc, used, _ = anneal(energy, base, x, betas, transition, n_leapfrog, eps,
-                                     step_sizes, adapt, repeats)
+                                     step_sizes, adapt, repeats, box=box)
     return _result(log_w.view(repeats, n_chains), 1.0, acc, used, "forward")
 
 
 def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
                       n_temps: int = 500, repeats: int = 1, schedule_kind: str = "sigmoid",
                       transition: str = "hmc", n_leapfrog: int = 5, eps: float = 0.1,
-                      adapt: str = "global", step_sizes: Optional[Tensor] = None) -> AISResult:
+                      adapt: str = "global", step_sizes: Optional[Tensor] = None,
+                      box: Optional[tuple] = None) -> AISResult:
     """Reverse AIS (RAISE / BDMC) from chains at `x_start` (n, D), annealed b = 1 -> 0:
     log Z-hat_up = -(logsumexp(log w_rev) - log n) with E[w_rev] = 1/Z, a stochastic UPPER bound
     on log Z when x_start are exact samples of exp(-f)/Z (with data: a heuristic upper bound).
@@ -271,7 +356,8 @@ def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
     steps = None if step_sizes is None else step_sizes.flip(0)
     with _fixed_modules(energy, base), torch.no_grad():
         log_w, acc, used, _ = anneal(energy, base, x_start[: n * repeats].detach(), betas,
-                                     transition, n_leapfrog, eps, steps, adapt, repeats)
+                                     transition, n_leapfrog, eps, steps, adapt, repeats,
+                                     box=box)
     return _result(log_w.view(repeats, n), -1.0, acc.flip(0), used.flip(0), "reverse")
 
 
@@ -296,6 +382,11 @@ class Bracket:
     forward: AISResult
     reverse: AISResult
 
+    @property
+    def reliable(self) -> bool:
+        """False when either run's weights are degenerate (AISResult.degenerate)."""
+        return not (self.forward.degenerate or self.reverse.degenerate)
+
 
 def loglik_bracket(energy: Callable[[Tensor], Tensor], base, x_test: Tensor,
                    n_chains: int = 256, n_temps: int = 500, repeats: int = 1,
@@ -311,7 +402,7 @@ def loglik_bracket(energy: Callable[[Tensor], Tensor], base, x_test: Tensor,
     here) it is a heuristic upper bound on log Z, trustworthy as far as the model fits the data.
     The gap shrinks as n_temps grows. The reverse run starts at a random subset of
     n_chains * repeats rows of x_test (all rows if fewer) and reuses the forward run's step
-    sizes. kw go to both runs (schedule_kind, transition, n_leapfrog, eps, adapt)."""
+    sizes. kw go to both runs (schedule_kind, transition, n_leapfrog, eps, adapt, box)."""
     fwd = ais_log_Z(energy, base, n_chains, n_temps, repeats, **kw)
     rows = torch.randperm(x_test.shape[0], device=x_test.device)[: n_chains * repeats]
     kw = {k: v for k, v in kw.items() if k not in ("step_sizes", "adapt")}
@@ -325,21 +416,29 @@ def loglik_bracket(energy: Callable[[Tensor], Tensor], base, x_test: Tensor,
 
 # ----------------------------------------------------------------------------- command line
 def build_parser():
-    p = config.Parser(description="log Z of a train.py run's EBM by annealed importance "
-                                  "sampling, and its test log-likelihood bracket",
+    p = config.Parser(description="log Z of a run's EBM (train.py, or a train_mcmc.py image run) "
+                                  "by annealed importance sampling, and its test "
+                                  "log-likelihood bracket",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", help="train.py run folder (with checkpoint.pt)")
+    p.add_argument("run", help="run folder (with checkpoint.pt)")
     p.add_argument("--chains", type=config.positive_int, default=500, help="chains per repeat")
     p.add_argument("--temps", type=config.positive_int, default=500, help="annealing steps K")
     p.add_argument("--repeats", type=config.positive_int, default=4,
                    help="independent AIS runs (mean and sd of log Z-hat)")
     p.add_argument("--seed", type=config.seed, default=0, help="seeds the chains")
     p.add_argument("--base", choices=["gaussian", "flow"], default="gaussian",
-                   help="q0: a Gaussian fitted to the held-out data, or the run's flow")
+                   help="q0: a Gaussian fitted to data (2D: the held-out set; images: the "
+                        "dequantised training images), or the run's flow")
     p.add_argument("--transition", choices=list(TARGET_ACCEPTANCE), default="hmc")
     p.add_argument("--leapfrog", type=config.positive_int, default=5, help="HMC leapfrog steps")
+    p.add_argument("--eps", type=config.positive_float, default=0.1,
+                   help="initial HMC / MALA step size (then adapted, see --adapt)")
     p.add_argument("--schedule", choices=SCHEDULES, default="sigmoid")
     p.add_argument("--adapt", choices=ADAPT, default="global", help="step-size adaptation")
+    p.add_argument("--domain", choices=DOMAINS, default="auto",
+                   help="box: the density exp(-f) on the data box [-1, 1]^D (chains reflect "
+                        "at its walls, base: a box-truncated diagonal Gaussian); free: on R^D; "
+                        "auto: box for train_mcmc.py image runs, free otherwise")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
                    help="precision of the chains and networks (weights are always float64)")
     p.add_argument("--threads", type=config.nonnegative_int, default=1,
@@ -347,14 +446,96 @@ def build_parser():
     return p
 
 
-def held_out(cfg: dict) -> Tensor:
-    """The run's held-out set, drawn as train.py draws it (training set first, same seed)."""
-    missing = [k for k in ("dataset", "seed", "samples", "test_samples") if k not in cfg]
+DOMAINS = ("auto", "box", "free")
+IMAGE_BOX = (-1.0, 1.0)  # the dequantised images' domain on the model scale
+
+
+@dataclass
+class Target:
+    """What a run is scored on: `energy` f (the density is exp(-f) / Z), the held-out points
+    `x_test`, the points `x_fit` a Gaussian base is fitted to, the run's `flow` (or None),
+    the grey levels `levels` of an image run (None in 2D: no dequantisation) and the `box`
+    the chains stay in (None: R^D)."""
+    energy: nn.Module
+    x_test: Tensor
+    x_fit: Tensor
+    flow: Optional[nn.Module]
+    levels: Optional[int]
+    box: Optional[tuple]
+
+
+def run_target(run, path: str, domain: str = "auto") -> Target:
+    """The energy and the held-out set of a run, in one place:
+
+    train.py, 2D      ebm (f); held-out set redrawn as train.py drew it; base fitted to it
+    train.py, images  ebm (f, an EBM(D, ...)); held-out: dequantize.test_set of the split's
+                      test images; base fitted to the training images, dequantised once
+    train_mcmc.py     image_ebm: U = (2 / eps^2) F itself (mcmc_images.load_image_ebm), the
+                      images as for train.py; 2D: ebm (U), held-out set redrawn as it drew it
+    Bad runs stop with one line (config.fail)."""
+    cfg, ckpt = run.config, run.checkpoint
+    writer = ckpt.get("script") or "train.py"
+    if writer not in ("train.py", "train_mcmc.py"):
+        config.fail(f"{path} was written by {writer}; ais.py reads train.py and train_mcmc.py "
+                    f"runs")
+    image = cfg.get("dataset") in mcmc_images.IMAGE_DATASETS
+    energy = run.ebm
+    if writer == "train_mcmc.py" and "image_ebm" in ckpt:
+        energy = mcmc_images.load_image_ebm(ckpt)
+    if energy is None:
+        config.fail(f"{path} has no EBM in its checkpoint (a flow-only run?); train one with "
+                    f"train.py (an EBM estimator) or train_mcmc.py")
+    box = (IMAGE_BOX if domain == "box" or (domain == "auto" and writer == "train_mcmc.py"
+                                            and image) else None)
+    if box is not None and not image:
+        config.fail("--domain box is for image runs (their data live in [-1, 1]^D); drop it")
+    if not image:
+        x_test = held_out(cfg, writer)
+        return Target(energy, x_test, x_test, run.flow, None, None)
+    x_train, x_test = image_sets(cfg)
+    return Target(energy, x_test, x_train, run.flow, dequantize.LEVELS[cfg["dataset"]], box)
+
+
+def image_sets(cfg: dict) -> tuple:
+    """(training, held-out) images of an image run, dequantised once each: the held-out ones by
+    dequantize.test_set (the points every model is scored on), the training ones (the first
+    n_train, as the run used) with seed TEST_SEED + 1."""
+    try:
+        x_train, _, x_test, _ = mcmc_images.load_images(
+            cfg["dataset"], cfg.get("mnist_images"), cfg.get("mnist_labels"))
+    except mcmc_images.DataError as e:
+        config.fail(str(e))
+    L = dequantize.LEVELS[cfg["dataset"]]
+    x_train = x_train[: cfg.get("n_train") or len(x_train)]
+    g = torch.Generator().manual_seed(dequantize.TEST_SEED + 1)
+    return dequantize.dequantize(x_train, L, g), dequantize.test_set(x_test, L)
+
+
+def held_out(cfg: dict, writer: str = "train.py") -> Tensor:
+    """A 2D run's held-out set, drawn as its script drew it (training set first, same seed;
+    train.py: samples / test_samples, train_mcmc.py: n_train / n_test)."""
+    keys = (("samples", "test_samples") if writer == "train.py" else ("n_train", "n_test"))
+    missing = [k for k in ("dataset", "seed", *keys) if k not in cfg]
     if missing:
-        config.fail(f"the run's config has no {', '.join(missing)}; ais.py reads train.py runs")
+        config.fail(f"the run's config has no {', '.join(missing)}; is it a {writer} run?")
     rng = util.set_seed(cfg["seed"])
-    datasets.sample(cfg["dataset"], cfg["samples"], rng)
-    return datasets.sample(cfg["dataset"], cfg["test_samples"], rng)
+    datasets.sample(cfg["dataset"], cfg[keys[0]], rng)
+    return datasets.sample(cfg["dataset"], cfg[keys[1]], rng)
+
+
+def make_base(args, target: Target, dtype):
+    """q0: the run's flow (R^D only), a Gaussian fitted to target.x_fit, or in the box its
+    box-truncated diagonal version (BoxGaussian)."""
+    if args.base == "flow":
+        if target.flow is None:
+            config.fail(f"{args.run} has no flow; use --base gaussian")
+        if target.box is not None:
+            config.fail("a flow is a density on R^D, not on the box; use --domain free with "
+                        "--base flow, or --base gaussian")
+        return target.flow.to(dtype)
+    if target.box is not None:
+        return BoxGaussian.fit(target.x_fit, target.box).to(dtype)
+    return gaussian_fit(target.x_fit).to(dtype)
 
 
 def main(argv=None):
@@ -365,42 +546,56 @@ def main(argv=None):
         run = checkpoint.load_run(args.run)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(str(e))
-    if run.ebm is None:
-        config.fail(f"{args.run} has no EBM in its checkpoint (an MLE flow run?)")
-    writer = run.checkpoint.get("script")
-    if writer not in (None, "train.py"):
-        config.fail(f"{args.run} was written by {writer}; ais.py reads train.py runs")
-    if args.base == "flow" and run.flow is None:
-        config.fail(f"{args.run} has no flow (NCE run); use --base gaussian")
+    target = run_target(run, args.run, args.domain)
     dtype = getattr(torch, args.dtype)
-    x_test = held_out(run.config).to(dtype)
-    base = (gaussian_fit(x_test) if args.base == "gaussian" else run.flow).to(dtype)
-    ebm = run.ebm.to(dtype)
+    x_test = target.x_test.to(dtype)
+    base = make_base(args, target, dtype)
+    ebm = target.energy.to(dtype)
     util.set_seed(args.seed)
     br = loglik_bracket(ebm, base, x_test, args.chains, args.temps, args.repeats,
                         schedule_kind=args.schedule, transition=args.transition,
-                        n_leapfrog=args.leapfrog, adapt=args.adapt)
-    report(args, br, ebm, x_test.shape[1], dtype)
+                        n_leapfrog=args.leapfrog, eps=args.eps, adapt=args.adapt,
+                        box=target.box)
+    report(args, br, ebm, target, dtype)
     return 0
 
 
-def report(args, br, ebm, dim, dtype):
-    """Print log Z (mean +- sd over repeats), the grid log Z (2D) and the bracket."""
+def report(args, br, ebm, target, dtype):
+    """Print log Z (mean +- sd over repeats), ESS and acceptance (with a warning beside
+    degenerate weights), the grid log Z (2D), the learned c (an EBM with one), and the
+    bracket: in nats (2D), or for images in nats per image on the dequantised [0, L) scale and
+    in bits/dim (dequantize.to_nats, bits_per_dim)."""
     f, r = br.forward, br.reverse
+    dim = target.x_test.shape[1]
+    where = "R^D" if target.box is None else f"[{target.box[0]:g}, {target.box[1]:g}]^{dim}"
     print(f"{args.run}: AIS {args.transition}, {args.repeats} x {args.chains} chains, "
-          f"{args.temps} temperatures ({args.schedule}), base {args.base}")
+          f"{args.temps} temperatures ({args.schedule}), base {args.base}, density on {where}")
     print(f"log Z  forward (lower) {f.log_Z:.4f} +- {f.log_Z_sd:.4f} | reverse from data "
           f"(upper) {r.log_Z:.4f} +- {r.log_Z_sd:.4f}")
-    print(f"ESS    forward {float(f.ess.mean()):.1f} / {args.chains} | acceptance forward "
-          f"{f.acceptance:.3f}, reverse {r.acceptance:.3f}")
+    for res, n in ((f, args.chains), (r, r.log_w.shape[1])):
+        warn = f"   WARNING: {res.warning()}" if res.degenerate else ""
+        print(f"ESS    {res.direction} {float(res.ess.mean()):.1f} / {n} (min over repeats "
+              f"{float(res.ess.min()):.1f}), acceptance {res.acceptance:.3f}{warn}")
     if dim == 2:
         neg_f, area = gridmath.on_grid(lambda x: -ebm(x), datasets.BOUND, datasets.GRID,
                                        dtype=dtype)
         print(f"log Z  grid [-{datasets.BOUND}, {datasets.BOUND}]^2, {datasets.GRID}^2 cells: "
               f"{gridmath.grid_log_Z(neg_f, area):.4f}")
+    if isinstance(getattr(ebm, "c", None), Tensor):
+        print(f"log Z  learned c of the EBM: {float(ebm.c):.4f}")
     note = "; negative: the bounds agree within their Monte Carlo error" if br.gap < 0 else ""
-    print(f"test log-likelihood in [{br.lower:.4f}, {br.upper:.4f}] (gap {br.gap:.4f} nats"
-          f"{note}; mean -f = {br.mean_neg_f:.4f})")
+    flag = "" if br.reliable else " UNRELIABLE (degenerate weights, see above)"
+    if target.levels is None:
+        print(f"test log-likelihood in [{br.lower:.4f}, {br.upper:.4f}] (gap {br.gap:.4f} nats"
+              f"{note}; mean -f = {br.mean_neg_f:.4f}){flag}")
+        return
+    L = target.levels
+    lo, hi = (dequantize.to_nats(v, dim, L) for v in (br.lower, br.upper))
+    bpd_hi, bpd_lo = (dequantize.bits_per_dim(v, dim, L) for v in (br.lower, br.upper))
+    print(f"test log-likelihood in [{lo:.4f}, {hi:.4f}] nats per image on the dequantised "
+          f"[0, {L}) scale (gap {br.gap:.4f}{note}; {target.x_test.shape[0]} held-out images){flag}")
+    print(f"bits/dim in [{bpd_lo:.4f}, {bpd_hi:.4f}] (uniform on [0, {L})^{dim}: "
+          f"{math.log2(L):.4f}){flag}")
 
 
 if __name__ == "__main__":
