@@ -67,8 +67,9 @@ def build_parser():
     p.add_argument("--chunk", type=config.positive_int, default=100,
                    help="steps between progress lines")
     p.add_argument("--n", type=config.positive_int, default=None,
-                   help="number of chains (default 5000; image runs 500, at least 2 and at "
-                        "most the training images)")
+                   help="number of chains (default 5000; image runs 1000 or all training "
+                        "images if fewer, at least 2 and at most the training images: the "
+                        "metric's floor draws as many real images)")
     p.add_argument("--eps", type=config.positive_float, default=None,
                    help="step size (default: the run's eps)")
     p.add_argument("--temperature", type=config.positive_float, default=1.0)
@@ -226,7 +227,7 @@ def sample_images(args, run, device, signals):
     if "image_ebm" not in ckpt:
         config.fail(f"{args.run} has no image EBM in its checkpoint; train it with "
                     f"train_mcmc.py --dataset {cfg.get('dataset')}")
-    n, scale = args.n or 500, args.init_scale or 1.0
+    scale = args.init_scale or 1.0
     save_at = args.save_at or [0] + [10 ** k for k in range(2, 9) if 10 ** k < args.steps]
     save_at = sorted(set(save_at) | {args.steps})
     eps = args.eps or cfg["eps"]
@@ -237,6 +238,7 @@ def sample_images(args, run, device, signals):
         config.fail(str(e))
     x_train, y_train = x_train[:cfg.get("n_train", len(x_train))], \
         y_train[:cfg.get("n_train", len(x_train))]
+    n = args.n or min(1000, len(x_train))
     if not 2 <= n <= len(x_train):
         config.fail(f"--n {n}: the metric needs at least 2 chains and at most the "
                     f"{len(x_train)} training images (its floor scores as many real images)")
@@ -252,7 +254,7 @@ def sample_images(args, run, device, signals):
     net = mcmc_images.load_image_ebm(ckpt, device=device)
     U = ConvEnergy(net)  # image_ebm is U itself (scaled by 2 / eps^2 at training time)
     print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {n} chains, {args.steps} "
-          f"steps from {args.init}; metric floor FD {metric.floor['fd']:.2f}, saving at "
+          f"steps from {args.init}; metric {metric.describe()}; saving at "
           f"{', '.join(map(str, save_at))}")
 
     results, grids, energy_trace, acc_all = [], [], [], []
@@ -268,7 +270,7 @@ def sample_images(args, run, device, signals):
             results.append(m)
             grids.append(mcmc_images.save_grid(os.path.join(out, f"step_{done:06d}.png"),
                                                x[:100], net.shape, title=f"step {done}"))
-            print(f"step {done:6d}  FD {m['fd']:8.2f}  FD pixels {m['fd_pixels']:7.3f}  label TV "
+            print(f"step {done:6d}  FD {m['fd']:8.2f} ({m['fd_ratio']:.2f}x floor)  FD pixels {m['fd_pixels']:7.3f}  label TV "
                   f"{m['label_tv']:.3f}  energy {m['energy_mean']:+.4g}  pixels "
                   f"[{m['x_min']:+.2f}, {m['x_max']:+.2f}]"
                   + (f"  non-finite {m['n_nonfinite']}" if m["n_nonfinite"] else ""))
@@ -285,7 +287,8 @@ def sample_images(args, run, device, signals):
 
     record = {"run": args.run, "sampler": args.sampler, "init": args.init, "n": n, "eps": eps,
               "temperature": args.temperature, "seed": args.seed, "steps": args.steps,
-              "results": results, "floor": metric.floor, "energy_trace": energy_trace,
+              "results": results, "floor": metric.floor, "floor_sd": metric.floor_sd,
+              "n_floor": metric.n_floor, "energy_trace": energy_trace,
               "acceptance_mean": None if acc is None else float(acc.mean()),
               "wall_sec": secs, "cpu_s": cpu}
     with open(stem + ".json", "w") as fh:

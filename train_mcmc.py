@@ -15,8 +15,8 @@ Images (`--dataset digits|mnist`, mcmc_images.py): F is a ConvNet (`--net conv8`
 digits, `vanilla` for 28px MNIST padded to 32), images travel as flattened rows in [-1, 1],
 `samplers.ConvEnergy` gives the fast input gradient, and the persistent bank holds one chain
 per training image (at most --bank_size). Every evaluation scores n_eval short-run samples
-(Frechet distance on classifier features and pixels, label-histogram TV; mcmc_images.
-SampleMetric) and saves a grid of the current negatives; the grids become a gif at the end.
+(Frechet distance on classifier features and pixels, its ratio to the real-data floor at the
+same n, label-histogram TV; mcmc_images.SampleMetric) and saves a grid of the current negatives; the grids become a gif at the end.
 
     python train_mcmc.py --config configs/mcmc_digits_nonconvergent.json
     python train_mcmc.py --dataset mnist --mnist_images train-images-idx3-ubyte.gz \
@@ -101,8 +101,9 @@ def build_parser():
                    help="channels of the first conv layer (then 2x, 4x, ...)")
     p.add_argument("--mnist_images", default=None, help="local MNIST images IDX file (.gz ok)")
     p.add_argument("--mnist_labels", default=None, help="local MNIST labels IDX file (.gz ok)")
-    p.add_argument("--n_eval", type=config.positive_int, default=500,
-                   help="short-run samples scored by the image metric every evaluation")
+    p.add_argument("--n_eval", type=config.positive_int, default=1000,
+                   help="short-run samples scored by the image metric every evaluation (its "
+                        "floor draws as many real images)")
     p.add_argument("--langevin_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the images' Langevin gradient (the chains stay float32)")
     # Langevin
@@ -271,8 +272,8 @@ def make_scorer(args, data, image):
     metric = mcmc_images.SampleMetric(data["x_train"].cpu(), data["y_train"], data["x_test"],
                                       data["y_test"], n=args.n_eval)
     print(f"{args.dataset}: {len(data['x_train'])} training / {len(data['x_test'])} test "
-          f"images; metric classifier test accuracy {metric.test_accuracy:.3f}, FD floor "
-          f"{metric.floor['fd']:.2f} (pixels {metric.floor['fd_pixels']:.3f})")
+          f"images; metric classifier test accuracy {metric.test_accuracy:.3f}; "
+          f"{metric.describe()}")
     return metric
 
 
@@ -283,7 +284,8 @@ def evaluate(args, run, F, scale, chains, scorer, data, x_neg, step):
     title = f"{run.name}  iteration {step}"
     if args.dataset in mcmc_images.IMAGE_DATASETS:
         m = scorer(chains.short_run(args.n_eval))
-        m.update({f"{k}_floor": scorer.floor[k] for k in ("fd", "fd_pixels", "label_tv")})
+        m.update({f"{k}_floor": scorer.floor[k] for k in scorer.KEYS})
+        m.update({f"{k}_floor_sd": scorer.floor_sd[k] for k in scorer.KEYS})
         m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
         fig = mcmc_images.save_grid(os.path.join(args.image_dir, "negatives",
                                                  f"step_{step:06d}.png"),
@@ -397,7 +399,8 @@ def train(args, run, data, F):
     return {"status": "done", "step": loop["step"], **metrics}
 
 
-EVAL_SHOWN = ("kl_ebm", "kl_kde", "kde_outside", "nll_ebm", "fd", "fd_pixels", "label_tv")
+EVAL_SHOWN = ("kl_ebm", "kl_kde", "kde_outside", "nll_ebm", "fd", "fd_ratio", "fd_pixels",
+              "label_tv")
 
 
 if __name__ == "__main__":
