@@ -312,3 +312,20 @@ def test_fast_gradient_passes_its_self_check_on_a_net_with_large_activations():
     (ref,) = torch.autograd.grad(U(y).sum(), y)
     assert U.fast
     assert float((U.grad(x) - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_bench_table_judges_fd_against_the_floor(capsys):
+    """The benchmark's table prints the floor with its sd and every FD as a ratio to the
+    floor at its n, starred beyond floor + 3 sd."""
+    from bench import mcmc_images as bench_mcmc_images
+
+    floor, sd = {"fd": 4.0, "fd_pixels": 0.4, "label_tv": 0.07}, {"fd": 1.0}
+    long = {"n": 1000, "n_floor": 20, "init": "data", "floor": floor, "floor_sd": sd,
+            "cpu_s": 10.0, "results": [{"step": 0, "fd": 4.5, "label_tv": 0.05},
+                                       {"step": 100, "fd": 8.0, "label_tv": 0.08}]}
+    ev = {"fd": 6.0, "fd_floor": 4.0, "fd_floor_sd": 1.0, "label_tv": 0.09, "cpu_s": 5.0,
+          "n_eval": 1000}
+    bench_mcmc_images.table([{"regime": "convergent", "seed": 0, "eval": ev, "long": long}], 100)
+    out = capsys.readouterr().out
+    assert "4.00 +- 1.00" in out and "n = 1000" in out
+    assert "6.0 (1.50x) |" in out and "4.5 (1.12x) |" in out and "8.0 (2.00x)* |" in out
