@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+import util
+
 RULES = ("every", "threshold")
 
 
@@ -233,7 +235,7 @@ def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, o
     learns = opt_flow is not None
     if learns and rule.flow_due(step):
         V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x))
-        if not torch.isfinite(V) or not _step(opt_flow, rule.flow_loss(V, noise), opt_ebm):
+        if not torch.isfinite(V) or not util.guarded_step(opt_flow, rule.flow_loss(V, noise), opt_ebm):
             return StepResult(V.detach() * math.nan, acc, acc_flow, False, False)
         contrast.flow_changed()
         return StepResult(V.detach(), acc, acc_flow, True, True)
@@ -242,34 +244,17 @@ def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, o
         return StepResult(V.detach(), acc, acc_flow, False, False)
     if learns and rule.name == "threshold" and acc_flow >= rule.threshold:
         V_live, _, _ = _contrast(ebm, x, noise := contrast.live(step, x))
-        ok = _step(opt_flow, rule.flow_loss(V_live, noise))
+        ok = util.guarded_step(opt_flow, rule.flow_loss(V_live, noise))
         contrast.flow_changed()
         return StepResult(V.detach() * (1.0 if ok else math.nan), acc, acc_flow, False, ok)
-    ok = _step(opt_ebm, -V)
+    ok = util.guarded_step(opt_ebm, -V)
     return StepResult(V.detach() * (1.0 if ok else math.nan), acc, acc_flow, ok, False)
-
-
-def _step(opt, loss: Tensor, ascend=None) -> bool:
-    """One backward pass of `loss`: `opt` steps on its gradient with respect to its own
-    parameters, the optimizer `ascend` (if any) on the negative of the gradient with respect
-    to its parameters. No step at all, and False, when a gradient is not finite."""
-    groups = [(opt, 1.0)] + ([(ascend, -1.0)] if ascend is not None else [])
-    params = [[p for g in o.param_groups for p in g["params"]] for o, _ in groups]
-    grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps]))
-    grads = [[sign * next(grads) for _ in ps] for (_, sign), ps in zip(groups, params)]
-    if not all(torch.isfinite(g).all() for gs in grads for g in gs):
-        return False
-    for (o, _), ps, gs in zip(groups, params, grads):
-        for p, g in zip(ps, gs):
-            p.grad = g
-        o.step()
-    return True
 
 
 def mle_step(flow, x: Tensor, opt) -> Tensor:
     """One maximum-likelihood step of the flow alone; returns -mean log q(x) (NaN, and no
     step, when it or a gradient is not finite)."""
     nll = -flow.log_prob(x).mean()
-    if not torch.isfinite(nll) or not _step(opt, nll):
+    if not torch.isfinite(nll) or not util.guarded_step(opt, nll):
         return nll.detach() * math.nan
     return nll.detach()

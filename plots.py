@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402  (Pillow comes with matplotlib)
 
 import datasets  # noqa: E402
+import mcmc_images  # noqa: E402
 from gridmath import on_grid  # noqa: E402
 
 
@@ -53,6 +54,15 @@ def samples(x, bound=datasets.BOUND, bins=150, cmap="viridis"):
     def draw(ax):
         ax.hist2d(x[:, 0], x[:, 1], bins=bins, range=[[-bound, bound], [-bound, bound]],
                   cmap=cmap)
+    return draw
+
+
+def images(x, shape, nrow=10):
+    """Panel drawer: flattened images x (N, C*H*W) in [-1, 1] tiled nrow to a row, grey."""
+    grid = mcmc_images.grid_array(x, shape, nrow)
+
+    def draw(ax):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     return draw
 
 

@@ -19,8 +19,12 @@ equal up to a constant to the Fisher divergence 1/2 E || s_theta(x) - grad log p
 (Hyvarinen 2005) when E v v^T = I. It needs one extra backward pass per projection instead of
 the D passes of the exact trace of the Hessian.
 """
+import math
+
 import torch
 from torch import Tensor
+
+import util
 
 
 def score(energy, x: Tensor, create_graph: bool = True) -> Tensor:
@@ -55,3 +59,18 @@ def ssm_loss(energy, x: Tensor, n_projections: int = 1,
         (grad_sv,) = torch.autograd.grad(sv.sum(), x, create_graph=True)
         total = total + ((grad_sv * v).sum(-1) + 0.5 * sv ** 2).mean()
     return total / n_projections
+
+
+def sm_step(energy, x: Tensor, opt, estimator: str, sigma: float = 0.1,
+            n_projections: int = 1) -> Tensor:
+    """One step of `opt` on L_DSM (estimator "dsm", noise std sigma) or L_SSM ("ssm") of the
+    batch x; returns the loss (NaN, and no step, when it or a gradient is not finite)."""
+    if estimator == "dsm":
+        loss = dsm_loss(energy, x, sigma)
+    elif estimator == "ssm":
+        loss = ssm_loss(energy, x, n_projections)
+    else:
+        raise ValueError(f"unknown score-matching estimator {estimator!r}; choose dsm or ssm")
+    if not torch.isfinite(loss) or not util.guarded_step(opt, loss):
+        return loss.detach() * math.nan
+    return loss.detach()

@@ -1,15 +1,22 @@
-"""Flow contrastive estimation (FCE) and noise contrastive estimation (NCE) on 2D toy data.
+"""EBMs and flows on 2D toy data and on digits: flow contrastive estimation (FCE), noise
+contrastive estimation (NCE), score matching (DSM, SSM) and the flow alone (MLE).
 
     python train.py                                  # FCE with the default flow, 8gaussians
     python train.py --flow=maf --dataset=spiral      # FCE with a MAF
     python train.py --estimator=nce                  # NCE: fixed Gaussian noise, learned log Z
     python train.py --estimator=mle --flow=nsf       # the flow alone, by maximum likelihood
+    python train.py --estimator=dsm                  # denoising score matching (no flow)
+    python train.py --estimator=ssm                  # sliced score matching (no flow)
+    python train.py --dataset=digits --budget=120    # 8x8 digits as a 64-D density
     python train.py --budget=60                      # stop after 60 CPU-seconds of training
 
 An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q play the value function
 V = E_data log p/(p+q) + E_q log q/(p+q) (Gao et al. 2020, eq. 5): the EBM ascends it, the
 flow descends it plus likelihood terms, at the iterations --rule names (fce.py has the maths).
-NCE is the EBM against the fixed Gaussian fitted to the data; mle the flow alone.
+NCE is the EBM against the fixed Gaussian fitted to the data; mle the flow alone; dsm / ssm
+fit the EBM's score alone (score_matching.py; no flow, no learned log Z).
+The 2D sets are scored exactly on a grid, the digits in nats per image of their dequantised
+density, the EBM by an annealed-importance-sampling bracket at the end (tasks.py).
 
 Outputs: runs/<run>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, curves.png}, one
 figure per epoch in images/<run>/, wandb (online when logged in, else offline).
@@ -22,9 +29,10 @@ import torch
 
 import config
 import datasets
-import evaluation
 import fce
 import plots
+import score_matching
+import tasks
 import util
 from ebm import EBM
 from flows import build_flow
@@ -32,19 +40,24 @@ import scaffold
 from logger import read_metrics
 
 # a resumed run may change the `overridable` flags; everything else comes from the checkpoint
-SCRIPT = scaffold.Script("train.py", keys=("flow", "epoch", "it", "step", "rng"), overridable=(
+SCRIPT = scaffold.Script("train.py", keys=("epoch", "it", "step", "rng"), overridable=(
     "epoch", "budget", "max_steps", "eval_every", "plot_every", "log_every", "wandb", "device",
     "project", "image_dir", "threads"))
-ESTIMATORS = ("fce", "nce", "mle")
+ESTIMATORS = ("fce", "nce", "mle", "dsm", "ssm")
+SCORE_MATCHING = ("dsm", "ssm")
 LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
-DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf"}
+DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf", "dsm": None, "ssm": None}
+# sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
+IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [256, 256]}
 
 
 def build_parser():
     p = config.parser(__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="8gaussians", choices=datasets.NAMES)
+    p.add_argument("--dataset", default="8gaussians", choices=[*datasets.NAMES, *tasks.IMAGES],
+                   help="a 2D toy set, or digits (8x8, 64-D) / mnist (--mnist_images)")
     p.add_argument("--estimator", default="fce", choices=ESTIMATORS,
-                   help="fce: EBM + learned flow; nce: EBM + fixed Gaussian; mle: flow alone")
+                   help="fce: EBM + learned flow; nce: EBM + fixed Gaussian; mle: flow alone; "
+                        "dsm / ssm: denoising / sliced score matching of the EBM alone")
     p.add_argument("--flow", default=None, choices=[*LEARNED_FLOWS, "gaussian"],
                    help="noise model (fce) or model (mle); default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
@@ -76,7 +89,12 @@ def build_parser():
                    help="cosine: both learning rates decay to lr_min_factor * lr at the end")
     p.add_argument("--lr_min_factor", type=config.unit_interval, default=0.05,
                    help="the cosine schedule's final fraction of each learning rate")
-    p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=[128, 128, 128])
+    p.add_argument("--sm_sigma", type=config.positive_float, default=0.1,
+                   help="dsm: std of the Gaussian noise added to the data")
+    p.add_argument("--sm_projections", type=config.positive_int, default=1,
+                   help="ssm: random projections per data point")
+    p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=None,
+                   help="EBM MLP widths (default 128 128 128; images 256 256)")
     p.add_argument("--ebm_act", default="silu", choices=["silu", "softplus", "tanh", "elu",
                                                          "leakyrelu", "relu"])
     p.add_argument("--flow_mle", type=config.nonnegative_float, default=1.0,
@@ -89,13 +107,20 @@ def build_parser():
                         "(q = (1 - mix) q_flow + mix N(mean, cov)); 0: the flow alone")
     p.add_argument("--flow_layers", type=config.positive_int, default=None,
                    help="blocks: maf/nsf 5, nsf_coupling 8; glow steps 10")
-    p.add_argument("--flow_hidden", type=config.positive_int, nargs="+", default=[64, 64])
+    p.add_argument("--flow_hidden", type=config.positive_int, nargs="+", default=None,
+                   help="flow network widths (default 64 64; images 256 256)")
     p.add_argument("--nsf_bins", type=config.positive_int, default=8, help="spline bins")
     p.add_argument("--nsf_bound", type=config.positive_float, default=5.0,
                    help="splines act on [-B, B], identity outside")
     config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")
+    p.add_argument("--mnist_images", default=None, help="--dataset mnist: images IDX file")
+    p.add_argument("--mnist_labels", default=None, help="--dataset mnist: labels IDX file")
+    p.add_argument("--ais_chains", type=config.positive_int, default=200,
+                   help="images: AIS chains per repeat (2 repeats) for the final EBM bracket")
+    p.add_argument("--ais_temps", type=config.positive_int, default=500,
+                   help="images: AIS temperatures for the final EBM bracket")
     p.add_argument("--eval_every", type=config.positive_int, default=2,
-                   help="epochs between exact grid evaluations (and the last epoch)")
+                   help="epochs between evaluations (and the last epoch)")
     p.add_argument("--plot_every", type=config.positive_int, default=1,
                    help="epochs between density figures")
     p.add_argument("--log_every", type=config.positive_int, default=20,
@@ -109,7 +134,18 @@ def get_args(argv=None):
 
 
 def resolve_estimator(args):
-    """Fill in the default flow of the estimator and reject combinations that mean nothing."""
+    """Fill in the default flow of the estimator and the sizes of the dataset, and reject
+    combinations that mean nothing."""
+    image = args.dataset in tasks.IMAGES
+    if args.ebm_hidden is None:
+        args.ebm_hidden = IMAGE_DEFAULTS["ebm_hidden"] if image else [128, 128, 128]
+    if args.flow_hidden is None:
+        args.flow_hidden = IMAGE_DEFAULTS["flow_hidden"] if image else [64, 64]
+    if args.estimator in SCORE_MATCHING:
+        if args.flow is not None:
+            config.fail(f"--estimator={args.estimator} trains the EBM alone; drop "
+                        f"--flow={args.flow}")
+        return args
     if args.flow == "gaussian" and args.estimator == "fce":
         args.estimator = "nce"  # a fixed Gaussian noise model is NCE
     args.flow = args.flow or DEFAULT_FLOW[args.estimator]
@@ -134,11 +170,11 @@ def rule(args):
 
 
 # ----------------------------------------------------------------------------- models
-def flow_kwargs(args):
+def flow_kwargs(args, dim=2):
     """build_flow keyword arguments of --flow from the flow flags."""
-    if args.flow == "gaussian":
+    if args.flow in ("gaussian", None):
         return {}
-    kwargs = {"hidden": args.flow_hidden}
+    kwargs = {"dim": dim, "hidden": args.flow_hidden}
     if args.flow == "glow":
         kwargs["n_steps"] = args.flow_layers or 10
     else:
@@ -150,26 +186,31 @@ def flow_kwargs(args):
     return kwargs
 
 
-def make_models(args, x_train, device):
-    """The EBM (None for mle) and the flow: for nce the Gaussian fitted to the whole training
-    set (the same one FCE mixes into its noise), else initialised on the first batch."""
-    ebm = EBM(2, args.ebm_hidden, args.ebm_act).to(device) if args.estimator != "mle" else None
-    data = x_train if args.flow == "gaussian" else x_train[:args.batch]
-    try:
-        flow = build_flow(args.flow, data, **flow_kwargs(args)).to(device)
-    except ValueError as e:
-        config.fail(str(e))
+def make_models(args, x_fit, device):
+    """The EBM (None for mle) and the flow (None for score matching): for nce the Gaussian
+    fitted to the whole training set x_fit (N, D) (the same one FCE mixes into its noise),
+    else initialised on its first batch. Score matching learns no log-normaliser c."""
+    ebm = flow = None
+    if args.estimator != "mle":
+        ebm = EBM(x_fit.shape[1], args.ebm_hidden, args.ebm_act).to(device)
+        ebm.c.requires_grad_(args.estimator not in SCORE_MATCHING)
+    if args.flow is not None:
+        data = x_fit if args.flow == "gaussian" else x_fit[:args.batch]
+        try:
+            flow = build_flow(args.flow, data, **flow_kwargs(args, x_fit.shape[1])).to(device)
+        except ValueError as e:
+            config.fail(str(e))
     return ebm, flow
 
 
-def make_contrast(args, flow, x_train, device, window=8):
+def make_contrast(args, flow, x_fit, device, window=8):
     """FCE's / NCE's noise q (fce.Contrast): the flow mixed with the Gaussian fitted to the
     training set (fce, --noise_mix), or the fixed Gaussian alone (nce). Under --rule every
     the cache window ends at the next flow step."""
-    if args.estimator == "mle":
+    if args.estimator not in ("fce", "nce"):
         return None
     mix = args.noise_mix if args.estimator == "fce" else 0.0
-    gauss = build_flow("gaussian", x_train).to(device) if mix > 0 else None
+    gauss = build_flow("gaussian", x_fit).to(device) if mix > 0 else None
     if args.estimator == "fce" and args.rule == "every":
         window = max(1, args.flow_every - 1)
     return fce.Contrast(flow, args.batch, args.seed, gauss, mix, window)
@@ -177,30 +218,42 @@ def make_contrast(args, flow, x_train, device, window=8):
 
 def make_optimizers(args, ebm, flow):
     betas = (args.b1, args.b2)
-    opt_ebm = torch.optim.Adam(ebm.parameters(), lr=args.lr_ebm, betas=betas) if ebm else None
-    flow_params = [p for p in flow.parameters() if p.requires_grad]
+    opt_ebm = None if ebm is None else torch.optim.Adam(
+        [p for p in ebm.parameters() if p.requires_grad], lr=args.lr_ebm, betas=betas)
+    flow_params = [p for p in flow.parameters() if p.requires_grad] if flow is not None else []
     opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
 
 
 # ----------------------------------------------------------------------------- outputs
-def save_figure(args, ebm, flow, x_show, epoch, device):
+def save_figure(args, task, ebm, flow, epoch):
+    """The epoch's figure (tasks.py: densities in 2D, sample grids for images)."""
     path = os.path.join(args.image_dir, f"epoch_{epoch:04d}.png")
-    was_training = flow.training
-    flow.eval()
-    panels = [("data", plots.samples(x_show)),
-              (f"flow q ({args.flow})", plots.density(flow.log_prob, n=120, device=device,
-                                                      normalise=False))]
-    if ebm is not None:
-        panels.append(("EBM p = exp(-f) / Z", plots.density(lambda x: -ebm(x), n=120,
-                                                            device=device)))
-    flow.train(was_training)
-    return plots.save_panels(path, panels, title=f"{args.dataset}, {args.flow}, epoch {epoch}")
+    model = args.flow or args.estimator
+    with evaluation_mode(flow):
+        return task.figure(path, ebm, flow, f"{args.dataset}, {model}, epoch {epoch}")
+
+
+class evaluation_mode:
+    """The flow (if any) in eval mode for the duration (a BatchNormFlow uses its running
+    statistics), its mode restored afterwards."""
+
+    def __init__(self, flow):
+        self.flow, self.mode = flow, flow.training if flow is not None else None
+
+    def __enter__(self):
+        if self.flow is not None:
+            self.flow.eval()
+
+    def __exit__(self, *exc):
+        if self.flow is not None:
+            self.flow.train(self.mode)
 
 
 def specs(ebm, flow):
     """The architectures next to the weights (checkpoint.load_run rebuilds the models)."""
-    return {"flow_spec": flow.spec(), **({"ebm_spec": ebm.spec()} if ebm is not None else {})}
+    return {**({"flow_spec": flow.spec()} if flow is not None else {}),
+            **({"ebm_spec": ebm.spec()} if ebm is not None else {})}
 
 
 # ----------------------------------------------------------------------------- main
@@ -213,32 +266,40 @@ def main(argv=None):
                     f"the mixed noise), which is gone; start a new run")
     config.apply_threads(args)
     device = scaffold.device(args)
-    config.check_memory({"--samples": args.samples * 2 * 4,
-                         "--test_samples": args.test_samples * 2 * 4})
-    if args.samples < args.batch:
-        config.fail(f"--samples {args.samples} is smaller than --batch {args.batch}; an epoch "
-                    f"needs at least one batch")
-    name = (args.estimator, args.flow, args.dataset, f"s{args.seed}")
+    if args.dataset in tasks.IMAGES:
+        try:
+            task = tasks.make_task(args, device)
+        except ValueError as e:
+            config.fail(str(e))
+    else:
+        config.check_memory({"--samples": args.samples * 2 * 4,
+                             "--test_samples": args.test_samples * 2 * 4})
+        task = None  # drawn inside the run, after the seed is set
+    n_train = task.n_train if task else args.samples
+    if n_train < args.batch:
+        what = f"the {n_train} training images are" if task else f"--samples {n_train} is"
+        config.fail(f"{what} smaller than --batch {args.batch}; an epoch needs at least one "
+                    f"batch")
+    name = (args.estimator, args.flow or "", args.dataset, f"s{args.seed}")
     with scaffold.Run(args, SCRIPT, name, ckpt) as run:
-        return run.execute(lambda: train(args, run, device))
+        return run.execute(lambda: train(args, run, device, task))
 
 
 ROW_SUMS = dict(v_sum=0.0, acc_sum=0.0, acc_flow_sum=0.0, n_ebm=0, n_flow=0, n_rows=0)
 
 
-def train(args, run, device):
+def train(args, run, device, task=None):
     """Data, models, the update and evaluation; returns the summary (None before the first
     evaluation)."""
-    # data: a fixed training set and a held-out test set, both from the seed
-    rng = util.set_seed(args.seed)
-    x_train = datasets.sample(args.dataset, args.samples, rng).to(device)
-    x_test = datasets.sample(args.dataset, args.test_samples, rng).to(device)
+    # data: a fixed training set and a held-out test set (tasks.py), from the seed
+    task = task or tasks.make_task(args, device)
+    util.set_seed(args.seed)
     # models, optimisers and the noise
-    ebm, flow = make_models(args, x_train, device)
+    ebm, flow = make_models(args, task.x_fit, device)
     opt_ebm, opt_flow = make_optimizers(args, ebm, flow)
-    contrast = make_contrast(args, flow, x_train, device)
+    contrast = make_contrast(args, flow, task.x_fit, device)
     the_rule = rule(args) if args.estimator == "fce" else fce.Rule()
-    iters = args.samples // args.batch
+    iters = task.n_train // args.batch
     total = min(iters * args.epoch, args.max_steps or math.inf)
     # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
     # a resumed run writes the same rows as an uninterrupted one)
@@ -255,12 +316,13 @@ def train(args, run, device):
     def batch_at(s):
         """The data batch of iteration s of the current epoch (None past its end)."""
         i = loop["it"] + s - loop["step"]
-        return x_train[loop["perm"][i * args.batch:(i + 1) * args.batch]] if i < iters else None
+        return task.batch(loop["perm"][i * args.batch:(i + 1) * args.batch], s) \
+            if i < iters else None
 
     metrics = {}
     while loop["epoch"] < args.epoch and not out_of_budget():
         if loop["perm"] is None:
-            loop["perm"] = torch.randperm(args.samples, device=device)
+            loop["perm"] = torch.randperm(task.n_train, device=device)
         epoch_end = loop["step"] - loop["it"] + iters
         for step in run.iterations(loop["step"], epoch_end, total, until=out_of_budget):
             progress = max(step / total, run.cpu_s / args.budget if args.budget else 0)
@@ -270,20 +332,24 @@ def train(args, run, device):
             if ebm is None:
                 V = fce.mle_step(flow, batch_at(step), opt_flow)
                 r = fce.StepResult(V, None, None, False, True)
+            elif args.estimator in SCORE_MATCHING:
+                loss = score_matching.sm_step(ebm, batch_at(step), opt_ebm, args.estimator,
+                                              args.sm_sigma, args.sm_projections)
+                r = fce.StepResult(loss, None, None, True, False)
             else:
                 r = fce.fce_step(ebm, contrast, step, batch_at(step), batch_at, opt_ebm,
                                  opt_flow, the_rule)
             run.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
             count_step(loop, r)
             if loop["step"] % args.log_every == 0:
-                log_row(run, loop, ebm, opt_ebm, opt_flow)
+                log_row(run, loop, args.estimator, opt_ebm, opt_flow)
         if loop["it"] == iters:
             loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
         epoch, last = loop["epoch"], loop["epoch"] == args.epoch or out_of_budget()
         if epoch % args.eval_every == 0 or last:
-            metrics = evaluate(args, run, loop, ebm, flow, x_test, device)
+            metrics = evaluate(args, run, loop, task, ebm, flow, last)
         if epoch % args.plot_every == 0 or last:
-            run.log.log_image("density", save_figure(args, ebm, flow, x_test, epoch, device),
+            run.log.log_image("density", save_figure(args, task, ebm, flow, epoch),
                               loop["step"])
         run.save()
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
@@ -312,11 +378,13 @@ def count_step(loop, r):
                 flow_steps=loop["flow_steps"] + r.flow, n_rows=loop["n_rows"] + 1)
 
 
-def log_row(run, loop, ebm, opt_ebm, opt_flow):
+def log_row(run, loop, estimator, opt_ebm, opt_flow):
     """A metrics row: the averages of the iterations since the last one and their timing;
     the sums start again."""
     n = loop["n_rows"]
-    row = ({"nll_train": loop["v_sum"] / n} if ebm is None else
+    row = ({"nll_train": loop["v_sum"] / n} if estimator == "mle" else
+           {"sm_loss": loop["v_sum"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]}
+           if estimator in SCORE_MATCHING else
            {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
             "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
             "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
@@ -325,18 +393,17 @@ def log_row(run, loop, ebm, opt_ebm, opt_flow):
         row["lr_flow"] = opt_flow.param_groups[0]["lr"]
     row["it_per_s"], row["cpu_s_per_it"] = run.rate()
     run.log.log(row, loop["step"])
-    run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train")
+    run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train", "sm_loss")
                        if k in row})
     loop.update(ROW_SUMS)
 
 
-def evaluate(args, run, loop, ebm, flow, x_test, device):
-    """The exact grid evaluation (printed, logged with the flow's notes) and the curves."""
+def evaluate(args, run, loop, task, ebm, flow, final=False):
+    """The task's evaluation (printed, logged with the flow's notes) and the curves."""
     ep = loop["epoch"]
-    flow.eval()
-    m = evaluation.evaluate_2d(args.dataset, x_test, ebm, flow, device=device)
-    flow.train()
-    run.print(f"epoch {ep} | " + evaluation.format_metrics(m))
+    with evaluation_mode(flow):
+        m = task.evaluate(ebm, flow, final)
+    run.print(f"epoch {ep} | " + tasks.format_metrics(m))
     for note in flow_notes(args, m, loop):
         run.print(f"epoch {ep} | note: {note}")
     loop["flow_steps_at_eval"] = loop["flow_steps"]

@@ -111,3 +111,23 @@ def set_lr(opt, lr):
     """Set every parameter group of `opt` to learning rate `lr`."""
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def guarded_step(opt, loss, ascend=None) -> bool:
+    """One backward pass of `loss`: `opt` steps on its gradient with respect to its own
+    parameters, the optimizer `ascend` (if any) on the negative of the gradient with respect
+    to its parameters. No step at all, and False, when a gradient is not finite. A parameter
+    the loss does not depend on (a score's view of the energy's last bias) gets no gradient
+    and is not moved."""
+    groups = [(opt, 1.0)] + ([(ascend, -1.0)] if ascend is not None else [])
+    params = [[p for g in o.param_groups for p in g["params"]] for o, _ in groups]
+    grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps], allow_unused=True))
+    grads = [[None if (g := next(grads)) is None else sign * g for _ in ps]
+             for (_, sign), ps in zip(groups, params)]
+    if not all(torch.isfinite(g).all() for gs in grads for g in gs if g is not None):
+        return False
+    for (o, _), ps, gs in zip(groups, params, grads):
+        for p, g in zip(ps, gs):
+            p.grad = g
+        o.step()
+    return True
