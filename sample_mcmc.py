@@ -15,15 +15,16 @@ one-line error, exit status 2 (the scaffold's conventions, without a run folder)
 
 Image runs (train_mcmc.py --dataset digits|mnist) are sampled the same way, the images as
 flattened rows, and at each step of --save_at the chains are scored with the run's dataset
-metric (mcmc_images.SampleMetric: Frechet distance to held-out images, label TV) and a grid of
-the first 100 is saved:
+metric (mcmc_images.SampleMetric: Frechet distance to held-out images and its ratio to the
+real-data floor at the same n, label TV) and a grid of the first 100 is saved:
 
     python sample_mcmc.py --run runs/mcmc-digits-convergent --sampler ula --init data \
         --steps 10000 --save_at 0,100,1000,10000
 
 writes to <--image_dir>/longrun_<sampler>_<init>/: step_<k>.png (grids), and next to that
 folder longrun_<sampler>_<init>.png (the grids side by side), _curves.png (mean energy,
-acceptance), .json (metric at each saved step, energy trace, acceptance, seconds) and .pt.
+acceptance), .json (metric at each saved step, the floor and its sd, energy trace, acceptance,
+seconds) and .pt. --n chains (default 1,000) are scored against a floor of as many real images.
 """
 import json
 import os
