@@ -35,9 +35,17 @@ probability of each chain ("chain") or its mean over a repeat's chains ("global"
     res.log_Z, res.log_Z_sd, res.ess, res.acceptance
     br = loglik_bracket(ebm, base, x_test)      # br.lower <= test log-likelihood <= br.upper
 
-Command line (a train.py run; base: a Gaussian fitted to the run's held-out data, or its flow):
+Command line (`run_target` decides what a run is scored on): a 2D train.py run (base: a
+Gaussian fitted to its held-out data, or its flow), or a digits / MNIST run of train.py or
+train_mcmc.py (held-out: dequantize.test_set; base: a Gaussian fitted to the dequantised
+training images; bracket in nats per image on the [0, L) scale and bits/dim). The ConvEBM of a
+train_mcmc.py run is scored on the data box [-1, 1]^D (`--domain box`: reflecting HMC, a
+box-truncated Gaussian base), where exp(-U) is always integrable; on R^D a ConvNet energy,
+piecewise linear in x, need not be. A repeat whose ESS falls below ESS_FLOOR of its chains is
+flagged (`AISResult.degenerate`, `Bracket.reliable`) and the report says so beside it.
 
-    python ais.py runs/<run> [--chains 500 --temps 500 --repeats 4 --seed 0 --base flow]
+    python ais.py runs/<run> [--chains 500 --temps 500 --repeats 4 --seed 0 --base flow
+                              --eps 0.1 --domain auto|box|free]
 """
 import argparse
 import contextlib
@@ -560,6 +568,17 @@ def main(argv=None):
     return 0
 
 
+def gap_note(br) -> str:
+    """'' for a positive gap; for a negative one, whether it lies within 2 sd of the repeats'
+    spread, 2 sqrt(sd_fwd^2 + sd_rev^2) (Monte Carlo noise), or beyond it (a failed bound)."""
+    if br.gap >= 0:
+        return ""
+    if -br.gap <= 2 * math.hypot(br.forward.log_Z_sd, br.reverse.log_Z_sd):
+        return "; negative within 2 sd of the repeats: the bounds agree within their noise"
+    return ("; negative beyond 2 sd of the repeats: the reverse bound fails, the held-out "
+            "points are not samples of the model or the weights are degenerate")
+
+
 def report(args, br, ebm, target, dtype):
     """Print log Z (mean +- sd over repeats), ESS and acceptance (with a warning beside
     degenerate weights), the grid log Z (2D), the learned c (an EBM with one), and the
@@ -582,8 +601,8 @@ def report(args, br, ebm, target, dtype):
         print(f"log Z  grid [-{datasets.BOUND}, {datasets.BOUND}]^2, {datasets.GRID}^2 cells: "
               f"{gridmath.grid_log_Z(neg_f, area):.4f}")
     if isinstance(getattr(ebm, "c", None), Tensor):
-        print(f"log Z  learned c of the EBM: {float(ebm.c):.4f}")
-    note = "; negative: the bounds agree within their Monte Carlo error" if br.gap < 0 else ""
+        print(f"log Z  learned c of the EBM: {float(ebm.c.detach()):.4f}")
+    note = gap_note(br)
     flag = "" if br.reliable else " UNRELIABLE (degenerate weights, see above)"
     if target.levels is None:
         print(f"test log-likelihood in [{br.lower:.4f}, {br.upper:.4f}] (gap {br.gap:.4f} nats"

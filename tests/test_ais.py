@@ -2,6 +2,7 @@
 forward/reverse bracket around a known log-likelihood, and the command line's bad input.
 
 Budgets are small (the file runs in well under a minute on one core); every case is seeded."""
+import argparse
 import math
 import os
 import subprocess
@@ -15,7 +16,9 @@ if __name__ == "__main__":  # python tests/test_ais.py prints the validation tab
 
 import ais  # noqa: E402
 import checkpoint  # noqa: E402
+import dequantize  # noqa: E402
 import gridmath  # noqa: E402
+import mcmc_images  # noqa: E402
 from ebm import EBM  # noqa: E402
 from flows import gaussian, gaussian_fit, maf  # noqa: E402
 
@@ -200,6 +203,58 @@ def test_short_schedules_bound_log_Z_from_both_sides():
     assert rev.log_Z > log_Z + 0.5 and rev.log_Z_repeats.min() > log_Z
 
 
+# ----------------------------------------------------------------------------- the box
+def test_reflect_stays_in_the_box_and_is_reversible():
+    """A position step x + eps rho folded into [-1, 1] (several walls crossed) lands inside,
+    and the step from there with the momentum negated comes back: (x, -rho)."""
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.rand(500, 3, generator=g, dtype=torch.float64) - 1
+    rho = 3 * torch.randn(500, 3, generator=g, dtype=torch.float64)
+    x1, rho1 = ais.reflect(x + 1.3 * rho, rho, (-1.0, 1.0))
+    assert (x1.abs() <= 1).all()
+    x2, rho2 = ais.reflect(x1 - 1.3 * rho1, -rho1, (-1.0, 1.0))
+    assert torch.allclose(x2, x, atol=1e-10) and torch.allclose(rho2, -rho)
+
+
+def test_box_gaussian_is_normalised_on_the_box():
+    """BoxGaussian integrates to 1 over [-1, 1]^2 (midpoint grid), its samples lie in the box
+    with the truncated mean, and it is -inf outside."""
+    q = ais.BoxGaussian(torch.tensor([0.8, -0.3]), torch.tensor([0.5, 2.0]))
+    h = 2 / 400
+    t = torch.linspace(-1 + h / 2, 1 - h / 2, 400, dtype=torch.float64)
+    grid = torch.cartesian_prod(t, t)
+    assert float(q.log_prob(grid).exp().sum() * h * h) == pytest.approx(1.0, abs=1e-4)
+    torch.manual_seed(0)
+    x, lp = q.sample_and_log_prob(20000)
+    assert (x.abs() <= 1).all() and torch.allclose(lp, q.log_prob(x))
+    mean = (grid * q.log_prob(grid).exp()[:, None]).sum(0) * h * h
+    assert torch.allclose(x.mean(0), mean, atol=0.02)
+    assert q.log_prob(torch.tensor([[1.5, 0.0]], dtype=torch.float64)) == -math.inf
+
+
+def case_box():
+    """f = |x - m|^2 / (2 s^2) on [-1, 1]^8 with m at the walls and beyond (m_i from -1.2 to
+    1.2, s = 0.7): the box cuts off much of the Gaussian, Z = prod sqrt(2 pi) s
+    (Phi(b_i) - Phi(a_i)). Base: a box Gaussian with another mean and scale."""
+    torch.manual_seed(8)
+    D, s = 8, 0.7
+    m = torch.linspace(-1.2, 1.2, D, dtype=torch.float64)
+    mass = torch.special.ndtr((1 - m) / s) - torch.special.ndtr((-1 - m) / s)
+    log_Z = float((0.5 * math.log(2 * math.pi) + math.log(s) + torch.log(mass)).sum())
+    base = ais.BoxGaussian(torch.zeros(D), torch.full((D,), 0.6))
+    res = ais.ais_log_Z(lambda x: ((x - m) ** 2).sum(1) / (2 * s * s), base, n_chains=256,
+                        n_temps=100, repeats=2, box=(-1.0, 1.0))
+    return res, log_Z
+
+
+def test_box_log_Z_of_a_truncated_gaussian():
+    """AIS in the box (reflecting HMC) gets log Z of the box-truncated Gaussian within 0.05
+    (the untruncated log Z is 3.96 nats higher)."""
+    res, log_Z = case_box()
+    assert abs(res.log_Z - log_Z) < 0.05, (res.log_Z, log_Z, res.log_Z_repeats)
+    assert not res.degenerate
+
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_missing_run_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "ais.py"), str(tmp_path / "nope")],
@@ -222,6 +277,126 @@ def test_cli_prints_log_Z_grid_and_bracket(tmp_path, capsys):
     assert ais.main([str(tmp_path), "--chains", "50", "--temps", "20", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "log Z  forward" in out and "log Z  grid" in out and "test log-likelihood in" in out
+
+
+def image_run(tmp_path, scale=1.0, name="img"):
+    """A train_mcmc.py-shaped digits checkpoint: a small random ConvEBM as U ("image_ebm"),
+    its last layer times `scale` (small: U nearly flat on the box, an easy AIS target)."""
+    torch.manual_seed(9)
+    U = mcmc_images.ConvEBM("conv8", (1, 8, 8), n_f=4)
+    with torch.no_grad():
+        U.net[-1].weight.mul_(scale)
+    cfg = {"dataset": "digits", "eps": 0.03, "seed": 0, "n_train": 1348}
+    path = tmp_path / name
+    path.mkdir()
+    checkpoint.save_checkpoint(str(path / "checkpoint.pt"), {
+        "config": cfg, "image_ebm": U.state_dict(), "image_ebm_spec": U.spec(),
+        "F": U.state_dict(), "script": "train_mcmc.py"})
+    return str(path), U
+
+
+def numbers(line):
+    """The floats after '[' in a report line: [a, b] -> (a, b)."""
+    a, b = line.split("[", 1)[1].split("]")[0].split(", ")
+    return float(a), float(b)
+
+
+def test_cli_image_run_in_nats_and_bits(tmp_path, capsys):
+    """A digits run: the bracket in nats per image on the dequantised [0, 17) scale is
+    mean(-U(test)) - log Z + 64 log(2/17) (dequantize.to_nats, test points dequantize.test_set),
+    and its bits/dim are -nats / (64 ln 2), the ends swapped."""
+    run, U = image_run(tmp_path, scale=0.01)
+    argv = [run, "--chains", "40", "--temps", "30", "--repeats", "2"]
+    assert ais.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "density on [-1, 1]^64" in lines[0]
+    log_Z_low = float(lines[1].split("(lower)")[1].split("+-")[0])
+    nats = numbers(next(x for x in lines if x.startswith("test log-likelihood")))
+    bits = numbers(next(x for x in lines if x.startswith("bits/dim")))
+    x_test = dequantize.test_set(mcmc_images.load_images("digits")[2], 17).double()
+    with torch.no_grad():
+        mean_neg_U = float(-U.double()(x_test).mean())
+    assert nats[1] == pytest.approx(mean_neg_U - log_Z_low + 64 * math.log(2 / 17), abs=2e-4)
+    for n, b in zip(nats, reversed(bits)):
+        assert b == pytest.approx(-n / (64 * math.log(2)), abs=1e-4)
+
+
+def test_cli_warns_beside_degenerate_weights(tmp_path, capsys):
+    """One temperature (plain importance sampling from the base in 64 dimensions) leaves a
+    handful of chains carrying the weight: the report says so beside the ESS and flags the
+    bracket."""
+    run, _ = image_run(tmp_path, scale=0.01)
+    assert ais.main([run, "--chains", "40", "--temps", "1", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "weights degenerate: ESS" in out and "of 40 chains" in out, out
+    assert "use more --temps" in out and "UNRELIABLE" in out
+
+
+@pytest.mark.parametrize("temps,degenerate", [(1, True), (50, False)])
+def test_report_warns_only_beside_degenerate_weights(capsys, temps, degenerate):
+    """The 64-d Gaussian bracket from exact samples (case_bracket): with 50 temperatures the
+    ESS is near half the chains and nothing is flagged; with one, the weights are degenerate
+    and the AISResult, the Bracket and the printed report all say so."""
+    torch.manual_seed(4)
+    f, _, sample = gaussian_energy(64)
+    x_test = sample(512)
+    br = ais.loglik_bracket(f, std_gaussian(64, 1.5), x_test, n_chains=128, n_temps=temps,
+                            repeats=2)
+    assert br.forward.degenerate == degenerate and br.reliable != degenerate
+    args = argparse.Namespace(run="gauss", transition="hmc", repeats=2, chains=128, temps=temps,
+                              schedule="sigmoid", base="gaussian")
+    ais.report(args, br, f, ais.Target(f, x_test, x_test, None, 17, None), torch.float64)
+    out = capsys.readouterr().out
+    assert ("weights degenerate: ESS" in out) == degenerate, out
+    assert ("UNRELIABLE" in out) == degenerate
+
+
+def test_cli_train_py_digits_run(tmp_path, capsys):
+    """A train.py-shaped digits checkpoint (EBM(64, ...) with a learned c): read as an image
+    run on R^64, with nats, bits/dim and the learned c beside the AIS log Z (plumbing only: an
+    untrained EBM need not be normalisable)."""
+    torch.manual_seed(10)
+    ebm = EBM(64, (16,))
+    checkpoint.save_checkpoint(str(tmp_path / "checkpoint.pt"), {
+        "config": {"dataset": "digits", "seed": 0}, "ebm": ebm.state_dict(),
+        "ebm_spec": ebm.spec(), "script": "train.py"})
+    assert ais.main([str(tmp_path), "--chains", "20", "--temps", "5", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "density on R^D" in out and "learned c of the EBM" in out
+    assert "nats per image on the dequantised [0, 17) scale" in out and "bits/dim in" in out
+
+
+def bad_runs(tmp_path):
+    """Run folders: an image run, a checkpoint without a model, a 2D run."""
+    img, _ = image_run(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    checkpoint.save_checkpoint(str(empty / "checkpoint.pt"), {
+        "config": {"dataset": "digits"}, "script": "train.py"})
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    ebm = EBM(2, (8,))
+    checkpoint.save_checkpoint(str(flat / "checkpoint.pt"), {
+        "config": {"dataset": "8gaussians", "seed": 0, "samples": 50, "test_samples": 50},
+        "ebm": ebm.state_dict(), "ebm_spec": ebm.spec(), "script": "train.py"})
+    return {"img": img, "empty": str(empty), "flat": str(flat)}
+
+
+@pytest.mark.parametrize("run,flags,says", [
+    ("img", ["--temps", "0"], "--temps"),
+    ("img", ["--eps", "0"], "--eps"),
+    ("img", ["--eps", "-0.1"], "--eps"),
+    ("empty", [], "has no EBM"),
+    ("flat", ["--domain", "box"], "--domain box is for image runs"),
+    ("img", ["--base", "flow"], "has no flow"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, run, flags, says):
+    runs = bad_runs(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ais.main([runs[run], "--chains", "4", "--temps", "2", *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err and "\n" not in err, err
+    assert says in err, err
 
 
 # ----------------------------------------------------------------------------- the numbers
