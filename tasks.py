@@ -19,10 +19,24 @@ held-out images are dequantised once (dequantize.test_set). Scores, in nats per 
     ll_ebm_c             mean (-f(y_test) - c) + D log(2 / L)     (c: NCE/FCE's own log Z guess)
     ll_ebm_lower/_upper  the AIS bracket (ais.loglik_bracket) at the final evaluation, with
                          ais_gap, log_Z_ais (forward) and ais_ess (forward ESS of the chains)
+
+An image EBM is a density on the box the dequantised images live in, [-1, 1]^D:
+p(y) = exp(-f(y)) / Z with Z = int_box exp(-f). (On all of R^D an MLP energy that falls
+linearly in some direction has no normaliser at all, and NCE's Gaussian noise never shows the
+EBM the far corners.) AIS runs in unconstrained coordinates z = atanh(y) (`BoxEnergy`), where
+
+    f_z(z) = f(tanh z) - sum_i log(1 - tanh^2 z_i),   int_R^D exp(-f_z) dz = Z,
+
+so the same Z comes out of an unconstrained sampler, and log p(y) = log p_z(z) - sum_i log(1 -
+y_i^2). Its base is a Gaussian fitted to atanh of the dequantised training images. A flow is
+a density on R^D; `ll_flow_box` adds -log Q(box), the log of the share of its samples that
+fall in the box: the flow restricted and renormalised to the box, the EBM's footing.
 """
 import math
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 import ais
 import datasets
@@ -75,6 +89,30 @@ class Toy2D:
         return plots.save_panels(path, panels, title=title)
 
 
+class BoxEnergy(nn.Module):
+    """f_z(z) = f(tanh z) - sum_i log(1 - tanh^2 z_i): exp(-f) on the box [-1, 1]^D in the
+    coordinates z = atanh(y) (module docstring); log(1 - tanh^2 z) = 2 (log 2 - z -
+    softplus(-2 z)), stable for any z."""
+
+    def __init__(self, energy):
+        super().__init__()
+        self.energy = energy
+
+    def forward(self, z):
+        return self.energy(torch.tanh(z)) - log_dtanh(z).sum(-1)
+
+
+def log_dtanh(z):
+    """log(1 - tanh^2 z), elementwise."""
+    return 2 * (math.log(2.0) - z - F.softplus(-2 * z))
+
+
+def to_z(y, edge=1e-6):
+    """atanh(y), y clamped to [-1 + edge, 1 - edge] (a dequantised pixel is -1 exactly only
+    with probability 2^-24)."""
+    return torch.atanh(y.clamp(-1 + edge, 1 - edge))
+
+
 class Images:
     """8x8 digits (or MNIST from local files) as a continuous density on [-1, 1]^D."""
 
@@ -94,6 +132,7 @@ class Images:
         self.x_fit = dequantize.dequantize(x_train, self.L,
                                            torch.Generator().manual_seed(args.seed)).to(device)
         self.ais = dict(n_chains=args.ais_chains, n_temps=args.ais_temps, repeats=2)
+        self.z_base = _float64(gaussian_fit(to_z(self.x_fit.double())).to(device))  # AIS base
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
@@ -103,18 +142,14 @@ class Images:
     def nats(self, log_p_y):
         return float(dequantize.to_nats(log_p_y, self.dim, self.L))
 
-    def base(self, flow):
-        """AIS's starting density: the run's learned flow, else a Gaussian fitted to the
-        dequantised training images."""
-        learned = flow is not None and any(p.requires_grad for p in flow.parameters())
-        return flow if learned else gaussian_fit(self.x_fit).to(self.device)
-
     @torch.no_grad()
     def evaluate(self, ebm, flow, final=False):
         m = {}
         if flow is not None:
             m["ll_flow"] = self.nats(flow.log_prob(self.x_test).double().mean())
             m["bpd_flow"] = -m["ll_flow"] / (self.dim * math.log(2))
+            if final:
+                m["ll_flow_box"] = m["ll_flow"] - math.log(self.box_share(flow))
         if ebm is not None:
             mean_neg_f = -ebm(self.x_test).double().mean()
             if ebm.c.requires_grad:
@@ -123,24 +158,33 @@ class Images:
                 m.update(self.bracket(ebm, flow))
         return m
 
-    def bracket(self, ebm, flow):
-        """The EBM's test log-likelihood bracket by AIS (float64 chains), in nats and bits."""
-        e64, base = _float64(ebm), _float64(self.base(flow))
-        br = ais.loglik_bracket(e64, base, self.x_test.double(), **self.ais)
-        bits = self.dim * math.log(2)
-        return {"ll_ebm_lower": self.nats(br.lower), "ll_ebm_upper": self.nats(br.upper),
-                "ais_gap": br.gap, "bpd_ebm_lower": -self.nats(br.upper) / bits,
-                "bpd_ebm_upper": -self.nats(br.lower) / bits, "log_Z_ais": br.log_Z_lower,
-                "ais_ess": float(br.forward.ess.min()),
-                **({"c_gap": float(ebm.c) - br.log_Z_lower} if ebm.c.requires_grad else {})}
+    def box_share(self, flow, n=10000):
+        """Q(box): the share of n samples of the flow inside [-1, 1]^D (at least 1/n)."""
+        with torch.no_grad():
+            x = torch.cat([flow.sample(1000) for _ in range(n // 1000)])
+        return max(float(((x >= -1) & (x <= 1)).all(1).double().mean()), 1.0 / n)
 
-    def samples(self, ebm, flow, n=100, n_temps=100):
-        """n samples of the EBM: forward-AIS chains from the base after n_temps annealing
-        steps (approximate unless n_temps is large), in float64."""
-        e64, base = _float64(ebm), _float64(self.base(flow))
-        with ais._fixed_modules(e64, base), torch.no_grad():
-            x0 = base.sample_and_log_prob(n)[0]
-            return ais.anneal(e64, base, x0, ais.schedule(n_temps))[3].float()
+    def bracket(self, ebm, flow=None):
+        """The EBM's test log-likelihood bracket by AIS in z = atanh(y) (float64 chains), in
+        nats per image and bits per dimension (module docstring)."""
+        z_test = to_z(self.x_test.double())
+        br = ais.loglik_bracket(BoxEnergy(_float64(ebm)), self.z_base, z_test, **self.ais)
+        to_y = float(log_dtanh(z_test).sum(1).mean())  # log p_y = log p_z - sum log(1 - y^2)
+        lower, upper = self.nats(br.lower - to_y), self.nats(br.upper - to_y)
+        bits = self.dim * math.log(2)
+        return {"ll_ebm_lower": lower, "ll_ebm_upper": upper, "ais_gap": br.gap,
+                "bpd_ebm_lower": -upper / bits, "bpd_ebm_upper": -lower / bits,
+                "log_Z_ais": br.log_Z_lower, "log_Z_ais_reverse": br.log_Z_upper,
+                "ais_ess": float(br.forward.ess.min()), "ais_acceptance": br.forward.acceptance,
+                **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if ebm.c.requires_grad else {})}
+
+    def samples(self, ebm, flow=None, n=100, n_temps=100):
+        """n samples of the EBM on the box: forward-AIS chains in z after n_temps annealing
+        steps (approximate unless n_temps is large), mapped back by y = tanh z."""
+        energy = BoxEnergy(_float64(ebm))
+        with ais._fixed_modules(energy, self.z_base), torch.no_grad():
+            z0 = self.z_base.sample_and_log_prob(n)[0]
+            return torch.tanh(ais.anneal(energy, self.z_base, z0, ais.schedule(n_temps))[3]).float()
 
     def figure(self, path, ebm, flow, title):
         panels = [("data (held out)", plots.images(self.x_test[:100], self.shape))]

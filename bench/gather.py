@@ -30,7 +30,7 @@ import config  # standard library only: gathering needs no torch
 
 # table order: estimators and flows as in bench/fce.py, datasets as in datasets.NAMES (kept here
 # so that gathering needs neither torch nor the datasets module)
-ESTIMATOR_ORDER = ("nce", "fce", "mle")
+ESTIMATOR_ORDER = ("nce", "fce", "mle", "dsm", "ssm")
 FLOW_ORDER = ("gaussian", "maf", "glow", "nsf", "nsf_coupling")
 DATASET_ORDER = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel",
                  "moons", "circles", "swissroll", "gmm", "rings4")

@@ -1,0 +1,246 @@
+"""Every estimator on the 8x8 digits as a 64-dimensional density, at an equal CPU budget per
+run, scored in nats per image (numbers for README and docs/digits.md; not a test).
+
+    python -m bench.digits --jobs 2                      # every estimator x seeds 0 1 2
+    python -m bench.digits --estimators nce fce-glow --seeds 0 --budget 60
+    python -m bench.digits --report                      # the table of the finished runs only
+
+Each run is the real entry script in its own process (one thread, wandb off): train.py for
+NCE, FCE, the flows alone and score matching (`--dataset digits`), train_mcmc.py for short-run
+MCMC maximum likelihood (its two regimes' configs). Each trains for `--budget` CPU-seconds.
+Then `python -m bench.digits --score <run>` (its own process) writes <run>/score.json:
+
+- the test log-likelihood of the dequantised held-out digits (dequantize.py), in nats per
+  image on the [0, 17) scale and bits per dimension: exact for a flow; for an EBM the bracket
+  of annealed importance sampling (ais.loglik_bracket: forward AIS from the base gives the
+  upper end, reverse AIS started at the test images the lower end), with the gap, the base
+  (the run's flow, else a Gaussian fitted to the dequantised training digits), the forward
+  ESS and HMC acceptance;
+- samples: 1000 of the model (a flow's own; an EBM's from forward AIS chains; short-run MCMC's
+  own short-run chains from its initialisation) scored by mcmc_images.SampleMetric (FD of
+  classifier features to the held-out digits, and label TV) beside the FD of 1000 real training
+  digits (the floor).
+
+Resumable: a finished run (summary.json) is not trained again, an interrupted one resumes,
+a scored run (score.json) is not scored again. Runs live in <root>/<label>-digits-s<seed>/.
+Writes <out>/table.md (mean ± sd over seeds) and <out>/samples.png (one row of samples per
+estimator, real digits on top, seed of the first seed).
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import config
+from bench import gather, runner
+
+ESTIMATORS = {  # label: (script, flags)
+    "nce": ("train.py", ["--estimator", "nce"]),
+    "fce-maf": ("train.py", ["--estimator", "fce", "--flow", "maf"]),
+    "fce-glow": ("train.py", ["--estimator", "fce", "--flow", "glow"]),
+    "fce-nsf": ("train.py", ["--estimator", "fce", "--flow", "nsf_coupling"]),
+    "mle-maf": ("train.py", ["--estimator", "mle", "--flow", "maf"]),
+    "mle-glow": ("train.py", ["--estimator", "mle", "--flow", "glow"]),
+    "dsm": ("train.py", ["--estimator", "dsm"]),
+    "ssm": ("train.py", ["--estimator", "ssm"]),
+    "mcmc-nonconvergent": ("train_mcmc.py", "nonconvergent"),
+    "mcmc-convergent": ("train_mcmc.py", "convergent"),
+}
+N_SAMPLES = 1000
+AIS = dict(n_chains=100, n_temps=1000, repeats=2)
+SAMPLE_TEMPS = 200  # annealing steps of the forward-AIS chains whose ends are an EBM's samples
+KEYS = ["ll_lower", "ll_upper", "ais_gap", "bpd_lower", "bpd_upper", "ll_flow", "ll_flow_box",
+        "c_gap", "fd", "fd_ratio", "label_tv", "ais_ess", "cpu_s", "steps"]
+
+
+# ----------------------------------------------------------------------------- training
+def run_dir(root, label, seed):
+    return os.path.join(root, runner.run_name(label, "digits", seed=seed))
+
+
+def train_argv(label, budget, seed, out):
+    """The entry script and its flags for one run of `label`."""
+    script, flags = ESTIMATORS[label]
+    if script == "train.py":
+        return script, [*flags, "--dataset", "digits", "--seed", str(seed), "--budget",
+                        str(budget), "--epoch", "1000000", "--eval_every", "1000000",
+                        "--plot_every", "1000000", "--image_dir", os.path.join(out, "images"),
+                        "--ais_chains", str(AIS["n_chains"]), "--ais_temps",
+                        str(AIS["n_temps"])]
+    cfg = os.path.join(runner.ROOT, "configs", f"mcmc_digits_{flags}.json")
+    return script, ["--config", cfg, "--seed", str(seed), "--budget", str(budget),
+                    "--image_dir", os.path.join(out, "images")]
+
+
+def one_run(args, label, seed):
+    """Train (unless finished) and score (unless scored) one run; returns its exit status."""
+    out = run_dir(args.root, label, seed)
+    os.makedirs(args.root, exist_ok=True)
+    t = time.time()
+    script, argv = train_argv(label, args.budget, seed, out)
+    code = runner.run_script(script, out, argv, log=f"{out}.log")
+    if code == 0 and not os.path.isfile(os.path.join(out, "score.json")):
+        code = runner.run_process(["-m", "bench.digits", "--score", out], log=f"{out}.log")
+    print(f"{'ok ' if code == 0 else f'FAILED ({code})'} {out} ({time.time() - t:.0f} s)",
+          flush=True)
+    return code
+
+
+# ----------------------------------------------------------------------------- scoring
+def load_model(out):
+    """(energy or None, flow or None, samples(n) -> tensor, config) of a finished run."""
+    import checkpoint
+    import tasks
+    import train
+
+    run = checkpoint.load_run(out)
+    cfg = run.config
+    if run.checkpoint.get("script") == "train_mcmc.py":
+        return load_mcmc(out, run)
+    args = train.get_args(["--dataset", "digits", "--seed", str(cfg["seed"])])
+    task = tasks.make_task(args, "cpu")
+    if run.ebm is None:
+        return None, run.flow, (lambda n: run.flow.sample(n)), task
+    flow = run.flow if cfg.get("estimator") == "fce" else None
+    return run.ebm, flow, (lambda n: task.samples(run.ebm, flow, n, n_temps=SAMPLE_TEMPS)), \
+        task
+
+
+def load_mcmc(out, run):
+    """A short-run MCMC run: its energy U = F * 2 / eps^2 and its own short-run sampler."""
+    raise NotImplementedError("short-run MCMC scoring")
+
+
+def score(out):
+    """Write <out>/score.json (module docstring) and return it."""
+    import torch
+
+    import mcmc_images
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    summary = runner.finished(out) or {}
+    energy, flow, sample, task = load_model(out)
+    s = {"cpu_s": runner.cpu_seconds(summary), "steps": summary.get("steps")}
+    if flow is not None and "ll_flow" in summary:
+        s.update(ll_flow=summary["ll_flow"], ll_flow_box=summary["ll_flow_box"])
+    if energy is None:
+        s["ll_lower"] = s["ll_upper"] = s["ll_flow_box"]  # exact; the flow on the box
+        s["ais_gap"] = 0.0
+    else:  # the AIS bracket of the run's final evaluation (train.py), else computed here
+        b = summary if "ll_ebm_lower" in summary else task.bracket(energy)
+        s.update(ll_lower=b["ll_ebm_lower"], ll_upper=b["ll_ebm_upper"], ais_gap=b["ais_gap"],
+                 ais_ess=b["ais_ess"], **{k: b[k] for k in ("c_gap",) if k in b})
+    s["bpd_lower"], s["bpd_upper"] = (-s[k] / (64 * math.log(2)) for k in ("ll_upper", "ll_lower"))
+    x_train, y_train, x_test, y_test = mcmc_images.load_images("digits")
+    metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=N_SAMPLES)
+    with torch.no_grad():
+        x = sample(N_SAMPLES).detach().float()
+    m = metric(x)
+    s.update(fd=m["fd"], label_tv=m["label_tv"], fd_floor=metric.floor["fd"],
+             fd_ratio=m["fd"] / metric.floor["fd"])
+    torch.save(x[:100].cpu(), os.path.join(out, "samples.pt"))
+    with open(os.path.join(out, "score.json"), "w") as fh:
+        json.dump(s, fh, indent=1)
+    print(json.dumps(s))
+    return s
+
+
+# ----------------------------------------------------------------------------- report
+def collect(args):
+    rows = []
+    for label in args.estimators:
+        for seed in args.seeds:
+            out = run_dir(args.root, label, seed)
+            try:
+                with open(os.path.join(out, "score.json")) as fh:
+                    rows.append({"label": label, "dataset": "digits", "seed": seed,
+                                 **json.load(fh)})
+            except (OSError, ValueError):
+                continue
+    return rows
+
+
+def report(args):
+    rows = collect(args)
+    if not rows:
+        print(f"bench/digits.py: no scored runs under {args.root}: nothing written",
+              file=sys.stderr)
+        return None
+    agg = gather.aggregate(rows, KEYS)
+    agg.sort(key=lambda a: list(ESTIMATORS).index(a["label"]))
+    lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
+             f"seeds {' '.join(map(str, args.seeds))}. Test log-likelihood of the 449 held-out "
+             f"digits, dequantised, in nats per image (bits per dimension: bpd); EBMs by AIS "
+             f"({AIS['repeats']} x {AIS['n_chains']} chains, {AIS['n_temps']} temperatures).",
+             "", *gather.table(["estimator", "seeds", *KEYS],
+                               [[a["label"], a["n"], *(gather.cell(a, k) for k in KEYS)]
+                                for a in agg])]
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "table.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        print(f"wrote {figure(args, [a['label'] for a in agg])}")
+    return lines
+
+
+def figure(args, labels):
+    """One row of 20 samples per estimator (first seed), real held-out digits on top."""
+    import torch
+
+    import mcmc_images
+    import plots
+
+    shape = (1, 8, 8)
+    panels = [("real digits (held out)", plots.images(mcmc_images.load_images("digits")[2][:20],
+                                                      shape, nrow=20))]
+    for label in labels:
+        path = os.path.join(run_dir(args.root, label, args.seeds[0]), "samples.pt")
+        if os.path.isfile(path):
+            panels.append((label, plots.images(torch.load(path)[:20], shape, nrow=20)))
+    return plots.save_panels(os.path.join(args.out, "samples.png"), panels, rows=len(panels),
+                             size=0.6 * 20 / 2)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser():
+    p = config.Parser(description=__doc__.split("\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
+    p.add_argument("--seeds", type=config.seed, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget", type=config.positive_float, default=120.0,
+                   help="CPU-seconds of training per run")
+    p.add_argument("--jobs", type=config.positive_int, default=1, help="runs at a time")
+    p.add_argument("--root", default=os.path.join("runs", "bench_digits"))
+    p.add_argument("--out", default=os.path.join("docs", "digits"),
+                   help="where table.md and samples.png go ('' for nowhere)")
+    p.add_argument("--report", action="store_true", help="only the table of scored runs")
+    p.add_argument("--score", metavar="RUN", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.score:
+        score(args.score)
+        return 0
+    failed = 0
+    if not args.report:
+        jobs = [(lab, s) for s in args.seeds for lab in args.estimators]
+        print(f"{len(jobs)} runs of {args.budget:g} CPU-s in {args.root} ({args.jobs} at a "
+              f"time)", flush=True)
+        try:
+            failed = sum(c != 0 for c in runner.run_many(lambda j: one_run(args, *j), jobs,
+                                                         args.jobs))
+        except runner.Stopped:
+            return runner.stopped("bench/digits.py")
+    report(args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(config.cli(main))
