@@ -289,10 +289,30 @@ def image_run(tmp_path, scale=1.0, name="img"):
     cfg = {"dataset": "digits", "eps": 0.03, "seed": 0, "n_train": 1348}
     path = tmp_path / name
     path.mkdir()
+    F = {k: v * (cfg["eps"] ** 2 / 2 if k.startswith("net.6") else 1)  # U = (2 / eps^2) F
+         for k, v in U.state_dict().items()}
     checkpoint.save_checkpoint(str(path / "checkpoint.pt"), {
         "config": cfg, "image_ebm": U.state_dict(), "image_ebm_spec": U.spec(),
-        "F": U.state_dict(), "script": "train_mcmc.py"})
+        "F": F, "script": "train_mcmc.py"})
     return str(path), U
+
+
+def test_run_target_of_an_image_run(tmp_path):
+    """run_target of a train_mcmc.py digits run: the energy is U (not F), the held-out points
+    are dequantize.test_set of the test split, the base is fitted to the 1,348 dequantised
+    training images (not the test set), and the chains stay in [-1, 1]^64 (free on request)."""
+    path, U = image_run(tmp_path)
+    t = ais.run_target(checkpoint.load_run(path), path)
+    _, _, x_test, _ = mcmc_images.load_images("digits")
+    assert torch.equal(t.x_test, dequantize.test_set(x_test, 17))
+    assert t.x_fit.shape == (1348, 64) and (t.x_fit.abs() <= 1).all()
+    with pytest.raises(ValueError):  # dequantised: off the pixel lattice
+        dequantize.levels(t.x_fit, 17)
+    x = torch.rand(5, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(t.energy(x), U(x))
+    assert t.levels == 17 and t.box == (-1.0, 1.0) and t.flow is None
+    assert ais.run_target(checkpoint.load_run(path), path, "free").box is None
 
 
 def numbers(line):
