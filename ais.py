@@ -291,7 +291,8 @@ class AISResult:
     acceptance: mean acceptance probability, acceptance_per_temp and eps per inner temperature;
     direction "forward" (lower bound) or "reverse" (upper bound); degenerate: some repeat's
     ESS is below ESS_FLOOR of its chains or below 2 (or not finite): the estimate is then
-    set by a handful of chains and is unreliable (`warning` says so)."""
+    set by a handful of chains and is unreliable (`warning` says so); x: the chains' final
+    states (forward runs: approximate samples of p, to be weighted by w)."""
     log_Z: float
     log_Z_sd: float
     log_Z_repeats: Tensor
@@ -302,6 +303,7 @@ class AISResult:
     eps: Tensor
     direction: str
     degenerate: bool = False
+    x: Optional[Tensor] = None
 
     def warning(self) -> str:
         """'' or the line printed beside a degenerate estimate."""
@@ -340,9 +342,11 @@ def ais_log_Z(energy: Callable[[Tensor], Tensor], base, n_chains: int = 256,
     betas = schedule(n_temps, schedule_kind)
     with _fixed_modules(energy, base), torch.no_grad():
         x = base.sample_and_log_prob(n_chains * repeats)[0].detach()
-        log_w, acc, used, _ = anneal(energy, base, x, betas, transition, n_leapfrog, eps,
+        log_w, acc, used, x = anneal(energy, base, x, betas, transition, n_leapfrog, eps,
                                      step_sizes, adapt, repeats, box=box)
-    return _result(log_w.view(repeats, n_chains), 1.0, acc, used, "forward")
+    res = _result(log_w.view(repeats, n_chains), 1.0, acc, used, "forward")
+    res.x = x
+    return res
 
 
 def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
@@ -568,6 +572,23 @@ def main(argv=None):
     return 0
 
 
+@torch.no_grad()
+def where_the_mass_is(br, ebm, target) -> str:
+    """f on the held-out points against f at the forward chains' end (plain and weighted by
+    w: an estimate of E_p[f]), and for images the share of coordinates within 0.02 of the
+    walls |x| = 1: a model whose mass lies away from the data shows here (and then the reverse
+    bound, started at the data, fails)."""
+    fwd = br.forward
+    f_end = ebm(fwd.x).double()
+    w = torch.softmax(fwd.log_w.flatten(), 0)
+    line = (f"f      held-out mean {-br.mean_neg_f:.4f} | forward chains' end: mean "
+            f"{float(f_end.mean()):.4f}, weighted by w {float((w * f_end).sum()):.4f}")
+    if target.levels is not None:
+        share = [float((x.abs() > 0.98).double().mean()) for x in (target.x_test, fwd.x)]
+        line += f" | coordinates at the walls: held-out {share[0]:.3f}, chains {share[1]:.3f}"
+    return line
+
+
 def gap_note(br) -> str:
     """'' for a positive gap; for a negative one, whether it lies within 2 sd of the repeats'
     spread, 2 sqrt(sd_fwd^2 + sd_rev^2) (Monte Carlo noise), or beyond it (a failed bound)."""
@@ -600,6 +621,7 @@ def report(args, br, ebm, target, dtype):
                                        dtype=dtype)
         print(f"log Z  grid [-{datasets.BOUND}, {datasets.BOUND}]^2, {datasets.GRID}^2 cells: "
               f"{gridmath.grid_log_Z(neg_f, area):.4f}")
+    print(where_the_mass_is(br, ebm, target))
     if isinstance(getattr(ebm, "c", None), Tensor):
         print(f"log Z  learned c of the EBM: {float(ebm.c.detach()):.4f}")
     note = gap_note(br)
