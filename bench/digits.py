@@ -23,8 +23,8 @@ Then `python -m bench.digits --score <run>` (its own process) writes <run>/score
 
 Resumable: a finished run (summary.json) is not trained again, an interrupted one resumes,
 a scored run (score.json) is not scored again. Runs live in <root>/<label>-digits-s<seed>/.
-Writes <out>/table.md (mean ± sd over seeds) and <out>/samples.png (one row of samples per
-estimator, real digits on top, seed of the first seed).
+Writes <out>/table.md (mean ± sd over seeds) and <out>/samples.png (100 samples per
+estimator, of the first seed, beside 100 real held-out digits).
 """
 import argparse
 import json
@@ -46,7 +46,7 @@ ESTIMATORS = {  # label: (script, flags)
     "mle-glow": ("train.py", ["--estimator", "mle", "--flow", "glow"]),
     "dsm": ("train.py", ["--estimator", "dsm"]),
     "ssm": ("train.py", ["--estimator", "ssm"]),
-    "mcmc-nonconvergent": ("train_mcmc.py", "nonconvergent"),
+    "mcmc-nonconvergent": ("train_mcmc.py", "nonconvergent"),  # AIS + samples: see load_mcmc
     "mcmc-convergent": ("train_mcmc.py", "convergent"),
 }
 N_SAMPLES = 1000
@@ -61,15 +61,15 @@ def run_dir(root, label, seed):
     return os.path.join(root, runner.run_name(label, "digits", seed=seed))
 
 
-def train_argv(label, budget, seed, out):
+def train_argv(label, budget, seed, out, ais=AIS):
     """The entry script and its flags for one run of `label`."""
     script, flags = ESTIMATORS[label]
     if script == "train.py":
         return script, [*flags, "--dataset", "digits", "--seed", str(seed), "--budget",
                         str(budget), "--epoch", "1000000", "--eval_every", "1000000",
                         "--plot_every", "1000000", "--image_dir", os.path.join(out, "images"),
-                        "--ais_chains", str(AIS["n_chains"]), "--ais_temps",
-                        str(AIS["n_temps"])]
+                        "--ais_chains", str(ais["n_chains"]), "--ais_temps",
+                        str(ais["n_temps"])]
     cfg = os.path.join(runner.ROOT, "configs", f"mcmc_digits_{flags}.json")
     return script, ["--config", cfg, "--seed", str(seed), "--budget", str(budget),
                     "--image_dir", os.path.join(out, "images")]
@@ -80,17 +80,24 @@ def one_run(args, label, seed):
     out = run_dir(args.root, label, seed)
     os.makedirs(args.root, exist_ok=True)
     t = time.time()
-    script, argv = train_argv(label, args.budget, seed, out)
+    script, argv = train_argv(label, args.budget, seed, out, ais_settings(args))
     code = runner.run_script(script, out, argv, log=f"{out}.log")
     if code == 0 and not os.path.isfile(os.path.join(out, "score.json")):
-        code = runner.run_process(["-m", "bench.digits", "--score", out], log=f"{out}.log")
+        code = runner.run_process(["-m", "bench.digits", "--score", out, "--ais_chains",
+                                   str(args.ais_chains), "--ais_temps", str(args.ais_temps),
+                                   "--sample_temps", str(args.sample_temps)],
+                                  log=f"{out}.log")
     print(f"{'ok ' if code == 0 else f'FAILED ({code})'} {out} ({time.time() - t:.0f} s)",
           flush=True)
     return code
 
 
 # ----------------------------------------------------------------------------- scoring
-def load_model(out):
+def ais_settings(args):
+    return dict(AIS, n_chains=args.ais_chains, n_temps=args.ais_temps)
+
+
+def load_model(out, sample_temps=SAMPLE_TEMPS):
     """(energy or None, flow or None, samples(n) -> tensor, config) of a finished run."""
     import checkpoint
     import tasks
@@ -105,7 +112,7 @@ def load_model(out):
     if run.ebm is None:
         return None, run.flow, (lambda n: run.flow.sample(n)), task
     flow = run.flow if cfg.get("estimator") == "fce" else None
-    return run.ebm, flow, (lambda n: task.samples(run.ebm, flow, n, n_temps=SAMPLE_TEMPS)), \
+    return run.ebm, flow, (lambda n: task.samples(run.ebm, flow, n, n_temps=sample_temps)), \
         task
 
 
@@ -114,7 +121,7 @@ def load_mcmc(out, run):
     raise NotImplementedError("short-run MCMC scoring")
 
 
-def score(out):
+def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
     """Write <out>/score.json (module docstring) and return it."""
     import torch
 
@@ -123,7 +130,8 @@ def score(out):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     summary = runner.finished(out) or {}
-    energy, flow, sample, task = load_model(out)
+    energy, flow, sample, task = load_model(out, sample_temps)
+    task.ais = dict(ais)
     s = {"cpu_s": runner.cpu_seconds(summary), "steps": summary.get("steps")}
     if flow is not None and "ll_flow" in summary:
         s.update(ll_flow=summary["ll_flow"], ll_flow_box=summary["ll_flow_box"])
@@ -189,21 +197,21 @@ def report(args):
 
 
 def figure(args, labels):
-    """One row of 20 samples per estimator (first seed), real held-out digits on top."""
+    """100 samples per estimator (first seed) beside 100 real held-out digits."""
     import torch
 
     import mcmc_images
     import plots
 
     shape = (1, 8, 8)
-    panels = [("real digits (held out)", plots.images(mcmc_images.load_images("digits")[2][:20],
-                                                      shape, nrow=20))]
+    panels = [("real digits (held out)", plots.images(mcmc_images.load_images("digits")[2][:100],
+                                                      shape))]
     for label in labels:
         path = os.path.join(run_dir(args.root, label, args.seeds[0]), "samples.pt")
         if os.path.isfile(path):
-            panels.append((label, plots.images(torch.load(path)[:20], shape, nrow=20)))
-    return plots.save_panels(os.path.join(args.out, "samples.png"), panels, rows=len(panels),
-                             size=0.6 * 20 / 2)
+            panels.append((label, plots.images(torch.load(path), shape)))
+    return plots.save_panels(os.path.join(args.out, "samples.png"), panels,
+                             rows=math.ceil(len(panels) / 4), size=2.6)
 
 
 # ----------------------------------------------------------------------------- main
@@ -218,6 +226,12 @@ def build_parser():
     p.add_argument("--root", default=os.path.join("runs", "bench_digits"))
     p.add_argument("--out", default=os.path.join("docs", "digits"),
                    help="where table.md and samples.png go ('' for nowhere)")
+    p.add_argument("--ais_chains", type=config.positive_int, default=AIS["n_chains"],
+                   help="AIS chains per repeat (2 repeats) of an EBM's bracket")
+    p.add_argument("--ais_temps", type=config.positive_int, default=AIS["n_temps"],
+                   help="AIS temperatures of an EBM's bracket")
+    p.add_argument("--sample_temps", type=config.positive_int, default=SAMPLE_TEMPS,
+                   help="annealing steps of an EBM's sample chains")
     p.add_argument("--report", action="store_true", help="only the table of scored runs")
     p.add_argument("--score", metavar="RUN", help=argparse.SUPPRESS)
     return p
@@ -226,7 +240,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.score:
-        score(args.score)
+        score(args.score, ais_settings(args), args.sample_temps)
         return 0
     failed = 0
     if not args.report:

@@ -35,6 +35,8 @@ ESTIMATORS = {  # label: train.py flags on top of its defaults
     "mle-maf": ["--estimator", "mle", "--flow", "maf"],
     "mle-glow": ["--estimator", "mle", "--flow", "glow"],
     "mle-nsf": ["--estimator", "mle", "--flow", "nsf"],
+    "dsm": ["--estimator", "dsm"],
+    "ssm": ["--estimator", "ssm"],
 }
 DEFAULT_ESTIMATORS = ("nce", "fce-maf", "fce-glow", "fce-nsf", "mle-maf")
 TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", "moons",
