@@ -73,7 +73,7 @@ class Toy2D:
 
     def evaluate(self, ebm, flow, final=False):
         m = evaluation.evaluate_2d(self.dataset, self.x_test, ebm, flow, device=self.device)
-        if ebm is not None and not ebm.c.requires_grad:
+        if ebm is not None and not learns_c(ebm):
             m.pop("c_gap", None)  # score matching learns no c
         return m
 
@@ -152,7 +152,7 @@ class Images:
                 m["ll_flow_box"] = m["ll_flow"] - math.log(self.box_share(flow))
         if ebm is not None:
             mean_neg_f = -ebm(self.x_test).double().mean()
-            if ebm.c.requires_grad:
+            if learns_c(ebm):
                 m["ll_ebm_c"] = self.nats(mean_neg_f - ebm.c.double())
             if final:
                 m.update(self.bracket(ebm, flow))
@@ -176,7 +176,7 @@ class Images:
                 "bpd_ebm_lower": -upper / bits, "bpd_ebm_upper": -lower / bits,
                 "log_Z_ais": br.log_Z_lower, "log_Z_ais_reverse": br.log_Z_upper,
                 "ais_ess": float(br.forward.ess.min()), "ais_acceptance": br.forward.acceptance,
-                **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if ebm.c.requires_grad else {})}
+                **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}
 
     def samples(self, ebm, flow=None, n=100, n_temps=100):
         """n samples of the EBM on the box: forward-AIS chains in z after n_temps annealing
@@ -196,6 +196,12 @@ class Images:
             panels.append(("EBM (100 AIS steps)",
                            plots.images(self.samples(ebm, flow), self.shape)))
         return plots.save_panels(path, panels, title=title)
+
+
+def learns_c(ebm):
+    """Whether the EBM carries a learned log-normaliser c (NCE, FCE; not score matching, not
+    the short-run image EBMs)."""
+    return getattr(ebm, "c", None) is not None and ebm.c.requires_grad
 
 
 def _float64(module):

@@ -117,8 +117,23 @@ def load_model(out, sample_temps=SAMPLE_TEMPS):
 
 
 def load_mcmc(out, run):
-    """A short-run MCMC run: its energy U = F * 2 / eps^2 and its own short-run sampler."""
-    raise NotImplementedError("short-run MCMC scoring")
+    """A train_mcmc.py run: its energy U = F * 2 / eps^2 (exp(-U) is the model, on the box
+    like every image EBM here) and its own short-run sampler (L Langevin steps of size eps
+    from its initialisation: noise, or the persistent bank)."""
+    from types import SimpleNamespace
+
+    import mcmc_images
+    import tasks
+    import train
+    import train_mcmc
+
+    cfg = run.config
+    U = mcmc_images.load_image_ebm(run.checkpoint)
+    task = tasks.make_task(train.get_args(["--dataset", "digits", "--seed", str(cfg["seed"])]),
+                           "cpu")
+    x_train = mcmc_images.load_images("digits")[0]
+    chains = train_mcmc.Chains(SimpleNamespace(**cfg), U, x_train, run.checkpoint.get("bank"))
+    return U, None, chains.short_run, task
 
 
 def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
@@ -132,7 +147,7 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
     summary = runner.finished(out) or {}
     energy, flow, sample, task = load_model(out, sample_temps)
     task.ais = dict(ais)
-    s = {"cpu_s": runner.cpu_seconds(summary), "steps": summary.get("steps")}
+    s = {"cpu_s": runner.cpu_seconds(summary), "steps": summary.get("steps", summary.get("step"))}
     if flow is not None and "ll_flow" in summary:
         s.update(ll_flow=summary["ll_flow"], ll_flow_box=summary["ll_flow_box"])
     if energy is None:
