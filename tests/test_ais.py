@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -444,6 +445,47 @@ def validation_table():
     return "\n".join(rows)
 
 
+def case_flow_bracket_64d(n_temps):
+    """f = -log q of a perturbed 64-d MAF (log Z = 0); test set: 512 exact samples of q; base:
+    a Gaussian fitted to 4,000 other samples; 2 x 128 chains."""
+    torch.manual_seed(11)
+    flow = maf(64, n_blocks=2, hidden=(64, 64)).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        base = gaussian_fit(flow.sample(4000)).double()
+        x_test = flow.sample(512)
+        true = float(flow.log_prob(x_test).mean())
+    return ais.loglik_bracket(lambda x: -flow.log_prob(x), base, x_test, n_chains=128,
+                              n_temps=n_temps, repeats=2), true
+
+
+def case_gaussian_bracket_64d(n_temps):
+    """case_bracket (64-d Gaussian, exact samples) at n_temps, 2 x 128 chains."""
+    torch.manual_seed(4)
+    f, log_Z, sample = gaussian_energy(64)
+    x_test = sample(512)
+    true = float((-f(x_test)).mean()) - log_Z
+    return ais.loglik_bracket(f, std_gaussian(64, 1.5), x_test, n_chains=128,
+                              n_temps=n_temps, repeats=2), true
+
+
+def gap_table(temps=(10, 30, 100, 300)):
+    """Bracket width against the number of temperatures in 64 dimensions, started at exact
+    samples (docs/ais.md): python tests/test_ais.py --gaps"""
+    rows = ["| target | K | bracket | true | gap | ESS fwd / chains | CPU s |",
+            "|---|---|---|---|---|---|---|"]
+    for name, case in (("64-d Gaussian", case_gaussian_bracket_64d),
+                       ("64-d MAF energy", case_flow_bracket_64d)):
+        for K in temps:
+            t0 = time.process_time()
+            br, true = case(K)
+            rows.append(f"| {name} | {K} | [{br.lower:.3f}, {br.upper:.3f}] | {true:.3f} | "
+                        f"{br.gap:.3f} | {float(br.forward.ess.mean()):.0f} / 128 | "
+                        f"{time.process_time() - t0:.0f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(validation_table())
+    print(gap_table() if "--gaps" in sys.argv else validation_table())
