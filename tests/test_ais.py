@@ -266,15 +266,18 @@ def test_cli_missing_run_is_one_line_and_exit_2(tmp_path):
     assert "nope" in err
 
 
-def test_cli_prints_log_Z_grid_and_bracket(tmp_path, capsys):
-    """A train.py-shaped checkpoint (config, EBM): the report has both AIS log Z, the grid
-    log Z and the bracket (plumbing only: an untrained EBM need not be normalisable)."""
+@pytest.mark.parametrize("script,sizes", [("train.py", ("samples", "test_samples")),
+                                          ("train_mcmc.py", ("n_train", "n_test"))])
+def test_cli_prints_log_Z_grid_and_bracket(tmp_path, capsys, script, sizes):
+    """A 2D checkpoint of train.py or train_mcmc.py (config, EBM): the report has both AIS
+    log Z, the grid log Z and the bracket (plumbing only: an untrained EBM need not be
+    normalisable)."""
     torch.manual_seed(6)
     ebm = EBM(2, (16, 16))
-    cfg = {"dataset": "8gaussians", "seed": 0, "samples": 500, "test_samples": 500}
+    cfg = {"dataset": "8gaussians", "seed": 0, sizes[0]: 500, sizes[1]: 500}
     checkpoint.save_checkpoint(str(tmp_path / "checkpoint.pt"),
                          {"config": cfg, "ebm": ebm.state_dict(), "ebm_spec": ebm.spec(),
-                          "script": "train.py"})
+                          "script": script})
     assert ais.main([str(tmp_path), "--chains", "50", "--temps", "20", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "log Z  forward" in out and "log Z  grid" in out and "test log-likelihood in" in out
