@@ -23,12 +23,12 @@ held-out images are dequantised once (dequantize.test_set). Scores, in nats per 
 An image EBM is a density on the box the dequantised images live in, [-1, 1]^D:
 p(y) = exp(-f(y)) / Z with Z = int_box exp(-f). (On all of R^D an MLP energy that falls
 linearly in some direction has no normaliser at all, and NCE's Gaussian noise never shows the
-EBM the far corners.) AIS runs in unconstrained coordinates z = atanh(y) (`BoxEnergy`), where
+EBM the far corners.) AIS runs in unconstrained coordinates z = atanh(y), whitened (`BoxEnergy`), where
 
     f_z(z) = f(tanh z) - sum_i log(1 - tanh^2 z_i),   int_R^D exp(-f_z) dz = Z,
 
 so the same Z comes out of an unconstrained sampler, and log p(y) = log p_z(z) - sum_i log(1 -
-y_i^2). Its base is a Gaussian fitted to atanh of the dequantised training images. A flow is
+y_i^2). Its base is the Gaussian fitted to atanh of the dequantised training images. A flow is
 a density on R^D; `ll_flow_box` adds -log Q(box), the log of the share of its samples that
 fall in the box: the flow restricted and renormalised to the box, the EBM's footing.
 """
@@ -45,9 +45,12 @@ import evaluation
 import mcmc_images
 import plots
 import util
-from flows import gaussian_fit
+import flows
 
 IMAGES = tuple(dequantize.LEVELS)
+
+
+AIS_COORDINATES = 2  # 1: atanh; 2: whitened atanh (BoxEnergy); a bench rescores older runs
 
 
 def make_task(args, device):
@@ -90,27 +93,43 @@ class Toy2D:
 
 
 class BoxEnergy(nn.Module):
-    """f_z(z) = f(tanh z) - sum_i log(1 - tanh^2 z_i): exp(-f) on the box [-1, 1]^D in the
-    coordinates z = atanh(y) (module docstring); log(1 - tanh^2 z) = 2 (log 2 - z -
-    softplus(-2 z)), stable for any z."""
+    """exp(-f) on the box [-1, 1]^D in whitened unconstrained coordinates w: y = tanh(z),
+    z = mu + L w (mu, L L^T: mean and covariance of atanh of the training images), so
 
-    def __init__(self, energy):
+        f_w(w) = f(tanh z) - sum_i log(1 - tanh^2 z_i) - sum_i log L_ii,
+
+    with int exp(-f_w) dw = int_box exp(-f) dy = Z. Whitening makes N(0, I) the base and
+    lets one HMC step size fit every pixel (an always-dark pixel and an ink pixel differ by
+    orders of magnitude in spread). log(1 - tanh^2 z) = 2 (log 2 - z - softplus(-2 z)),
+    stable for any z."""
+
+    def __init__(self, energy, mu, chol):
         super().__init__()
         self.energy = energy
+        self.register_buffer("mu", mu)
+        self.register_buffer("chol", chol)
 
-    def forward(self, z):
-        return self.energy(torch.tanh(z)) - log_dtanh(z).sum(-1)
+    def to_y(self, w):
+        return torch.tanh(self.mu + w @ self.chol.T)
+
+    def to_w(self, y, edge=1e-6):
+        """The inverse map; y clamped to [-1 + edge, 1 - edge] (a dequantised pixel is -1
+        exactly only with probability 2^-24)."""
+        z = torch.atanh(y.clamp(-1 + edge, 1 - edge)) - self.mu
+        return torch.linalg.solve_triangular(self.chol, z.T, upper=False).T
+
+    def log_jacobian(self, w):
+        """log |dy/dw| per row: sum_i log(1 - tanh^2 z_i) + sum_i log L_ii."""
+        z = self.mu + w @ self.chol.T
+        return log_dtanh(z).sum(-1) + torch.log(torch.diagonal(self.chol)).sum()
+
+    def forward(self, w):
+        return self.energy(self.to_y(w)) - self.log_jacobian(w)
 
 
 def log_dtanh(z):
     """log(1 - tanh^2 z), elementwise."""
     return 2 * (math.log(2.0) - z - F.softplus(-2 * z))
-
-
-def to_z(y, edge=1e-6):
-    """atanh(y), y clamped to [-1 + edge, 1 - edge] (a dequantised pixel is -1 exactly only
-    with probability 2^-24)."""
-    return torch.atanh(y.clamp(-1 + edge, 1 - edge))
 
 
 class Images:
@@ -132,7 +151,9 @@ class Images:
         self.x_fit = dequantize.dequantize(x_train, self.L,
                                            torch.Generator().manual_seed(args.seed)).to(device)
         self.ais = dict(n_chains=args.ais_chains, n_temps=args.ais_temps, repeats=2)
-        self.z_base = _float64(gaussian_fit(to_z(self.x_fit.double())).to(device))  # AIS base
+        z = torch.atanh(self.x_fit.double().clamp(-1 + 1e-6, 1 - 1e-6))
+        self.box = (z.mean(0), torch.linalg.cholesky(torch.cov(z.T)))  # BoxEnergy's map
+        self.w_base = _float64(flows.gaussian(self.dim)).to(device)  # AIS base: N(0, I)
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
@@ -167,24 +188,27 @@ class Images:
     def bracket(self, ebm, flow=None):
         """The EBM's test log-likelihood bracket by AIS in z = atanh(y) (float64 chains), in
         nats per image and bits per dimension (module docstring)."""
-        z_test = to_z(self.x_test.double())
-        br = ais.loglik_bracket(BoxEnergy(_float64(ebm)), self.z_base, z_test, **self.ais)
-        to_y = float(log_dtanh(z_test).sum(1).mean())  # log p_y = log p_z - sum log(1 - y^2)
+        energy = BoxEnergy(_float64(ebm), *self.box)
+        w_test = energy.to_w(self.x_test.double())
+        br = ais.loglik_bracket(energy, self.w_base, w_test, **self.ais)
+        to_y = float(energy.log_jacobian(w_test).mean())  # log p_y = log p_w - log |dy/dw|
         lower, upper = self.nats(br.lower - to_y), self.nats(br.upper - to_y)
         bits = self.dim * math.log(2)
         return {"ll_ebm_lower": lower, "ll_ebm_upper": upper, "ais_gap": br.gap,
                 "bpd_ebm_lower": -upper / bits, "bpd_ebm_upper": -lower / bits,
                 "log_Z_ais": br.log_Z_lower, "log_Z_ais_reverse": br.log_Z_upper,
                 "ais_ess": float(br.forward.ess.min()), "ais_acceptance": br.forward.acceptance,
+                "ais_coordinates": AIS_COORDINATES,
                 **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}
 
     def samples(self, ebm, flow=None, n=100, n_temps=100):
         """n samples of the EBM on the box: forward-AIS chains in z after n_temps annealing
         steps (approximate unless n_temps is large), mapped back by y = tanh z."""
-        energy = BoxEnergy(_float64(ebm))
-        with ais._fixed_modules(energy, self.z_base), torch.no_grad():
-            z0 = self.z_base.sample_and_log_prob(n)[0]
-            return torch.tanh(ais.anneal(energy, self.z_base, z0, ais.schedule(n_temps))[3]).float()
+        energy = BoxEnergy(_float64(ebm), *self.box)
+        with ais._fixed_modules(energy, self.w_base), torch.no_grad():
+            w0 = self.w_base.sample_and_log_prob(n)[0]
+            w = ais.anneal(energy, self.w_base, w0, ais.schedule(n_temps))[3]
+            return energy.to_y(w).float()
 
     def figure(self, path, ebm, flow, title):
         panels = [("data (held out)", plots.images(self.x_test[:100], self.shape))]

@@ -141,6 +141,7 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
     import torch
 
     import mcmc_images
+    import tasks
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -154,7 +155,8 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
         s["ll_lower"] = s["ll_upper"] = s["ll_flow_box"]  # exact; the flow on the box
         s["ais_gap"] = 0.0
     else:  # the AIS bracket of the run's final evaluation (train.py), else computed here
-        b = summary if "ll_ebm_lower" in summary else task.bracket(energy)
+        fresh = summary.get("ais_coordinates") == tasks.AIS_COORDINATES
+        b = summary if fresh else task.bracket(energy)
         s.update(ll_lower=b["ll_ebm_lower"], ll_upper=b["ll_ebm_upper"], ais_gap=b["ais_gap"],
                  ais_ess=b["ais_ess"], **{k: b[k] for k in ("c_gap",) if k in b})
     s["bpd_lower"], s["bpd_upper"] = (-s[k] / (64 * math.log(2)) for k in ("ll_upper", "ll_lower"))
