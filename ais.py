@@ -39,9 +39,11 @@ Command line (`run_target` decides what a run is scored on): a 2D train.py run (
 Gaussian fitted to its held-out data, or its flow), or a digits / MNIST run of train.py or
 train_mcmc.py (held-out: dequantize.test_set; base: a Gaussian fitted to the dequantised
 training images; bracket in nats per image on the [0, L) scale and bits/dim). The ConvEBM of a
-train_mcmc.py run is scored on the data box [-1, 1]^D (`--domain box`: reflecting HMC, a
-box-truncated Gaussian base), where exp(-U) is always integrable; on R^D a ConvNet energy,
-piecewise linear in x, need not be. A repeat whose ESS falls below ESS_FLOOR of its chains is
+train_mcmc.py run is scored on the data box [-1, 1]^D (`--domain box`, `box_bracket`), where
+exp(-U) is always integrable; on R^D a ConvNet energy, piecewise linear in x, need not be.
+In the box AIS runs in whitened atanh coordinates w, y = tanh(mu + L w) with mu, L L^T the
+mean and covariance of atanh of the training images (`BoxEnergy`), by ordinary HMC from
+N(0, I): f_w(w) = f(y) - log|dy/dw| has the box's Z, and the bracket is converted back to y. A repeat whose ESS falls below ESS_FLOOR of its chains is
 flagged (`AISResult.degenerate`, `Bracket.reliable`) and the report says so beside it.
 
     python ais.py runs/<run> [--chains 500 --temps 500 --repeats 4 --seed 0 --base flow
@@ -56,6 +58,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 import checkpoint
 import config
@@ -65,7 +68,7 @@ import evaluation
 import gridmath
 import mcmc_images
 import util
-from flows import gaussian_fit
+from flows import gaussian, gaussian_fit
 from samplers import frozen
 
 SCHEDULES = ("sigmoid", "geometric", "linear")
@@ -138,63 +141,67 @@ def _evaluate(energy, base, x):
 
 
 # ----------------------------------------------------------------------------- the box
-def reflect(x: Tensor, rho: Tensor, box: tuple) -> tuple:
-    """Fold x back into [lo, hi] by mirror reflections at the walls and flip the momentum of
-    every coordinate reflected an odd number of times (Neal 2011, sec. 5.1): with n the number
-    of walls crossed, t = x - lo - n w (w = hi - lo),
-
-        x <- lo + t (n even),  lo + w - t (n odd);   rho <- (-1)^n rho.
-
-    The map is volume-preserving and reversible, so HMC with it leaves pi_b restricted to the
-    box invariant and the chains never leave the box."""
-    lo, hi = box
-    w = hi - lo
-    n = torch.floor((x - lo) / w)
-    t = x - lo - n * w
-    odd = torch.remainder(n, 2) == 1
-    return lo + torch.where(odd, w - t, t), torch.where(odd, -rho, rho)
+BOX_EDGE = 1e-6  # points are clamped to [-1 + BOX_EDGE, 1 - BOX_EDGE] before atanh
 
 
-class BoxGaussian(nn.Module):
-    """N(m, diag s^2) truncated to the box [lo, hi]^D: a normalised base on the box,
+def log_dtanh(z: Tensor) -> Tensor:
+    """log(1 - tanh^2 z) = 2 (log 2 - z - softplus(-2 z)), elementwise, stable for any z."""
+    return 2 * (math.log(2.0) - z - F.softplus(-2 * z))
 
-        log q0(x) = sum_i [log N(x_i; m_i, s_i^2) - log(Phi(b_i) - Phi(a_i))],  x in the box,
-        a_i = (lo - m_i) / s_i,  b_i = (hi - m_i) / s_i    (-inf outside),
 
-    sampled by inversion, x_i = m_i + s_i Phi^-1(Phi(a_i) + u (Phi(b_i) - Phi(a_i))),
-    u ~ U(0, 1). `BoxGaussian.fit(x, box)` takes m and s from the points x."""
+def box_fit(x: Tensor, edge: float = BOX_EDGE) -> tuple:
+    """(mu, L), float64: the mean and the Cholesky factor of the covariance of atanh(x), x
+    clamped to [-1 + edge, 1 - edge] (points of the box [-1, 1]^D, e.g. dequantised images)."""
+    z = torch.atanh(x.double().clamp(-1 + edge, 1 - edge))
+    return z.mean(0), torch.linalg.cholesky(torch.cov(z.T))
 
-    def __init__(self, m: Tensor, s: Tensor, box: tuple = (-1.0, 1.0)):
+
+class BoxEnergy(nn.Module):
+    """exp(-f) on the box [-1, 1]^D in whitened unconstrained coordinates w:
+
+        y = tanh(z),  z = mu + L w,
+        f_w(w) = f(y) - log|dy/dw|,  log|dy/dw| = sum_i log(1 - tanh^2 z_i) + sum_i log L_ii,
+
+    so int_R^D exp(-f_w) dw = int_box exp(-f) dy = Z: the box's normaliser comes out of
+    unconstrained HMC from the base N(0, I), and log p(y) = log p_w(w) - log|dy/dw|.
+    mu, L L^T: the mean and covariance of atanh of points of the box (`fit`, `box_fit`).
+    Whitening makes N(0, I) a base close to the data and lets one HMC step size fit every
+    coordinate (in atanh an always-dark pixel and an ink pixel differ in spread by orders of
+    magnitude). mu and L are buffers: `.to(dtype)` moves them with the energy."""
+
+    def __init__(self, energy, mu: Tensor, chol: Tensor):
         super().__init__()
-        self.box = tuple(float(v) for v in box)
-        self.register_buffer("m", m.double())
-        self.register_buffer("s", s.double())
+        self.energy = energy
+        self.register_buffer("mu", mu)
+        self.register_buffer("chol", chol)
 
     @classmethod
-    def fit(cls, x: Tensor, box: tuple = (-1.0, 1.0), s_min: float = 1e-3):
-        x = x.double()
-        return cls(x.mean(0), x.std(0).clamp(min=s_min), box)
+    def fit(cls, energy, x_fit: Tensor, dtype=torch.float64, edge: float = BOX_EDGE):
+        """The map fitted to the points x_fit (`box_fit`), its buffers in `dtype`."""
+        mu, chol = box_fit(x_fit, edge)
+        return cls(energy, mu.to(dtype), chol.to(dtype))
 
-    def _ends(self):
-        lo, hi = self.box
-        return (torch.special.ndtr((lo - self.m) / self.s),
-                torch.special.ndtr((hi - self.m) / self.s))
+    def to_y(self, w: Tensor) -> Tensor:
+        return torch.tanh(self.mu + w @ self.chol.T)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        Pa, Pb = self._ends()
-        z = (x - self.m) / self.s
-        log_n = -0.5 * z ** 2 - torch.log(self.s) - 0.5 * math.log(2 * math.pi)
-        lp = (log_n - torch.log(Pb - Pa)).sum(1)
-        inside = ((x >= self.box[0]) & (x <= self.box[1])).all(1)
-        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+    def to_w(self, y: Tensor, edge: float = BOX_EDGE) -> Tensor:
+        """The inverse map; y clamped to [-1 + edge, 1 - edge] (a dequantised pixel is -1
+        exactly only with probability 2^-24)."""
+        z = torch.atanh(y.clamp(-1 + edge, 1 - edge)) - self.mu
+        return torch.linalg.solve_triangular(self.chol, z.T, upper=False).T
 
-    def sample_and_log_prob(self, n: int):
-        Pa, Pb = self._ends()
-        u = torch.rand(n, self.m.numel(), dtype=self.m.dtype, device=self.m.device)
-        fi = torch.finfo(u.dtype)
-        z = torch.special.ndtri((Pa + u * (Pb - Pa)).clamp(fi.tiny, 1 - fi.eps))
-        x = (self.m + self.s * z).clamp(*self.box)
-        return x, self.log_prob(x)
+    def log_jacobian(self, w: Tensor) -> Tensor:
+        """log |dy/dw| per row: sum_i log(1 - tanh^2 z_i) + sum_i log L_ii."""
+        z = self.mu + w @ self.chol.T
+        return log_dtanh(z).sum(-1) + torch.log(torch.diagonal(self.chol)).sum()
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.energy(self.to_y(w)) - self.log_jacobian(w)
+
+
+def box_base(dim: int, dtype=torch.float64):
+    """The base of AIS in the box's coordinates w: N(0, I)."""
+    return gaussian(dim).to(dtype)
 
 
 # ----------------------------------------------------------------------------- transitions
@@ -203,21 +210,16 @@ def metropolis(log_a: Tensor) -> Tensor:
     return torch.log(torch.rand_like(log_a)) < log_a
 
 
-def hmc(energy, base, s: _State, b: float, eps: Tensor, n_leapfrog: int,
-        box: Optional[tuple] = None):
+def hmc(energy, base, s: _State, b: float, eps: Tensor, n_leapfrog: int):
     """One HMC transition leaving pi_b invariant: momentum rho ~ N(0, I), `n_leapfrog` leapfrog
     steps of size eps (per chain, shape (n, 1)), Metropolis test on H = U_b(x) + |rho|^2 / 2
-    (in float64). With `box` = (lo, hi) the position steps reflect at its walls (`reflect`):
-    pi_b restricted to the box. Returns the new state and the acceptance probabilities (n,)."""
+    (in float64). Returns the new state and the acceptance probabilities (n,)."""
     rho = torch.randn_like(s.x)
     H0 = s.U(b) + 0.5 * (rho.double() ** 2).sum(1)
     t = s
     rho = rho - 0.5 * eps * t.grad_U(b)
     for i in range(n_leapfrog):
-        x = t.x + eps * rho
-        if box is not None:
-            x, rho = reflect(x, rho, box)
-        t = _evaluate(energy, base, x)
+        t = _evaluate(energy, base, t.x + eps * rho)
         rho = rho - (eps if i < n_leapfrog - 1 else 0.5 * eps) * t.grad_U(b)
     H1 = t.U(b) + 0.5 * (rho.double() ** 2).sum(1)
     log_a = torch.nan_to_num(H0 - H1, nan=-math.inf).clamp(max=0.0)
@@ -252,15 +254,14 @@ def _fixed_modules(*modules):
 
 def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
            n_leapfrog: int = 5, eps: float = 0.1, step_sizes: Optional[Tensor] = None,
-           adapt: str = "global", repeats: int = 1, gamma: float = 0.5,
-           box: Optional[tuple] = None):
+           adapt: str = "global", repeats: int = 1, gamma: float = 0.5):
     """Run chains x along b = betas[0] -> betas[-1] (either direction), accumulating
 
         log w += (b_k - b_{k-1}) (-f(x) - log q0(x)),  then x <- T_k(x) for the inner b_k.
 
     `step_sizes` (len(betas) - 2,) fixes eps per inner temperature (no adaptation: the kernels
     are chosen in advance and AIS is exactly unbiased); otherwise eps starts at `eps` and adapts.
-    `box` = (lo, hi) keeps the chains in [lo, hi]^D (`hmc`). Returns log w (n,) float64, acceptance per inner temperature, eps used per inner
+    Returns log w (n,) float64, acceptance per inner temperature, eps used per inner
     temperature (geometric mean over chains) and the final chains."""
     n_leapfrog = 1 if transition == "mala" else n_leapfrog
     target = TARGET_ACCEPTANCE[transition]
@@ -276,7 +277,7 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
             break
         if step_sizes is not None:
             log_eps = torch.full_like(log_eps, math.log(float(step_sizes[k - 1])))
-        s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog, box)
+        s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog)
         acc.append(float(a.mean()))
         used.append(float(log_eps.mean().exp()))
         if step_sizes is None:
@@ -328,22 +329,20 @@ def _result(log_w, sign, acc, eps, direction):
 def ais_log_Z(energy: Callable[[Tensor], Tensor], base, n_chains: int = 256,
               n_temps: int = 500, repeats: int = 1, schedule_kind: str = "sigmoid",
               transition: str = "hmc", n_leapfrog: int = 5, eps: float = 0.1,
-              adapt: str = "global", step_sizes: Optional[Tensor] = None,
-              box: Optional[tuple] = None) -> AISResult:
+              adapt: str = "global", step_sizes: Optional[Tensor] = None) -> AISResult:
     """Forward AIS from q0 = `base` to exp(-energy): log Z-hat = logsumexp(log w) - log n, a
     stochastic lower bound (E[log Z-hat] <= log Z; E[Z-hat] = Z).
 
     `repeats` independent runs of `n_chains` chains each (run together as one batch, each with
     its own step-size adaptation) give log_Z (their mean) and log_Z_sd (their spread). Chains
-    run in the dtype of the base's samples; weights are float64. With `box` = (lo, hi) the
-    target is exp(-f) on [lo, hi]^D only (Z = int_box exp(-f)) and `base` must be a normalised
-    density on the box (`BoxGaussian`)."""
+    run in the dtype of the base's samples; weights are float64. For exp(-f) on the box
+    [-1, 1]^D see `BoxEnergy` and `box_bracket`."""
     _check(transition, adapt)
     betas = schedule(n_temps, schedule_kind)
     with _fixed_modules(energy, base), torch.no_grad():
         x = base.sample_and_log_prob(n_chains * repeats)[0].detach()
         log_w, acc, used, x = anneal(energy, base, x, betas, transition, n_leapfrog, eps,
-                                     step_sizes, adapt, repeats, box=box)
+                                     step_sizes, adapt, repeats)
     res = _result(log_w.view(repeats, n_chains), 1.0, acc, used, "forward")
     res.x = x
     return res
@@ -352,8 +351,8 @@ def ais_log_Z(energy: Callable[[Tensor], Tensor], base, n_chains: int = 256,
 def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
                       n_temps: int = 500, repeats: int = 1, schedule_kind: str = "sigmoid",
                       transition: str = "hmc", n_leapfrog: int = 5, eps: float = 0.1,
-                      adapt: str = "global", step_sizes: Optional[Tensor] = None,
-                      box: Optional[tuple] = None) -> AISResult:
+                      adapt: str = "global", step_sizes: Optional[Tensor] = None
+                      ) -> AISResult:
     """Reverse AIS (RAISE / BDMC) from chains at `x_start` (n, D), annealed b = 1 -> 0:
     log Z-hat_up = -(logsumexp(log w_rev) - log n) with E[w_rev] = 1/Z, a stochastic UPPER bound
     on log Z when x_start are exact samples of exp(-f)/Z (with data: a heuristic upper bound).
@@ -368,8 +367,7 @@ def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
     steps = None if step_sizes is None else step_sizes.flip(0)
     with _fixed_modules(energy, base), torch.no_grad():
         log_w, acc, used, _ = anneal(energy, base, x_start[: n * repeats].detach(), betas,
-                                     transition, n_leapfrog, eps, steps, adapt, repeats,
-                                     box=box)
+                                     transition, n_leapfrog, eps, steps, adapt, repeats)
     return _result(log_w.view(repeats, n), -1.0, acc.flip(0), used.flip(0), "reverse")
 
 
@@ -414,7 +412,7 @@ def loglik_bracket(energy: Callable[[Tensor], Tensor], base, x_test: Tensor,
     here) it is a heuristic upper bound on log Z, trustworthy as far as the model fits the data.
     The gap shrinks as n_temps grows. The reverse run starts at a random subset of
     n_chains * repeats rows of x_test (all rows if fewer) and reuses the forward run's step
-    sizes. kw go to both runs (schedule_kind, transition, n_leapfrog, eps, adapt, box)."""
+    sizes. kw go to both runs (schedule_kind, transition, n_leapfrog, eps, adapt)."""
     fwd = ais_log_Z(energy, base, n_chains, n_temps, repeats, **kw)
     rows = torch.randperm(x_test.shape[0], device=x_test.device)[: n_chains * repeats]
     kw = {k: v for k, v in kw.items() if k not in ("step_sizes", "adapt")}
@@ -424,6 +422,41 @@ def loglik_bracket(energy: Callable[[Tensor], Tensor], base, x_test: Tensor,
         mean_neg_f = float(torch.cat([-energy(c).double() for c in x_test.split(8192)]).mean())
     lower, upper = mean_neg_f - rev.log_Z, mean_neg_f - fwd.log_Z
     return Bracket(lower, upper, upper - lower, fwd.log_Z, rev.log_Z, mean_neg_f, fwd, rev)
+
+
+def box_bracket(energy: Callable[[Tensor], Tensor], x_fit: Tensor, x_test: Tensor,
+                n_chains: int = 256, n_temps: int = 500, repeats: int = 1,
+                dtype=torch.float64, **kw) -> Bracket:
+    """`loglik_bracket` of exp(-f) on the box [-1, 1]^D (Z = int_box exp(-f) dy), run in the
+    whitened atanh coordinates w of `BoxEnergy.fit(energy, x_fit)` from the base N(0, I), with
+    the reverse chains started at w(x_test). Returned in y: lower, upper and mean_neg_f are
+    converted back by log p(y) = log p_w(w) - log|dy/dw| (the mean log|dy/dw| over the test
+    points; mean_neg_f is then the mean of -f(y) at the test points clamped to the box's
+    inside, `BOX_EDGE`), and forward.x holds the forward chains' ends in y (their weights are
+    the same in either coordinates). log Z and the gap are the same in both. `energy` must take
+    `dtype` (the chains' precision); kw go to `loglik_bracket`."""
+    box = BoxEnergy.fit(energy, x_fit, dtype).to(x_test.device)
+    w_test = box.to_w(x_test.to(dtype))
+    br = loglik_bracket(box, box_base(x_test.shape[1], dtype).to(x_test.device), w_test,
+                        n_chains, n_temps, repeats, **kw)
+    with _fixed_modules(box), torch.no_grad():
+        to_y = float(box.log_jacobian(w_test).double().mean())
+        br.forward.x = box.to_y(br.forward.x)
+    return Bracket(br.lower - to_y, br.upper - to_y, br.gap, br.log_Z_lower, br.log_Z_upper,
+                   br.mean_neg_f - to_y, br.forward, br.reverse)
+
+
+def box_samples(energy: Callable[[Tensor], Tensor], x_fit: Tensor, n: int = 100,
+                n_temps: int = 100, dtype=torch.float64, **kw) -> Tensor:
+    """n approximate samples of exp(-f) on the box [-1, 1]^D: forward-AIS chains in the
+    coordinates w of `BoxEnergy.fit(energy, x_fit)` after n_temps annealing steps from
+    N(0, I), mapped back to y = tanh(mu + L w) (unweighted: approximate unless n_temps is
+    large). kw go to `anneal` (transition, n_leapfrog, eps, ...)."""
+    box = BoxEnergy.fit(energy, x_fit, dtype).to(x_fit.device)
+    base = box_base(x_fit.shape[1], dtype).to(x_fit.device)
+    with _fixed_modules(box, base), torch.no_grad():
+        w0 = base.sample_and_log_prob(n)[0]
+        return box.to_y(anneal(box, base, w0, schedule(n_temps), **kw)[3])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -448,9 +481,10 @@ def build_parser():
     p.add_argument("--schedule", choices=SCHEDULES, default="sigmoid")
     p.add_argument("--adapt", choices=ADAPT, default="global", help="step-size adaptation")
     p.add_argument("--domain", choices=DOMAINS, default="auto",
-                   help="box: the density exp(-f) on the data box [-1, 1]^D (chains reflect "
-                        "at its walls, base: a box-truncated diagonal Gaussian); free: on R^D; "
-                        "auto: box for train_mcmc.py image runs, free otherwise")
+                   help="box: the density exp(-f) on the data box [-1, 1]^D (AIS in "
+                        "whitened atanh coordinates w, y = tanh(mu + L w), base N(0, I); "
+                        "ais.box_bracket); free: on R^D; auto: box for train_mcmc.py image "
+                        "runs, free otherwise")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
                    help="precision of the chains and networks (weights are always float64)")
     p.add_argument("--threads", type=config.nonnegative_int, default=1,
@@ -467,7 +501,7 @@ class Target:
     """What a run is scored on: `energy` f (the density is exp(-f) / Z), the held-out points
     `x_test`, the points `x_fit` a Gaussian base is fitted to, the run's `flow` (or None),
     the grey levels `levels` of an image run (None in 2D: no dequantisation) and the `box`
-    the chains stay in (None: R^D)."""
+    the density lives on (None: R^D; else `box_bracket` scores it, its map fitted to x_fit)."""
     energy: nn.Module
     x_test: Tensor
     x_fit: Tensor
@@ -536,8 +570,8 @@ def held_out(cfg: dict, writer: str = "train.py") -> Tensor:
 
 
 def make_base(args, target: Target, dtype):
-    """q0: the run's flow (R^D only), a Gaussian fitted to target.x_fit, or in the box its
-    box-truncated diagonal version (BoxGaussian)."""
+    """q0 on R^D: the run's flow or a Gaussian fitted to target.x_fit. None in the box
+    (`box_bracket` brings its own: N(0, I) in the map's coordinates; a flow is refused)."""
     if args.base == "flow":
         if target.flow is None:
             config.fail(f"{args.run} has no flow; use --base gaussian")
@@ -546,7 +580,7 @@ def make_base(args, target: Target, dtype):
                         "--base flow, or --base gaussian")
         return target.flow.to(dtype)
     if target.box is not None:
-        return BoxGaussian.fit(target.x_fit, target.box).to(dtype)
+        return None
     return gaussian_fit(target.x_fit).to(dtype)
 
 
@@ -564,10 +598,13 @@ def main(argv=None):
     base = make_base(args, target, dtype)
     ebm = target.energy.to(dtype)
     util.set_seed(args.seed)
-    br = loglik_bracket(ebm, base, x_test, args.chains, args.temps, args.repeats,
-                        schedule_kind=args.schedule, transition=args.transition,
-                        n_leapfrog=args.leapfrog, eps=args.eps, adapt=args.adapt,
-                        box=target.box)
+    kw = dict(schedule_kind=args.schedule, transition=args.transition,
+              n_leapfrog=args.leapfrog, eps=args.eps, adapt=args.adapt)
+    if target.box is not None:
+        br = box_bracket(ebm, target.x_fit, x_test, args.chains, args.temps, args.repeats,
+                         dtype=dtype, **kw)
+    else:
+        br = loglik_bracket(ebm, base, x_test, args.chains, args.temps, args.repeats, **kw)
     report(args, br, ebm, target, dtype)
     return 0
 
@@ -608,8 +645,10 @@ def report(args, br, ebm, target, dtype):
     f, r = br.forward, br.reverse
     dim = target.x_test.shape[1]
     where = "R^D" if target.box is None else f"[{target.box[0]:g}, {target.box[1]:g}]^{dim}"
+    base = (args.base if target.box is None
+            else "N(0, I) in w, y = tanh(mu + L w) (whitened atanh)")
     print(f"{args.run}: AIS {args.transition}, {args.repeats} x {args.chains} chains, "
-          f"{args.temps} temperatures ({args.schedule}), base {args.base}, density on {where}")
+          f"{args.temps} temperatures ({args.schedule}), base {base}, density on {where}")
     print(f"log Z  forward (lower) {f.log_Z:.4f} +- {f.log_Z_sd:.4f} | reverse from data "
           f"(upper) {r.log_Z:.4f} +- {r.log_Z_sd:.4f}")
     for res, n in ((f, args.chains), (r, r.log_w.shape[1])):

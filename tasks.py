@@ -35,8 +35,6 @@ fall in the box: the flow restricted and renormalised to the box, the EBM's foot
 import math
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 import ais
 import datasets
@@ -45,7 +43,6 @@ import evaluation
 import mcmc_images
 import plots
 import util
-import flows
 
 IMAGES = tuple(dequantize.LEVELS)
 
@@ -92,46 +89,6 @@ class Toy2D:
         return plots.save_panels(path, panels, title=title)
 
 
-class BoxEnergy(nn.Module):
-    """exp(-f) on the box [-1, 1]^D in whitened unconstrained coordinates w: y = tanh(z),
-    z = mu + L w (mu, L L^T: mean and covariance of atanh of the training images), so
-
-        f_w(w) = f(tanh z) - sum_i log(1 - tanh^2 z_i) - sum_i log L_ii,
-
-    with int exp(-f_w) dw = int_box exp(-f) dy = Z. Whitening makes N(0, I) the base and
-    lets one HMC step size fit every pixel (an always-dark pixel and an ink pixel differ by
-    orders of magnitude in spread). log(1 - tanh^2 z) = 2 (log 2 - z - softplus(-2 z)),
-    stable for any z."""
-
-    def __init__(self, energy, mu, chol):
-        super().__init__()
-        self.energy = energy
-        self.register_buffer("mu", mu)
-        self.register_buffer("chol", chol)
-
-    def to_y(self, w):
-        return torch.tanh(self.mu + w @ self.chol.T)
-
-    def to_w(self, y, edge=1e-6):
-        """The inverse map; y clamped to [-1 + edge, 1 - edge] (a dequantised pixel is -1
-        exactly only with probability 2^-24)."""
-        z = torch.atanh(y.clamp(-1 + edge, 1 - edge)) - self.mu
-        return torch.linalg.solve_triangular(self.chol, z.T, upper=False).T
-
-    def log_jacobian(self, w):
-        """log |dy/dw| per row: sum_i log(1 - tanh^2 z_i) + sum_i log L_ii."""
-        z = self.mu + w @ self.chol.T
-        return log_dtanh(z).sum(-1) + torch.log(torch.diagonal(self.chol)).sum()
-
-    def forward(self, w):
-        return self.energy(self.to_y(w)) - self.log_jacobian(w)
-
-
-def log_dtanh(z):
-    """log(1 - tanh^2 z), elementwise."""
-    return 2 * (math.log(2.0) - z - F.softplus(-2 * z))
-
-
 class Images:
     """8x8 digits (or MNIST from local files) as a continuous density on [-1, 1]^D."""
 
@@ -151,9 +108,6 @@ class Images:
         self.x_fit = dequantize.dequantize(x_train, self.L,
                                            torch.Generator().manual_seed(args.seed)).to(device)
         self.ais = dict(n_chains=args.ais_chains, n_temps=args.ais_temps, repeats=2)
-        z = torch.atanh(self.x_fit.double().clamp(-1 + 1e-6, 1 - 1e-6))
-        self.box = (z.mean(0), torch.linalg.cholesky(torch.cov(z.T)))  # BoxEnergy's map
-        self.w_base = _float64(flows.gaussian(self.dim)).to(device)  # AIS base: N(0, I)
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
@@ -186,13 +140,11 @@ class Images:
         return max(float(((x >= -1) & (x <= 1)).all(1).double().mean()), 1.0 / n)
 
     def bracket(self, ebm, flow=None):
-        """The EBM's test log-likelihood bracket by AIS in z = atanh(y) (float64 chains), in
-        nats per image and bits per dimension (module docstring)."""
-        energy = BoxEnergy(_float64(ebm), *self.box)
-        w_test = energy.to_w(self.x_test.double())
-        br = ais.loglik_bracket(energy, self.w_base, w_test, **self.ais)
-        to_y = float(energy.log_jacobian(w_test).mean())  # log p_y = log p_w - log |dy/dw|
-        lower, upper = self.nats(br.lower - to_y), self.nats(br.upper - to_y)
+        """The EBM's test log-likelihood bracket by AIS on the box (ais.box_bracket: whitened
+        atanh coordinates fitted to x_fit, float64 chains), in nats per image and bits per
+        dimension (module docstring)."""
+        br = ais.box_bracket(_float64(ebm), self.x_fit, self.x_test, **self.ais)
+        lower, upper = self.nats(br.lower), self.nats(br.upper)
         bits = self.dim * math.log(2)
         return {"ll_ebm_lower": lower, "ll_ebm_upper": upper, "ais_gap": br.gap,
                 "bpd_ebm_lower": -upper / bits, "bpd_ebm_upper": -lower / bits,
@@ -202,13 +154,10 @@ class Images:
                 **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}
 
     def samples(self, ebm, flow=None, n=100, n_temps=100):
-        """n samples of the EBM on the box: forward-AIS chains in z after n_temps annealing
-        steps (approximate unless n_temps is large), mapped back by y = tanh z."""
-        energy = BoxEnergy(_float64(ebm), *self.box)
-        with ais._fixed_modules(energy, self.w_base), torch.no_grad():
-            w0 = self.w_base.sample_and_log_prob(n)[0]
-            w = ais.anneal(energy, self.w_base, w0, ais.schedule(n_temps))[3]
-            return energy.to_y(w).float()
+        """n samples of the EBM on the box (ais.box_samples: forward-AIS chains in the
+        whitened atanh coordinates after n_temps annealing steps, mapped back to y;
+        approximate unless n_temps is large)."""
+        return ais.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
 
     def figure(self, path, ebm, flow, title):
         panels = [("data (held out)", plots.images(self.x_test[:100], self.shape))]

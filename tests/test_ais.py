@@ -205,55 +205,96 @@ def test_short_schedules_bound_log_Z_from_both_sides():
 
 
 # ----------------------------------------------------------------------------- the box
-def test_reflect_stays_in_the_box_and_is_reversible():
-    """A position step x + eps rho folded into [-1, 1] (several walls crossed) lands inside,
-    and the step from there with the momentum negated comes back: (x, -rho)."""
-    g = torch.Generator().manual_seed(0)
-    x = 2 * torch.rand(500, 3, generator=g, dtype=torch.float64) - 1
-    rho = 3 * torch.randn(500, 3, generator=g, dtype=torch.float64)
-    x1, rho1 = ais.reflect(x + 1.3 * rho, rho, (-1.0, 1.0))
-    assert (x1.abs() <= 1).all()
-    x2, rho2 = ais.reflect(x1 - 1.3 * rho1, -rho1, (-1.0, 1.0))
-    assert torch.allclose(x2, x, atol=1e-10) and torch.allclose(rho2, -rho)
+def random_box_map(D=3, seed=0):
+    """A BoxEnergy (f = 0) with a random mu and a random lower-triangular L (diagonal far from
+    1, so sum log L_ii matters), float64."""
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.5 * torch.randn(D, generator=g, dtype=torch.float64)
+    chol = torch.tril(0.4 * torch.randn(D, D, generator=g, dtype=torch.float64), -1)
+    chol += torch.diag(torch.linspace(0.3, 2.5, D, dtype=torch.float64))
+    return ais.BoxEnergy(lambda y: torch.zeros(y.shape[0], dtype=y.dtype), mu, chol)
 
 
-def test_box_gaussian_is_normalised_on_the_box():
-    """BoxGaussian integrates to 1 over [-1, 1]^2 (midpoint grid), its samples lie in the box
-    with the truncated mean, and it is -inf outside."""
-    q = ais.BoxGaussian(torch.tensor([0.8, -0.3]), torch.tensor([0.5, 2.0]))
-    h = 2 / 400
-    t = torch.linspace(-1 + h / 2, 1 - h / 2, 400, dtype=torch.float64)
-    grid = torch.cartesian_prod(t, t)
-    assert float(q.log_prob(grid).exp().sum() * h * h) == pytest.approx(1.0, abs=1e-4)
-    torch.manual_seed(0)
-    x, lp = q.sample_and_log_prob(20000)
-    assert (x.abs() <= 1).all() and torch.allclose(lp, q.log_prob(x))
-    mean = (grid * q.log_prob(grid).exp()[:, None]).sum(0) * h * h
-    assert torch.allclose(x.mean(0), mean, atol=0.02)
-    assert q.log_prob(torch.tensor([[1.5, 0.0]], dtype=torch.float64)) == -math.inf
+def test_box_log_jacobian_is_autograds_log_det():
+    """log|dy/dw| of y = tanh(mu + L w) (BoxEnergy.log_jacobian) equals log|det| of autograd's
+    Jacobian at points from the centre into the tails (|z| up to about 10), and to_w
+    inverts to_y."""
+    box = random_box_map(3)
+    g = torch.Generator().manual_seed(1)
+    w = torch.cat([torch.zeros(1, 3, dtype=torch.float64),
+                   torch.randn(5, 3, generator=g, dtype=torch.float64),
+                   1.2 * torch.randn(5, 3, generator=g, dtype=torch.float64)])
+    for wi, lj in zip(w, box.log_jacobian(w)):
+        J = torch.autograd.functional.jacobian(lambda v: box.to_y(v[None])[0], wi)
+        assert float(lj) == pytest.approx(float(torch.linalg.slogdet(J)[1]), abs=1e-6)
+    y = box.to_y(w[:6])
+    assert torch.allclose(box.to_w(y), w[:6], atol=1e-8)
+    assert torch.allclose(box(w), -box.log_jacobian(w))  # f_w = f(y) - log|dy/dw|, f = 0
+
+
+def test_box_fit_whitens_atanh_of_the_points():
+    """BoxEnergy.fit takes mu and L from atanh of the points: the points' w have mean 0 and
+    identity covariance."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4000, 4, generator=g, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0, 0, 0], [0.8, 0.3, 0, 0], [0, 0, 2.0, 0], [0.1, 0, 0, 0.05]],
+        dtype=torch.float64).T
+    box = ais.BoxEnergy.fit(lambda y: y.sum(1), torch.tanh(z))
+    w = box.to_w(torch.tanh(z))
+    assert torch.allclose(w.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(torch.cov(w.T), torch.eye(4, dtype=torch.float64), atol=1e-8)
+
+
+def truncated_gaussian(D=8, s=0.7):
+    """f = |y - m|^2 / (2 s^2) on [-1, 1]^D, m from -1.2 to 1.2 (at the walls and beyond): the
+    box cuts off much of the Gaussian, Z = prod sqrt(2 pi) s (Phi((1 - m_i)/s) - Phi((-1 -
+    m_i)/s)). Returns f, log Z, log p(y) and an exact sampler (inversion)."""
+    m = torch.linspace(-1.2, 1.2, D, dtype=torch.float64)
+    lo, hi = torch.special.ndtr((-1 - m) / s), torch.special.ndtr((1 - m) / s)
+    log_Z = float((0.5 * math.log(2 * math.pi) + math.log(s) + torch.log(hi - lo)).sum())
+
+    def f(y):
+        return ((y - m) ** 2).sum(1) / (2 * s * s)
+
+    def sample(n, g):
+        u = torch.rand(n, D, generator=g, dtype=torch.float64)
+        return (m + s * torch.special.ndtri(lo + u * (hi - lo))).clamp(-1, 1)
+
+    return f, log_Z, (lambda y: -f(y) - log_Z), sample
 
 
 def case_box():
-    """f = |x - m|^2 / (2 s^2) on [-1, 1]^8 with m at the walls and beyond (m_i from -1.2 to
-    1.2, s = 0.7): the box cuts off much of the Gaussian, Z = prod sqrt(2 pi) s
-    (Phi(b_i) - Phi(a_i)). Base: a box Gaussian with another mean and scale."""
+    """box_bracket of the truncated Gaussian (8-d), the map fitted to 2,000 exact samples, the
+    bracket on 1,000 others, K = 100, 2 x 128 chains."""
     torch.manual_seed(8)
-    D, s = 8, 0.7
-    m = torch.linspace(-1.2, 1.2, D, dtype=torch.float64)
-    mass = torch.special.ndtr((1 - m) / s) - torch.special.ndtr((-1 - m) / s)
-    log_Z = float((0.5 * math.log(2 * math.pi) + math.log(s) + torch.log(mass)).sum())
-    base = ais.BoxGaussian(torch.zeros(D), torch.full((D,), 0.6))
-    res = ais.ais_log_Z(lambda x: ((x - m) ** 2).sum(1) / (2 * s * s), base, n_chains=256,
-                        n_temps=100, repeats=2, box=(-1.0, 1.0))
-    return res, log_Z
+    f, log_Z, log_p, sample = truncated_gaussian()
+    g = torch.Generator().manual_seed(8)
+    x_fit, x_test = sample(2000, g), sample(1000, g)
+    br = ais.box_bracket(f, x_fit, x_test, n_chains=128, n_temps=100, repeats=2)
+    return br, log_Z, float(log_p(x_test).mean())
 
 
-def test_box_log_Z_of_a_truncated_gaussian():
-    """AIS in the box (reflecting HMC) gets log Z of the box-truncated Gaussian within 0.05
-    (the untruncated log Z is 3.96 nats higher)."""
-    res, log_Z = case_box()
-    assert abs(res.log_Z - log_Z) < 0.05, (res.log_Z, log_Z, res.log_Z_repeats)
-    assert not res.degenerate
+def test_box_log_Z_and_bracket_of_a_truncated_gaussian():
+    """AIS in the box's coordinates gets log Z of the box-truncated Gaussian within 0.05 from
+    both sides (the untruncated log Z is 3.96 nats higher), and box_bracket's bracket, in y,
+    holds the exact mean log p(y) of the test points within 0.05, with mean -f in y."""
+    br, log_Z, exact = case_box()
+    assert abs(br.log_Z_lower - log_Z) < 0.05, (br.log_Z_lower, log_Z, br.forward.log_Z_repeats)
+    assert abs(br.log_Z_upper - log_Z) < 0.05, (br.log_Z_upper, log_Z, br.reverse.log_Z_repeats)
+    assert br.lower - 0.05 <= exact <= br.upper + 0.05, (br.lower, exact, br.upper)
+    assert br.mean_neg_f - log_Z == pytest.approx(exact, abs=1e-6)
+    assert br.reliable and (br.forward.x.abs() < 1).all()
+
+
+def test_box_samples_have_the_truncated_mean():
+    """box_samples (n = 4,000, K = 100) lie inside the box, with the truncated Gaussian's
+    mean within 0.03 in every coordinate."""
+    torch.manual_seed(9)
+    f, _, _, sample = truncated_gaussian()
+    g = torch.Generator().manual_seed(9)
+    y = ais.box_samples(f, sample(2000, g), n=4000, n_temps=100)
+    assert y.shape == (4000, 8) and (y.abs() < 1).all()
+    assert torch.allclose(y.mean(0), sample(200_000, g).mean(0), atol=0.03), y.mean(0)
 
 
 # ----------------------------------------------------------------------------- command line
