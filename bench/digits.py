@@ -50,8 +50,8 @@ ESTIMATORS = {  # label: (script, flags)
     "mcmc-convergent": ("train_mcmc.py", "convergent"),
 }
 N_SAMPLES = 1000
-AIS = dict(n_chains=100, n_temps=1000, repeats=2)
-SAMPLE_TEMPS = 200  # annealing steps of the forward-AIS chains whose ends are an EBM's samples
+AIS = dict(n_chains=100, n_temps=300, repeats=2)
+SAMPLE_TEMPS = 50  # annealing steps of the forward-AIS chains whose ends are an EBM's samples
 KEYS = ["ll_lower", "ll_upper", "ais_gap", "bpd_lower", "bpd_upper", "ll_flow", "ll_flow_box",
         "c_gap", "fd", "fd_ratio", "label_tv", "ais_ess", "cpu_s", "steps"]
 
@@ -195,12 +195,12 @@ def report(args):
         print(f"bench/digits.py: no scored runs under {args.root}: nothing written",
               file=sys.stderr)
         return None
-    agg = gather.aggregate(rows, KEYS)
+    agg, ais = gather.aggregate(rows, KEYS), ais_settings(args)
     agg.sort(key=lambda a: list(ESTIMATORS).index(a["label"]))
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
              f"seeds {' '.join(map(str, args.seeds))}. Test log-likelihood of the 449 held-out "
              f"digits, dequantised, in nats per image (bits per dimension: bpd); EBMs by AIS "
-             f"({AIS['repeats']} x {AIS['n_chains']} chains, {AIS['n_temps']} temperatures).",
+             f"({ais['repeats']} x {ais['n_chains']} chains, {ais['n_temps']} temperatures).",
              "", *gather.table(["estimator", "seeds", *KEYS],
                                [[a["label"], a["n"], *(gather.cell(a, k) for k in KEYS)]
                                 for a in agg])]
