@@ -58,7 +58,8 @@ from samplers import ConvEnergy, Energy, chain_starts, langevin
 # itself); the rest comes from the checkpoint
 SCRIPT = scaffold.Script("train_mcmc.py", keys=("F", "optimizer", "step", "rng", "d_hist",
                                                 "r_hist"), overridable=(
-    "n_iter", "eval_every", "log_every", "image_dir", "wandb", "project", "device", "threads"))
+    "n_iter", "budget", "eval_every", "log_every", "image_dir", "wandb", "project", "device",
+    "threads"))
 # flags that only one kind of data uses (set for the other kind they are refused)
 IMAGE_ONLY = ("net", "n_f", "mnist_images", "mnist_labels", "n_eval", "langevin_dtype")
 TOY_ONLY = ("hidden", "act", "n_test", "n_kde", "kde_bw")
@@ -118,6 +119,9 @@ def build_parser():
                    help="persistent chains (images: at most one per training image)")
     # optimisation
     p.add_argument("--n_iter", type=config.positive_int, default=2000)
+    p.add_argument("--budget", type=config.positive_float, default=None,
+                   help="CPU-seconds of training after which the run ends and is evaluated "
+                        "(default: none; the learning rate still decays per iteration)")
     p.add_argument("--batch", type=config.positive_int, default=100)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=config.positive_float, default=0.1,
@@ -357,7 +361,22 @@ def train(args, run, data, F):
           f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations, device={x_train.device}; "
           f"outputs in {args.out_dir}, figures in {args.image_dir}")
     metrics = {}
-    for step in run.iterations(loop["step"], args.n_iter):
+
+    def out_of_budget():
+        return bool(args.budget) and run.cpu_s >= args.budget
+
+    def evaluate_now(step, x_neg):
+        with util.fixed_rng(args.seed):  # evaluating never changes training
+            m = evaluate(args, run, F, scale, chains, scorer, data, x_neg, step)
+        m.update(sec_per_iter=1 / run.rate()[0], cpu_s=run.cpu_s)
+        run.log.log(m, step)
+        run.print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()
+                                                if k in EVAL_SHOWN))
+        run.save()
+        return m
+
+    x_neg = None
+    for step in run.iterations(loop["step"], args.n_iter, until=out_of_budget):
         util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter,
                                               args.lr_min / args.lr, args.lr_decay))
         x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=x_train.device)]
@@ -386,13 +405,9 @@ def train(args, run, data, F):
             run.print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
                       f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
         if step % args.eval_every == 0 or step == args.n_iter:
-            with util.fixed_rng(args.seed):  # evaluating never changes training
-                metrics = evaluate(args, run, F, scale, chains, scorer, data, x_neg, step)
-            metrics.update(sec_per_iter=1 / run.rate()[0], cpu_s=run.cpu_s)
-            run.log.log(metrics, step)
-            run.print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                    if k in EVAL_SHOWN))
-            run.save()
+            metrics = evaluate_now(step, x_neg)
+    if x_neg is not None and loop["step"] % args.eval_every and loop["step"] < args.n_iter:
+        metrics = evaluate_now(loop["step"], x_neg)  # ended by --budget between evaluations
     if image:
         print(f"wrote {plots.make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
     print(f"done: {args.out_dir} (figures: {args.image_dir})")
