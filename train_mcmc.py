@@ -149,6 +149,9 @@ def check_args(args, argv):
     """Bad combinations of flags: one line, exit status 2, before any work."""
     if args.resume:
         args.hidden = tuple(args.hidden)
+        for action in build_parser()._actions:  # flags added since the run was saved
+            if action.dest != "help" and not hasattr(args, action.dest):
+                setattr(args, action.dest, action.default)
     else:
         if args.lr_min is None:
             args.lr_min = args.lr
