@@ -7,7 +7,7 @@ run, scored in nats per image (numbers for README and docs/digits.md; not a test
 
 Each run is the real entry script in its own process (one thread, wandb off): train.py for
 NCE, FCE, the flows alone and score matching (`--dataset digits`), train_mcmc.py for short-run
-MCMC maximum likelihood (its two regimes' configs). Each trains for `--budget` CPU-seconds.
+MCMC maximum likelihood (the two regimes of bench/mcmc_images.py). Each trains for `--budget` CPU-seconds.
 Then `python -m bench.digits --score <run>` (its own process) writes <run>/score.json:
 
 - the test log-likelihood of the dequantised held-out digits (dequantize.py), in nats per
@@ -70,8 +70,9 @@ def train_argv(label, budget, seed, out, ais=AIS):
                         "--plot_every", "1000000", "--image_dir", os.path.join(out, "images"),
                         "--ais_chains", str(ais["n_chains"]), "--ais_temps",
                         str(ais["n_temps"])]
-    cfg = os.path.join(runner.ROOT, "configs", f"mcmc_digits_{flags}.json")
-    return script, ["--config", cfg, "--seed", str(seed), "--budget", str(budget),
+    from bench.mcmc_images import regime_argv  # the regimes' settings live there
+
+    return script, [*regime_argv(flags), "--seed", str(seed), "--budget", str(budget),
                     "--image_dir", os.path.join(out, "images")]
 
 
