@@ -23,7 +23,8 @@ held-out images are dequantised once (dequantize.test_set). Scores, in nats per 
 An image EBM is a density on the box the dequantised images live in, [-1, 1]^D:
 p(y) = exp(-f(y)) / Z with Z = int_box exp(-f). (On all of R^D an MLP energy that falls
 linearly in some direction has no normaliser at all, and NCE's Gaussian noise never shows the
-EBM the far corners.) AIS runs in unconstrained coordinates z = atanh(y), whitened (`BoxEnergy`), where
+EBM the far corners.) AIS runs in unconstrained coordinates z = atanh(y), whitened
+(`ais.BoxEnergy`, `ais.box_bracket`), where
 
     f_z(z) = f(tanh z) - sum_i log(1 - tanh^2 z_i),   int_R^D exp(-f_z) dz = Z,
 
@@ -47,7 +48,7 @@ import util
 IMAGES = tuple(dequantize.LEVELS)
 
 
-AIS_COORDINATES = 2  # 1: atanh; 2: whitened atanh (BoxEnergy); a bench rescores older runs
+AIS_COORDINATES = 2  # 1: atanh; 2: whitened atanh (ais.BoxEnergy); bench.digits rescores older
 
 
 def make_task(args, device):
