@@ -148,7 +148,10 @@ def resolve_estimator(args):
         return args
     if args.flow == "gaussian" and args.estimator == "fce":
         args.estimator = "nce"  # a fixed Gaussian noise model is NCE
-    args.flow = args.flow or DEFAULT_FLOW[args.estimator]
+    # images: FCE with a coupling spline flow (a 64-D MAF samples one pixel at a time: 298
+    # iterations in 120 CPU-s against 624, and an EBM 23 nats per image lower; docs/digits.md)
+    args.flow = args.flow or ("nsf_coupling" if image and args.estimator == "fce"
+                              else DEFAULT_FLOW[args.estimator])
     if args.estimator == "nce" and args.flow != "gaussian":
         config.fail(f"--estimator=nce uses the fixed Gaussian noise; drop --flow={args.flow} "
                     f"or use --estimator=fce")
