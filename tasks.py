@@ -33,6 +33,7 @@ y_i^2). Its base is the Gaussian fitted to atanh of the dequantised training ima
 a density on R^D; `ll_flow_box` adds -log Q(box), the log of the share of its samples that
 fall in the box: the flow restricted and renormalised to the box, the EBM's footing.
 """
+import copy
 import math
 
 import torch
@@ -94,7 +95,6 @@ class Images:
     """8x8 digits (or MNIST from local files) as a continuous density on [-1, 1]^D."""
 
     def __init__(self, args, device):
-        util.set_seed(args.seed)
         try:
             x_train, _, x_test, _ = mcmc_images.load_images(
                 args.dataset, getattr(args, "mnist_images", None),
@@ -127,11 +127,10 @@ class Images:
             if final:
                 m["ll_flow_box"] = m["ll_flow"] - math.log(self.box_share(flow))
         if ebm is not None:
-            mean_neg_f = -ebm(self.x_test).double().mean()
             if learns_c(ebm):
-                m["ll_ebm_c"] = self.nats(mean_neg_f - ebm.c.double())
+                m["ll_ebm_c"] = self.nats(-ebm(self.x_test).double().mean() - ebm.c.double())
             if final:
-                m.update(self.bracket(ebm, flow))
+                m.update(self.bracket(ebm))
         return m
 
     def box_share(self, flow, n=10000):
@@ -140,7 +139,7 @@ class Images:
             x = torch.cat([flow.sample(1000) for _ in range(n // 1000)])
         return max(float(((x >= -1) & (x <= 1)).all(1).double().mean()), 1.0 / n)
 
-    def bracket(self, ebm, flow=None):
+    def bracket(self, ebm):
         """The EBM's test log-likelihood bracket by AIS on the box (ais.box_bracket: whitened
         atanh coordinates fitted to x_fit, float64 chains), in nats per image and bits per
         dimension (module docstring)."""
@@ -154,7 +153,7 @@ class Images:
                 "ais_coordinates": AIS_COORDINATES,
                 **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}
 
-    def samples(self, ebm, flow=None, n=100, n_temps=100):
+    def samples(self, ebm, n=100, n_temps=100):
         """n samples of the EBM on the box (ais.box_samples: forward-AIS chains in the
         whitened atanh coordinates after n_temps annealing steps, mapped back to y;
         approximate unless n_temps is large)."""
@@ -168,7 +167,7 @@ class Images:
                                plots.images(flow.sample(100), self.shape)))
         if ebm is not None:
             panels.append(("EBM (100 AIS steps)",
-                           plots.images(self.samples(ebm, flow), self.shape)))
+                           plots.images(self.samples(ebm), self.shape)))
         return plots.save_panels(path, panels, title=title)
 
 
@@ -180,7 +179,6 @@ def learns_c(ebm):
 
 def _float64(module):
     """A float64 copy (AIS weights and chains in double precision; the model is untouched)."""
-    import copy
     return copy.deepcopy(module).double()
 
 

@@ -113,7 +113,7 @@ def load_model(out, sample_temps=SAMPLE_TEMPS):
     if run.ebm is None:
         return None, run.flow, (lambda n: run.flow.sample(n)), task
     flow = run.flow if cfg.get("estimator") == "fce" else None
-    return run.ebm, flow, (lambda n: task.samples(run.ebm, flow, n, n_temps=sample_temps)), \
+    return run.ebm, flow, (lambda n: task.samples(run.ebm, n, n_temps=sample_temps)), \
         task
 
 
