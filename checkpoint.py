@@ -71,6 +71,9 @@ def load_run(run_dir, device="cpu", script=None):
         flow = flow_from_spec(ckpt["flow_spec"]).to(device)
         flow.load_state_dict(ckpt["flow"])
         flow.eval()
+    if ckpt.get("tilt"):  # an EBM built on the run's flow: p = q0 exp(-g) / Z
+        from tilt import FlowTilt
+        ebm = FlowTilt(flow, ebm)
     config = ckpt.get("config")
     if config is None:
         with open(os.path.join(run_dir, "config.json")) as fh:

@@ -91,9 +91,9 @@ class Flow(nn.Module):
         x, log_det = self.inverse(z)
         return x, std_normal_log_prob(z) - log_det
 
-    def sample(self, n: int) -> Tensor:
-        """n reparameterised samples x (n, D)."""
-        return self.sample_and_log_prob(n)[0]
+    def sample(self, n: int, z: Optional[Tensor] = None) -> Tensor:
+        """n reparameterised samples x (n, D) (of the base draws z if given)."""
+        return self.sample_and_log_prob(n, z)[0]
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> "Flow":
@@ -389,6 +389,84 @@ class SplineCoupling(nn.Module):
         return self._run(z, True)
 
 
+# ----------------------------------------------------------------------------- the box
+class BoxLogit(nn.Module):
+    """Logit preprocessing (Dinh et al. 2017, sec. 4.1) that makes a flow a density on the box
+    (-1, 1)^D, where dequantised images live:
+
+        s = a + (1 - 2a) (y + 1) / 2,    z = log s - log(1 - s),
+        log|dz/dy| = sum_i [log((1 - 2a) / 2) - log s_i - log(1 - s_i)].
+
+    A flow whose first transform this is puts all its mass in the box and its samples never
+    leave it; log q(y) = -inf for y outside the closed box. `a` keeps z finite at the walls (|z| <= logit(1 - a))."""
+
+    def __init__(self, alpha: float = 0.05):
+        super().__init__()
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"box alpha must lie in (0, 0.5), got {alpha}")
+        self.alpha = alpha
+
+    def forward(self, y):
+        a = self.alpha
+        inside = ((y >= -1) & (y <= 1)).all(-1)
+        s = a + (1 - 2 * a) * (y.clamp(-1, 1) + 1) / 2
+        z = torch.log(s) - torch.log1p(-s)
+        ld = (math.log((1 - 2 * a) / 2) - torch.log(s) - torch.log1p(-s)).sum(-1)
+        return z, torch.where(inside, ld, torch.full_like(ld, -math.inf))
+
+    def inverse(self, z):
+        a = self.alpha
+        y = ((torch.sigmoid(z) - a) / (1 - 2 * a) * 2 - 1).clamp(-1, 1)  # rounding
+        ld = (F.logsigmoid(z) + F.logsigmoid(-z) - math.log((1 - 2 * a) / 2)).sum(-1)
+        return y, ld
+
+
+# ----------------------------------------------------------------------------- mixtures
+class FlowMixture(nn.Module):
+    """An equal-weight mixture of the first `n_active` of K flows (an ensemble; Lakshminarayanan
+    et al. 2017 average predictive densities the same way):
+
+        q(x) = (1 / n) sum_{k < n} q_k(x),    log q = logsumexp_k log q_k(x) - log n.
+
+    The flows are trained one after another (train.py --base_flows); `n_active` counts the
+    finished ones. Sampling is stratified: n / n_active samples of each member (in member
+    order), so an average over them is an unbiased estimate of an expectation under q."""
+
+    def __init__(self, members: Sequence[Flow]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.dim = members[0].dim
+        self.register_buffer("n_active", torch.tensor(len(members)))
+        self.register_buffer("_anchor", torch.zeros(()))
+
+    def active(self):
+        return list(self.members)[: max(int(self.n_active), 1)]
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        flows = self.active()
+        return torch.logsumexp(torch.stack([f.log_prob(x) for f in flows]), 0) \
+            - math.log(len(flows))
+
+    def forward(self, x: Tensor):
+        raise TypeError("a FlowMixture has no single latent space; use log_prob / sample")
+
+    def sample(self, n: int, z: Optional[Tensor] = None) -> Tensor:
+        """Stratified samples x (n, D): member k pushes the k-th of n_active equal slices of
+        the base draws z (new ones by default) through its inverse."""
+        flows = self.active()
+        if z is None:
+            z = torch.randn(n, self.dim, device=self._anchor.device, dtype=self._anchor.dtype)
+        return torch.cat([f.sample(len(c), c) for f, c in zip(flows, z.tensor_split(len(flows)))])
+
+    def sample_and_log_prob(self, n: int, z: Optional[Tensor] = None):
+        """`sample` and log q(x) (a density pass through every member)."""
+        x = self.sample(n, z)
+        return x, self.log_prob(x)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "mixture", "member": self.members[0].spec(), "k": len(self.members)}
+
+
 # ----------------------------------------------------------------------------- fixed noise
 class AffineGaussian(nn.Module):
     """Fixed affine map x = mu + L z (L the Cholesky factor of the covariance): the transform
@@ -473,18 +551,26 @@ BUILDERS = {"maf": maf, "glow": glow, "nsf": nsf, "nsf_coupling": nsf_coupling,
             "gaussian": gaussian}
 
 
-def build_flow(name: str, data: Optional[Tensor] = None, **kwargs: Any) -> Flow:
+def build_flow(name: str, data: Optional[Tensor] = None, box: bool = False,
+               **kwargs: Any) -> Flow:
     """Build density flow `name` (a key of BUILDERS); with `data` (N, D), fit the Gaussian to
     it or run the data-dependent initialisation. kwargs go to the builder (see `Flow.spec()`).
+    `box`: the flow behind `BoxLogit`, a density on (-1, 1)^D (images).
 
     Example:
         >>> flow = build_flow("glow", data, n_steps=4)   # ActNorm initialised on `data`
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown flow {name!r}; choose one of: {', '.join(BUILDERS)}")
-    if name == "gaussian" and data is not None:
+    if box:
+        if name == "gaussian":
+            raise ValueError("a box flow needs a learned flow; the gaussian has no box form")
+        inner = BUILDERS[name](**kwargs)
+        flow = Flow([BoxLogit(), *inner.transforms], inner.dim, {**inner.spec(), "box": True})
+    elif name == "gaussian" and data is not None:
         return gaussian_fit(data)
-    flow = BUILDERS[name](**kwargs)
+    else:
+        flow = BUILDERS[name](**kwargs)
     return flow.initialize(data) if data is not None else flow
 
 
@@ -492,4 +578,6 @@ def flow_from_spec(spec: Mapping[str, Any]) -> Flow:
     """Rebuild an (untrained) density flow from `Flow.spec()`; load the state_dict afterwards.
     A run's checkpoint may name a VI flow instead: `vi_flows.flow_from_spec` rebuilds both."""
     spec = dict(spec)
+    if spec["name"] == "mixture":
+        return FlowMixture([flow_from_spec(spec["member"]) for _ in range(spec["k"])])
     return build_flow(spec.pop("name"), **spec)

@@ -45,10 +45,17 @@ import evaluation
 import mcmc_images
 import plots
 import util
+from flows import gaussian
 
 IMAGES = tuple(dequantize.LEVELS)
 
 
+VAL_FRACTION = 0.1  # of the training images, held out for early stopping (validation_split)
+VAL_SEED = 1  # the validation images are dequantised once, with this seed
+VAL_IS = 20_000  # base samples of a tilt's log Z before the final evaluation
+TILT_AIS_TEMPS = 50  # a tilt is a short path from its base: AIS temperatures at most
+TRUST_NATS = 1.0  # two estimates of an EBM's test log-likelihood agreeing within this are trusted
+TRUST_ESS = 0.1  # ... or a bracket that narrow with a forward ESS of this share of the chains
 AIS_COORDINATES = 2  # 1: atanh; 2: whitened atanh (ais.BoxEnergy); bench.digits rescores older
 
 
@@ -103,12 +110,17 @@ class Images:
             raise ValueError(str(e)) from None
         self.dataset, self.device, self.seed = args.dataset, device, args.seed
         self.L, self.shape = dequantize.LEVELS[args.dataset], mcmc_images.image_shape(args.dataset)
+        x_train, x_val = validation_split(x_train)
         self.dim, self.n_train = x_train.shape[1], len(x_train)
         self.x_train = x_train.to(device)
+        self.x_val = dequantize.dequantize(x_val, self.L, torch.Generator().manual_seed(
+            VAL_SEED)).to(device)
         self.x_test = dequantize.test_set(x_test, self.L).to(device)
+        self.x_val_lattice, self.x_test_lattice = x_val, x_test  # grey levels (references.py)
         self.x_fit = dequantize.dequantize(x_train, self.L,
                                            torch.Generator().manual_seed(args.seed)).to(device)
         self.ais = dict(n_chains=args.ais_chains, n_temps=args.ais_temps, repeats=2)
+        self.is_samples = getattr(args, "is_samples", 100_000)
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
@@ -126,11 +138,59 @@ class Images:
             m["bpd_flow"] = -m["ll_flow"] / (self.dim * math.log(2))
             if final:
                 m["ll_flow_box"] = m["ll_flow"] - math.log(self.box_share(flow))
-        if ebm is not None:
+        if ebm is not None and is_tilt(ebm):
+            m.update(self.tilt_scores(ebm, final))
+        elif ebm is not None:
             if learns_c(ebm):
                 m["ll_ebm_c"] = self.nats(-ebm(self.x_test).double().mean() - ebm.c.double())
             if final:
                 m.update(self.bracket(ebm))
+                m["ll_ebm"] = m["ll_ebm_upper"]
+                m.update(trust(m["ll_ebm_upper"], m["ll_ebm_lower"], m["ais_gap"], m["ais_ess"],
+                               self.ais["n_chains"], m.get("ll_ebm_c")))
+        return m
+
+    @torch.no_grad()
+    def validate(self, ebm, flow, y_is=None):
+        """The validation log-likelihood in nats per image that early stopping and model
+        selection read: a flow's exact one; a tilt's with log Z by importance sampling on the
+        fixed base samples y_is; an EBM's with its learned c (NCE, FCE: only as good as c);
+        None for score matching (no normaliser: the last iterate is kept)."""
+        if ebm is None:
+            return self.nats(flow.log_prob(self.x_val).double().mean())
+        if is_tilt(ebm):
+            import tilt
+            log_Z = tilt.log_Z_is(ebm.g, y_is)[0]
+            return self.nats(tilt.tilt_log_prob(ebm, self.x_val, log_Z).mean())
+        if learns_c(ebm):
+            return self.nats(-ebm(self.x_val).double().mean() - ebm.c.double())
+        return None
+
+    def tilt_scores(self, tilt_ebm, final, n_is=None):
+        """A tilted EBM p = q0 exp(-g) / Z (tilt.FlowTilt): its test log-likelihood with log Z
+        by importance sampling from the base (`ll_ebm_is`, `is_ess`, `is_se` in nats), and at
+        the final evaluation the AIS bracket from the base to the tilt (a second estimate: HMC
+        moves the chains) and the verdict `ll_ebm_trusted` (`trust`)."""
+        import tilt
+        n_is = n_is or (self.is_samples if final else VAL_IS)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        y = tilt.base_samples(tilt_ebm.base, n_is, gen)
+        log_Z, ess, se = tilt.log_Z_is(tilt_ebm.g, y)
+        ll = self.nats(tilt.tilt_log_prob(tilt_ebm, self.x_test, log_Z).mean())
+        m = {"ll_ebm": ll, "ll_ebm_is": ll, "log_Z_is": log_Z, "is_ess": ess,
+             "is_ess_fraction": ess / n_is, "is_se": se,
+             "tilt_gain": ll - self.nats(tilt_ebm.base.log_prob(self.x_test).double().mean())}
+        if final:  # AIS from the base q0 to q0 exp(-g): HMC on the box, weights in float64
+            kw = dict(self.ais, n_temps=min(self.ais["n_temps"], TILT_AIS_TEMPS))
+            with torch.no_grad():
+                br = ais.loglik_bracket(tilt_ebm, tilt_ebm.base, self.x_test, **kw)
+            lower, upper = self.nats(br.lower), self.nats(br.upper)
+            m.update(ll_ebm_lower=lower, ll_ebm_upper=upper, ais_gap=br.gap,
+                     ais_ess=float(br.forward.ess.min()), ais_acceptance=br.forward.acceptance,
+                     ais_temps=kw["n_temps"], bpd_ebm_lower=-upper / (self.dim * math.log(2)),
+                     bpd_ebm_upper=-lower / (self.dim * math.log(2)),
+                     **trust(upper, lower, br.gap, float(br.forward.ess.min()),
+                             self.ais["n_chains"], ll))
         return m
 
     def box_share(self, flow, n=10000):
@@ -154,9 +214,15 @@ class Images:
                 **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}
 
     def samples(self, ebm, n=100, n_temps=100):
-        """n samples of the EBM on the box (ais.box_samples: forward-AIS chains in the
-        whitened atanh coordinates after n_temps annealing steps, mapped back to y;
-        approximate unless n_temps is large)."""
+        """n samples of the EBM on the box: for a tilt, importance resampling of 100 n base
+        samples with weights exp(-g) (tilt.snir); else ais.box_samples: forward-AIS chains in
+        the whitened atanh coordinates after n_temps annealing steps, mapped back to y
+        (approximate unless n_temps is large)."""
+        if is_tilt(ebm):
+            import tilt
+            with torch.no_grad():
+                y = ebm.base.sample(100 * n)
+                return y[tilt.snir(-ebm.g(y), n)[0]]
         return ais.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
 
     def figure(self, path, ebm, flow, title):
@@ -169,6 +235,32 @@ class Images:
             panels.append(("EBM (100 AIS steps)",
                            plots.images(self.samples(ebm), self.shape)))
         return plots.save_panels(path, panels, title=title)
+
+
+def validation_split(x_train, fraction=VAL_FRACTION):
+    """(training rows, validation rows): a fixed share of the training images, the same for
+    every seed and estimator (a permutation seeded with 0), held out for early stopping and
+    model selection; the test images are never used for either."""
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
+    n_val = max(1, int(len(x_train) * fraction))
+    return x_train[perm[n_val:]], x_train[perm[:n_val]]
+
+
+def trust(upper, lower, gap, ess, n_chains, second=None, tol=TRUST_NATS):
+    """Whether an EBM's test log-likelihood can be cited, and its best estimate: trusted when
+    a second, independent estimate (`second`: importance sampling from a tilt's base, or the
+    learned c) agrees with the forward-AIS end `upper` within `tol` nats, or when the AIS
+    bracket is at most `tol` nats wide (either sign) with a forward ESS of at least
+    TRUST_ESS of the chains. The best estimate is `second` for a tilt, else the forward-AIS
+    end (unbiased for Z, as importance sampling is)."""
+    agree = second is not None and abs(second - upper) <= tol
+    tight = abs(gap) <= tol and ess >= TRUST_ESS * n_chains
+    return {"ll_ebm_trusted": bool(agree or tight)}
+
+
+def is_tilt(ebm):
+    """Whether the EBM is a tilt of a base flow (tilt.FlowTilt)."""
+    return hasattr(ebm, "base") and hasattr(ebm, "g")
 
 
 def learns_c(ebm):
@@ -184,10 +276,15 @@ def _float64(module):
 
 def format_metrics(m):
     """One line of a task's numbers."""
-    if "ll_flow" in m or "ll_ebm_c" in m or "ll_ebm_lower" in m:
+    if "ll_flow" in m or "ll_ebm_c" in m or "ll_ebm_lower" in m or "ll_ebm_is" in m:
         parts = [f"{label} {m[k]:.2f}" for k, label in (
             ("ll_flow", "LL flow"), ("ll_ebm_c", "LL ebm (c)"), ("ll_ebm_lower", "LL ebm >="),
             ("ll_ebm_upper", "<="), ("ais_gap", "gap")) if k in m]
+        if "ll_ebm_is" in m:
+            parts.append(f"LL ebm (IS) {m['ll_ebm_is']:.2f} (ESS {m['is_ess']:.0f}, tilt "
+                         f"{m['tilt_gain']:+.2f})")
+        if "ll_ebm_trusted" in m:
+            parts.append("trusted" if m["ll_ebm_trusted"] else "NOT TRUSTED")
         if "ais_ess" in m:
             parts.append(f"AIS ESS {m['ais_ess']:.0f}")
         return " | ".join(parts) + " (nats per image)"

@@ -37,6 +37,7 @@ import math
 import numpy as np
 import torch
 
+import util
 from flows import std_normal_log_prob
 from evaluation import effective_sample_size
 
@@ -154,6 +155,95 @@ def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, 
             hist["stopped_at"] = step + 1
             break
     return hist
+
+
+# ----------------------------------------------------------------------------- tilts of a flow
+class FlowTilt(torch.nn.Module):
+    """An EBM built on a flow: the exponential tilt of a base flow q0 by a learned energy g,
+
+        p(x) = q0(x) exp(-g(x)) / Z,    Z = E_{y ~ q0} exp(-g(y)),
+
+    i.e. the EBM with energy f(x) = g(x) - log q0(x) (`forward`). g is an ebm.EBM; its
+    learned c is NCE's guess of log Z (log p - log q0 = -g - c is NCE's logit). Training
+    touches g only: the base is frozen while g learns, so its samples can be drawn once into a
+    bank. log Z comes from importance sampling from q0 (`log_Z_is`), cross-checked by AIS
+    from q0 (ais.loglik_bracket with q0 as the base: the path q0 exp(-b g))."""
+
+    def __init__(self, base, g):
+        super().__init__()
+        self.base, self.g = base, g
+
+    @property
+    def c(self):
+        return self.g.c
+
+    def forward(self, x):
+        """The energy f(x) = g(x) - log q0(x), shape (N,)."""
+        return self.g(x) - self.base.log_prob(x)
+
+    def log_prob(self, x):
+        """log q0(x) - g(x) - c, normalised as well as c ~ log Z; the base's density under no
+        gradient, so a step on it moves g and c only (FCE with --ebm_on_flow: the flow's own
+        step then sees the EBM as a fixed function, as in plain FCE)."""
+        return self.base.log_prob(x).detach() - self.g(x) - self.g.c
+
+    def logit(self, x):
+        """log p(x) - log q0(x) under NCE's c: -g(x) - c (the classifier of x against q0)."""
+        return -self.g(x) - self.g.c
+
+
+def nce_tilt_loss(tilt, x_data, y_base):
+    """NCE of p = q0 exp(-g - c) against its own base (Gutmann & Hyvarinen 2010), equal numbers
+    of data and base samples: -[mean log sigma(h(x)) + mean log sigma(-h(y))], h = -g - c.
+    The base's density cancels from the logit, so no flow pass is needed."""
+    return -(torch.nn.functional.logsigmoid(tilt.logit(x_data)).mean()
+             + torch.nn.functional.logsigmoid(-tilt.logit(y_base)).mean())
+
+
+def ml_tilt_loss(tilt, x_data, y_base):
+    """The tilt's exact negative log-likelihood up to -E log q0 (constant in g): mean g(x) +
+    log Z, log Z by importance sampling on the base samples (`ml_loss`)."""
+    return ml_loss(tilt.g, x_data, y_base)[0]
+
+
+TILT_LOSSES = {"nce": nce_tilt_loss, "ml": ml_tilt_loss}
+
+
+def tilt_step(tilt, x_data, y_base, opt, loss="ml"):
+    """One step of g on a data batch against base samples (`TILT_LOSSES[loss]`); returns the
+    loss before the step (NaN, and no step, when it or a gradient is not finite)."""
+    value = TILT_LOSSES[loss](tilt, x_data, y_base)
+    if not torch.isfinite(value) or not util.guarded_step(opt, value):
+        return value.detach() * math.nan
+    return value.detach()
+
+
+def base_samples(base, n, generator, chunk=5000):
+    """n samples of a frozen base flow, its base draws from `generator` (CPU): the same numbers
+    at every call with an equally seeded generator (a bank rebuilt on resume)."""
+    sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    with torch.no_grad():
+        return torch.cat([base.sample(k, torch.randn(k, base.dim, generator=generator).to(
+            base._anchor)) for k in sizes])
+
+
+@torch.no_grad()
+def log_Z_is(g, y_base, chunk=8192):
+    """log Z = log E_q0 exp(-g) by importance sampling on base samples y_base (M, D):
+    (log Z-hat, ESS, se), log Z-hat = logsumexp(-g(y)) - log M (unbiased for Z, so biased low
+    in log Z, like forward AIS), ESS = (sum w)^2 / sum w^2 and the delta-method standard
+    error se(log Z-hat) = sqrt((M / ESS - 1) / M)."""
+    log_w = torch.cat([-g(c).double() for c in y_base.split(chunk)])
+    m = len(log_w)
+    ess = effective_sample_size(log_w)
+    return float(log_mean_exp(log_w)), ess, math.sqrt(max(m / ess - 1.0, 0.0) / m)
+
+
+@torch.no_grad()
+def tilt_log_prob(tilt, x, log_Z, chunk=8192):
+    """log p(x) = log q0(x) - g(x) - log Z, float64, shape (N,)."""
+    return torch.cat([tilt.base.log_prob(c).double() - tilt.g(c).double()
+                      for c in x.split(chunk)]) - log_Z
 
 
 # ----------------------------------------------------------------------------- data space

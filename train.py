@@ -7,6 +7,7 @@ contrastive estimation (NCE), score matching (DSM, SSM) and the flow alone (MLE)
     python train.py --estimator=mle --flow=nsf       # the flow alone, by maximum likelihood
     python train.py --estimator=dsm                  # denoising score matching (no flow)
     python train.py --estimator=ssm                  # sliced score matching (no flow)
+    python train.py --estimator=tilt                 # a flow, then an EBM tilt of it (p = q0 e^-g)
     python train.py --dataset=digits --budget=120    # 8x8 digits as a 64-D density
     python train.py --budget=60                      # stop after 60 CPU-seconds of training
 
@@ -14,13 +15,17 @@ An EBM p_theta(x) = exp(-f_theta(x) - c) and a noise model q play the value func
 V = E_data log p/(p+q) + E_q log q/(p+q) (Gao et al. 2020, eq. 5): the EBM ascends it, the
 flow descends it plus likelihood terms, at the iterations --rule names (fce.py has the maths).
 NCE is the EBM against the fixed Gaussian fitted to the data; mle the flow alone; dsm / ssm
-fit the EBM's score alone (score_matching.py; no flow, no learned log Z).
+fit the EBM's score alone (score_matching.py; no flow, no learned log Z); tilt trains a base
+flow q0 by maximum likelihood, freezes it, then an energy g so that p = q0 exp(-g) / Z
+(tilt.FlowTilt; log Z by importance sampling from q0). On images the flows and the tilt stop
+early on a validation split of the training digits (tasks.validation_split).
 The 2D sets are scored exactly on a grid, the digits in nats per image of their dequantised
 density, the EBM by an annealed-importance-sampling bracket at the end (tasks.py).
 
 Outputs: runs/<run>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, curves.png}, one
 figure per epoch in images/<run>/, wandb (online when logged in, else offline).
 """
+import copy
 import math
 import os
 import sys
@@ -35,7 +40,7 @@ import score_matching
 import tasks
 import util
 from ebm import EBM
-from flows import build_flow
+from flows import FlowMixture, build_flow
 import scaffold
 from logger import read_metrics
 
@@ -43,21 +48,26 @@ from logger import read_metrics
 SCRIPT = scaffold.Script("train.py", keys=("epoch", "it", "step", "rng"), overridable=(
     "epoch", "budget", "max_steps", "eval_every", "plot_every", "log_every", "wandb", "device",
     "project", "image_dir", "threads"))
-ESTIMATORS = ("fce", "nce", "mle", "dsm", "ssm")
+ESTIMATORS = ("fce", "nce", "mle", "dsm", "ssm", "tilt")
 SCORE_MATCHING = ("dsm", "ssm")
 LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
-DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf", "dsm": None, "ssm": None}
+DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf", "dsm": None, "ssm": None,
+                "tilt": "nsf_coupling"}
 # sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
-IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [256, 256]}
+IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_every": 100,
+                  "lr_flow": 1e-3, "base_flows": 5,
+                  "plot_every": 100}  # an epoch of the digits is 4 iterations
+TILT_LOSSES = ("ml", "nce")
 
 
 def build_parser():
     p = config.parser(__doc__.split("\n")[0])
     p.add_argument("--dataset", default="8gaussians", choices=[*datasets.NAMES, *tasks.IMAGES],
                    help="a 2D toy set, or digits (8x8, 64-D) / mnist (--mnist_images)")
-    p.add_argument("--estimator", default="fce", choices=ESTIMATORS,
+    p.add_argument("--estimator", default=None, choices=ESTIMATORS,
                    help="fce: EBM + learned flow; nce: EBM + fixed Gaussian; mle: flow alone; "
-                        "dsm / ssm: denoising / sliced score matching of the EBM alone")
+                        "dsm / ssm: denoising / sliced score matching of the EBM alone; tilt: "
+                        "an EBM tilt of a flow (default: fce; on images tilt)")
     p.add_argument("--flow", default=None, choices=[*LEARNED_FLOWS, "gaussian"],
                    help="noise model (fce) or model (mle); default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
@@ -82,7 +92,8 @@ def build_parser():
     p.add_argument("--threshold", type=config.open_unit, default=0.6,
                    help="--rule threshold: the accuracy in (0.5, 1) at which the flow steps")
     p.add_argument("--lr_ebm", type=config.positive_float, default=2e-3)
-    p.add_argument("--lr_flow", type=config.positive_float, default=3e-3)
+    p.add_argument("--lr_flow", type=config.positive_float, default=None,
+                   help="default 3e-3; images 1e-3")
     p.add_argument("--b1", type=config.open_unit, default=0.9, help="Adam beta1")
     p.add_argument("--b2", type=config.open_unit, default=0.999, help="Adam beta2")
     p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"],
@@ -108,21 +119,43 @@ def build_parser():
     p.add_argument("--flow_layers", type=config.positive_int, default=None,
                    help="blocks: maf/nsf 5, nsf_coupling 8; glow steps 10")
     p.add_argument("--flow_hidden", type=config.positive_int, nargs="+", default=None,
-                   help="flow network widths (default 64 64; images 256 256)")
+                   help="flow network widths (default 64 64; images 128 128)")
     p.add_argument("--nsf_bins", type=config.positive_int, default=8, help="spline bins")
     p.add_argument("--nsf_bound", type=config.positive_float, default=5.0,
                    help="splines act on [-B, B], identity outside")
     config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")
     p.add_argument("--mnist_images", default=None, help="--dataset mnist: images IDX file")
     p.add_argument("--mnist_labels", default=None, help="--dataset mnist: labels IDX file")
+    p.add_argument("--tilt_loss", default="ml", choices=TILT_LOSSES,
+                   help="tilt: how g learns against the frozen base q0: ml (mean g(data) + log Z "
+                        "by importance sampling on base samples) or nce (logistic, logit -g - c)")
+    p.add_argument("--base_share", type=config.open_unit, default=0.5,
+                   help="tilt: share of the run (iterations or --budget) for the base flow; it "
+                        "ends sooner when its validation score stops improving (images)")
+    config.add_flag(p, "--ebm_on_flow", help="fce: the EBM is a tilt of FCE's own flow, "
+                    "p = q_flow exp(-g - c) (tilt.FlowTilt), scored like a tilt")
+    p.add_argument("--base_flows", type=config.positive_int, default=None,
+                   help="tilt: the base is an equal mixture of this many flows trained one "
+                        "after another (flows.FlowMixture), each early-stopped; default 1, "
+                        "images 5")
+    p.add_argument("--bank", type=config.positive_int, default=50_000,
+                   help="tilt: base samples drawn once, when the base freezes (the noise)")
+    p.add_argument("--is_samples", type=config.positive_int, default=100_000,
+                   help="tilt: base samples of the final importance-sampling log Z")
+    p.add_argument("--val_every", type=config.positive_int, default=50,
+                   help="images: iterations between validation scores (early stopping of flows "
+                        "and tilts)")
+    p.add_argument("--patience", type=config.positive_int, default=8,
+                   help="images: validation scores without improvement that end a flow's or a "
+                        "tilt's training (the best weights are kept)")
     p.add_argument("--ais_chains", type=config.positive_int, default=200,
                    help="images: AIS chains per repeat (2 repeats) for the final EBM bracket")
     p.add_argument("--ais_temps", type=config.positive_int, default=500,
                    help="images: AIS temperatures for the final EBM bracket")
-    p.add_argument("--eval_every", type=config.positive_int, default=2,
-                   help="epochs between evaluations (and the last epoch)")
-    p.add_argument("--plot_every", type=config.positive_int, default=1,
-                   help="epochs between density figures")
+    p.add_argument("--eval_every", type=config.positive_int, default=None,
+                   help="epochs between evaluations (and the last epoch); default 2, images 100")
+    p.add_argument("--plot_every", type=config.positive_int, default=None,
+                   help="epochs between figures; default 1, images 100")
     p.add_argument("--log_every", type=config.positive_int, default=20,
                    help="iterations between metric rows")
     return p
@@ -137,10 +170,20 @@ def resolve_estimator(args):
     """Fill in the default flow of the estimator and the sizes of the dataset, and reject
     combinations that mean nothing."""
     image = args.dataset in tasks.IMAGES
+    # images: the tilt of a flow (the best EBM of the digits comparison, docs/digits.md)
+    args.estimator = args.estimator or ("tilt" if image else "fce")
     if args.ebm_hidden is None:
         args.ebm_hidden = IMAGE_DEFAULTS["ebm_hidden"] if image else [128, 128, 128]
     if args.flow_hidden is None:
         args.flow_hidden = IMAGE_DEFAULTS["flow_hidden"] if image else [64, 64]
+    if args.base_flows is None:
+        args.base_flows = IMAGE_DEFAULTS["base_flows"] if image else 1
+    if args.lr_flow is None:
+        args.lr_flow = IMAGE_DEFAULTS["lr_flow"] if image else 3e-3
+    if args.eval_every is None:
+        args.eval_every = IMAGE_DEFAULTS["eval_every"] if image else 2
+    if args.plot_every is None:
+        args.plot_every = IMAGE_DEFAULTS["plot_every"] if image else 1
     if args.estimator in SCORE_MATCHING:
         if args.flow is not None:
             config.fail(f"--estimator={args.estimator} trains the EBM alone; drop "
@@ -157,8 +200,11 @@ def resolve_estimator(args):
                     f"or use --estimator=fce")
     if args.noise_mix >= 1:
         config.fail("--noise_mix must be below 1 (1 would be NCE: use --estimator=nce)")
-    if args.estimator == "mle" and args.flow == "gaussian":
-        config.fail("--estimator=mle needs a learned flow: pass --flow=" + "/".join(LEARNED_FLOWS))
+    if args.estimator in ("mle", "tilt") and args.flow == "gaussian":
+        config.fail(f"--estimator={args.estimator} needs a learned flow: pass --flow="
+                    + "/".join(LEARNED_FLOWS))
+    if args.ebm_on_flow and args.estimator != "fce":
+        config.fail(f"--ebm_on_flow tilts FCE's flow; drop it or use --estimator=fce")
     if args.estimator == "fce":
         why = rule(args).check()
         if why:
@@ -174,10 +220,11 @@ def rule(args):
 
 # ----------------------------------------------------------------------------- models
 def flow_kwargs(args, dim=2):
-    """build_flow keyword arguments of --flow from the flow flags."""
+    """build_flow keyword arguments of --flow from the flow flags; on images a density on the
+    box [-1, 1]^D (flows.BoxLogit), where the dequantised images and the EBMs live."""
     if args.flow in ("gaussian", None):
         return {}
-    kwargs = {"dim": dim, "hidden": args.flow_hidden}
+    kwargs = {"dim": dim, "hidden": args.flow_hidden, "box": args.dataset in tasks.IMAGES}
     if args.flow == "glow":
         kwargs["n_steps"] = args.flow_layers or 10
     else:
@@ -192,7 +239,8 @@ def flow_kwargs(args, dim=2):
 def make_models(args, x_fit, device):
     """The EBM (None for mle) and the flow (None for score matching): for nce the Gaussian
     fitted to the whole training set x_fit (N, D) (the same one FCE mixes into its noise),
-    else initialised on its first batch. Score matching learns no log-normaliser c."""
+    else initialised on its first batch. Score matching learns no log-normaliser c. For tilt
+    the EBM is tilt.FlowTilt(flow, g), g starting at 0 (p = q0)."""
     ebm = flow = None
     if args.estimator != "mle":
         ebm = EBM(x_fit.shape[1], args.ebm_hidden, args.ebm_act).to(device)
@@ -200,9 +248,18 @@ def make_models(args, x_fit, device):
     if args.flow is not None:
         data = x_fit if args.flow == "gaussian" else x_fit[:args.batch]
         try:
-            flow = build_flow(args.flow, data, **flow_kwargs(args, x_fit.shape[1])).to(device)
+            flows = [build_flow(args.flow, data, **flow_kwargs(args, x_fit.shape[1])).to(device)
+                     for _ in range(args.base_flows if args.estimator == "tilt" else 1)]
         except ValueError as e:
             config.fail(str(e))
+        flow = FlowMixture(flows).to(device) if args.estimator == "tilt" else flows[0]
+        if args.estimator == "tilt":
+            flow.n_active.fill_(0)  # none finished yet
+    if args.estimator == "tilt" or args.ebm_on_flow:
+        import tilt
+        torch.nn.init.zeros_(ebm.net[-1].weight)
+        torch.nn.init.zeros_(ebm.net[-1].bias)
+        ebm = tilt.FlowTilt(flow, ebm)
     return ebm, flow
 
 
@@ -221,8 +278,9 @@ def make_contrast(args, flow, x_fit, device, window=8):
 
 def make_optimizers(args, ebm, flow):
     betas = (args.b1, args.b2)
+    energy = getattr(ebm, "g", ebm)  # a tilt learns g only, never its base
     opt_ebm = None if ebm is None else torch.optim.Adam(
-        [p for p in ebm.parameters() if p.requires_grad], lr=args.lr_ebm, betas=betas)
+        [p for p in energy.parameters() if p.requires_grad], lr=args.lr_ebm, betas=betas)
     flow_params = [p for p in flow.parameters() if p.requires_grad] if flow is not None else []
     opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
@@ -254,9 +312,12 @@ class evaluation_mode:
 
 
 def specs(ebm, flow):
-    """The architectures next to the weights (checkpoint.load_run rebuilds the models)."""
+    """The architectures next to the weights (checkpoint.load_run rebuilds the models; a tilt
+    is its g, `tilt: True`, on the run's flow)."""
+    energy = getattr(ebm, "g", ebm)
     return {**({"flow_spec": flow.spec()} if flow is not None else {}),
-            **({"ebm_spec": ebm.spec()} if ebm is not None else {})}
+            **({"ebm_spec": energy.spec()} if ebm is not None else {}),
+            **({"tilt": True} if energy is not ebm else {})}
 
 
 # ----------------------------------------------------------------------------- main
@@ -307,14 +368,21 @@ def train(args, run, device, task=None):
     # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
     # a resumed run writes the same rows as an uninterrupted one)
     loop = run.restore(dict(epoch=0, it=0, step=0, perm=None, flow_steps=0,
-                            flow_steps_at_eval=0, **ROW_SUMS), lambda: specs(ebm, flow),
-                       flow=flow, opt_flow=opt_flow, ebm=ebm, opt_ebm=opt_ebm)
+                            flow_steps_at_eval=0, **ROW_SUMS, **SELECTION,
+                            phase="base" if args.estimator == "tilt" else None),
+                       lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
+                       ebm=getattr(ebm, "g", ebm), opt_ebm=opt_ebm)
+    bank = Bank(args, ebm, flow) if args.estimator == "tilt" else None
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
                 if opt is not None]
     print_start(args, run, total, iters, device)
 
+    def progress_at(step):
+        return max(step / total, run.cpu_s / args.budget if args.budget else 0)
+
     def out_of_budget():
-        return (args.budget and run.cpu_s >= args.budget) or loop["step"] >= total
+        return (args.budget and run.cpu_s >= args.budget) or loop["step"] >= total \
+            or loop["stopped"]
 
     def batch_at(s):
         """The data batch of iteration s of the current epoch (None past its end)."""
@@ -328,13 +396,17 @@ def train(args, run, device, task=None):
             loop["perm"] = torch.randperm(task.n_train, device=device)
         epoch_end = loop["step"] - loop["it"] + iters
         for step in run.iterations(loop["step"], epoch_end, total, until=out_of_budget):
-            progress = max(step / total, run.cpu_s / args.budget if args.budget else 0)
+            progress = stage_progress(args, loop, progress_at(step))
             for opt, lr in base_lrs:
                 util.set_lr(opt, lr * util.lr_factor(args.lr_schedule, progress, 1,
                                                      args.lr_min_factor))
-            if ebm is None:
-                V = fce.mle_step(flow, batch_at(step), opt_flow)
+            if ebm is None or loop["phase"] == "base":
+                V = fce.mle_step(next(iter(selected(loop, ebm, flow).values())),
+                                 batch_at(step), opt_flow)
                 r = fce.StepResult(V, None, None, False, True)
+            elif loop["phase"] == "tilt":
+                loss = bank.step(batch_at(step), step, opt_ebm, args.tilt_loss)
+                r = fce.StepResult(loss, None, None, True, False)
             elif args.estimator in SCORE_MATCHING:
                 loss = score_matching.sm_step(ebm, batch_at(step), opt_ebm, args.estimator,
                                               args.sm_sigma, args.sm_projections)
@@ -344,11 +416,15 @@ def train(args, run, device, task=None):
                                  opt_flow, the_rule)
             run.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
             count_step(loop, r)
+            if loop["step"] % args.val_every == 0:
+                select(args, run, loop, task, ebm, flow, bank, progress_at(loop["step"]))
             if loop["step"] % args.log_every == 0:
                 log_row(run, loop, args.estimator, opt_ebm, opt_flow)
         if loop["it"] == iters:
             loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
         epoch, last = loop["epoch"], loop["epoch"] == args.epoch or out_of_budget()
+        if last:
+            restore_best(loop, selected(loop, ebm, flow))
         if epoch % args.eval_every == 0 or last:
             metrics = evaluate(args, run, loop, task, ebm, flow, last)
         if epoch % args.plot_every == 0 or last:
@@ -357,8 +433,124 @@ def train(args, run, device, task=None):
         run.save()
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
           f"{scaffold.gif_hint(args.image_dir)})")
-    return {**metrics, "steps": loop["step"], "flow_steps": loop["flow_steps"]} \
+    stages = {"base_steps": loop["base_steps"], "base_cpu_s": loop["base_cpu_s"],
+              "best_val": loop["best_val"]} if args.estimator == "tilt" else \
+        {"best_val": loop["best_val"]} if loop["best_state"] else {}
+    return {**metrics, "steps": loop["step"], "flow_steps": loop["flow_steps"], **stages} \
         if metrics else None
+
+
+# ----------------------------------------------------------------------------- selection
+SELECTION = dict(best_val=-math.inf, best_state=None, since_best=0, stopped=False, switch=0.0,
+                 base_steps=0, base_cpu_s=0.0, member=0)
+
+
+class Bank:
+    """A tilt's noise: --bank samples of its frozen base, drawn once when the base freezes, and
+    VAL_IS more for the validation log Z; both from the seed, so a resumed run redraws them."""
+
+    def __init__(self, args, ebm, flow):
+        self.tilt, self.flow, self.n, self.seed = ebm, flow, args.bank, args.seed
+        self.y = self.y_val = None
+
+    def freeze(self):
+        """Freeze the base (no gradient, eval mode) and draw the bank."""
+        import tilt
+        self.flow.requires_grad_(False)
+        self.flow.eval()
+        gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
+        self.y = tilt.base_samples(self.flow, self.n, gen)
+        self.y_val = tilt.base_samples(self.flow, tasks.VAL_IS, gen)
+        return self
+
+    def step(self, x, step, opt, loss):
+        """One step of g on the data batch x against len(x) rows of the bank."""
+        import tilt
+        if self.y is None:
+            self.freeze()  # resumed in the g stage
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rows = torch.randint(len(self.y), (len(x),), generator=gen).to(self.y.device)
+        return tilt.tilt_step(self.tilt, x, self.y[rows], opt, loss)
+
+
+def stage_progress(args, loop, progress):
+    """Where the learning-rate schedule stands: the run's progress, or for a tilt the
+    progress within its stage (the base until --base_share of the run, then g)."""
+    if args.estimator != "tilt":
+        return progress
+    if loop["phase"] == "base":
+        return 0.0  # each base flow at --lr_flow until it stops early or its share is spent
+    return min((progress - loop["switch"]) / max(1.0 - loop["switch"], 1e-9), 1.0)
+
+
+def selected(loop, ebm, flow):
+    """What early stopping watches now: the flow (mle, a tilt's base stage), g (a tilt's g
+    stage), else nothing (FCE, NCE, score matching keep their last iterate)."""
+    if ebm is None:
+        return {"flow": flow}
+    if loop["phase"] == "base":
+        return {"flow": flow.members[loop["member"]]}
+    return {"g": ebm.g} if loop["phase"] == "tilt" else {}
+
+
+def select(args, run, loop, task, ebm, flow, bank, progress):
+    """Early stopping and model selection on the validation split (images): keep a copy of
+    the best weights of what trains now, and stop it after --patience scores without
+    improvement. A tilt's base flows train one after another, each until it stops early;
+    the base stage ends after --base_flows of them or at --base_share of the run (the flow
+    then in training joins only if it improves the mixture). Then the base is frozen, its
+    bank drawn, and g's selection starts from g = 0 (p = q0)."""
+    modules = selected(loop, ebm, flow)
+    image = hasattr(task, "validate") and modules
+    if image:
+        score = task.validate(ebm if loop["phase"] == "tilt" else None, flow,
+                              bank.y_val if bank else None)
+        if score > loop["best_val"]:
+            loop.update(best_val=score, best_state=copy.deepcopy(
+                {k: m.state_dict() for k, m in modules.items()}), since_best=0)
+        else:
+            loop["since_best"] += 1
+        run.log.log({"ll_val": score, "ll_val_best": loop["best_val"]}, loop["step"])
+    patience_out = image and loop["since_best"] >= args.patience
+    k, cut = loop["member"], progress >= args.base_share
+    if loop["phase"] == "base" and (patience_out or cut):
+        restore_best(loop, modules)
+        keep = join_mixture(flow, k, task if image and cut and k > 0 else None)
+        run.print(f"step {loop['step']} | base flow {k + 1} of {args.base_flows} "
+                  + ("done" if keep else "dropped: it does not improve the mixture yet")
+                  + (f" (validation {loop['best_val']:.2f}; the mixture of "
+                     f"{int(flow.n_active)}: {task.validate(None, flow):.2f})" if image else ""))
+        loop.update(member=k + 1, **{k: SELECTION[k] for k in (
+            "best_val", "best_state", "since_best")})
+        if loop["member"] < args.base_flows and not cut:
+            return
+        bank.freeze()
+        loop.update(phase="tilt", switch=progress, base_steps=loop["step"],
+                    base_cpu_s=run.cpu_s)
+        run.print(f"step {loop['step']} | the base ({int(flow.n_active)} flows) is frozen; the "
+                  f"tilt g trains against {args.bank} of its samples")
+        if image:
+            select(args, run, loop, task, ebm, flow, bank, progress)  # g = 0 scores first
+    elif patience_out:
+        loop["stopped"] = True
+
+
+def join_mixture(flow, k, task=None):
+    """Base flow k joins the mixture (flow.n_active = k + 1); with `task` (a flow cut short
+    by the base's share of the run) only if the mixture's validation score improves."""
+    before = task.validate(None, flow) if task is not None else None
+    flow.n_active.fill_(k + 1)
+    if before is not None and task.validate(None, flow) < before:
+        flow.n_active.fill_(k)
+        return False
+    return True
+
+
+def restore_best(loop, modules):
+    """Load the selected weights (if any were kept) into the modules early stopping watched."""
+    for k, state in (loop["best_state"] or {}).items():
+        if k in modules:
+            modules[k].load_state_dict(state)
 
 
 def print_start(args, run, total, iters, device):
@@ -385,7 +577,8 @@ def log_row(run, loop, estimator, opt_ebm, opt_flow):
     """A metrics row: the averages of the iterations since the last one and their timing;
     the sums start again."""
     n = loop["n_rows"]
-    row = ({"nll_train": loop["v_sum"] / n} if estimator == "mle" else
+    row = ({"nll_train": loop["v_sum"] / n} if estimator == "mle" or loop["phase"] == "base" else
+           {"tilt_loss": loop["v_sum"] / n} if loop["phase"] == "tilt" else
            {"sm_loss": loop["v_sum"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]}
            if estimator in SCORE_MATCHING else
            {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
@@ -396,7 +589,8 @@ def log_row(run, loop, estimator, opt_ebm, opt_flow):
         row["lr_flow"] = opt_flow.param_groups[0]["lr"]
     row["it_per_s"], row["cpu_s_per_it"] = run.rate()
     run.log.log(row, loop["step"])
-    run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train", "sm_loss")
+    run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train", "sm_loss",
+                                                   "tilt_loss")
                        if k in row})
     loop.update(ROW_SUMS)
 

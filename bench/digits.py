@@ -38,12 +38,16 @@ import config
 from bench import gather, runner
 
 ESTIMATORS = {  # label: (script, flags)
+    "tilt": ("train.py", ["--estimator", "tilt"]),
+    "tilt-nce": ("train.py", ["--estimator", "tilt", "--tilt_loss", "nce"]),
     "nce": ("train.py", ["--estimator", "nce"]),
     "fce-maf": ("train.py", ["--estimator", "fce", "--flow", "maf"]),
     "fce-glow": ("train.py", ["--estimator", "fce", "--flow", "glow"]),
     "fce-nsf": ("train.py", ["--estimator", "fce", "--flow", "nsf_coupling"]),
     "mle-maf": ("train.py", ["--estimator", "mle", "--flow", "maf"]),
     "mle-glow": ("train.py", ["--estimator", "mle", "--flow", "glow"]),
+    "mle-nsf": ("train.py", ["--estimator", "mle", "--flow", "nsf"]),
+    "mle-nsf_coupling": ("train.py", ["--estimator", "mle", "--flow", "nsf_coupling"]),
     "dsm": ("train.py", ["--estimator", "dsm"]),
     "ssm": ("train.py", ["--estimator", "ssm"]),
     "mcmc-nonconvergent": ("train_mcmc.py", "nonconvergent"),  # AIS + samples: see load_mcmc
@@ -52,8 +56,10 @@ ESTIMATORS = {  # label: (script, flags)
 N_SAMPLES = 1000
 AIS = dict(n_chains=100, n_temps=300, repeats=2)
 SAMPLE_TEMPS = 50  # annealing steps of the forward-AIS chains whose ends are an EBM's samples
-KEYS = ["ll_lower", "ll_upper", "ais_gap", "bpd_lower", "bpd_upper", "ll_flow", "ll_flow_box",
-        "c_gap", "fd", "fd_ratio", "label_tv", "ais_ess", "cpu_s", "steps"]
+KEYS = ["ll_ebm", "trusted", "ll_lower", "ll_upper", "ais_gap", "bpd_lower", "bpd_upper",
+        "ll_flow", "ll_flow_box", "tilt_gain", "is_ess", "c_gap", "fd", "fd_ratio", "label_tv",
+        "ais_ess", "cpu_s", "steps"]
+REFERENCES = ("uniform", "categorical", "gaussian")  # references.ladder: closed forms
 
 
 # ----------------------------------------------------------------------------- training
@@ -112,7 +118,7 @@ def load_model(out, sample_temps=SAMPLE_TEMPS):
     task = tasks.make_task(args, "cpu")
     if run.ebm is None:
         return None, run.flow, (lambda n: run.flow.sample(n)), task
-    flow = run.flow if cfg.get("estimator") == "fce" else None
+    flow = run.flow if cfg.get("estimator") in ("fce", "tilt") else None
     return run.ebm, flow, (lambda n: task.samples(run.ebm, n, n_temps=sample_temps)), \
         task
 
@@ -152,14 +158,20 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
     s = {"cpu_s": runner.cpu_seconds(summary), "steps": summary.get("steps", summary.get("step"))}
     if flow is not None and "ll_flow" in summary:
         s.update(ll_flow=summary["ll_flow"], ll_flow_box=summary["ll_flow_box"])
-    if energy is None:
-        s["ll_lower"] = s["ll_upper"] = s["ll_flow_box"]  # exact; the flow on the box
-        s["ais_gap"] = 0.0
+    if energy is None:  # exact; the flow on the box
+        s["ll_lower"] = s["ll_upper"] = s["ll_ebm"] = s["ll_flow_box"]
+        s["ais_gap"], s["trusted"] = 0.0, 1.0
     else:  # the AIS bracket of the run's final evaluation (train.py), else computed here
-        fresh = summary.get("ais_coordinates") == tasks.AIS_COORDINATES
+        fresh = "ll_ebm_trusted" in summary or \
+            summary.get("ais_coordinates") == tasks.AIS_COORDINATES
         b = summary if fresh else task.bracket(energy)
         s.update(ll_lower=b["ll_ebm_lower"], ll_upper=b["ll_ebm_upper"], ais_gap=b["ais_gap"],
-                 ais_ess=b["ais_ess"], **{k: b[k] for k in ("c_gap",) if k in b})
+                 ais_ess=b["ais_ess"], **{k: b[k] for k in ("c_gap", "tilt_gain", "is_ess")
+                                          if k in b})
+        s["ll_ebm"] = b.get("ll_ebm", b["ll_ebm_upper"])
+        s["trusted"] = float(b.get("ll_ebm_trusted", tasks.trust(
+            b["ll_ebm_upper"], b["ll_ebm_lower"], b["ais_gap"], b["ais_ess"],
+            task.ais["n_chains"], b.get("ll_ebm_c"))["ll_ebm_trusted"]))
     s["bpd_lower"], s["bpd_upper"] = (-s[k] / (64 * math.log(2)) for k in ("ll_upper", "ll_lower"))
     x_train, y_train, x_test, y_test = mcmc_images.load_images("digits")
     metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=N_SAMPLES)
@@ -198,13 +210,17 @@ def report(args):
         return None
     agg, ais = gather.aggregate(rows, KEYS), ais_settings(args)
     agg.sort(key=lambda a: list(ESTIMATORS).index(a["label"]))
+    refs = [[name, "closed form", f"{value:.1f}", *["n/a"] * (len(KEYS) - 1)]
+            for name, value in ladder().items()]
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
              f"seeds {' '.join(map(str, args.seeds))}. Test log-likelihood of the 449 held-out "
              f"digits, dequantised, in nats per image (bits per dimension: bpd); EBMs by AIS "
-             f"({ais['repeats']} x {ais['n_chains']} chains, {ais['n_temps']} temperatures).",
+             f"({ais['repeats']} x {ais['n_chains']} chains, {ais['n_temps']} temperatures); "
+             f"`ll_ebm` the best estimate (a tilt's importance sampling, else forward AIS), "
+             f"`trusted` the share of seeds whose two estimates agree (tasks.trust).",
              "", *gather.table(["estimator", "seeds", *KEYS],
-                               [[a["label"], a["n"], *(gather.cell(a, k) for k in KEYS)]
-                                for a in agg])]
+                               refs + [[a["label"], a["n"], *(gather.cell(a, k) for k in KEYS)]
+                                       for a in agg])]
     print("\n".join(lines))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -212,6 +228,16 @@ def report(args):
             fh.write("\n".join(lines) + "\n")
         print(f"wrote {figure(args, [a['label'] for a in agg])}")
     return lines
+
+
+def ladder():
+    """The closed-form rungs (references.py) on the digits task: nats per image."""
+    import references
+    import tasks
+    import train
+
+    task = tasks.make_task(train.get_args(["--dataset", "digits"]), "cpu")
+    return {k: v for k, v in references.ladder(task).items() if k in REFERENCES}
 
 
 def figure(args, labels):
