@@ -104,7 +104,13 @@ def schedule(n_temps: int, kind: str = "sigmoid", delta: float = 4.0,
 
 
 def log_pi(b: float, f: Tensor, log_q0: Tensor) -> Tensor:
-    """log pi_b = (1 - b) log q0 - b f, unnormalised (float64 when f and log q0 are)."""
+    """log pi_b = (1 - b) log q0 - b f, unnormalised (float64 when f and log q0 are); at the
+    ends exactly log q0 and -f, so an f = +inf where q0 has mass (an EBM on a smaller
+    domain than its base) gives -inf there, not 0 * inf."""
+    if b == 0:
+        return log_q0
+    if b == 1:
+        return -f
     return (1 - b) * log_q0 - b * f
 
 
@@ -272,7 +278,9 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
     for k in range(1, len(betas)):
         b_prev, b = float(betas[k - 1]), float(betas[k])
         f, log_q0 = s.f.double(), s.log_q0.double()
-        log_w += log_pi(b, f, log_q0) - log_pi(b_prev, f, log_q0)
+        # a chain where pi_b has no mass (-inf - -inf) carries no weight from then on
+        log_w += torch.nan_to_num(log_pi(b, f, log_q0) - log_pi(b_prev, f, log_q0),
+                                  nan=-math.inf)
         if k == len(betas) - 1:
             break
         if step_sizes is not None:

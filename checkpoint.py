@@ -73,7 +73,7 @@ def load_run(run_dir, device="cpu", script=None):
         flow.eval()
     if ckpt.get("tilt"):  # an EBM built on the run's flow: p = q0 exp(-g) / Z
         from tilt import FlowTilt
-        ebm = FlowTilt(flow, ebm)
+        ebm = FlowTilt(flow, ebm, **ckpt["tilt"])
     config = ckpt.get("config")
     if config is None:
         with open(os.path.join(run_dir, "config.json")) as fh:

@@ -391,14 +391,17 @@ class SplineCoupling(nn.Module):
 
 # ----------------------------------------------------------------------------- the box
 class BoxLogit(nn.Module):
-    """Logit preprocessing (Dinh et al. 2017, sec. 4.1) that makes a flow a density on the box
-    (-1, 1)^D, where dequantised images live:
+    """Logit preprocessing (Dinh et al. 2017, sec. 4.1) for images on the box [-1, 1]^D:
 
         s = a + (1 - 2a) (y + 1) / 2,    z = log s - log(1 - s),
         log|dz/dy| = sum_i [log((1 - 2a) / 2) - log s_i - log(1 - s_i)].
 
-    A flow whose first transform this is puts all its mass in the box and its samples never
-    leave it; log q(y) = -inf for y outside the closed box. `a` keeps z finite at the walls (|z| <= logit(1 - a))."""
+    It maps the open box E = (-r, r)^D, r = 1 / (1 - 2a), one-to-one onto R^D, so a flow that
+    starts with it is a normalised density on E (log q = -inf outside E) whose samples never
+    leave E. `a` keeps the box's walls at finite z (|z| <= logit(1 - a) on [-1, 1]), where the
+    base's Gaussian tails fit the dequantised pixels at the extreme levels; E is a little
+    larger than [-1, 1]^D, so the flow on the box is this density renormalised by its share
+    of samples inside [-1, 1]^D (tasks.Images.box_share), as for any flow."""
 
     def __init__(self, alpha: float = 0.05):
         super().__init__()
@@ -408,15 +411,16 @@ class BoxLogit(nn.Module):
 
     def forward(self, y):
         a = self.alpha
-        inside = ((y >= -1) & (y <= 1)).all(-1)
-        s = a + (1 - 2 * a) * (y.clamp(-1, 1) + 1) / 2
+        s = a + (1 - 2 * a) * (y + 1) / 2
+        inside = ((s > 0) & (s < 1)).all(-1)
+        s = s.clamp(1e-12, 1 - 1e-7)
         z = torch.log(s) - torch.log1p(-s)
         ld = (math.log((1 - 2 * a) / 2) - torch.log(s) - torch.log1p(-s)).sum(-1)
         return z, torch.where(inside, ld, torch.full_like(ld, -math.inf))
 
     def inverse(self, z):
         a = self.alpha
-        y = ((torch.sigmoid(z) - a) / (1 - 2 * a) * 2 - 1).clamp(-1, 1)  # rounding
+        y = (torch.sigmoid(z) - a) / (1 - 2 * a) * 2 - 1
         ld = (F.logsigmoid(z) + F.logsigmoid(-z) - math.log((1 - 2 * a) / 2)).sum(-1)
         return y, ld
 
@@ -555,7 +559,7 @@ def build_flow(name: str, data: Optional[Tensor] = None, box: bool = False,
                **kwargs: Any) -> Flow:
     """Build density flow `name` (a key of BUILDERS); with `data` (N, D), fit the Gaussian to
     it or run the data-dependent initialisation. kwargs go to the builder (see `Flow.spec()`).
-    `box`: the flow behind `BoxLogit`, a density on (-1, 1)^D (images).
+    `box`: the flow behind `BoxLogit`, for images on [-1, 1]^D.
 
     Example:
         >>> flow = build_flow("glow", data, n_steps=4)   # ActNorm initialised on `data`

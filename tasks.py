@@ -160,7 +160,7 @@ class Images:
             return self.nats(flow.log_prob(self.x_val).double().mean())
         if is_tilt(ebm):
             import tilt
-            log_Z = tilt.log_Z_is(ebm.g, y_is)[0]
+            log_Z = tilt.log_Z_is(ebm.g_box, y_is)[0]
             return self.nats(tilt.tilt_log_prob(ebm, self.x_val, log_Z).mean())
         if learns_c(ebm):
             return self.nats(-ebm(self.x_val).double().mean() - ebm.c.double())
@@ -175,7 +175,7 @@ class Images:
         n_is = n_is or (self.is_samples if final else VAL_IS)
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
         y = tilt.base_samples(tilt_ebm.base, n_is, gen)
-        log_Z, ess, se = tilt.log_Z_is(tilt_ebm.g, y)
+        log_Z, ess, se = tilt.log_Z_is(tilt_ebm.g_box, y)
         ll = self.nats(tilt.tilt_log_prob(tilt_ebm, self.x_test, log_Z).mean())
         m = {"ll_ebm": ll, "ll_ebm_is": ll, "log_Z_is": log_Z, "is_ess": ess,
              "is_ess_fraction": ess / n_is, "is_se": se,
@@ -222,7 +222,7 @@ class Images:
             import tilt
             with torch.no_grad():
                 y = ebm.base.sample(100 * n)
-                return y[tilt.snir(-ebm.g(y), n)[0]]
+                return y[tilt.snir(-ebm.g_box(y), n)[0]]
         return ais.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
 
     def figure(self, path, ebm, flow, title):

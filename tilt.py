@@ -164,32 +164,43 @@ class FlowTilt(torch.nn.Module):
         p(x) = q0(x) exp(-g(x)) / Z,    Z = E_{y ~ q0} exp(-g(y)),
 
     i.e. the EBM with energy f(x) = g(x) - log q0(x) (`forward`). g is an ebm.EBM; its
-    learned c is NCE's guess of log Z (log p - log q0 = -g - c is NCE's logit). Training
-    touches g only: the base is frozen while g learns, so its samples can be drawn once into a
-    bank. log Z comes from importance sampling from q0 (`log_Z_is`), cross-checked by AIS
-    from q0 (ais.loglik_bracket with q0 as the base: the path q0 exp(-b g))."""
+    learned c is NCE's guess of log Z (log p - log q0 = -g - c is NCE's logit). With
+    `box=True` (images) p lives on the box [-1, 1]^D, as every image EBM here: g is +inf
+    outside it (`g_box`), so Z = E_q0[exp(-g) 1_box] and base samples outside carry no
+    weight. Training touches g only: the base is frozen while g learns, so its samples can be
+    drawn once into a bank. log Z comes from importance sampling from q0 (`log_Z_is`),
+    cross-checked by AIS from q0 (ais.loglik_bracket with q0 as the base: the path
+    q0 exp(-b g))."""
 
-    def __init__(self, base, g):
+    def __init__(self, base, g, box=False):
         super().__init__()
-        self.base, self.g = base, g
+        self.base, self.g, self.box = base, g, box
 
     @property
     def c(self):
         return self.g.c
 
+    def g_box(self, x):
+        """g(x), and +inf outside [-1, 1]^D when the tilt lives on the box."""
+        g = self.g(x)
+        if not self.box:
+            return g
+        inside = ((x >= -1) & (x <= 1)).all(-1)
+        return torch.where(inside, g, torch.full_like(g, math.inf))
+
     def forward(self, x):
         """The energy f(x) = g(x) - log q0(x), shape (N,)."""
-        return self.g(x) - self.base.log_prob(x)
+        return self.g_box(x) - self.base.log_prob(x)
 
     def log_prob(self, x):
         """log q0(x) - g(x) - c, normalised as well as c ~ log Z; the base's density under no
         gradient, so a step on it moves g and c only (FCE with --ebm_on_flow: the flow's own
         step then sees the EBM as a fixed function, as in plain FCE)."""
-        return self.base.log_prob(x).detach() - self.g(x) - self.g.c
+        return self.base.log_prob(x).detach() - self.g_box(x) - self.g.c
 
     def logit(self, x):
         """log p(x) - log q0(x) under NCE's c: -g(x) - c (the classifier of x against q0)."""
-        return -self.g(x) - self.g.c
+        return -self.g_box(x) - self.g.c
 
 
 def nce_tilt_loss(tilt, x_data, y_base):
@@ -203,7 +214,7 @@ def nce_tilt_loss(tilt, x_data, y_base):
 def ml_tilt_loss(tilt, x_data, y_base):
     """The tilt's exact negative log-likelihood up to -E log q0 (constant in g): mean g(x) +
     log Z, log Z by importance sampling on the base samples (`ml_loss`)."""
-    return ml_loss(tilt.g, x_data, y_base)[0]
+    return ml_loss(tilt.g_box, x_data, y_base)[0]
 
 
 TILT_LOSSES = {"nce": nce_tilt_loss, "ml": ml_tilt_loss}
@@ -242,7 +253,7 @@ def log_Z_is(g, y_base, chunk=8192):
 @torch.no_grad()
 def tilt_log_prob(tilt, x, log_Z, chunk=8192):
     """log p(x) = log q0(x) - g(x) - log Z, float64, shape (N,)."""
-    return torch.cat([tilt.base.log_prob(c).double() - tilt.g(c).double()
+    return torch.cat([tilt.base.log_prob(c).double() - tilt.g_box(c).double()
                       for c in x.split(chunk)]) - log_Z
 
 

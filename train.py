@@ -259,7 +259,7 @@ def make_models(args, x_fit, device):
         import tilt
         torch.nn.init.zeros_(ebm.net[-1].weight)
         torch.nn.init.zeros_(ebm.net[-1].bias)
-        ebm = tilt.FlowTilt(flow, ebm)
+        ebm = tilt.FlowTilt(flow, ebm, box=args.dataset in tasks.IMAGES)
     return ebm, flow
 
 
@@ -313,11 +313,11 @@ class evaluation_mode:
 
 def specs(ebm, flow):
     """The architectures next to the weights (checkpoint.load_run rebuilds the models; a tilt
-    is its g, `tilt: True`, on the run's flow)."""
+    is its g on the run's flow, `tilt` its FlowTilt arguments)."""
     energy = getattr(ebm, "g", ebm)
     return {**({"flow_spec": flow.spec()} if flow is not None else {}),
             **({"ebm_spec": energy.spec()} if ebm is not None else {}),
-            **({"tilt": True} if energy is not ebm else {})}
+            **({"tilt": {"box": ebm.box}} if energy is not ebm else {})}
 
 
 # ----------------------------------------------------------------------------- main
@@ -416,7 +416,8 @@ def train(args, run, device, task=None):
                                  opt_flow, the_rule)
             run.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
             count_step(loop, r)
-            if loop["step"] % args.val_every == 0:
+            due = loop["phase"] == "base" and progress_at(loop["step"]) >= args.base_share
+            if loop["step"] % args.val_every == 0 or due:
                 select(args, run, loop, task, ebm, flow, bank, progress_at(loop["step"]))
             if loop["step"] % args.log_every == 0:
                 log_row(run, loop, args.estimator, opt_ebm, opt_flow)
@@ -446,8 +447,9 @@ SELECTION = dict(best_val=-math.inf, best_state=None, since_best=0, stopped=Fals
 
 
 class Bank:
-    """A tilt's noise: --bank samples of its frozen base, drawn once when the base freezes, and
-    VAL_IS more for the validation log Z; both from the seed, so a resumed run redraws them."""
+    """A tilt's noise: --bank samples of its frozen base, drawn once when the base freezes (on
+    images those inside the box, where the tilt lives), and tasks.VAL_IS more for the
+    validation log Z; both from the seed, so a resumed run redraws them."""
 
     def __init__(self, args, ebm, flow):
         self.tilt, self.flow, self.n, self.seed = ebm, flow, args.bank, args.seed
@@ -459,7 +461,8 @@ class Bank:
         self.flow.requires_grad_(False)
         self.flow.eval()
         gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
-        self.y = tilt.base_samples(self.flow, self.n, gen)
+        y = tilt.base_samples(self.flow, self.n, gen)
+        self.y = y[torch.isfinite(self.tilt.g_box(y))] if self.tilt.box else y  # in the box
         self.y_val = tilt.base_samples(self.flow, tasks.VAL_IS, gen)
         return self
 
@@ -528,7 +531,8 @@ def select(args, run, loop, task, ebm, flow, bank, progress):
         loop.update(phase="tilt", switch=progress, base_steps=loop["step"],
                     base_cpu_s=run.cpu_s)
         run.print(f"step {loop['step']} | the base ({int(flow.n_active)} flows) is frozen; the "
-                  f"tilt g trains against {args.bank} of its samples")
+                  f"tilt g trains against {len(bank.y)} of its {args.bank} samples (those "
+                  f"where the tilt lives)")
         if image:
             select(args, run, loop, task, ebm, flow, bank, progress)  # g = 0 scores first
     elif patience_out:

@@ -1,0 +1,255 @@
+"""EBMs built on a flow (tilt.FlowTilt), the box and mixture flows they use, the reference
+rungs of the digits ladder, the validation split, early stopping and the trust verdict: each
+against a closed form chosen so that a wrong sign or a dropped term cannot cancel."""
+import json
+import math
+
+import pytest
+import torch
+
+import checkpoint
+import flows
+import gridmath
+import references
+import tasks
+import tilt
+import train
+from ebm import EBM
+
+
+def _randomised(flow, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return flow
+
+
+# ----------------------------------------------------------------------------- the box
+@pytest.mark.parametrize("name", ["maf", "glow", "nsf", "nsf_coupling"])
+def test_box_flow_is_a_density_on_the_box(name):
+    """A box flow: log-det against autograd, inverse(forward) = id, samples inside its
+    domain E = (-r, r)^2, r = 1 / (1 - 2a), -inf outside, and its density integrates to one
+    over E on the float64 grid."""
+    torch.manual_seed(0)
+    kw = {"n_steps": 2} if name == "glow" else {"n_blocks": 2}
+    flow = _randomised(flows.build_flow(name, torch.rand(64, 2) * 2 - 1, box=True, dim=2,
+                                        hidden=[16], **kw), scale=0.15).double()
+    x = torch.rand(5, 2, dtype=torch.float64) * 1.9 - 0.95
+    z, ld = flow(x)
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], xi)
+                       for xi in x])
+    assert torch.allclose(ld, torch.linalg.slogdet(jac)[1], atol=1e-8)
+    assert torch.allclose(flow.inverse(z)[0], x, atol=1e-8)
+    with torch.no_grad():
+        r = 1 / (1 - 2 * flows.BoxLogit().alpha)
+        y = flow.sample(2000)
+        assert y.abs().max() < r and torch.isfinite(flow.log_prob(y)).all()
+        assert flow.log_prob(torch.tensor([[1.2, 0.0], [0.0, -1.12]], dtype=torch.float64)
+                             ).eq(-math.inf).all()
+        points, area = gridmath.grid_points(r, 400)
+        mass = float(torch.exp(flow.log_prob(points)).sum() * area)
+    assert mass == pytest.approx(1.0, abs=2e-3)
+    assert flows.flow_from_spec(flow.spec()).spec() == flow.spec()
+
+
+def test_box_logit_closed_form():
+    """z = logit(a + (1 - 2a)(y + 1)/2) at y = 0 is 0 with log|dz/dy| = D log(2 (1 - 2a))."""
+    t = flows.BoxLogit(0.05)
+    z, ld = t(torch.zeros(1, 3, dtype=torch.float64))
+    assert z.abs().max() == 0 and float(ld) == pytest.approx(3 * math.log(0.9 / 2 / 0.25))
+    y, ld_inv = t.inverse(z)
+    assert float(ld_inv) == pytest.approx(-float(ld)) and y.abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- the mixture
+def test_flow_mixture_log_prob_sampling_and_spec():
+    """log q = logsumexp of the active members - log n; stratified samples (member k's slice
+    of z); only the first n_active members count; the spec rebuilds it."""
+    torch.manual_seed(0)
+    members = [flows.gaussian(2, torch.tensor([m, 0.0]), torch.eye(2) * s)
+               for m, s in ((-2.0, 0.5), (2.0, 1.0), (0.0, 4.0))]
+    mix = flows.FlowMixture(members)
+    mix.n_active.fill_(2)
+    x = torch.randn(7, 2)
+    want = torch.logsumexp(torch.stack([members[0].log_prob(x), members[1].log_prob(x)]), 0) \
+        - math.log(2)
+    assert torch.allclose(mix.log_prob(x), want)
+    z = torch.randn(1000, 2)
+    y = mix.sample(1000, z)
+    assert torch.allclose(y[:500], members[0].sample(500, z[:500]))
+    assert torch.allclose(y[500:], members[1].sample(500, z[500:]))
+    rebuilt = flows.flow_from_spec(mix.spec())
+    assert len(rebuilt.members) == 3
+
+
+# ----------------------------------------------------------------------------- the tilt
+def _linear_tilt(a, dim=2):
+    """q0 = N(0, I), g(x) = a . x + 0.3, c = 1.5: p = N(-a, I), log Z = |a|^2 / 2 - 0.3."""
+    g = EBM(dim, [1])
+    g.net[1] = torch.nn.Identity()
+    with torch.no_grad():
+        g.net[0].weight.copy_(torch.tensor([a]))
+        g.net[0].bias.zero_()
+        g.net[2].weight.fill_(1.0)
+        g.net[2].bias.fill_(0.3)
+        g.c.fill_(1.5)
+    return tilt.FlowTilt(flows.gaussian(dim).double(), g.double())
+
+
+def test_log_Z_importance_sampling_against_the_closed_form():
+    a = [0.6, -0.4]
+    t = _linear_tilt(a)
+    y = t.base.sample(200_000)
+    log_Z, ess, se = tilt.log_Z_is(t.g, y)
+    exact = 0.5 * (0.36 + 0.16) - 0.3
+    assert log_Z == pytest.approx(exact, abs=4 * se + 1e-3)
+    # ESS / n -> exp(-|a|^2) for a Gaussian tilted linearly
+    assert ess / len(y) == pytest.approx(math.exp(-0.52), rel=0.05)
+    assert se == pytest.approx(math.sqrt((len(y) / ess - 1) / len(y)))
+    # the tilt's log-density is N(-a, I)'s
+    x = torch.randn(5, 2, dtype=torch.float64)
+    want = torch.distributions.MultivariateNormal(-torch.tensor(a, dtype=torch.float64),
+                                                  torch.eye(2, dtype=torch.float64)).log_prob(x)
+    assert torch.allclose(tilt.tilt_log_prob(t, x, exact), want, atol=1e-10)
+    # energy f = g - log q0, logit -g - c, log_prob = log q0 - g - c
+    assert torch.allclose(t(x), t.g(x) - t.base.log_prob(x))
+    assert torch.allclose(t.logit(x), -t.g(x) - 1.5)
+    assert torch.allclose(t.log_prob(x), t.base.log_prob(x) - t.g(x) - 1.5)
+
+
+def test_tilt_losses_closed_form():
+    """ML: mean g(x) + log mean exp(-g(y)); NCE: the logistic loss with logit -g - c."""
+    t = _linear_tilt([0.5, 0.0])
+    x = torch.tensor([[1.0, 0.0], [-1.0, 2.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 0.0], [2.0, 1.0], [-2.0, 0.0]], dtype=torch.float64)
+    gx, gy = 0.5 * x[:, 0] + 0.3, 0.5 * y[:, 0] + 0.3
+    ml = gx.mean() + torch.logsumexp(-gy, 0) - math.log(3)
+    assert float(tilt.ml_tilt_loss(t, x, y)) == pytest.approx(float(ml))
+    sig = torch.nn.functional.logsigmoid
+    nce = -(sig(-gx - 1.5).mean() + sig(gy + 1.5).mean())
+    assert float(tilt.nce_tilt_loss(t, x, y)) == pytest.approx(float(nce))
+
+
+def test_tilt_step_descends_and_refuses_non_finite():
+    t = _linear_tilt([0.5, 0.0])
+    opt = torch.optim.SGD(t.g.parameters(), lr=0.1)
+    x, y = torch.randn(64, 2, dtype=torch.float64) - 1, torch.randn(64, 2, dtype=torch.float64)
+    before = float(tilt.ml_tilt_loss(t, x, y))
+    tilt.tilt_step(t, x, y, opt, "ml")
+    assert float(tilt.ml_tilt_loss(t, x, y)) < before
+    x[0, 0] = math.nan
+    state = {k: v.clone() for k, v in t.g.state_dict().items()}
+    assert math.isnan(float(tilt.tilt_step(t, x, y, opt, "ml")))
+    assert all(torch.equal(state[k], v) for k, v in t.g.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- trust
+@pytest.mark.parametrize("upper, lower, ess, second, want", [
+    (-90.0, -90.8, 10.0, None, False),   # tight bracket, ESS 10% of 200 chains is 20
+    (-90.0, -90.8, 20.0, None, True),
+    (-90.0, -92.0, 200.0, None, False),  # 2 nats wide
+    (-90.0, -95.0, 1.0, -90.9, True),    # IS agrees with forward AIS within 1 nat
+    (-90.0, -95.0, 1.0, -91.1, False),
+    (-90.0, -89.5, 100.0, None, True),   # a negative gap counts by its width
+])
+def test_trust(upper, lower, ess, second, want):
+    got = tasks.trust(upper, lower, upper - lower, ess, 200, second)["ll_ebm_trusted"]
+    assert got is want
+
+
+# ----------------------------------------------------------------------------- the ladder
+def test_reference_rungs_closed_forms():
+    L = 5
+    x = torch.tensor([[0, 4], [0, 2], [1, 4]], dtype=torch.float32) / (L - 1) * 2 - 1
+    assert references.uniform(3, 17) == pytest.approx(-3 * math.log(17))
+    # pixel 0: levels 0, 0, 1; pixel 1: 4, 2, 4; pseudo-count a
+    a = 0.5
+    lp = references.categorical_log_probs(x, L, a)
+    assert float(lp[0, 0]) == pytest.approx(math.log((2 + a) / (3 + L * a)))
+    assert float(lp[1, 3]) == pytest.approx(math.log(a / (3 + L * a)))
+    assert torch.allclose(lp.exp().sum(1), torch.ones(2, dtype=torch.float64))
+    got = references.categorical(x, x[:1], L, a)
+    assert got == pytest.approx(math.log((2 + a) / (3 + L * a)) + math.log((2 + a) / (3 + L * a)))
+    y = torch.randn(4000, 3, dtype=torch.float64) * torch.tensor([0.1, 0.2, 0.3]) + 0.05
+    exact = float(torch.distributions.Normal(0.05, torch.tensor([0.1, 0.2, 0.3])).log_prob(
+        y[:5]).sum(1).mean()) + 3 * math.log(2 / L)
+    assert references.gaussian(y, y[:5], L) == pytest.approx(exact, abs=0.05)
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    x = torch.arange(100.0)[:, None]
+    tr, va = tasks.validation_split(x)
+    tr2, va2 = tasks.validation_split(x)
+    assert len(va) == 10 and len(tr) == 90 and torch.equal(va, va2)
+    assert not set(tr[:, 0].tolist()) & set(va[:, 0].tolist())
+
+
+# ----------------------------------------------------------------------------- runs
+DIGITS = ["--dataset", "digits", "--batch", "128", "--ebm_hidden", "16", "--flow_hidden", "8",
+          "--flow_layers", "2", "--log_every", "5", "--ais_chains", "8", "--ais_temps", "10",
+          "--val_every", "5", "--bank", "2000", "--is_samples", "2000", "--wandb", "disabled"]
+
+
+def _run(tmp_path, *argv, name="run"):
+    out = tmp_path / name
+    code = train.main([*argv, "--out_dir", str(out), "--image_dir", str(tmp_path / "img" / name)])
+    return code, out
+
+
+def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
+    """The default digits estimator: base flows, then the tilt; the summary's ll_ebm is the
+    importance-sampling estimate recomputed here from the saved model, the flow's own number
+    on the box is there, and the base stayed frozen while g trained."""
+    code, out = _run(tmp_path, *DIGITS, "--max_steps", "40", "--epoch", "100",
+                     "--base_flows", "2", "--base_share", "0.5", "--patience", "2")
+    assert code == 0
+    s = json.load(open(out / "summary.json"))
+    for key in ("ll_ebm", "ll_ebm_trusted", "ll_ebm_lower", "ll_ebm_upper", "ll_flow",
+                "ll_flow_box", "tilt_gain", "is_ess", "base_steps", "best_val"):
+        assert key in s, key
+    assert s["ll_flow_box"] == pytest.approx(s["ll_flow"])  # a box flow: Q(box) = 1
+    assert s["tilt_gain"] == pytest.approx(s["ll_ebm"] - s["ll_flow"])
+    assert 0 < s["base_steps"] < s["steps"]
+    run = checkpoint.load_run(str(out))
+    assert isinstance(run.ebm, tilt.FlowTilt) and 1 <= int(run.flow.n_active) <= 2
+    task = tasks.make_task(train.get_args(["--dataset", "digits"]), "cpu")
+    gen = torch.Generator().manual_seed(0 * 7919 + 17)  # seed 0: tasks.Images.tilt_scores
+    y = tilt.base_samples(run.flow, 2000, gen)
+    log_Z = tilt.log_Z_is(run.ebm.g_box, y)[0]
+    ll = task.nats(tilt.tilt_log_prob(run.ebm, task.x_test, log_Z).mean())
+    assert s["ll_ebm"] == pytest.approx(ll, abs=1e-6)
+
+
+def test_early_stopping_restores_the_best_flow(tmp_path):
+    """mle on digits with patience 1: the saved flow is the one of the best validation score,
+    not the last (a live state_dict reference would restore the last)."""
+    code, out = _run(tmp_path, *DIGITS, "--estimator", "mle", "--flow", "nsf_coupling",
+                     "--max_steps", "60", "--epoch", "100", "--patience", "100",
+                     "--lr_flow", "0.05")
+    assert code == 0
+    s = json.load(open(out / "summary.json"))
+    vals = [r["ll_val"] for r in map(json.loads, open(out / "metrics.jsonl")) if "ll_val" in r]
+    assert s["best_val"] == pytest.approx(max(vals))
+    run = checkpoint.load_run(str(out))
+    task = tasks.make_task(train.get_args(["--dataset", "digits"]), "cpu")
+    assert task.validate(None, run.flow) == pytest.approx(max(vals), abs=1e-4)
+
+
+def test_tilt_in_2d_is_scored_on_the_grid(tmp_path):
+    code, out = _run(tmp_path, "--estimator", "tilt", "--samples", "2000", "--batch", "200",
+                     "--test_samples", "2000", "--ebm_hidden", "16", "--flow_hidden", "16",
+                     "--epoch", "2", "--bank", "2000", "--wandb", "disabled")
+    assert code == 0
+    s = json.load(open(out / "summary.json"))
+    assert math.isfinite(s["kl_ebm"]) and math.isfinite(s["kl_flow"]) and s["base_steps"] > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--estimator", "tilt", "--flow", "gaussian"], "needs a learned flow"),
+    (["--estimator", "nce", "--ebm_on_flow"], "--ebm_on_flow"),
+])
+def test_tilt_bad_input(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, *argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
