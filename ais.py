@@ -51,6 +51,7 @@ flagged (`AISResult.degenerate`, `Bracket.reliable`) and the report says so besi
 """
 import argparse
 import contextlib
+import copy
 import math
 import sys
 from dataclasses import dataclass
@@ -491,8 +492,9 @@ def build_parser():
     p.add_argument("--domain", choices=DOMAINS, default="auto",
                    help="box: the density exp(-f) on the data box [-1, 1]^D (AIS in "
                         "whitened atanh coordinates w, y = tanh(mu + L w), base N(0, I); "
-                        "ais.box_bracket); free: on R^D; auto: box for train_mcmc.py image "
-                        "runs, free otherwise")
+                        "ais.box_bracket); free: on R^D (refused for an image energy that "
+                        "provably has no normaliser there); auto: box for image runs (where "
+                        "their own summaries score them), free in 2D")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
                    help="precision of the chains and networks (weights are always float64)")
     p.add_argument("--threads", type=config.nonnegative_int, default=1,
@@ -539,15 +541,48 @@ def run_target(run, path: str, domain: str = "auto") -> Target:
     if energy is None:
         config.fail(f"{path} has no EBM in its checkpoint (a flow-only run?); train one with "
                     f"train.py (an EBM estimator) or train_mcmc.py")
-    box = (IMAGE_BOX if domain == "box" or (domain == "auto" and writer == "train_mcmc.py"
-                                            and image) else None)
+    box = IMAGE_BOX if domain == "box" or (domain == "auto" and image) else None
     if box is not None and not image:
         config.fail("--domain box is for image runs (their data live in [-1, 1]^D); drop it")
+    if image and box is None and (ray := unbounded_ray(energy, cfg_dim(run))) is not None:
+        config.fail(f"{path}: exp(-f) has no normaliser on R^D (f falls without bound along "
+                    f"a ray, {ray}); score it on the box the run lives on: --domain box")
     if not image:
         x_test = held_out(cfg, writer)
         return Target(energy, x_test, x_test, run.flow, None, None)
     x_train, x_test = image_sets(cfg)
     return Target(energy, x_test, x_train, run.flow, dequantize.LEVELS[cfg["dataset"]], box)
+
+
+def cfg_dim(run) -> int:
+    """The data dimension of a run's models."""
+    spec = run.checkpoint.get("ebm_spec") or run.checkpoint.get("image_ebm_spec") or {}
+    if "dim" in spec:
+        return int(spec["dim"])
+    shape = spec.get("shape", (1, 8, 8))
+    return int(math.prod(shape))
+
+
+@torch.no_grad()
+def unbounded_ray(energy, dim: int, n_rays: int = 256, seed: int = 0,
+                  radii=(1e2, 1e3, 1e4)) -> Optional[str]:
+    """Whether exp(-f) provably has no normaliser on R^D: f(t v) not increasing in t along a
+    ray v (one of the +-coordinate axes or n_rays random directions), so that exp(-f) does not
+    fall off there (an MLP energy is asymptotically linear along rays, f(t v) ~ a(v) t: a(v) <= 0
+    on one ray holds on a cone around it, whose integral diverges). Returns a description of
+    such a ray, or None when no probe finds one (which proves nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.cat([torch.eye(dim), -torch.eye(dim)])
+    rays = torch.cat([axes, torch.nn.functional.normalize(torch.randn(n_rays, dim, generator=g),
+                                                         dim=1)]).double()
+    module = copy.deepcopy(energy).double()
+    f = torch.stack([module(t * rays).double() for t in radii])  # (radii, rays)
+    bad = ((f[1:] <= f[:-1]).all(0)).nonzero().flatten()
+    if len(bad) == 0:
+        return None
+    i = int(bad[0])
+    return (f"f({radii[0]:g} v) = {float(f[0, i]):.4g}, f({radii[-1]:g} v) = "
+            f"{float(f[-1, i]):.4g}")
 
 
 def image_sets(cfg: dict) -> tuple:

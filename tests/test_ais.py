@@ -345,7 +345,8 @@ def image_run(tmp_path, scale=1.0, name="img"):
 def test_run_target_of_an_image_run(tmp_path):
     """run_target of a train_mcmc.py digits run: the energy is U (not F), the held-out points
     are dequantize.test_set of the test split, the base is fitted to the 1,348 dequantised
-    training images (not the test set), and the chains stay in [-1, 1]^64 (free on request)."""
+    training images (not the test set), and the chains stay in [-1, 1]^64 (R^64 is refused:
+    the energy provably has no normaliser there)."""
     path, U = image_run(tmp_path)
     t = ais.run_target(checkpoint.load_run(path), path)
     _, _, x_test, _ = mcmc_images.load_images("digits")
@@ -357,7 +358,8 @@ def test_run_target_of_an_image_run(tmp_path):
     with torch.no_grad():
         assert torch.allclose(t.energy(x), U(x))
     assert t.levels == 17 and t.box == (-1.0, 1.0) and t.flow is None
-    assert ais.run_target(checkpoint.load_run(path), path, "free").box is None
+    with pytest.raises(SystemExit):  # this ConvNet energy falls along a ray: no Z on R^64
+        ais.run_target(checkpoint.load_run(path), path, "free")
 
 
 def numbers(line):
@@ -416,19 +418,36 @@ def test_report_warns_only_beside_degenerate_weights(capsys, temps, degenerate):
     assert ("UNRELIABLE" in out) == degenerate
 
 
-def test_cli_train_py_digits_run(tmp_path, capsys):
-    """A train.py-shaped digits checkpoint (EBM(64, ...) with a learned c): read as an image
-    run on R^64, with nats, bits/dim and the learned c beside the AIS log Z (plumbing only: an
-    untrained EBM need not be normalisable)."""
-    torch.manual_seed(10)
-    ebm = EBM(64, (16,))
+def linear_digits_run(tmp_path, slope=-0.5):
+    """A train.py-shaped digits checkpoint whose EBM is f(y) = slope * sum(y): on the box
+    log Z = 64 log((e^-slope - e^slope) / -slope) (47.02 for slope -0.5), on R^64 none."""
+    ebm = EBM(64, (1,), "relu")
+    with torch.no_grad():
+        ebm.net[0].weight.fill_(1.0)
+        ebm.net[0].bias.fill_(64.0)  # sum(y) + 64 >= 0 on and near the box: relu is linear
+        ebm.net[2].weight.fill_(slope)
+        ebm.net[2].bias.fill_(-64.0 * slope)
     checkpoint.save_checkpoint(str(tmp_path / "checkpoint.pt"), {
         "config": {"dataset": "digits", "seed": 0}, "ebm": ebm.state_dict(),
         "ebm_spec": ebm.spec(), "script": "train.py"})
-    assert ais.main([str(tmp_path), "--chains", "20", "--temps", "5", "--repeats", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "density on R^D" in out and "learned c of the EBM" in out
-    assert "nats per image on the dequantised [0, 17) scale" in out and "bits/dim in" in out
+    return str(tmp_path), 64 * math.log((math.exp(-slope) - math.exp(slope)) / -slope)
+
+
+def test_cli_train_py_digits_run_on_the_box(tmp_path, capsys):
+    """A train.py digits run is scored on the box its summary uses: f(y) = -0.5 sum(y) has
+    log Z 47.02 there, and both ends of AIS find it; on R^64 it has no normaliser, and
+    --domain free is refused in one line (exit 2)."""
+    run, exact = linear_digits_run(tmp_path)
+    assert ais.main([run, "--chains", "40", "--temps", "400", "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "density on [-1, 1]^64" in lines[0] and "learned c of the EBM" in "\n".join(lines)
+    low = float(lines[1].split("(lower)")[1].split("+-")[0])
+    up = float(lines[1].split("(upper)")[1].split("+-")[0])
+    assert low - 0.3 < exact < up + 0.3 and up - low < 1.5  # a bracket around 47.02
+    with pytest.raises(SystemExit) as e:
+        ais.main([run, "--domain", "free", "--chains", "4", "--temps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "no normaliser on R^D" in err and "\n" not in err
 
 
 def bad_runs(tmp_path):
