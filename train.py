@@ -26,6 +26,7 @@ Outputs: runs/<run>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, cu
 figure per epoch in images/<run>/, wandb (online when logged in, else offline).
 """
 import copy
+import json
 import math
 import os
 import sys
@@ -138,6 +139,9 @@ def build_parser():
                    help="tilt: the base is an equal mixture of this many flows trained one "
                         "after another (flows.FlowMixture), each early-stopped; default 1, "
                         "images 5")
+    p.add_argument("--base_run", default=None,
+                   help="tilt: a finished train.py run whose flow is the frozen base (its "
+                        "training CPU-s count in this run's --budget); default: train one")
     p.add_argument("--bank", type=config.positive_int, default=50_000,
                    help="tilt: base samples drawn once, when the base freezes (the noise)")
     p.add_argument("--is_samples", type=config.positive_int, default=100_000,
@@ -145,7 +149,7 @@ def build_parser():
     p.add_argument("--val_every", type=config.positive_int, default=50,
                    help="images: iterations between validation scores (early stopping of flows "
                         "and tilts)")
-    p.add_argument("--patience", type=config.positive_int, default=8,
+    p.add_argument("--patience", type=config.positive_int, default=6,
                    help="images: validation scores without improvement that end a flow's or a "
                         "tilt's training (the best weights are kept)")
     p.add_argument("--ais_chains", type=config.positive_int, default=200,
@@ -203,6 +207,8 @@ def resolve_estimator(args):
     if args.estimator in ("mle", "tilt") and args.flow == "gaussian":
         config.fail(f"--estimator={args.estimator} needs a learned flow: pass --flow="
                     + "/".join(LEARNED_FLOWS))
+    if args.base_run and args.estimator != "tilt":
+        config.fail("--base_run is the base of a tilt; drop it or use --estimator=tilt")
     if args.ebm_on_flow and args.estimator != "fce":
         config.fail(f"--ebm_on_flow tilts FCE's flow; drop it or use --estimator=fce")
     if args.estimator == "fce":
@@ -255,12 +261,36 @@ def make_models(args, x_fit, device):
         flow = FlowMixture(flows).to(device) if args.estimator == "tilt" else flows[0]
         if args.estimator == "tilt":
             flow.n_active.fill_(0)  # none finished yet
+    if args.base_run:
+        flow = base_flow(args, x_fit.shape[1], device)
     if args.estimator == "tilt" or args.ebm_on_flow:
         import tilt
         torch.nn.init.zeros_(ebm.net[-1].weight)
         torch.nn.init.zeros_(ebm.net[-1].bias)
         ebm = tilt.FlowTilt(flow, ebm, box=args.dataset in tasks.IMAGES)
     return ebm, flow
+
+
+def base_flow(args, dim, device):
+    """The frozen base of --base_run: its flow (a FlowMixture), checked to be a flow of this
+    dataset and dimension; bad input stops with one line."""
+    import checkpoint
+
+    try:
+        run = checkpoint.load_run(args.base_run, device)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        config.fail(f"--base_run: {e}; pass a finished train.py run with a flow")
+    if run.flow is None or not hasattr(run.flow, "log_prob"):
+        config.fail(f"--base_run {args.base_run} holds no flow; train one with "
+                    f"`python train.py --estimator mle --dataset {args.dataset}`")
+    if run.config.get("dataset") != args.dataset or run.flow.dim != dim:
+        config.fail(f"--base_run {args.base_run} is a flow of {run.config.get('dataset')} "
+                    f"(dimension {run.flow.dim}), not of {args.dataset} (dimension {dim})")
+    flow = run.flow if isinstance(run.flow, FlowMixture) else FlowMixture([run.flow])
+    summary = os.path.join(args.base_run, "summary.json")
+    cpu = json.load(open(summary)).get("cpu_s", 0.0) if os.path.isfile(summary) else 0.0
+    flow.base_cpu_s = float(cpu)
+    return flow.to(device)
 
 
 def make_contrast(args, flow, x_fit, device, window=8):
@@ -369,7 +399,8 @@ def train(args, run, device, task=None):
     # a resumed run writes the same rows as an uninterrupted one)
     loop = run.restore(dict(epoch=0, it=0, step=0, perm=None, flow_steps=0,
                             flow_steps_at_eval=0, **ROW_SUMS, **SELECTION,
-                            phase="base" if args.estimator == "tilt" else None),
+                            phase=("tilt" if args.base_run else "base")
+                            if args.estimator == "tilt" else None),
                        lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
                        ebm=getattr(ebm, "g", ebm), opt_ebm=opt_ebm)
     bank = Bank(args, ebm, flow) if args.estimator == "tilt" else None
@@ -377,11 +408,13 @@ def train(args, run, device, task=None):
                 if opt is not None]
     print_start(args, run, total, iters, device)
 
+    offset = getattr(flow, "base_cpu_s", 0.0)  # --base_run: its training counts too
+
     def progress_at(step):
-        return max(step / total, run.cpu_s / args.budget if args.budget else 0)
+        return max(step / total, (run.cpu_s + offset) / args.budget if args.budget else 0)
 
     def out_of_budget():
-        return (args.budget and run.cpu_s >= args.budget) or loop["step"] >= total \
+        return (args.budget and run.cpu_s + offset >= args.budget) or loop["step"] >= total \
             or loop["stopped"]
 
     def batch_at(s):
@@ -434,7 +467,7 @@ def train(args, run, device, task=None):
         run.save()
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
           f"{scaffold.gif_hint(args.image_dir)})")
-    stages = {"base_steps": loop["base_steps"], "base_cpu_s": loop["base_cpu_s"],
+    stages = {"base_steps": loop["base_steps"], "base_cpu_s": loop["base_cpu_s"] + offset,
               "best_val": loop["best_val"]} if args.estimator == "tilt" else \
         {"best_val": loop["best_val"]} if loop["best_state"] else {}
     return {**metrics, "steps": loop["step"], "flow_steps": loop["flow_steps"], **stages} \
@@ -506,8 +539,8 @@ def select(args, run, loop, task, ebm, flow, bank, progress):
     modules = selected(loop, ebm, flow)
     image = hasattr(task, "validate") and modules
     if image:
-        score = task.validate(ebm if loop["phase"] == "tilt" else None, flow,
-                              bank.y_val if bank else None)
+        score = task.validate(ebm, flow, bank.y_val) if loop["phase"] == "tilt" else \
+            task.validate(None, modules["flow"])  # the flow in training (a base flow k)
         if score > loop["best_val"]:
             loop.update(best_val=score, best_state=copy.deepcopy(
                 {k: m.state_dict() for k, m in modules.items()}), since_best=0)

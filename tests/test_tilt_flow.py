@@ -253,3 +253,33 @@ def test_tilt_bad_input(tmp_path, capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
         _run(tmp_path, *argv)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+SMALL_2D = ["--samples", "2000", "--batch", "200", "--test_samples", "2000", "--ebm_hidden",
+            "16", "--flow_hidden", "16", "--epoch", "1", "--wandb", "disabled"]
+
+
+def test_base_run_is_the_frozen_base_and_bad_bases_are_one_line(tmp_path, capsys):
+    """--base_run: a finished mle run's flow becomes the tilt's base, unchanged by the tilt's
+    training, and its CPU-s count; a missing run, a run without a flow and a flow of another
+    dataset are refused in one line with exit 2."""
+    code, base = _run(tmp_path, *SMALL_2D, "--estimator", "mle", "--flow", "maf", name="base")
+    assert code == 0
+    code, out = _run(tmp_path, *SMALL_2D, "--estimator", "tilt", "--base_run", str(base),
+                     "--bank", "2000", name="tilt")
+    assert code == 0
+    before, after = checkpoint.load_run(str(base)).flow, checkpoint.load_run(str(out)).flow
+    x = torch.randn(50, 2)
+    with torch.no_grad():
+        assert torch.allclose(before.log_prob(x), after.log_prob(x))
+    s = json.load(open(out / "summary.json"))
+    assert s["base_cpu_s"] == pytest.approx(json.load(open(base / "summary.json"))["cpu_s"])
+    code, sm = _run(tmp_path, *SMALL_2D, "--estimator", "dsm", name="dsm")
+    capsys.readouterr()
+    for argv, needle in [([str(tmp_path / "nothing")], "--base_run"),
+                         ([str(sm)], "holds no flow"),
+                         ([str(base), "--dataset", "digits"], "not of digits")]:
+        with pytest.raises(SystemExit) as e:
+            _run(tmp_path, *SMALL_2D, "--estimator", "tilt", "--base_run", *argv, name="bad")
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and needle in err and "\n" not in err, err
