@@ -21,7 +21,6 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402  (Pillow comes with matplotlib)
 
 import datasets  # noqa: E402
-import mcmc_images  # noqa: E402
 from gridmath import on_grid  # noqa: E402
 
 
@@ -59,6 +58,8 @@ def samples(x, bound=datasets.BOUND, bins=150, cmap="viridis"):
 
 def images(x, shape, nrow=10):
     """Panel drawer: flattened images x (N, C*H*W) in [-1, 1] tiled nrow to a row, grey."""
+    import mcmc_images  # image runs only
+
     grid = mcmc_images.grid_array(x, shape, nrow)
 
     def draw(ax):

@@ -38,15 +38,14 @@ import math
 
 import torch
 
-import ais
 import datasets
-import dequantize
 import evaluation
-import mcmc_images
 import plots
 import util
 
-IMAGES = tuple(dequantize.LEVELS)
+# the image sets (dequantize.LEVELS's keys), named here so that a 2D run imports none of the
+# image modules (ais, dequantize, mcmc_images: imported where Images uses them)
+IMAGES = ("digits", "mnist")
 
 
 AIS_COORDINATES = 2  # 1: atanh; 2: whitened atanh (ais.BoxEnergy); bench.digits rescores older
@@ -95,6 +94,9 @@ class Images:
     """8x8 digits (or MNIST from local files) as a continuous density on [-1, 1]^D."""
 
     def __init__(self, args, device):
+        import dequantize
+        import mcmc_images
+
         try:
             x_train, _, x_test, _ = mcmc_images.load_images(
                 args.dataset, getattr(args, "mnist_images", None),
@@ -112,10 +114,14 @@ class Images:
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
+        import dequantize
+
         gen = torch.Generator().manual_seed(((self.seed + 7919) * 1_000_003 + step) % 2 ** 63)
         return dequantize.dequantize(self.x_train[idx], self.L, gen)
 
     def nats(self, log_p_y):
+        import dequantize
+
         return float(dequantize.to_nats(log_p_y, self.dim, self.L))
 
     @torch.no_grad()
@@ -143,6 +149,8 @@ class Images:
         """The EBM's test log-likelihood bracket by AIS on the box (ais.box_bracket: whitened
         atanh coordinates fitted to x_fit, float64 chains), in nats per image and bits per
         dimension (module docstring)."""
+        import ais
+
         br = ais.box_bracket(_float64(ebm), self.x_fit, self.x_test, **self.ais)
         lower, upper = self.nats(br.lower), self.nats(br.upper)
         bits = self.dim * math.log(2)
@@ -157,6 +165,8 @@ class Images:
         """n samples of the EBM on the box (ais.box_samples: forward-AIS chains in the
         whitened atanh coordinates after n_temps annealing steps, mapped back to y;
         approximate unless n_temps is large)."""
+        import ais
+
         return ais.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
 
     def figure(self, path, ebm, flow, title):
