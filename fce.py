@@ -198,8 +198,10 @@ class Rule:
         The last term (eps = flow_cover, on the fixed Gaussian's samples of the mixture)
         keeps the flow's density from collapsing to astronomically small values where the
         data has little mass but g has some (holes: an affine MAF otherwise reaches
-        log q = -1e14 in the corners of the plane). It shifts the flow's likelihood target
-        to (p_data + eps g) / (1 + eps), costing at most log(1 + eps) nats on the data."""
+        log q = -1e14 in the corners of the plane). With lambda = flow_mle > 0 it shifts the
+        flow's likelihood target to (lambda p_data + eps g) / (lambda + eps), costing at most
+        log(1 + eps / lambda) nats on the data ((p_data + eps g) / (1 + eps) and log(1 + eps)
+        at the default lambda = 1); with lambda = 0 the likelihood target is g alone."""
         loss = V - self.flow_mle * noise.log_qf_x.mean()
         if self.flow_cover and len(noise.log_qf_yg):
             loss = loss - self.flow_cover * noise.log_qf_yg.mean()

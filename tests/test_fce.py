@@ -65,6 +65,19 @@ def test_noise_mixture_density_is_the_mixture_and_normalised():
     assert any(gr is not None and (gr != 0).any() for gr in from_flow)
 
 
+@pytest.mark.parametrize("n,n_gauss", [(7, 2), (10, 3), (3, 1)])
+def test_noise_mixture_weights_are_the_realised_fractions(n, n_gauss):
+    """mix 0.3 of n noise points is round(0.3 n) Gaussian draws: log q weighs q_flow and g by
+    the fractions actually drawn, (n - n_g) / n and n_g / n (exact for every n)."""
+    ebm, flow, x, g = models()
+    noise = contrast(flow, g, 0.3, n=n).live(0, x[:n])
+    assert noise.n_flow == n - n_gauss and len(noise.y) == n
+    for pts, lq in ((x[:n], noise.log_q_x), (noise.y, noise.log_q_y)):
+        expect = torch.logaddexp(flow.log_prob(pts) + math.log((n - n_gauss) / n),
+                                 g.log_prob(pts) + math.log(n_gauss / n))
+        assert torch.allclose(lq, expect, atol=1e-5)
+
+
 def test_cached_noise_equals_the_live_noise_of_the_same_iteration():
     """The window computed in one pass without a graph holds, for every iteration, exactly
     the numbers a live (graph) pass of that iteration gives: the base draws depend on
