@@ -86,10 +86,12 @@ def test_log_density(dataset: str, x_test: torch.Tensor) -> torch.Tensor:
 
 
 def format_metrics(m):
-    """One line of `evaluate_2d`'s numbers: NLLs, the entropy (the optimum), KLs, c - log Z."""
+    """One line of `evaluate_2d`'s numbers: NLLs, the entropy (the optimum), KLs, c - log Z,
+    and the held-out score-matching loss where a run reports it."""
     parts = []
     for key, label in (("nll_ebm", "NLL ebm"), ("nll_flow", "NLL flow"), ("entropy", "H"),
-                       ("kl_ebm", "KL ebm"), ("kl_flow", "KL flow"), ("c_gap", "c - log Z")):
+                       ("kl_ebm", "KL ebm"), ("kl_flow", "KL flow"), ("c_gap", "c - log Z"),
+                       ("sm_loss_test", "SM loss (test)")):
         if key in m:
             parts.append(f"{label} {m[key]:+.3f}" if key == "c_gap" else f"{label} {m[key]:.4f}")
     return " | ".join(parts)

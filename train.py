@@ -406,6 +406,9 @@ def evaluate(args, run, loop, task, ebm, flow, final=False):
     ep = loop["epoch"]
     with evaluation_mode(flow):
         m = task.evaluate(ebm, flow, final)
+    if args.estimator in SCORE_MATCHING:  # the loss it descends, on the held-out set
+        m["sm_loss_test"] = score_matching.held_out_loss(ebm, task.x_test, args.estimator,
+                                                         args.sm_sigma, args.sm_projections)
     run.print(f"epoch {ep} | " + tasks.format_metrics(m))
     for note in flow_notes(args, m, loop):
         run.print(f"epoch {ep} | note: {note}")
