@@ -360,10 +360,12 @@ class Run(Signals):
             self._bar.update(1)
 
     def rate(self) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call."""
+        """(iterations per second, CPU seconds per iteration) since the last call (called
+        inside iteration i, iteration i counts as done)."""
+        done = self.step + (1 if self._t0 is not None else 0)
         now, (t, cpu, step) = time.perf_counter(), self._rate_at
-        self._rate_at = (now, self.cpu_s, self.step)
-        n = max(self.step - step, 1)
+        self._rate_at = (now, self.cpu_s, done)
+        n = max(done - step, 1)
         return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
 
     def print(self, line: str | None, postfix: dict | None = None) -> None:
