@@ -34,6 +34,7 @@ import plots
 import score_matching
 import tasks
 import util
+from adam import Adam  # torch.optim.Adam's numbers without importing torch._dynamo
 from ebm import EBM
 from flows import build_flow
 import scaffold
@@ -221,10 +222,10 @@ def make_contrast(args, flow, x_fit, device, window=8):
 
 def make_optimizers(args, ebm, flow):
     betas = (args.b1, args.b2)
-    opt_ebm = None if ebm is None else torch.optim.Adam(
+    opt_ebm = None if ebm is None else Adam(
         [p for p in ebm.parameters() if p.requires_grad], lr=args.lr_ebm, betas=betas)
     flow_params = [p for p in flow.parameters() if p.requires_grad] if flow is not None else []
-    opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
+    opt_flow = Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
 
 
