@@ -53,3 +53,10 @@ def test_a_2d_run_imports_none_of_the_image_modules(tmp_path):
     res = python("-c", code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_image_sets_named_in_tasks_are_those_dequantize_knows():
+    import dequantize
+    import tasks
+
+    assert tasks.IMAGES == tuple(dequantize.LEVELS)
