@@ -216,19 +216,21 @@ class LinearEnergy(nn.Module):
 
 class ScriptedContrast:
     """Noise whose classification is known: data x_1 = (-1, -1, -1, +1) against log q = 0
-    (3 of 4 data points classified right), two flow samples and two Gaussian ones."""
+    (3 of 4 data points classified right), two flow samples and three Gaussian ones, the
+    flow's classified right and the Gaussian's wrong (flow_right) or the other way round.
+    log q carries 1e-3 alpha, alpha the flow's one parameter (0 at the start)."""
 
     def __init__(self, flow_right):
         self.alpha = nn.Parameter(torch.tensor(0.0))
         self.x = torch.tensor([[-1.0, 0], [-1, 0], [-1, 0], [1, 0]])
         # noise is classified right where log q > log p = -y_1, i.e. y_1 > 0
         right, wrong = 1.0, -1.0
-        ys = [right, right, wrong, wrong] if flow_right else [wrong, wrong, right, right]
+        ys = [right] * 2 + [wrong] * 3 if flow_right else [wrong] * 2 + [right] * 3
         self.y = torch.tensor([[v, 0.0] for v in ys])
 
     def _noise(self):
-        zero = self.alpha * torch.zeros(4)
-        return fce.Noise(self.y, zero, zero.clone(), zero.clone(), 2, zero[:2])
+        q = 1e-3 * self.alpha * torch.ones(5)
+        return fce.Noise(self.y, q[:4], q, q[:4], 2, q[2:])
 
     def live(self, step, x):
         return self._noise()
@@ -241,23 +243,31 @@ class ScriptedContrast:
 
 
 def who(rule, contrast, step=0):
+    """fce_step's result and who moved: "ebm", "flow" or "ebmflow" (parameters compared
+    before and after, and the same as the result's flags)."""
     ebm = LinearEnergy()
     opt_e = torch.optim.SGD(ebm.parameters(), 0.1)
     opt_f = torch.optim.SGD([contrast.alpha], 0.1)
+    before = [p.detach().clone() for p in [*ebm.parameters(), contrast.alpha]]
     r = fce.fce_step(ebm, contrast, step, contrast.x, lambda s: contrast.x, opt_e, opt_f, rule)
-    return r, ("ebm" if r.ebm else "") + ("flow" if r.flow else "")
+    after = [*ebm.parameters(), contrast.alpha]
+    moved_ebm = any(not torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
+    moved_flow = not torch.equal(before[2], after[2])
+    assert (moved_ebm, moved_flow) == (r.ebm, r.flow)
+    return r, ("ebm" if moved_ebm else "") + ("flow" if moved_flow else "")
 
 
 @pytest.mark.parametrize("flow_right", [True, False])
 def test_threshold_rule_reads_the_accuracy_on_the_flows_own_samples(flow_right):
-    """Accuracy on the whole noise 1/2 (3/4 + 2/4) = 0.625 either way; on data and the flow's
-    own samples 1/2 (3/4 + 1) = 0.875 or 1/2 (3/4 + 0) = 0.375. A threshold between the
-    two steps the flow exactly when the flow's own accuracy reaches it."""
+    """Accuracy on the whole noise 1/2 (3/4 + 2/5) = 0.575 (or 1/2 (3/4 + 3/5) = 0.675); on
+    data and the flow's own samples 1/2 (3/4 + 1) = 0.875 (or 1/2 (3/4 + 0) = 0.375). A
+    threshold between the two steps the flow exactly when the flow's own accuracy reaches
+    it."""
     c = ScriptedContrast(flow_right)
-    own = 0.875 if flow_right else 0.375
+    own, whole = (0.875, 0.575) if flow_right else (0.375, 0.675)
     for threshold in (0.5, 0.7, 0.9):
         r, stepped = who(fce.Rule("threshold", threshold=threshold), c)
-        assert float(r.accuracy) == pytest.approx(0.625)
+        assert float(r.accuracy) == pytest.approx(whole)
         assert float(r.accuracy_flow) == pytest.approx(own)
         assert stepped == ("flow" if own >= threshold else "ebm"), threshold
     r, stepped = who(fce.Rule("threshold", threshold=own), c)
