@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import torch
 
 from ebm import EBM
-from vi_flows import flow_from_spec  # density flows (train.py) and VI flows (train_vi.py)
 
 
 def save_checkpoint(path, state):
@@ -68,6 +67,8 @@ def load_run(run_dir, device="cpu", script=None):
         ebm.load_state_dict(ckpt["ebm"])
         ebm.eval()
     if "flow" in ckpt:
+        from vi_flows import flow_from_spec  # density and VI flows (imported only when needed)
+
         flow = flow_from_spec(ckpt["flow_spec"]).to(device)
         flow.load_state_dict(ckpt["flow"])
         flow.eval()

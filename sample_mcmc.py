@@ -150,8 +150,7 @@ def main(argv=None):
     if args.save_at and args.save_at[-1] > args.steps:
         config.fail(f"--save_at {args.save_at[-1]} is beyond --steps {args.steps}; raise "
                     f"--steps or drop that step")
-    args.image_dir = args.image_dir or os.path.join(
-        "images", os.path.basename(os.path.normpath(args.run)))
+    args.image_dir = args.image_dir or scaffold.default_image_dir(args.run)
     with scaffold.Signals() as signals:
         try:
             (sample_images if image else sample_2d)(args, run, device, signals)

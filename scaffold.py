@@ -17,7 +17,9 @@ loop's CPU clock and progress, the non-finite guard, Ctrl-C and SIGTERM, exit co
 
 The conventions, the same for every script:
 - the run folder is `--out_dir`, default runs/<name>-<time>; its figures go to `--image_dir`,
-  default images/<run folder name>. Two runs started in the same second get different folders
+  default images/<run folder name> for a folder in ./runs and images/<run folder name>-<8 hex
+  digits of its absolute path> for any other (`default_image_dir`: two runs whose folders
+  differ only in their parent never share a figure folder). Two runs started in the same second get different folders
   (the folder is created atomically, a suffix -2, -3, ... is added). A folder that already
   holds files is refused unless the run resumes (`--resume`) or `--overwrite` clears it.
 - a folder that cannot be written, a device this machine lacks and a bad or foreign
@@ -34,6 +36,7 @@ The conventions, the same for every script:
 
 Benchmarks start these scripts through bench/runner.py.
 """
+import hashlib
 import math
 import os
 import shlex
@@ -201,8 +204,8 @@ class Run(Signals):
             self.out_dir = self._unique(base, figures and not explicit_image)
         self.image_dir = None
         if figures:
-            self.image_dir = self._claim(explicit_image or os.path.join(
-                "images", os.path.basename(os.path.normpath(self.out_dir))), figures=True)
+            self.image_dir = self._claim(explicit_image or default_image_dir(self.out_dir),
+                                         figures=True)
 
     def _claim(self, path, figures=False):
         """An explicit folder: created if new; a used one is refused unless --overwrite, which
@@ -231,7 +234,7 @@ class Run(Signals):
         folder) does not exist yet, claimed by an atomic mkdir."""
         for k in range(1, 1000):
             path = base if k == 1 else f"{base}-{k}"
-            image = os.path.join("images", os.path.basename(path))
+            image = default_image_dir(path)
             if with_images and os.path.exists(image):
                 continue
             try:
@@ -357,10 +360,12 @@ class Run(Signals):
             self._bar.update(1)
 
     def rate(self) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call."""
+        """(iterations per second, CPU seconds per iteration) since the last call (called
+        inside iteration i, iteration i counts as done)."""
+        done = self.step + (1 if self._t0 is not None else 0)
         now, (t, cpu, step) = time.perf_counter(), self._rate_at
-        self._rate_at = (now, self.cpu_s, self.step)
-        n = max(self.step - step, 1)
+        self._rate_at = (now, self.cpu_s, done)
+        n = max(done - step, 1)
         return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
 
     def print(self, line: str | None, postfix: dict | None = None) -> None:
@@ -414,6 +419,17 @@ class Run(Signals):
             return (f"the weights trained so far are in {self.checkpoint_path}; {self.script} "
                     f"has no --resume (its runs are short): start it again with the same flags")
         return f"continue with\n  python {self.script} --resume {shlex.quote(self.out_dir)}"
+
+
+def default_image_dir(out_dir):
+    """The figure folder of run folder `out_dir` when --image_dir is not given: images/<name>
+    for runs/<name> (the default run folders), else images/<name>-<first 8 hex digits of
+    sha1(absolute path)>, one folder per run folder."""
+    path = os.path.abspath(out_dir)
+    name = os.path.basename(path)
+    if os.path.dirname(path) == os.path.abspath("runs"):
+        return os.path.join("images", name)
+    return os.path.join("images", f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
 
 
 def _holds_run(path, figures):

@@ -10,8 +10,9 @@ and regress the model's score at x~ onto the score of the perturbation kernel,
 which is minimised by the score of the data convolved with N(0, sigma^2 I): the EBM learns
 p_data * N(0, sigma^2 I), a density sigma^2 wider per dimension than the data.
 
-Sliced score matching (Song et al. 2019, eq. 7, the variance-reduced form for Gaussian
-projections): with random directions v ~ N(0, I),
+Sliced score matching (Song et al. 2019, eq. 7, the plain sliced form; their variance-reduced
+SSM-VR replaces 1/2 (v^T s)^2 by its mean over Gaussian v, 1/2 |s|^2, which is not done here):
+with random directions v ~ N(0, I),
 
     L_SSM(theta) = E_x E_v [ v^T grad_x (v^T s_theta(x)) + 1/2 (v^T s_theta(x))^2 ],
 
@@ -61,16 +62,30 @@ def ssm_loss(energy, x: Tensor, n_projections: int = 1,
     return total / n_projections
 
 
+def sm_loss(energy, x: Tensor, estimator: str, sigma: float = 0.1, n_projections: int = 1,
+            generator: torch.Generator = None) -> Tensor:
+    """L_DSM (estimator "dsm", noise std sigma) or L_SSM ("ssm") of the batch x."""
+    if estimator == "dsm":
+        return dsm_loss(energy, x, sigma, generator)
+    if estimator == "ssm":
+        return ssm_loss(energy, x, n_projections, generator)
+    raise ValueError(f"unknown score-matching estimator {estimator!r}; choose dsm or ssm")
+
+
+def held_out_loss(energy, x: Tensor, estimator: str, sigma: float = 0.1,
+                  n_projections: int = 1, seed: int = 0) -> float:
+    """`sm_loss` on held-out points x with draws from a generator seeded by `seed`: the same
+    draws at every evaluation, so the number moves only with the model (what an evaluation
+    reports for an EBM that learns no log Z)."""
+    gen = torch.Generator().manual_seed(seed)
+    return float(sm_loss(energy, x, estimator, sigma, n_projections, gen).detach())
+
+
 def sm_step(energy, x: Tensor, opt, estimator: str, sigma: float = 0.1,
             n_projections: int = 1) -> Tensor:
     """One step of `opt` on L_DSM (estimator "dsm", noise std sigma) or L_SSM ("ssm") of the
     batch x; returns the loss (NaN, and no step, when it or a gradient is not finite)."""
-    if estimator == "dsm":
-        loss = dsm_loss(energy, x, sigma)
-    elif estimator == "ssm":
-        loss = ssm_loss(energy, x, n_projections)
-    else:
-        raise ValueError(f"unknown score-matching estimator {estimator!r}; choose dsm or ssm")
+    loss = sm_loss(energy, x, estimator, sigma, n_projections)
     if not torch.isfinite(loss) or not util.guarded_step(opt, loss):
         return loss.detach() * math.nan
     return loss.detach()

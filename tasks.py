@@ -38,16 +38,14 @@ import math
 
 import torch
 
-import ais
 import datasets
-import dequantize
 import evaluation
-import mcmc_images
 import plots
 import util
-from flows import gaussian
 
-IMAGES = tuple(dequantize.LEVELS)
+# the image sets (dequantize.LEVELS's keys), named here so that a 2D run imports none of the
+# image modules (ais, dequantize, mcmc_images: imported where Images uses them)
+IMAGES = ("digits", "mnist")
 
 
 VAL_FRACTION = 0.1  # of the training images, held out for early stopping (validation_split)
@@ -102,6 +100,9 @@ class Images:
     """8x8 digits (or MNIST from local files) as a continuous density on [-1, 1]^D."""
 
     def __init__(self, args, device):
+        import dequantize
+        import mcmc_images
+
         try:
             x_train, _, x_test, _ = mcmc_images.load_images(
                 args.dataset, getattr(args, "mnist_images", None),
@@ -124,10 +125,14 @@ class Images:
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
+        import dequantize
+
         gen = torch.Generator().manual_seed(((self.seed + 7919) * 1_000_003 + step) % 2 ** 63)
         return dequantize.dequantize(self.x_train[idx], self.L, gen)
 
     def nats(self, log_p_y):
+        import dequantize
+
         return float(dequantize.to_nats(log_p_y, self.dim, self.L))
 
     @torch.no_grad()
@@ -171,6 +176,7 @@ class Images:
         by importance sampling from the base (`ll_ebm_is`, `is_ess`, `is_se` in nats), and at
         the final evaluation the AIS bracket from the base to the tilt (a second estimate: HMC
         moves the chains) and the verdict `ll_ebm_trusted` (`trust`)."""
+        import ais
         import tilt
         n_is = n_is or (self.is_samples if final else VAL_IS)
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
@@ -203,6 +209,8 @@ class Images:
         """The EBM's test log-likelihood bracket by AIS on the box (ais.box_bracket: whitened
         atanh coordinates fitted to x_fit, float64 chains), in nats per image and bits per
         dimension (module docstring)."""
+        import ais
+
         br = ais.box_bracket(_float64(ebm), self.x_fit, self.x_test, **self.ais)
         lower, upper = self.nats(br.lower), self.nats(br.upper)
         bits = self.dim * math.log(2)
@@ -223,6 +231,8 @@ class Images:
             with torch.no_grad():
                 y = ebm.base.sample(100 * n)
                 return y[tilt.snir(-ebm.g_box(y), n)[0]]
+        import ais
+
         return ais.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
 
     def figure(self, path, ebm, flow, title):

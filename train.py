@@ -40,6 +40,7 @@ import plots
 import score_matching
 import tasks
 import util
+from adam import Adam  # torch.optim.Adam's numbers without importing torch._dynamo
 from ebm import EBM
 from flows import FlowMixture, build_flow
 import scaffold
@@ -309,10 +310,10 @@ def make_contrast(args, flow, x_fit, device, window=8):
 def make_optimizers(args, ebm, flow):
     betas = (args.b1, args.b2)
     energy = getattr(ebm, "g", ebm)  # a tilt learns g only, never its base
-    opt_ebm = None if ebm is None else torch.optim.Adam(
+    opt_ebm = None if ebm is None else Adam(
         [p for p in energy.parameters() if p.requires_grad], lr=args.lr_ebm, betas=betas)
     flow_params = [p for p in flow.parameters() if p.requires_grad] if flow is not None else []
-    opt_flow = torch.optim.Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
+    opt_flow = Adam(flow_params, lr=args.lr_flow, betas=betas) if flow_params else None
     return opt_ebm, opt_flow
 
 
@@ -637,6 +638,9 @@ def evaluate(args, run, loop, task, ebm, flow, final=False):
     ep = loop["epoch"]
     with evaluation_mode(flow):
         m = task.evaluate(ebm, flow, final)
+    if args.estimator in SCORE_MATCHING:  # the loss it descends, on the held-out set
+        m["sm_loss_test"] = score_matching.held_out_loss(ebm, task.x_test, args.estimator,
+                                                         args.sm_sigma, args.sm_projections)
     run.print(f"epoch {ep} | " + tasks.format_metrics(m))
     for note in flow_notes(args, m, loop):
         run.print(f"epoch {ep} | note: {note}")

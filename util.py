@@ -60,6 +60,19 @@ def fixed_rng(seed):
         set_rng_state(saved)
 
 
+@contextlib.contextmanager
+def mode(module, training: bool):
+    """`module` (and every submodule) in training or eval mode for the duration; each
+    submodule's own mode is restored afterwards."""
+    before = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, was in before:
+            m.training = was
+
+
 def rng_state():
     """All random-number-generator states as tensors and plain types (for checkpoints)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -26,6 +26,9 @@ import os
 import statistics
 import sys
 
+if not __package__:  # run as a file (python bench/x.py): the repository root, not bench/, first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import config  # standard library only: gathering needs no torch
 
 # table order: estimators and flows as in bench/fce.py, datasets as in datasets.NAMES (kept here

@@ -23,6 +23,9 @@ import os
 import shutil
 import sys
 
+if not __package__:  # run as a file (python bench/x.py): the repository root, not bench/, first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import numpy as np
 
 import config

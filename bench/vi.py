@@ -30,6 +30,9 @@ import shlex
 import sys
 import time
 
+if not __package__:  # run as a file (python bench/x.py): the repository root, not bench/, first
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import torch
 
 import checkpoint

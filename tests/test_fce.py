@@ -1,6 +1,7 @@
 """FCE/NCE/MLE estimators of train.py beyond the basic run: the noise mixture, the flow's
 maximum-likelihood term, --estimator=mle, the CPU budget, curves, bad input, spline NaNs, and
 the equal-budget benchmark."""
+import inspect
 import json
 import math
 import os
@@ -62,6 +63,19 @@ def test_noise_mixture_density_is_the_mixture_and_normalised():
     assert all(gr is None or (gr == 0).all() for gr in from_g)
     from_flow = torch.autograd.grad(y[:70].sum(), params, allow_unused=True)
     assert any(gr is not None and (gr != 0).any() for gr in from_flow)
+
+
+@pytest.mark.parametrize("n,n_gauss", [(7, 2), (10, 3), (3, 1)])
+def test_noise_mixture_weights_are_the_realised_fractions(n, n_gauss):
+    """mix 0.3 of n noise points is round(0.3 n) Gaussian draws: log q weighs q_flow and g by
+    the fractions actually drawn, (n - n_g) / n and n_g / n (exact for every n)."""
+    ebm, flow, x, g = models()
+    noise = contrast(flow, g, 0.3, n=n).live(0, x[:n])
+    assert noise.n_flow == n - n_gauss and len(noise.y) == n
+    for pts, lq in ((x[:n], noise.log_q_x), (noise.y, noise.log_q_y)):
+        expect = torch.logaddexp(flow.log_prob(pts) + math.log((n - n_gauss) / n),
+                                 g.log_prob(pts) + math.log(n_gauss / n))
+        assert torch.allclose(lq, expect, atol=1e-5)
 
 
 def test_cached_noise_equals_the_live_noise_of_the_same_iteration():
@@ -222,10 +236,27 @@ def test_checkpoint_rng_state_restores_numpy_and_torch():
     assert np.array_equal(np.random.rand(3), a) and torch.equal(torch.rand(3), b)
 
 
-@pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3), fce.Rule("threshold", threshold=0.51)])
-def test_cached_training_equals_recomputing_everything_at_every_step(rule):
+def small_flow_kwargs(name, batch_norm=False):
+    """Two small blocks of registered flow `name`, whatever its builder calls them."""
+    params = inspect.signature(flows.BUILDERS[name]).parameters
+    kw = {k: v for k, v in (("n_blocks", 2), ("n_steps", 2), ("hidden", [16]))
+          if k in params}
+    return {**kw, **({"batch_norm": True} if batch_norm else {})}
+
+
+EVERY_FLOW = [(name, False) for name in flows.BUILDERS] + [
+    (name, True) for name in flows.BUILDERS
+    if "batch_norm" in inspect.signature(flows.BUILDERS[name]).parameters]
+
+
+@pytest.mark.parametrize("name,batch_norm", EVERY_FLOW)
+@pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3),
+                                  fce.Rule("threshold", threshold=0.51)])
+def test_cached_training_equals_recomputing_everything_at_every_step(rule, name, batch_norm):
     """Training with the flow's work cached between flow steps ends with exactly the weights
-    of training that rebuilds the noise with a graph at every iteration (float64)."""
+    (and running statistics) of training that rebuilds the noise with a graph at every
+    iteration (float64), for every registered flow, BatchNorm MAF included: noise passes do
+    not move the flow, its statistics move only at flow steps."""
     torch.manual_seed(0)
     data = torch.randn(512, 2, dtype=torch.float64) * torch.tensor([1.5, 0.7], dtype=torch.float64)
     g = flows.build_flow("gaussian", data).double()
@@ -233,21 +264,47 @@ def test_cached_training_equals_recomputing_everything_at_every_step(rule):
     for window in (0, 5):
         torch.manual_seed(1)
         ebm = train.EBM(2, (16, 16)).double()
-        flow = flows.build_flow("maf", data[:64].float(), n_blocks=2, hidden=[16]).double()
+        flow = flows.build_flow(name, data[:64].float(),
+                                **small_flow_kwargs(name, batch_norm)).double()
+        start = {k: v.clone() for k, v in flow.state_dict().items()}
+        learned = [p for p in flow.parameters() if p.requires_grad]
         opt_e = torch.optim.Adam(ebm.parameters(), 5e-2)
-        opt_f = torch.optim.Adam(flow.parameters(), 1e-2)
+        opt_f = torch.optim.Adam(learned, 1e-2) if learned else None
         c = fce.Contrast(flow, 64, seed=7, gauss=g, mix=0.5, window=window)
         batch_at = lambda s: data[(s % 8) * 64:(s % 8 + 1) * 64]  # noqa: E731
         whos = []
         for step in range(60):
             r = fce.fce_step(ebm, c, step, batch_at(step), batch_at, opt_e, opt_f, rule)
             whos.append((r.ebm, r.flow))
-        results.append(([p.detach().clone() for p in [*ebm.parameters(), *flow.parameters()]],
-                        whos))
+        results.append(([p.detach().clone() for p in [*ebm.parameters(), *flow.parameters()]]
+                        + [b.clone() for b in flow.buffers()], whos))
     (ref, who_ref), (cached, who_cached) = results
-    assert who_ref == who_cached and any(f for _, f in who_ref) and any(e for e, _ in who_ref)
+    assert who_ref == who_cached and any(e for e, _ in who_ref)
+    assert any(f for _, f in who_ref) == (opt_f is not None)
     for a, b in zip(ref, cached):
         assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    if batch_norm:  # the statistics did move (at the flow steps)
+        assert any(not torch.equal(v, start[k]) for k, v in flow.state_dict().items()
+                   if "running" in k)
+
+
+@pytest.mark.parametrize("name,batch_norm", EVERY_FLOW)
+def test_noise_passes_leave_the_flow_as_it_was(name, batch_norm):
+    """Neither a cached nor a live noise pass changes any weight or buffer of the flow, so
+    log q of the cached noise is log q under the flow after the pass."""
+    torch.manual_seed(0)
+    data = torch.randn(256, 2) * torch.tensor([1.5, 0.7])
+    flow = flows.build_flow(name, data[:64], **small_flow_kwargs(name, batch_norm))
+    g = flows.build_flow("gaussian", data)
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    c = fce.Contrast(flow, 64, seed=1, gauss=g, mix=0.5, window=3)
+    batch_at = lambda s: data[(s % 4) * 64:(s % 4 + 1) * 64]  # noqa: E731
+    noise = c.cached(0, batch_at)
+    c.live(1, batch_at(1))
+    assert all(torch.equal(v, before[k]) for k, v in flow.state_dict().items())
+    assert flow.training  # its mode is restored
+    with torch.no_grad(), util.mode(flow, training=False):  # a density pass that moves nothing
+        assert torch.allclose(noise.log_qf_x, flow.log_prob(batch_at(0)), atol=1e-5)
 
 
 def test_a_flow_that_stops_stepping_far_from_the_data_is_reported(tmp_path, capsys):

@@ -44,6 +44,19 @@ def test_two_runs_in_the_same_second_get_their_own_folders(here, monkeypatch):
         assert c.out_dir != d.out_dir
 
 
+def test_runs_whose_folders_differ_only_in_the_parent_get_their_own_figure_folders(here):
+    """--out_dir a/run and b/run (sweeps make such pairs): both start, each with its own
+    default figure folder; a folder in ./runs keeps images/<name>."""
+    a, b = args_for(out_dir=os.path.join("a", "run")), args_for(out_dir=os.path.join("b", "run"))
+    with scaffold.Run(a, "x.py", ("x",)) as ra, scaffold.Run(b, "x.py", ("x",)) as rb:
+        ra.save({"step": 0})
+        rb.save({"step": 0})
+    assert a.image_dir != b.image_dir
+    assert a.image_dir == scaffold.default_image_dir(os.path.abspath(os.path.join("a", "run")))
+    assert os.path.basename(a.image_dir).startswith("run-") and os.path.isdir(b.image_dir)
+    assert scaffold.default_image_dir(os.path.join("runs", "x")) == os.path.join("images", "x")
+
+
 def test_a_failed_start_leaves_no_folders(here):
     args = args_for(out_dir=os.path.join("deep", "er", "run"))
     with pytest.raises(RuntimeError):

@@ -208,13 +208,13 @@ def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
     for key in ("ll_ebm", "ll_ebm_trusted", "ll_ebm_lower", "ll_ebm_upper", "ll_flow",
                 "ll_flow_box", "tilt_gain", "is_ess", "base_steps", "best_val"):
         assert key in s, key
-    assert s["ll_flow_box"] == pytest.approx(s["ll_flow"])  # a box flow: Q(box) = 1
+    assert s["ll_flow_box"] > s["ll_flow"]  # renormalised from E to [-1, 1]^64: Q(box) < 1
     assert s["tilt_gain"] == pytest.approx(s["ll_ebm"] - s["ll_flow"])
     assert 0 < s["base_steps"] < s["steps"]
     run = checkpoint.load_run(str(out))
     assert isinstance(run.ebm, tilt.FlowTilt) and 1 <= int(run.flow.n_active) <= 2
     task = tasks.make_task(train.get_args(["--dataset", "digits"]), "cpu")
-    gen = torch.Generator().manual_seed(0 * 7919 + 17)  # seed 0: tasks.Images.tilt_scores
+    gen = torch.Generator().manual_seed(run.config["seed"] * 7919 + 17)  # Images.tilt_scores
     y = tilt.base_samples(run.flow, 2000, gen)
     log_Z = tilt.log_Z_is(run.ebm.g_box, y)[0]
     ll = task.nats(tilt.tilt_log_prob(run.ebm, task.x_test, log_Z).mean())

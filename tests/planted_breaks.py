@@ -1,0 +1,166 @@
+"""Plant one-line breaks in the reported numbers and the step rules, one at a time, and check
+that a test fails for each (the file is restored after every break).
+
+    python tests/planted_breaks.py            # every break; prints a markdown table
+    python tests/planted_breaks.py 3 7        # breaks number 3 and 7 only
+
+Not collected by pytest (it edits the sources while it runs); run it from the repository root
+with nothing else running on the same checkout.
+"""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R = "tests/test_reported.py::"
+EVAL2D = R + "test_evaluate_2d_every_key_against_its_closed_form"
+ROWS = R + "test_fce_metrics_rows_and_summary_are_the_averages_of_the_iterations"
+LOSS_ROWS = R + "test_mle_and_score_matching_rows_are_the_mean_loss"
+DIGITS = R + "test_digits_flow_and_ebm_numbers_against_closed_forms"
+BRACKET = R + "test_digits_final_numbers_map_the_ais_bracket_end_to_end"
+THRESHOLD = R + "test_threshold_rule_reads_the_accuracy_on_the_flows_own_samples"
+EVERY = R + "test_every_rule_steps_the_ebm_always_and_the_flow_at_every_kth_iteration"
+SM = R + "test_held_out_score_matching_loss_has_its_closed_form"
+
+# (file, the line as it is, the broken line, the test that must fail)
+BREAKS = [
+    ("evaluation.py", 'out["c_gap"] = float(ebm.c.detach()) - log_Z',
+     'out["c_gap"] = log_Z - float(ebm.c.detach())', EVAL2D),
+    ("evaluation.py", "log_p_test = in_chunks(lambda v: -ebm(v), x_test) - log_Z",
+     "log_p_test = in_chunks(lambda v: -ebm(v), x_test) + log_Z", EVAL2D),
+    ("evaluation.py", 'out["kl_ebm"] = grid_kl(log_true, neg_f - log_Z, area)',
+     'out["kl_ebm"] = grid_kl(neg_f - log_Z, log_true, area)', EVAL2D),
+    ("evaluation.py", 'out["mse_logp"] = float(((log_p_test - true_test)[ok] ** 2).mean())',
+     'out["mse_logp"] = float(((log_p_test - true_test)[ok]).mean() ** 2)', EVAL2D),
+    ("evaluation.py", 'out["nll_flow"] = float(-log_q_test.mean())',
+     'out["nll_flow"] = float(log_q_test.mean())', EVAL2D),
+    ("evaluation.py", "diff = true_test - log_q_test", "diff = log_q_test - true_test", EVAL2D),
+    ("evaluation.py", 'out["kl_flow_mc_se"] = float(diff.std() / math.sqrt(len(diff)))',
+     'out["kl_flow_mc_se"] = float(diff.std() / len(diff))', EVAL2D),
+    ("evaluation.py", 'out["kl_flow"] = grid_kl(log_true, log_q, area)',
+     'out["kl_flow"] = grid_kl(log_q, log_true, area)', EVAL2D),
+    ("evaluation.py", "hole = log_q < log_true - 10", "hole = log_q > log_true - 10", EVAL2D),
+    ("gridmath.py", "return float(torch.logsumexp(neg_energy_values.double(), 0) + math.log(area))",
+     "return float(torch.logsumexp(neg_energy_values.double(), 0))", EVAL2D),
+    ("ebm.py", "return -self(x) - self.c", "return -self(x) + self.c",
+     R + "test_ebm_log_prob_is_minus_f_minus_c"),
+    ("train.py", '{"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,',
+     '{"value": loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,', ROWS),
+    ("train.py", '{"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,',
+     '{"value": -loop["v_sum"] / n, "accuracy": loop["acc_flow_sum"] / n,', ROWS),
+    ("train.py", '"accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,',
+     '"accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_flow"] / n,', ROWS),
+    ("train.py", 'row["lr_flow"] = opt_flow.param_groups[0]["lr"]',
+     'row["lr_flow"] = opt_ebm.param_groups[0]["lr"]', ROWS),
+    ("train.py", 'flow_steps=loop["flow_steps"] + r.flow, n_rows=loop["n_rows"] + 1)',
+     'flow_steps=loop["flow_steps"] + r.ebm, n_rows=loop["n_rows"] + 1)', ROWS),
+    ("train.py", 'row = ({"nll_train": loop["v_sum"] / n} if estimator == "mle" else',
+     'row = ({"nll_train": loop["v_sum"] / (n + 1)} if estimator == "mle" else', LOSS_ROWS),
+    ("scaffold.py", "done = self.step + (1 if self._t0 is not None else 0)",
+     "done = self.step", ROWS),
+    ("fce.py", 'if learns and rule.name == "threshold" and acc_flow >= rule.threshold:',
+     'if learns and rule.name == "threshold" and acc >= rule.threshold:', THRESHOLD),
+    ("fce.py", 'if learns and rule.name == "threshold" and acc_flow >= rule.threshold:',
+     'if learns and rule.name == "threshold" and acc_flow > rule.threshold:', THRESHOLD),
+    ("fce.py", '+ (noise.log_q_y[:k] > log_p_y[:k]).float().mean()) if k else acc',
+     '+ (noise.log_q_y[k:] > log_p_y[k:]).float().mean()) if k else acc', THRESHOLD),
+    ("fce.py", "acc = 0.5 * ((d_data > 0).float().mean() + (d_noise > 0).float().mean())",
+     "acc = 0.5 * ((d_data > 0).float().mean() + (d_noise < 0).float().mean())", THRESHOLD),
+    ("fce.py", 'return self.name == "every" and step % self.flow_every == self.flow_every - 1',
+     'return self.name == "every" and step % self.flow_every == 0', EVERY),
+    ("fce.py", "if not torch.isfinite(V) or not util.guarded_step(opt_flow, rule.flow_loss(V, noise), opt_ebm):",
+     "if not torch.isfinite(V) or not util.guarded_step(opt_flow, rule.flow_loss(V, noise)):", EVERY),
+    ("fce.py", "with util.mode(self.flow, training=False):",
+     "with util.mode(self.flow, training=self.flow.training):",
+     "tests/test_fce.py::test_cached_training_equals_recomputing_everything_at_every_step"),
+    ("fce.py", "b = math.log(self.n_gauss / n)", "b = math.log(round(self.mix, 1))",
+     "tests/test_fce.py::test_noise_mixture_weights_are_the_realised_fractions"),
+    ("dequantize.py", "u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)",
+     "u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) ** 1.1",
+     R + "test_dequantisation_is_uniform_within_each_cell"),
+    ("tasks.py", 'm["ll_flow"] = self.nats(flow.log_prob(self.x_test).double().mean())',
+     'm["ll_flow"] = float(flow.log_prob(self.x_test).double().mean())', DIGITS),
+    ("tasks.py", 'm["bpd_flow"] = -m["ll_flow"] / (self.dim * math.log(2))',
+     'm["bpd_flow"] = -m["ll_flow"] / self.dim', DIGITS),
+    ("tasks.py", 'm["ll_flow_box"] = m["ll_flow"] - math.log(self.box_share(flow))',
+     'm["ll_flow_box"] = m["ll_flow"] + math.log(self.box_share(flow))', BRACKET),
+    ("tasks.py", "return max(float(((x >= -1) & (x <= 1)).all(1).double().mean()), 1.0 / n)",
+     "return max(float(((x >= -1) & (x <= 1)).double().mean()), 1.0 / n)", DIGITS),
+    ("tasks.py", 'm["ll_ebm_c"] = self.nats(-ebm(self.x_test).double().mean() - ebm.c.double())',
+     'm["ll_ebm_c"] = self.nats(-ebm(self.x_test).double().mean() + ebm.c.double())', DIGITS),
+    ("tasks.py", '"bpd_ebm_lower": -upper / bits, "bpd_ebm_upper": -lower / bits,',
+     '"bpd_ebm_lower": -lower / bits, "bpd_ebm_upper": -upper / bits,', BRACKET),
+    ("tasks.py", '"log_Z_ais": br.log_Z_lower, "log_Z_ais_reverse": br.log_Z_upper,',
+     '"log_Z_ais": br.log_Z_upper, "log_Z_ais_reverse": br.log_Z_lower,', BRACKET),
+    ("tasks.py", '"ais_ess": float(br.forward.ess.min()), "ais_acceptance": br.forward.acceptance,',
+     '"ais_ess": float(br.forward.ess.max()), "ais_acceptance": br.forward.acceptance,', BRACKET),
+    ("tasks.py", '**({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}',
+     '**({"c_gap": float(ebm.c.detach()) - br.log_Z_upper} if learns_c(ebm) else {})}', BRACKET),
+    ("bench/digits.py", 'for k in ("ll_upper", "ll_lower"))', 'for k in ("ll_lower", "ll_upper"))',
+     R + "test_bench_digits_score_columns"),
+    ("bench/digits.py", 'fd_ratio=m["fd"] / metric.floor["fd"])',
+     'fd_ratio=metric.floor["fd"] / m["fd"])', R + "test_bench_digits_score_columns"),
+    ("bench/fce.py", "d_ebm = f\"{f['kl_ebm'] - n['kl_ebm']:+.4f}\" if f and n else \"n/a\"",
+     "d_ebm = f\"{n['kl_ebm'] - f['kl_ebm']:+.4f}\" if f and n else \"n/a\"",
+     R + "test_bench_fce_summaries_difference_the_right_way_round"),
+    ("bench/fce.py", 'v = [r["steps"] / r["cpu_s"] for r in rows if r["label"] == lab and r.get("cpu_s")]',
+     'v = [r["cpu_s"] / r["steps"] for r in rows if r["label"] == lab and r.get("cpu_s")]',
+     R + "test_bench_fce_summaries_difference_the_right_way_round"),
+    ("bench/gather.py", 'a[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else float("nan")',
+     'a[f"{k}_sd"] = statistics.pstdev(vals) if len(vals) > 1 else float("nan")',
+     R + "test_bench_fce_table_cells_are_mean_and_sd_over_seeds"),
+    ("score_matching.py", "return 0.5 * sigma ** 2 * ((s + eps / sigma) ** 2).sum(-1).mean()",
+     "return 0.5 * sigma ** 2 * ((s - eps / sigma) ** 2).sum(-1).mean()", SM),
+    ("score_matching.py", "total = total + ((grad_sv * v).sum(-1) + 0.5 * sv ** 2).mean()",
+     "total = total + ((grad_sv * v).sum(-1) - 0.5 * sv ** 2).mean()", SM),
+    ("adam.py", "step_size = lr / (1 - beta1 ** t)", "step_size = lr",
+     "tests/test_adam.py::test_the_same_weights_as_torch_adam_bit_for_bit"),
+    ("fce.py", "ok = util.guarded_step(opt_flow, rule.flow_loss(V_live, noise))",
+     "ok = util.guarded_step(opt_flow, rule.flow_loss(V_live, noise), opt_ebm)", THRESHOLD),
+    ("tasks.py", "lower, upper = self.nats(br.lower), self.nats(br.upper)",
+     "lower, upper = self.nats(br.upper), self.nats(br.lower)", BRACKET),
+    ("bench/fce.py", 'and not lab.startswith("mle")), default=None) for ds in data}',
+     '), default=None) for ds in data}',
+     R + "test_bench_fce_summaries_difference_the_right_way_round"),
+    ("train.py", 'row.update(epoch=loop["epoch"], cpu_s=run.cpu_s)',
+     'row.update(epoch=loop["epoch"] + 1, cpu_s=run.cpu_s)', ROWS),
+    ("train.py", "m[\"sm_loss_test\"] = score_matching.held_out_loss(ebm, task.x_test, args.estimator,",
+     "m[\"sm_loss_test\"] = score_matching.held_out_loss(ebm, task.x_fit, args.estimator,",
+     R + "test_every_evaluation_line_of_a_digits_score_matching_run_prints_numbers"),
+    ("scaffold.py", "if os.path.dirname(path) == os.path.abspath(\"runs\"):", "if True:",
+     "tests/test_scaffold.py::test_runs_whose_folders_differ_only_in_the_parent_get_their_own_figure_folders"),
+]
+
+
+def run(i, path, old, new, test):
+    full = os.path.join(ROOT, path)
+    text = open(full).read()
+    if text.count(old) != 1:
+        return f"line not found once in {path}"
+    try:
+        with open(full, "w") as fh:
+            fh.write(text.replace(old, new))
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                              test], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        with open(full, "w") as fh:
+            fh.write(text)
+    return "fails (caught)" if res.returncode == 1 else f"NOT CAUGHT (exit {res.returncode})"
+
+
+def main(argv):
+    picks = [int(a) for a in argv] or range(1, len(BREAKS) + 1)
+    print("| # | file | the line becomes | test | result |\n|---|---|---|---|---|")
+    bad = 0
+    for i in picks:
+        path, old, new, test = BREAKS[i - 1]
+        result = run(i, path, old, new, test)
+        bad += "caught" not in result
+        print(f"| {i} | `{path}` | `{new.strip()}` | `{test.split('::')[-1]}` | {result} |",
+              flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
