@@ -4,6 +4,7 @@ run, scored in nats per image (numbers for README and docs/digits.md; not a test
     python -m bench.digits --jobs 2                      # every estimator x seeds 0 1 2
     python -m bench.digits --estimators nce fce-glow --seeds 0 --budget 60
     python -m bench.digits --report                      # the table of the finished runs only
+    python -m bench.digits --roots runs/a runs/b --out docs/digits   # LL against CPU figure
 
 Each run is the real entry script in its own process (one thread, wandb off): train.py for
 NCE, FCE, the flows alone and score matching (`--dataset digits`), train_mcmc.py for short-run
@@ -233,6 +234,42 @@ def report(args):
     return lines
 
 
+def budget_figure(args):
+    """Test log-likelihood (`ll_ebm`: an EBM's best estimate, a flow's exact value on the box)
+    against the training CPU-seconds of each budget's runs (--roots, one per budget), mean and
+    sd over the seeds found, one line per estimator, the closed-form rungs as horizontal
+    lines; written to <out>/budgets.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import plots
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label in args.estimators:
+        pts = []
+        for root in args.roots:
+            rows = collect(argparse.Namespace(estimators=[label], seeds=args.seeds, root=root))
+            if rows:
+                ll = [r["ll_ebm"] for r in rows]
+                pts.append((statistics.mean(r["cpu_s"] for r in rows), statistics.mean(ll),
+                            statistics.stdev(ll) if len(ll) > 1 else 0.0))
+        if pts:
+            x, y, e = zip(*sorted(pts))
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+    for name, value in ladder().items():
+        if name != "uniform":
+            ax.axhline(value, ls=":", color="grey", lw=1)
+            ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, color="grey",
+                        va="bottom")
+    ax.set_xlabel("training CPU-seconds (mean over seeds)")
+    ax.set_ylabel("test log-likelihood, nats per image")
+    ax.legend(fontsize=7)
+    return plots._save(fig, os.path.join(args.out, "budgets.png"),
+                       "8x8 digits: test log-likelihood against training CPU")
+
+
 def ladder():
     """The closed-form rungs (references.py) on the digits task: nats per image."""
     import references
@@ -280,6 +317,9 @@ def build_parser():
     p.add_argument("--sample_temps", type=config.positive_int, default=SAMPLE_TEMPS,
                    help="annealing steps of an EBM's sample chains")
     p.add_argument("--report", action="store_true", help="only the table of scored runs")
+    p.add_argument("--roots", nargs="+", default=None, metavar="ROOT",
+                   help="only the figure of test log-likelihood against CPU over these roots "
+                        "(one per budget), written to <out>/budgets.png")
     p.add_argument("--score", metavar="RUN", help=argparse.SUPPRESS)
     return p
 
@@ -288,6 +328,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.score:
         score(args.score, ais_settings(args), args.sample_temps)
+        return 0
+    if args.roots:
+        print(f"wrote {budget_figure(args)}")
         return 0
     failed = 0
     if not args.report:
