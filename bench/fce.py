@@ -18,6 +18,7 @@ Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF a
 zuko's with the same architecture, interleaved so machine load hits both alike, and the test
 NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when absent).
 """
+import math
 import os
 import statistics
 import sys
@@ -30,6 +31,10 @@ import datasets
 ESTIMATORS = {  # label: train.py flags on top of its defaults
     "nce": ["--estimator", "nce"],
     "fce-maf": ["--estimator", "fce", "--flow", "maf"],
+    # FCE-MAF under other rules of who steps (fce-maf: train.py's default rule)
+    "fce-maf-every": ["--estimator", "fce", "--flow", "maf", "--rule", "every"],
+    "fce-maf-t0.6": ["--estimator", "fce", "--flow", "maf", "--rule", "threshold",
+                     "--threshold", "0.6", "--flow_target", "0"],
     "fce-glow": ["--estimator", "fce", "--flow", "glow"],
     "fce-nsf": ["--estimator", "fce", "--flow", "nsf"],
     "mle-maf": ["--estimator", "mle", "--flow", "maf"],
@@ -42,7 +47,7 @@ DEFAULT_ESTIMATORS = ("nce", "fce-maf", "fce-glow", "fce-nsf", "mle-maf")
 TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", "moons",
        "circles", "swissroll")
 KEYS = ["kl_ebm", "nll_ebm", "c_gap", "kl_flow", "kl_flow_mc", "nll_flow", "entropy", "steps",
-        "flow_steps", "cpu_s"]
+        "flow_steps", "flow_step_fraction", "cpu_s"]
 # the equal-iteration partner: NCE run for as many iterations as FCE-MAF made in its budget
 EQUAL_ITERS = ("nce", "fce-maf")
 
@@ -125,7 +130,7 @@ def gallery(agg, root, seed, path):
 def report(args):
     """Table and figures of the finished runs under --root; None (and nothing written, so
     the figures in --out are never replaced by empty ones) when there are none."""
-    rows = [r for r in gather.collect([args.root]) if r["dataset"] in args.datasets
+    rows = [r for r in by_folder(gather.collect([args.root])) if r["dataset"] in args.datasets
             and r["label"] in args.estimators] if os.path.isdir(args.root) else []
     if not rows:
         print(f"bench/fce.py: no finished runs under {args.root}: nothing written", file=sys.stderr)
@@ -138,7 +143,8 @@ def report(args):
     if iters:
         lines += ["", *iters]
     print("\n".join(lines))
-    summary = "\n".join([kl_pivot(agg), "", *targets(agg)])
+    nce_iters = equal_iteration_rows(args)
+    summary = "\n".join([kl_pivot(agg), "", *targets(agg, nce_iters), "", *rules(agg)])
     print("\n" + summary)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -149,6 +155,17 @@ def report(args):
         gather.figure(agg, "kl_ebm", os.path.join(args.out, "kl_ebm.png"))
         print(f"wrote {gallery(agg, args.root, args.seeds[0], os.path.join(args.out, 'grid.png'))}")
     return lines
+
+
+def by_folder(rows):
+    """The rows labelled by their run folder (`<label>-<dataset>-s<seed>`), so that runs of
+    one estimator under different flags (fce-maf, fce-maf-every) stay apart."""
+    for r in rows:
+        name = os.path.basename(os.path.normpath(r["run_dir"]))
+        tail = f"-{r['dataset']}-s{r['seed']}"
+        if name.endswith(tail):
+            r["label"] = name[:-len(tail)]
+    return rows
 
 
 def speed_lines(rows):
@@ -165,12 +182,17 @@ def speed_lines(rows):
                         out)
 
 
+def equal_iteration_rows(args):
+    """The finished NCE runs of FCE-MAF's iteration counts (one per set and seed)."""
+    root = iters_root(args.root)
+    return [r for r in gather.collect([root]) if r["dataset"] in args.datasets
+            and r["seed"] in args.seeds] if os.path.isdir(root) else []
+
+
 def equal_iterations(args, rows):
     """NCE run for exactly as many iterations as FCE-MAF made in its budget, beside FCE-MAF:
     the equal-iteration comparison (lines of a table), or [] when there are none."""
-    root = iters_root(args.root)
-    nce = [r for r in gather.collect([root]) if r["dataset"] in args.datasets] \
-        if os.path.isdir(root) else []
+    nce = equal_iteration_rows(args)
     if not nce:
         return []
     fce_rows = [r for r in rows if r["label"] == EQUAL_ITERS[1]]
@@ -182,21 +204,65 @@ def equal_iterations(args, rows):
             gather.markdown(gather.aggregate(fce_rows + nce, keys), keys)]
 
 
-def targets(agg):
-    """Per dataset: FCE-MAF's EBM against NCE's (difference of mean KL and the larger sd) and
-    each FCE flow's test NLL against the same flow trained alone by maximum likelihood."""
+def _sd(a, key):
+    """The sd of `key` in an aggregate (0 for one run)."""
+    v = a.get(f"{key}_sd")
+    return 0.0 if v is None or math.isnan(v) else v
+
+
+def targets(agg, nce_iters=()):
+    """Per dataset, FCE-MAF (train.py's default rule) against its targets: its EBM against
+    NCE's at equal CPU and at equal iterations (NCE run for FCE-MAF's iterations; met when
+    the KL is lower or within the larger sd of the two), and its flow's test NLL against the
+    same MAF trained alone by maximum likelihood at equal CPU (met within 0.1 nats); the
+    last line counts the sets that meet each."""
+    cell = {(a["label"], a["dataset"]): a for a in agg}
+    iters = {a["dataset"]: a for a in gather.aggregate(list(nce_iters), ["kl_ebm", "steps"])}
+    data = list(dict.fromkeys(a["dataset"] for a in agg))
+    out, met_ebm, met_flow, n_ebm, n_flow = [], 0, 0, 0, 0
+    for ds in data:
+        f, n, m, ni = (*(cell.get((lab, ds)) for lab in ("fce-maf", "nce", "mle-maf")),
+                       iters.get(ds))
+        d_ebm = f"{f['kl_ebm'] - n['kl_ebm']:+.4f}" if f and n else "n/a"
+        d_iter, ok_ebm = "n/a", ""
+        if f and ni:
+            diff, sd = f["kl_ebm"] - ni["kl_ebm"], max(_sd(f, "kl_ebm"), _sd(ni, "kl_ebm"))
+            d_iter, ok = f"{diff:+.4f} (sd {sd:.4f})", diff <= sd
+            ok_ebm, met_ebm, n_ebm = ("met" if ok else "missed"), met_ebm + ok, n_ebm + 1
+        d_flow, ok_flow = "n/a", ""
+        if f and m:
+            diff = f["nll_flow"] - m["nll_flow"]
+            d_flow, ok = f"{diff:+.3f}", diff <= 0.1
+            ok_flow, met_flow, n_flow = ("met" if ok else "missed"), met_flow + ok, n_flow + 1
+        out.append([ds, d_ebm, d_iter, ok_ebm, d_flow, ok_flow])
+    out.append(["**sets met**", "", "", f"{met_ebm} of {n_ebm}", "", f"{met_flow} of {n_flow}"])
+    return gather.table(["dataset", "EBM KL: fce-maf - nce (equal CPU)",
+                         "fce-maf - nce (equal iterations)", "EBM target",
+                         "flow NLL: fce-maf - mle-maf", "flow target (0.1)"], out)
+
+
+def rules(agg):
+    """FCE-MAF under each rule of who steps that ran (labels fce-maf*), side by side per
+    set: EBM KL, the flow's test NLL above the MAF alone (equal CPU), the share of iterations
+    in which the flow stepped, and iterations."""
+    labels = [lab for lab in dict.fromkeys(a["label"] for a in agg) if lab.startswith("fce-maf")]
+    if len(labels) < 2:
+        return []
     cell = {(a["label"], a["dataset"]): a for a in agg}
     data = list(dict.fromkeys(a["dataset"] for a in agg))
     out = []
     for ds in data:
-        f, n, m = (cell.get((lab, ds)) for lab in ("fce-maf", "nce", "mle-maf"))
-        d_ebm = f"{f['kl_ebm'] - n['kl_ebm']:+.4f}" if f and n else "n/a"
-        sd = (f"{max(f.get('kl_ebm_sd') or 0, n.get('kl_ebm_sd') or 0):.4f}" if f and n
-              else "n/a")
-        d_flow = f"{f['nll_flow'] - m['nll_flow']:+.3f}" if f and m else "n/a"
-        out.append([ds, d_ebm, sd, d_flow])
-    return gather.table(["dataset", "EBM KL: fce-maf - nce", "larger sd",
-                         "flow NLL: fce-maf - mle-maf"], out)
+        m = cell.get(("mle-maf", ds))
+        for lab in labels:
+            a = cell.get((lab, ds))
+            if not a:
+                continue
+            gap = f"{a['nll_flow'] - m['nll_flow']:+.3f}" if m else "n/a"
+            frac = a.get("flow_step_fraction", a["flow_steps"] / a["steps"])
+            out.append([ds, lab, gather.cell(a, "kl_ebm"), gap, f"{frac:.2f}",
+                        f"{a['steps']:.0f}"])
+    return gather.table(["dataset", "rule", "EBM KL", "flow NLL - mle-maf",
+                         "flow-step fraction", "iterations"], out)
 
 
 def kl_pivot(agg):

@@ -93,8 +93,8 @@ def test_flow_step_descends_V_plus_the_weighted_nll():
     params = list(flow.parameters())
     grads = torch.autograd.grad(V - lam * lqf_x.mean() - eps * lqf_yg.mean(), params)
     before = [p.detach().clone() for p in params]
-    rule = fce.Rule("threshold", threshold=1e-6, flow_mle=lam, flow_cover=eps)
-    r = fce.fce_step(ebm, contrast(flow, g, 0.5), 5, x, {5: x}.get, opt_e, opt_f, rule)
+    rule = fce.Rule("threshold", flow_mle=lam, flow_cover=eps)
+    r = fce.fce_step(ebm, contrast(flow, g, 0.5), 5, x, {5: x}.get, opt_e, opt_f, rule, True)
     assert r.flow and not r.ebm
     for p, b, gr in zip(params, before, grads):
         assert torch.allclose(p.detach(), b - lr * gr, atol=1e-6)
@@ -222,7 +222,9 @@ def test_checkpoint_rng_state_restores_numpy_and_torch():
     assert np.array_equal(np.random.rand(3), a) and torch.equal(torch.rand(3), b)
 
 
-@pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3), fce.Rule("threshold", threshold=0.51)])
+@pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3),
+                                  fce.Rule("threshold", threshold=0.51),
+                                  fce.Rule("threshold", threshold=0.6, target=0.5, gain=0.01)])
 def test_cached_training_equals_recomputing_everything_at_every_step(rule):
     """Training with the flow's work cached between flow steps ends with exactly the weights
     of training that rebuilds the noise with a graph at every iteration (float64)."""
@@ -238,9 +240,11 @@ def test_cached_training_equals_recomputing_everything_at_every_step(rule):
         opt_f = torch.optim.Adam(flow.parameters(), 1e-2)
         c = fce.Contrast(flow, 64, seed=7, gauss=g, mix=0.5, window=window)
         batch_at = lambda s: data[(s % 8) * 64:(s % 8 + 1) * 64]  # noqa: E731
-        whos = []
+        whos, acc, T = [], math.nan, rule.threshold
         for step in range(60):
-            r = fce.fce_step(ebm, c, step, batch_at(step), batch_at, opt_e, opt_f, rule)
+            r = fce.fce_step(ebm, c, step, batch_at(step), batch_at, opt_e, opt_f, rule,
+                             rule.flow_turn(step, acc, T))
+            acc, T = float(r.accuracy_flow), rule.next_threshold(T, r.flow)
             whos.append((r.ebm, r.flow))
         results.append(([p.detach().clone() for p in [*ebm.parameters(), *flow.parameters()]],
                         whos))
@@ -251,9 +255,10 @@ def test_cached_training_equals_recomputing_everything_at_every_step(rule):
 
 
 def test_a_flow_that_stops_stepping_far_from_the_data_is_reported(tmp_path, capsys):
-    """Under the threshold rule a threshold just below 1 is never reached by an untrained
-    flow: the run says that the flow has stopped learning."""
-    code, out = run(tmp_path, "--rule", "threshold", "--threshold", "0.999", "--epoch", "2",
+    """Under the threshold rule a fixed threshold just below 1 is never reached by an
+    untrained flow: the run says that the flow has stopped learning."""
+    code, out = run(tmp_path, "--rule", "threshold", "--threshold", "0.999", "--flow_target", "0",
+                    "--epoch", "2",
                     "--eval_every", "1")
     assert code == 0
     assert "has stopped learning" in capsys.readouterr().out
