@@ -356,11 +356,12 @@ def flows_vs_zuko(names, dataset_names, steps, seed=0, timing_steps=50, repeats=
 # ----------------------------------------------------------------------------- step cost
 def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_block=40,
               seed=0):
-    """CPU-ms of one iteration of train.py's defaults, split, measured side by side in one
-    process (one thread), interleaved so that machine load hits every kind alike; median over
-    blocks. Kinds: an NCE step; an FCE iteration in which only the EBM steps, with the
-    flow's samples and log q taken from the cache (`noise`: its share, the window's pass over
-    the flow amortised per iteration); an FCE iteration in which the flow steps as well."""
+    """CPU-ms of one iteration of train.py's defaults under --rule every, split, measured
+    side by side in one process (one thread), interleaved so that machine load hits every
+    kind alike; median over blocks. Kinds: an NCE step; an FCE iteration in which only the
+    EBM steps, with the flow's samples and log q taken from the cache (`noise`: its share,
+    the window's pass over the flow amortised per iteration); an FCE iteration in which the
+    flow steps as well; one in which the flow steps alone (the threshold rule's flow step)."""
     import dataclasses
 
     import torch
@@ -369,7 +370,7 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
     import train
 
     torch.set_num_threads(1)
-    args = train.get_args(["--dataset", dataset])
+    args = train.get_args(["--dataset", dataset, "--rule", "every"])
     x_train = datasets.sample(dataset, 20_000, seed)
     batch_at = lambda s: x_train[(s % 78) * args.batch:(s % 78 + 1) * args.batch]  # noqa: E731
     kinds = {}
@@ -382,13 +383,14 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
                                                None, fce.Rule())
     window = max(1, args.flow_every - 1)
     for name in flows:
-        fa = train.get_args(["--dataset", dataset, "--flow", name])
+        fa = train.get_args(["--dataset", dataset, "--flow", name, "--rule", "every"])
         e, f = train.make_models(fa, x_train, "cpu")
         oe, of = train.make_optimizers(fa, e, f)
         c = train.make_contrast(fa, f, x_train, "cpu")
         c.window = window
         no_flow = dataclasses.replace(train.rule(fa), flow_every=10 ** 9)
         always = dataclasses.replace(train.rule(fa), flow_every=1)
+        alone = dataclasses.replace(train.rule(fa), name="threshold")
 
         def refresh(s, c=c):  # the window's pass, as after a flow step
             c.flow_changed()
@@ -400,6 +402,9 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
         kinds[f"fce-{name}: EBM + flow step"] = (
             lambda s, e=e, c=c, oe=oe, of=of, r=always: fce.fce_step(e, c, s, batch_at(s),
                                                                      batch_at, oe, of, r))
+        kinds[f"fce-{name}: flow step alone (threshold rule)"] = (
+            lambda s, e=e, c=c, oe=oe, of=of, r=alone: fce.fce_step(e, c, s, batch_at(s),
+                                                                    batch_at, oe, of, r, True))
     times = {k: [] for k in kinds}
     step = 0
     for _ in range(blocks):
