@@ -303,7 +303,8 @@ def test_step_cost_times_every_kind_side_by_side():
     lines = bench_fce.step_cost(flows=("maf",), blocks=1, per_block=2)
     kinds = [ln.split(" | ")[0].lstrip("| ") for ln in lines if ln.startswith("| ")][1:]
     assert kinds == ["nce step", "fce-maf: EBM step (cached noise)",
-                     "fce-maf: noise pass (one per flow update)", "fce-maf: EBM + flow step"]
+                     "fce-maf: noise pass (one per flow update)", "fce-maf: EBM + flow step",
+                     "fce-maf: flow step alone (threshold rule)"]
 
 
 def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
