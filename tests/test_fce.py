@@ -341,3 +341,28 @@ def test_resume_refuses_a_checkpoint_of_the_old_mixed_noise_rule(tmp_path, capsy
         train.main(["--resume", str(out), "--epoch", "2"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "old step rule" in err and len(err.splitlines()) == 1
+
+
+def test_bench_targets_count_the_sets_met_at_equal_iterations_and_rules_sit_side_by_side():
+    """FCE-MAF's EBM meets its target on a set when its KL is below NCE's at equal iterations
+    or within the larger sd; its flow when its NLL is within 0.1 nats of the MAF alone; the
+    rules table puts every fce-maf* rule's EBM, flow and flow-step fraction side by side."""
+    def a(label, ds, **kw):
+        return {"label": label, "dataset": ds, **kw}
+    agg = [a("nce", "moons", kl_ebm=0.01), a("nce", "rings", kl_ebm=0.02),
+           a("fce-maf", "moons", kl_ebm=0.012, kl_ebm_sd=0.003, nll_flow=2.5,
+             flow_step_fraction=0.33, flow_steps=330, steps=1000),
+           a("fce-maf", "rings", kl_ebm=0.30, kl_ebm_sd=0.01, nll_flow=2.9,
+             flow_step_fraction=0.35, flow_steps=350, steps=1000),
+           a("fce-maf-every", "moons", kl_ebm=0.02, kl_ebm_sd=0.0, nll_flow=2.45,
+             flow_steps=400, steps=1200),
+           a("mle-maf", "moons", nll_flow=2.45), a("mle-maf", "rings", nll_flow=2.7)]
+    nce_iters = [{"label": "nce", "dataset": "moons", "seed": s, "kl_ebm": v, "steps": 1000}
+                 for s, v in ((0, 0.010), (1, 0.011))]
+    nce_iters += [{"label": "nce", "dataset": "rings", "seed": 0, "kl_ebm": 0.1, "steps": 1000}]
+    lines = bench_fce.targets(agg, nce_iters)
+    assert lines[-1].split("|")[4].strip() == "1 of 2"  # moons met, rings missed
+    assert lines[-1].split("|")[6].strip() == "1 of 2"  # moons +0.05, rings +0.2
+    rules = "\n".join(bench_fce.rules(agg))
+    assert "| moons | fce-maf | 0.0120 ± 0.0030 | +0.050 | 0.33 | 1000 |" in rules
+    assert "| moons | fce-maf-every | 0.0200 ± 0.0000 | +0.000 | 0.33 | 1200 |" in rules
