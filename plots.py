@@ -125,10 +125,10 @@ def running_fraction(steps, fractions, window=None):
     rows (step_i, f_i) each carry the fraction f_i of the iterations since the previous row,
     so with n_i = step_i - step_(i-1) it is sum f_j n_j / sum n_j over the rows in
     (step_i - window, step_i] (all rows so far while the run is shorter than the window).
-    Default window: a twentieth of the run, at least 200 iterations."""
+    Default window: a tenth of the run, at least 200 iterations."""
     if not steps:
         return []
-    window = window or max(200, steps[-1] / 20)
+    window = window or max(200, steps[-1] / 10)
     done, seen = [0.0], [0.0]  # cumulative steps taken and iterations at each row
     prev = 0
     for s, f in zip(steps, fractions):
