@@ -229,8 +229,8 @@ class Rule:
                     f"uses 0.6")
         if self.name == "threshold" and not 0 <= self.target < 1:
             return (f"--flow_target {self.target:g} cannot be tracked: it is the share of "
-                    f"iterations in which the flow steps, so it must lie in (0, 1); 0 keeps "
-                    f"--threshold fixed")
+                    f"iterations in which the flow steps, so it must lie in (0, 1) (or be 0, "
+                    f"which keeps --threshold fixed)")
         return None
 
 

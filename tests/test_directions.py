@@ -4,7 +4,6 @@ diagnostics and ULA's temperature, the VAE's ELBO, and the review's defects (the
 Langevin gradient, the KDE's escaped mass and shape, the data-space tilt's sampled model, the
 VI defaults). Each test states the closed form it checks; tiny budgets (about 20 s on 2 cores).
 """
-import copy
 import math
 
 import pytest
