@@ -4,8 +4,8 @@
     python curves.py runs/a runs/b -o compare.png     # several runs overlaid
 
 Panels (plots.training_curves): -V against its optimum log 4 (or a flow's training NLL),
-accuracy and EBM-step fraction against the threshold, KL(p_data || model) of the EBM and the
-flow (test NLL when the density is unknown), and c - log Z. train.py refreshes
+accuracy and the running flow-step fraction against the threshold, KL(p_data || model) of the
+EBM and the flow (test NLL when the density is unknown), and c - log Z. train.py refreshes
 runs/<run>/curves.png at every evaluation; this command draws the same figure for any run.
 """
 import json
@@ -27,7 +27,8 @@ def load(run_dir):
         try:
             with open(cfg_path) as fh:
                 cfg = json.load(fh)
-            if cfg.get("estimator", "fce") == "fce" and cfg.get("flow") != "gaussian":
+            if (cfg.get("estimator", "fce") == "fce" and cfg.get("flow") != "gaussian"
+                    and cfg.get("rule", "threshold") == "threshold"):
                 threshold = cfg.get("threshold")
         except ValueError:
             pass

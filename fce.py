@@ -14,10 +14,22 @@ covered (m = `mix`; 0 is the paper's FCE).
 Who steps (`Rule`):
 - "every": the EBM steps at every iteration, the flow at every `flow_every`-th one as well
   (both from the same V; flow_every = 1 is both models at every iteration);
-- "threshold": the paper's rule. The EBM steps while the accuracy of the classifier
-  "data iff p > q" on data against the flow's *own* samples is below `threshold`, otherwise
-  the flow steps. Against a perfect flow that accuracy is 1/2, so any threshold in (1/2, 1)
-  can be reached by a flow that learns.
+- "threshold": the paper's rule. The EBM steps while the accuracy a of the classifier
+  "data iff p > q" on data against the flow's *own* samples is below the threshold T,
+  otherwise the flow steps (one model per iteration). Against a perfect flow a = 1/2, so
+  any T in (1/2, 1) can be reached by a flow that learns. The a of iteration t (measured
+  before its step, on its batch) decides who steps at t + 1, so that an iteration computes
+  its noise once: with a graph when the flow steps, from the cache when the EBM does.
+  T is fixed (`target` 0) or tracks a target share rho of flow steps (stochastic
+  approximation, `Rule.next_threshold`):
+
+      T <- clip(T + eta (1[flow stepped] - rho), 1/2, 1),
+
+  whose fixed point is the T with P(a >= T) = rho: the flow steps at the rho of the
+  iterations where the EBM tells its samples from the data best. A fixed T suits one
+  data set: the accuracy the flow can push down to depends on how close its family comes
+  to the data (an affine MAF: about 0.6 on 8gaussians), so a T below that starves the EBM
+  and one above it starves the flow once the EBM has learned.
 
 Paying for the flow only when it changes: between flow steps the flow is fixed, so its
 samples, their log q and log q of the coming data batches are computed once, without a
@@ -185,12 +197,16 @@ class Contrast:
 @dataclass(frozen=True)
 class Rule:
     """Who steps (see the module docstring): name "every" or "threshold", the flow's period
-    under "every", the accuracy threshold under "threshold", and lambda of the flow's loss."""
+    under "every", the accuracy threshold under "threshold" (its starting value when it
+    tracks a target), the target share of flow steps (0: the threshold stays fixed) and the
+    gain of its update, and lambda and eps of the flow's loss."""
     name: str = "every"
     flow_every: int = 1
     threshold: float = 0.6
     flow_mle: float = 1.0
     flow_cover: float = 0.0
+    target: float = 0.0
+    gain: float = 2e-3
 
     def flow_loss(self, V: Tensor, noise: Noise) -> Tensor:
         """What the flow descends: V - lambda E_data log q_flow - eps E_g log q_flow.
@@ -211,6 +227,21 @@ class Rule:
         """Under "every": does the flow step (too) at iteration `step`?"""
         return self.name == "every" and step % self.flow_every == self.flow_every - 1
 
+    def flow_turn(self, step: int, accuracy_flow: Optional[float], threshold: float) -> bool:
+        """Does the flow step at iteration `step`? Under "threshold": when the accuracy on
+        the flow's own samples of the previous iteration (None before the first) reached
+        `threshold` (the current one, `next_threshold`)."""
+        if self.name == "every":
+            return self.flow_due(step)
+        return accuracy_flow is not None and accuracy_flow >= threshold
+
+    def next_threshold(self, threshold: float, flow_stepped: bool) -> float:
+        """T after an iteration: unchanged when fixed, else
+        clip(T + gain (1[flow stepped] - target), 1/2, 1)."""
+        if self.name != "threshold" or not self.target:
+            return threshold
+        return min(1.0, max(0.5, threshold + self.gain * (float(flow_stepped) - self.target)))
+
     def check(self) -> Optional[str]:
         """None, or why this rule cannot work (one line naming the fix)."""
         if self.name not in RULES:
@@ -222,6 +253,10 @@ class Rule:
                     f"accuracy against the flow's own samples falls to 0.5 as the flow learns "
                     f"and never exceeds 1, so the threshold must lie in (0.5, 1); the paper "
                     f"uses 0.6")
+        if self.name == "threshold" and not 0 <= self.target < 1:
+            return (f"--flow_target {self.target:g} cannot be tracked: it is the share of "
+                    f"iterations in which the flow steps, so it must lie in (0, 1) (or be 0, "
+                    f"which keeps --threshold fixed)")
         return None
 
 
@@ -248,31 +283,29 @@ def _contrast(ebm, x: Tensor, noise: Noise):
 
 
 def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, opt_flow,
-             rule: Rule) -> StepResult:
+             rule: Rule, flow_turn: Optional[bool] = None) -> StepResult:
     """One FCE/NCE iteration on the data batch x (= batch_at(step)).
 
-    Without a flow step the EBM ascends V on the cached noise (the cost of an NCE step).
-    When the flow steps (rule.flow_due, or the threshold rule's accuracy reached), the noise
-    is rebuilt with a graph from the same base draws and the flow descends
-    `Rule.flow_loss`; under "every" the EBM steps from the same V, in one backward pass (the
-    likelihood terms do not depend on the EBM, so its gradient of the flow's loss is dV/dtheta
-    and it ascends V by stepping on the negative). Each model's
-    gradient is taken with respect to its own parameters only (`torch.autograd.grad`)."""
-    learns = opt_flow is not None
-    if learns and rule.flow_due(step):
+    `flow_turn`: does the flow step (`Rule.flow_turn`; None: `rule.flow_due(step)`, the
+    schedule of "every"). Without a flow step the EBM ascends V on the cached noise (the
+    cost of an NCE step). With one, the noise is built with a graph from the same base draws
+    and the flow descends `Rule.flow_loss`; under "every" the EBM steps from the same V, in
+    one backward pass (the likelihood terms do not depend on the EBM, so its gradient of the
+    flow's loss is dV/dtheta and it ascends V by stepping on the negative); under
+    "threshold" the flow alone steps. Each model's gradient is taken with respect to its own
+    parameters only (`torch.autograd.grad`)."""
+    flow_turn = rule.flow_due(step) if flow_turn is None else flow_turn
+    if opt_flow is not None and flow_turn:
         V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x))
-        if not torch.isfinite(V) or not util.guarded_step(opt_flow, rule.flow_loss(V, noise), opt_ebm):
+        both = rule.name == "every"
+        if not torch.isfinite(V) or not util.guarded_step(
+                opt_flow, rule.flow_loss(V, noise), opt_ebm if both else None):
             return StepResult(V.detach() * math.nan, acc, acc_flow, False, False)
         contrast.flow_changed()
-        return StepResult(V.detach(), acc, acc_flow, True, True)
+        return StepResult(V.detach(), acc, acc_flow, both, True)
     V, acc, acc_flow = _contrast(ebm, x, contrast.cached(step, batch_at))
     if not torch.isfinite(V):
         return StepResult(V.detach(), acc, acc_flow, False, False)
-    if learns and rule.name == "threshold" and acc_flow >= rule.threshold:
-        V_live, _, _ = _contrast(ebm, x, noise := contrast.live(step, x))
-        ok = util.guarded_step(opt_flow, rule.flow_loss(V_live, noise))
-        contrast.flow_changed()
-        return StepResult(V.detach() * (1.0 if ok else math.nan), acc, acc_flow, False, ok)
     ok = util.guarded_step(opt_ebm, -V)
     return StepResult(V.detach() * (1.0 if ok else math.nan), acc, acc_flow, ok, False)
 

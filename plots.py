@@ -129,14 +129,41 @@ def _save(fig, path, title=None):
 LOG4 = math.log(4)
 
 
+def running_fraction(steps, fractions, window=None):
+    """The share of the last `window` iterations in which a model stepped, at each row:
+    rows (step_i, f_i) each carry the fraction f_i of the iterations since the previous row,
+    so with n_i = step_i - step_(i-1) it is sum f_j n_j / sum n_j over the rows in
+    (step_i - window, step_i] (all rows so far while the run is shorter than the window).
+    Default window: a tenth of the run, at least 200 iterations."""
+    if not steps:
+        return []
+    window = window or max(200, steps[-1] / 10)
+    done, seen = [0.0], [0.0]  # cumulative steps taken and iterations at each row
+    prev = 0
+    for s, f in zip(steps, fractions):
+        done.append(done[-1] + f * (s - prev))
+        seen.append(seen[-1] + (s - prev))
+        prev = s
+    out, j = [], 0
+    for i, s in enumerate(steps, start=1):
+        while steps[j] <= s - window:  # first row inside the window is j + 1 (1-based)
+            j += 1
+        it = seen[i] - seen[j]
+        out.append((done[i] - done[j]) / it if it else math.nan)
+    return out
+
+
 def training_curves(path, runs, title=None):
     """The training figure of FCE/NCE/MLE runs from their metrics.jsonl rows, several runs
     overlaid: `runs` is {label: (rows, threshold or None)}. Panels: -V with the optimum log 4
-    (or the training NLL of a flow fit alone), accuracy (solid) and EBM-step fraction
-    (dotted) with the threshold (dashed), KL(p_data || model) of the EBM (solid) and the flow
-    (dashed) when the density is known (else test NLL), and c - log Z."""
+    (or the training NLL of a flow fit alone), accuracy (solid, dashed on the flow's own
+    samples), the flow-step fraction as a running fraction (dotted, `running_fraction`) and
+    the threshold (dash-dot: the rows' `threshold` when it moves, else the constant),
+    KL(p_data || model) of the EBM (solid) and the flow (dashed) when the density is known
+    (else test NLL), and c - log Z."""
     panels = ["-V (dashed: log 4) / training NLL",
-              "accuracy: all noise (solid), flow's samples (dashed);\nflow-step fraction (dotted)",
+              "accuracy: all noise (solid), flow's samples (dashed);\nflow-step fraction, "
+              "running (dotted); threshold (dash-dot)",
               "KL(p_data || model): EBM solid, flow dashed", "c - log Z"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     log_kl = False  # KL panel on a log scale when any run has a positive KL
@@ -145,13 +172,16 @@ def training_curves(path, runs, title=None):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
         for key, ax, style in (("value", 0, "-"), ("nll_train", 0, "-"), ("accuracy", 1, "-"),
-                               ("accuracy_flow", 1, "--"), ("flow_step_fraction", 1, ":"),
+                               ("accuracy_flow", 1, "--"), ("threshold", 1, "-."),
                                ("c_gap", 3, "-")):
             s = series(key)
             if s:
-                axes[ax].plot(*s, style, color=color, lw=1,
+                axes[ax].plot(*s, style, color=color, lw=1 if key != "threshold" else 0.8,
                               label=label if key in ("value", "nll_train") else None)
-        if threshold and series("accuracy"):
+        s = series("flow_step_fraction")
+        if s:
+            axes[1].plot(s[0], running_fraction(*s), ":", color=color, lw=1.2)
+        if threshold and series("accuracy") and not series("threshold"):
             axes[1].axhline(threshold, color=color, ls="-.", lw=0.8)
         kl = series("kl_ebm") or series("kl_flow")
         for key, style in ((("kl_ebm", "-"), ("kl_flow", "--")) if kl else

@@ -55,6 +55,13 @@ SCORE_MATCHING = ("dsm", "ssm")
 LEARNED_FLOWS = ("maf", "glow", "nsf", "nsf_coupling")
 DEFAULT_FLOW = {"fce": "maf", "nce": "gaussian", "mle": "nsf", "dsm": None, "ssm": None,
                 "tilt": "nsf_coupling"}
+# learning rates where the flags are not given: FCE in 2D under the threshold rule (its
+# default there; each model steps in only part of the iterations, docs/fce.md "Who steps"),
+# and every other case (FCE under --rule every, FCE on images, the other estimators)
+THRESHOLD_LRS = {"lr_ebm": 5e-3, "lr_flow": 1e-2}
+OTHER_LRS = {"lr_ebm": 2e-3, "lr_flow": 3e-3}
+# --rule threshold: iterations of the flow's noise computed in one pass between flow steps
+THRESHOLD_WINDOW = 4
 # sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
 IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_every": 100,
                   "lr_flow": 1e-3, "base_flows": 5,
@@ -85,17 +92,23 @@ def build_parser():
     p.add_argument("--test_samples", type=config.positive_int, default=20_000,
                    help="held-out samples for the test NLL")
     p.add_argument("--batch", type=config.positive_int, default=256)
-    p.add_argument("--rule", default="every", choices=fce.RULES,
-                   help="who steps (fce): every: the EBM at every iteration and the flow at "
-                        "every --flow_every-th too; threshold: the EBM while the accuracy "
-                        "against the flow's own samples is below --threshold, else the flow")
+    p.add_argument("--rule", default=None, choices=fce.RULES,
+                   help="who steps (fce): threshold: the EBM while the accuracy against the "
+                        "flow's own samples is below --threshold, else the flow; every: the "
+                        "EBM at every iteration and the flow at every --flow_every-th too "
+                        "(default: threshold; images every)")
     p.add_argument("--flow_every", type=config.positive_int, default=3,
                    help="--rule every: the flow steps at every k-th iteration (1: always)")
     p.add_argument("--threshold", type=config.open_unit, default=0.6,
-                   help="--rule threshold: the accuracy in (0.5, 1) at which the flow steps")
-    p.add_argument("--lr_ebm", type=config.positive_float, default=2e-3)
+                   help="--rule threshold: the accuracy in (0.5, 1) at which the flow steps "
+                        "(with --flow_target: its starting value)")
+    p.add_argument("--flow_target", type=config.unit_interval, default=0.33,
+                   help="--rule threshold: the share of iterations in which the flow steps, "
+                        "tracked by moving the threshold (0: the threshold stays fixed)")
+    p.add_argument("--lr_ebm", type=config.positive_float, default=None,
+                   help="EBM learning rate (default: FCE in 2D 5e-3, else 2e-3)")
     p.add_argument("--lr_flow", type=config.positive_float, default=None,
-                   help="default 3e-3; images 1e-3")
+                   help="flow learning rate (default: FCE in 2D 1e-2, images 1e-3, else 3e-3)")
     p.add_argument("--b1", type=config.open_unit, default=0.9, help="Adam beta1")
     p.add_argument("--b2", type=config.open_unit, default=0.999, help="Adam beta2")
     p.add_argument("--lr_schedule", default="cosine", choices=["constant", "cosine"],
@@ -177,14 +190,20 @@ def resolve_estimator(args):
     image = args.dataset in tasks.IMAGES
     # images: the tilt of a flow (the best EBM of the digits comparison, docs/digits.md)
     args.estimator = args.estimator or ("tilt" if image else "fce")
+    args.rule = args.rule or ("every" if image else "threshold")
+    if image and args.lr_flow is None:
+        args.lr_flow = IMAGE_DEFAULTS["lr_flow"]
+    threshold_2d = (args.estimator == "fce" and args.flow != "gaussian" and not image
+                    and args.rule == "threshold")
+    for key, value in (THRESHOLD_LRS if threshold_2d else OTHER_LRS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.ebm_hidden is None:
         args.ebm_hidden = IMAGE_DEFAULTS["ebm_hidden"] if image else [128, 128, 128]
     if args.flow_hidden is None:
         args.flow_hidden = IMAGE_DEFAULTS["flow_hidden"] if image else [64, 64]
     if args.base_flows is None:
         args.base_flows = IMAGE_DEFAULTS["base_flows"] if image else 1
-    if args.lr_flow is None:
-        args.lr_flow = IMAGE_DEFAULTS["lr_flow"] if image else 3e-3
     if args.eval_every is None:
         args.eval_every = IMAGE_DEFAULTS["eval_every"] if image else 2
     if args.plot_every is None:
@@ -222,7 +241,7 @@ def resolve_estimator(args):
 def rule(args):
     """Who steps, from the flags (fce.Rule)."""
     return fce.Rule(args.rule, args.flow_every, args.threshold, args.flow_mle,
-                    args.flow_cover)
+                    args.flow_cover, args.flow_target)
 
 
 # ----------------------------------------------------------------------------- models
@@ -297,13 +316,14 @@ def base_flow(args, dim, device):
 def make_contrast(args, flow, x_fit, device, window=8):
     """FCE's / NCE's noise q (fce.Contrast): the flow mixed with the Gaussian fitted to the
     training set (fce, --noise_mix), or the fixed Gaussian alone (nce). Under --rule every
-    the cache window ends at the next flow step."""
+    the cache window ends at the next flow step; under --rule threshold it is a few
+    iterations (a flow step drops the rest)."""
     if args.estimator not in ("fce", "nce"):
         return None
     mix = args.noise_mix if args.estimator == "fce" else 0.0
     gauss = build_flow("gaussian", x_fit).to(device) if mix > 0 else None
-    if args.estimator == "fce" and args.rule == "every":
-        window = max(1, args.flow_every - 1)
+    if args.estimator == "fce":
+        window = max(1, args.flow_every - 1) if args.rule == "every" else THRESHOLD_WINDOW
     return fce.Contrast(flow, args.batch, args.seed, gauss, mix, window)
 
 
@@ -381,6 +401,9 @@ def main(argv=None):
 
 
 ROW_SUMS = dict(v_sum=0.0, acc_sum=0.0, acc_flow_sum=0.0, n_ebm=0, n_flow=0, n_rows=0)
+# who steps next: the threshold rule's current threshold and the last accuracy on the flow's
+# own samples (NaN before the first iteration: the EBM steps first)
+WHO = dict(threshold=None, accuracy_flow=math.nan)
 
 
 def train(args, run, device, task=None):
@@ -398,8 +421,9 @@ def train(args, run, device, task=None):
     total = min(iters * args.epoch, args.max_steps or math.inf)
     # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
     # a resumed run writes the same rows as an uninterrupted one)
-    loop = run.restore(dict(epoch=0, it=0, step=0, perm=None, flow_steps=0,
+    loop = run.restore(dict(epoch=0, it=0, step=0, perm=None, flow_steps=0, ebm_steps=0,
                             flow_steps_at_eval=0, **ROW_SUMS, **SELECTION,
+                            **{**WHO, "threshold": the_rule.threshold},
                             phase=("tilt" if args.base_run else "base")
                             if args.estimator == "tilt" else None),
                        lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
@@ -446,15 +470,18 @@ def train(args, run, device, task=None):
                                               args.sm_sigma, args.sm_projections)
                 r = fce.StepResult(loss, None, None, True, False)
             else:
+                turn = the_rule.flow_turn(step, loop["accuracy_flow"], loop["threshold"])
                 r = fce.fce_step(ebm, contrast, step, batch_at(step), batch_at, opt_ebm,
-                                 opt_flow, the_rule)
+                                 opt_flow, the_rule, turn)
+                loop.update(accuracy_flow=float(r.accuracy_flow), threshold=the_rule
+                            .next_threshold(loop["threshold"], r.flow))
             run.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
             count_step(loop, r)
             due = loop["phase"] == "base" and progress_at(loop["step"]) >= args.base_share
             if loop["step"] % args.val_every == 0 or due:
                 select(args, run, loop, task, ebm, flow, bank, progress_at(loop["step"]))
             if loop["step"] % args.log_every == 0:
-                log_row(run, loop, args.estimator, opt_ebm, opt_flow)
+                log_row(run, loop, args, opt_ebm, opt_flow)
         if loop["it"] == iters:
             loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
         epoch, last = loop["epoch"], loop["epoch"] == args.epoch or out_of_budget()
@@ -466,13 +493,30 @@ def train(args, run, device, task=None):
             run.log.log_image("density", save_figure(args, task, ebm, flow, epoch),
                               loop["step"])
         run.save()
+    steps = {"steps": loop["step"], "ebm_steps": loop["ebm_steps"],
+             "flow_steps": loop["flow_steps"]}
+    if loop["step"]:
+        steps["flow_step_fraction"] = loop["flow_steps"] / loop["step"]
+    print(steps_line(args, steps))
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
           f"{scaffold.gif_hint(args.image_dir)})")
     stages = {"base_steps": loop["base_steps"], "base_cpu_s": loop["base_cpu_s"] + offset,
               "best_val": loop["best_val"]} if args.estimator == "tilt" else \
         {"best_val": loop["best_val"]} if loop["best_state"] else {}
-    return {**metrics, "steps": loop["step"], "flow_steps": loop["flow_steps"], **stages} \
-        if metrics else None
+    return {**metrics, **steps, **stages} if metrics else None
+
+
+def steps_line(args, steps):
+    """The run's iterations and who stepped in how many of them (the mechanism beside the
+    numbers: a model that stopped stepping shows here)."""
+    n = steps["steps"]
+    line = f"{n} iterations"
+    if n and args.estimator in ("fce", "nce", *SCORE_MATCHING):
+        line += f"; the EBM stepped in {steps['ebm_steps']} ({steps['ebm_steps'] / n:.1%})"
+    if n and args.estimator in ("fce", "mle"):
+        line += (f"; the flow stepped in {steps['flow_steps']} "
+                 f"({steps['flow_step_fraction']:.1%})")
+    return line
 
 
 # ----------------------------------------------------------------------------- selection
@@ -592,8 +636,10 @@ def restore_best(loop, modules):
 
 
 def print_start(args, run, total, iters, device):
-    who = (f", rule {args.rule} " + (f"(flow every {args.flow_every})" if args.rule == "every"
-                                     else f"(threshold {args.threshold:g})")
+    who = (f", rule {args.rule} " + (
+        f"(flow every {args.flow_every})" if args.rule == "every" else
+        f"(threshold {args.threshold:g}" + (f", moved to keep the flow at {args.flow_target:g} "
+                                            f"of the steps)" if args.flow_target else ")"))
            if args.estimator == "fce" else "")
     print(f"run {run.name}: {args.estimator} on {args.dataset}, flow={args.flow}{who}, {total} "
           f"iterations ({args.epoch} epochs x {iters})" + (f", budget {args.budget:g} CPU-s"
@@ -608,13 +654,14 @@ def count_step(loop, r):
                 acc_sum=add("acc_sum", r.accuracy),
                 acc_flow_sum=add("acc_flow_sum", r.accuracy_flow),
                 n_ebm=loop["n_ebm"] + r.ebm, n_flow=loop["n_flow"] + r.flow,
-                flow_steps=loop["flow_steps"] + r.flow, n_rows=loop["n_rows"] + 1)
+                flow_steps=loop["flow_steps"] + r.flow, ebm_steps=loop["ebm_steps"] + r.ebm,
+                n_rows=loop["n_rows"] + 1)
 
 
-def log_row(run, loop, estimator, opt_ebm, opt_flow):
-    """A metrics row: the averages of the iterations since the last one and their timing;
-    the sums start again."""
-    n = loop["n_rows"]
+def log_row(run, loop, args, opt_ebm, opt_flow):
+    """A metrics row: the averages of the iterations since the last one and their timing
+    (and the threshold rule's current threshold); the sums start again."""
+    n, estimator = loop["n_rows"], args.estimator
     row = ({"nll_train": loop["v_sum"] / n} if estimator == "mle" or loop["phase"] == "base" else
            {"tilt_loss": loop["v_sum"] / n} if loop["phase"] == "tilt" else
            {"sm_loss": loop["v_sum"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]}
@@ -622,6 +669,8 @@ def log_row(run, loop, estimator, opt_ebm, opt_flow):
            {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
             "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
             "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+    if estimator == "fce" and args.rule == "threshold":
+        row["threshold"] = loop["threshold"]
     row.update(epoch=loop["epoch"], cpu_s=run.cpu_s)
     if opt_flow is not None:
         row["lr_flow"] = opt_flow.param_groups[0]["lr"]

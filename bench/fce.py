@@ -18,6 +18,7 @@ Flows: maximum-likelihood steps (batch 1000, Adam 1e-3, one thread) of our NSF a
 zuko's with the same architecture, interleaved so machine load hits both alike, and the test
 NLL each reaches after --flow_steps steps (`pip install zuko`; skipped when absent).
 """
+import math
 import os
 import statistics
 import sys
@@ -33,6 +34,10 @@ import datasets
 ESTIMATORS = {  # label: train.py flags on top of its defaults
     "nce": ["--estimator", "nce"],
     "fce-maf": ["--estimator", "fce", "--flow", "maf"],
+    # FCE-MAF under other rules of who steps (fce-maf: train.py's default rule)
+    "fce-maf-every": ["--estimator", "fce", "--flow", "maf", "--rule", "every"],
+    "fce-maf-t0.6": ["--estimator", "fce", "--flow", "maf", "--rule", "threshold",
+                     "--threshold", "0.6", "--flow_target", "0"],
     "fce-glow": ["--estimator", "fce", "--flow", "glow"],
     "fce-nsf": ["--estimator", "fce", "--flow", "nsf"],
     "mle-maf": ["--estimator", "mle", "--flow", "maf"],
@@ -45,7 +50,7 @@ DEFAULT_ESTIMATORS = ("nce", "fce-maf", "fce-glow", "fce-nsf", "mle-maf")
 TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", "moons",
        "circles", "swissroll")
 KEYS = ["kl_ebm", "nll_ebm", "c_gap", "kl_flow", "kl_flow_mc", "nll_flow", "entropy", "steps",
-        "flow_steps", "cpu_s"]
+        "flow_steps", "flow_step_fraction", "cpu_s"]
 # the equal-iteration partner: NCE run for as many iterations as FCE-MAF made in its budget
 EQUAL_ITERS = ("nce", "fce-maf")
 
@@ -128,7 +133,7 @@ def gallery(agg, root, seed, path):
 def report(args):
     """Table and figures of the finished runs under --root; None (and nothing written, so
     the figures in --out are never replaced by empty ones) when there are none."""
-    rows = [r for r in gather.collect([args.root]) if r["dataset"] in args.datasets
+    rows = [r for r in by_folder(gather.collect([args.root])) if r["dataset"] in args.datasets
             and r["label"] in args.estimators] if os.path.isdir(args.root) else []
     if not rows:
         print(f"bench/fce.py: no finished runs under {args.root}: nothing written", file=sys.stderr)
@@ -141,7 +146,8 @@ def report(args):
     if iters:
         lines += ["", *iters]
     print("\n".join(lines))
-    summary = "\n".join([kl_pivot(agg), "", *targets(agg)])
+    nce_iters = equal_iteration_rows(args)
+    summary = "\n".join([kl_pivot(agg), "", *targets(agg, nce_iters), "", *rules(agg)])
     print("\n" + summary)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -152,6 +158,17 @@ def report(args):
         gather.figure(agg, "kl_ebm", os.path.join(args.out, "kl_ebm.png"))
         print(f"wrote {gallery(agg, args.root, args.seeds[0], os.path.join(args.out, 'grid.png'))}")
     return lines
+
+
+def by_folder(rows):
+    """The rows labelled by their run folder (`<label>-<dataset>-s<seed>`), so that runs of
+    one estimator under different flags (fce-maf, fce-maf-every) stay apart."""
+    for r in rows:
+        name = os.path.basename(os.path.normpath(r["run_dir"]))
+        tail = f"-{r['dataset']}-s{r['seed']}"
+        if name.endswith(tail):
+            r["label"] = name[:-len(tail)]
+    return rows
 
 
 def speed_lines(rows):
@@ -168,12 +185,17 @@ def speed_lines(rows):
                         out)
 
 
+def equal_iteration_rows(args):
+    """The finished NCE runs of FCE-MAF's iteration counts (one per set and seed)."""
+    root = iters_root(args.root)
+    return [r for r in gather.collect([root]) if r["dataset"] in args.datasets
+            and r["seed"] in args.seeds] if os.path.isdir(root) else []
+
+
 def equal_iterations(args, rows):
     """NCE run for exactly as many iterations as FCE-MAF made in its budget, beside FCE-MAF:
     the equal-iteration comparison (lines of a table), or [] when there are none."""
-    root = iters_root(args.root)
-    nce = [r for r in gather.collect([root]) if r["dataset"] in args.datasets] \
-        if os.path.isdir(root) else []
+    nce = equal_iteration_rows(args)
     if not nce:
         return []
     fce_rows = [r for r in rows if r["label"] == EQUAL_ITERS[1]]
@@ -185,21 +207,65 @@ def equal_iterations(args, rows):
             gather.markdown(gather.aggregate(fce_rows + nce, keys), keys)]
 
 
-def targets(agg):
-    """Per dataset: FCE-MAF's EBM against NCE's (difference of mean KL and the larger sd) and
-    each FCE flow's test NLL against the same flow trained alone by maximum likelihood."""
+def _sd(a, key):
+    """The sd of `key` in an aggregate (0 for one run)."""
+    v = a.get(f"{key}_sd")
+    return 0.0 if v is None or math.isnan(v) else v
+
+
+def targets(agg, nce_iters=()):
+    """Per dataset, FCE-MAF (train.py's default rule) against its targets: its EBM against
+    NCE's at equal CPU and at equal iterations (NCE run for FCE-MAF's iterations; met when
+    the KL is lower or within the larger sd of the two), and its flow's test NLL against the
+    same MAF trained alone by maximum likelihood at equal CPU (met within 0.1 nats); the
+    last line counts the sets that meet each."""
+    cell = {(a["label"], a["dataset"]): a for a in agg}
+    iters = {a["dataset"]: a for a in gather.aggregate(list(nce_iters), ["kl_ebm", "steps"])}
+    data = list(dict.fromkeys(a["dataset"] for a in agg))
+    out, met_ebm, met_flow, n_ebm, n_flow = [], 0, 0, 0, 0
+    for ds in data:
+        f, n, m, ni = (*(cell.get((lab, ds)) for lab in ("fce-maf", "nce", "mle-maf")),
+                       iters.get(ds))
+        d_ebm = f"{f['kl_ebm'] - n['kl_ebm']:+.4f}" if f and n else "n/a"
+        d_iter, ok_ebm = "n/a", ""
+        if f and ni:
+            diff, sd = f["kl_ebm"] - ni["kl_ebm"], max(_sd(f, "kl_ebm"), _sd(ni, "kl_ebm"))
+            d_iter, ok = f"{diff:+.4f} (sd {sd:.4f})", diff <= sd
+            ok_ebm, met_ebm, n_ebm = ("met" if ok else "missed"), met_ebm + ok, n_ebm + 1
+        d_flow, ok_flow = "n/a", ""
+        if f and m:
+            diff = f["nll_flow"] - m["nll_flow"]
+            d_flow, ok = f"{diff:+.3f}", diff <= 0.1
+            ok_flow, met_flow, n_flow = ("met" if ok else "missed"), met_flow + ok, n_flow + 1
+        out.append([ds, d_ebm, d_iter, ok_ebm, d_flow, ok_flow])
+    out.append(["**sets met**", "", "", f"{met_ebm} of {n_ebm}", "", f"{met_flow} of {n_flow}"])
+    return gather.table(["dataset", "EBM KL: fce-maf - nce (equal CPU)",
+                         "fce-maf - nce (equal iterations)", "EBM target",
+                         "flow NLL: fce-maf - mle-maf", "flow target (0.1)"], out)
+
+
+def rules(agg):
+    """FCE-MAF under each rule of who steps that ran (labels fce-maf*), side by side per
+    set: EBM KL, the flow's test NLL above the MAF alone (equal CPU), the share of iterations
+    in which the flow stepped, and iterations."""
+    labels = [lab for lab in dict.fromkeys(a["label"] for a in agg) if lab.startswith("fce-maf")]
+    if len(labels) < 2:
+        return []
     cell = {(a["label"], a["dataset"]): a for a in agg}
     data = list(dict.fromkeys(a["dataset"] for a in agg))
     out = []
     for ds in data:
-        f, n, m = (cell.get((lab, ds)) for lab in ("fce-maf", "nce", "mle-maf"))
-        d_ebm = f"{f['kl_ebm'] - n['kl_ebm']:+.4f}" if f and n else "n/a"
-        sd = (f"{max(f.get('kl_ebm_sd') or 0, n.get('kl_ebm_sd') or 0):.4f}" if f and n
-              else "n/a")
-        d_flow = f"{f['nll_flow'] - m['nll_flow']:+.3f}" if f and m else "n/a"
-        out.append([ds, d_ebm, sd, d_flow])
-    return gather.table(["dataset", "EBM KL: fce-maf - nce", "larger sd",
-                         "flow NLL: fce-maf - mle-maf"], out)
+        m = cell.get(("mle-maf", ds))
+        for lab in labels:
+            a = cell.get((lab, ds))
+            if not a:
+                continue
+            gap = f"{a['nll_flow'] - m['nll_flow']:+.3f}" if m else "n/a"
+            frac = a.get("flow_step_fraction", a["flow_steps"] / a["steps"])
+            out.append([ds, lab, gather.cell(a, "kl_ebm"), gap, f"{frac:.2f}",
+                        f"{a['steps']:.0f}"])
+    return gather.table(["dataset", "rule", "EBM KL", "flow NLL - mle-maf",
+                         "flow-step fraction", "iterations"], out)
 
 
 def kl_pivot(agg):
@@ -293,11 +359,12 @@ def flows_vs_zuko(names, dataset_names, steps, seed=0, timing_steps=50, repeats=
 # ----------------------------------------------------------------------------- step cost
 def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_block=40,
               seed=0):
-    """CPU-ms of one iteration of train.py's defaults, split, measured side by side in one
-    process (one thread), interleaved so that machine load hits every kind alike; median over
-    blocks. Kinds: an NCE step; an FCE iteration in which only the EBM steps, with the
-    flow's samples and log q taken from the cache (`noise`: its share, the window's pass over
-    the flow amortised per iteration); an FCE iteration in which the flow steps as well."""
+    """CPU-ms of one iteration of train.py's defaults under --rule every, split, measured
+    side by side in one process (one thread), interleaved so that machine load hits every
+    kind alike; median over blocks. Kinds: an NCE step; an FCE iteration in which only the
+    EBM steps, with the flow's samples and log q taken from the cache (`noise`: its share,
+    the window's pass over the flow amortised per iteration); an FCE iteration in which the
+    flow steps as well; one in which the flow steps alone (the threshold rule's flow step)."""
     import dataclasses
 
     import torch
@@ -306,7 +373,7 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
     import train
 
     torch.set_num_threads(1)
-    args = train.get_args(["--dataset", dataset])
+    args = train.get_args(["--dataset", dataset, "--rule", "every"])
     x_train = datasets.sample(dataset, 20_000, seed)
     batch_at = lambda s: x_train[(s % 78) * args.batch:(s % 78 + 1) * args.batch]  # noqa: E731
     kinds = {}
@@ -319,13 +386,14 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
                                                None, fce.Rule())
     window = max(1, args.flow_every - 1)
     for name in flows:
-        fa = train.get_args(["--dataset", dataset, "--flow", name])
+        fa = train.get_args(["--dataset", dataset, "--flow", name, "--rule", "every"])
         e, f = train.make_models(fa, x_train, "cpu")
         oe, of = train.make_optimizers(fa, e, f)
         c = train.make_contrast(fa, f, x_train, "cpu")
         c.window = window
         no_flow = dataclasses.replace(train.rule(fa), flow_every=10 ** 9)
         always = dataclasses.replace(train.rule(fa), flow_every=1)
+        alone = dataclasses.replace(train.rule(fa), name="threshold")
 
         def refresh(s, c=c):  # the window's pass, as after a flow step
             c.flow_changed()
@@ -337,6 +405,9 @@ def step_cost(flows=("maf", "glow", "nsf"), dataset="8gaussians", blocks=7, per_
         kinds[f"fce-{name}: EBM + flow step"] = (
             lambda s, e=e, c=c, oe=oe, of=of, r=always: fce.fce_step(e, c, s, batch_at(s),
                                                                      batch_at, oe, of, r))
+        kinds[f"fce-{name}: flow step alone (threshold rule)"] = (
+            lambda s, e=e, c=c, oe=oe, of=of, r=alone: fce.fce_step(e, c, s, batch_at(s),
+                                                                    batch_at, oe, of, r, True))
     times = {k: [] for k in kinds}
     step = 0
     for _ in range(blocks):

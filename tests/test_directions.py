@@ -4,7 +4,6 @@ diagnostics and ULA's temperature, the VAE's ELBO, and the review's defects (the
 Langevin gradient, the KDE's escaped mass and shape, the data-space tilt's sampled model, the
 VI defaults). Each test states the closed form it checks; tiny budgets (about 20 s on 2 cores).
 """
-import copy
 import math
 
 import pytest
@@ -61,11 +60,12 @@ def _value(ebm, flow, x, seed):
     return V, float(acc)
 
 
-def fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold, step):
-    """One step of the threshold rule at iteration `step` (noise seed 0)."""
+def fce_step(ebm, flow, x, opt_ebm, opt_flow, flow_turn, step):
+    """One iteration of the threshold rule at iteration `step` (noise seed 0), the flow's
+    turn or the EBM's."""
     contrast = fce.Contrast(flow, len(x), seed=0, window=1)
     r = fce.fce_step(ebm, contrast, step, x, {step: x}.get, opt_ebm, opt_flow,
-                     fce.Rule("threshold", threshold=threshold, flow_mle=0.0))
+                     fce.Rule("threshold", flow_mle=0.0), flow_turn)
     return r.V, r.accuracy_flow, "flow" if r.flow else "ebm"
 
 
@@ -91,8 +91,7 @@ def test_fce_step_moves_V_the_right_way_and_only_its_own_player(player):
     g = torch.autograd.grad(V0, list(mover.parameters()))
     predicted = lr * sum(float((gi * gi).sum()) for gi in g)
     ebm0, flow0 = _params(ebm), _params(flow)
-    threshold = 2.0 if player == "ebm" else -1.0  # accuracy is always below 2, never below -1
-    V_step, _, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, threshold, 1)
+    V_step, _, who = fce_step(ebm, flow, x, opt_ebm, opt_flow, player == "flow", 1)
     assert who == player
     V0 = float(V0.detach())
     assert float(V_step) == pytest.approx(V0, abs=1e-12)  # V before the step
@@ -106,18 +105,39 @@ def test_fce_step_moves_V_the_right_way_and_only_its_own_player(player):
     assert not _same(_params(moved), ebm0 if player == "ebm" else flow0)
 
 
-def test_ebm_steps_exactly_when_accuracy_is_below_threshold():
+def test_ebm_steps_exactly_when_the_last_accuracy_is_below_threshold():
+    """The accuracy on the flow's own samples that an iteration measures (before its step)
+    decides who steps at the next one: the EBM below the threshold, the flow at or above."""
     ebm, flow, x = _fce_setup()
     _, acc = _value(ebm, flow, x, seed=3)
     assert 0 < acc < 1
-    whos = []
-    for threshold in (acc + 1e-6, acc, acc - 1e-6):
-        e, f = copy.deepcopy(ebm), copy.deepcopy(flow)
-        opts = (torch.optim.SGD(e.parameters(), lr=1e-3), torch.optim.SGD(f.parameters(), lr=1e-3))
-        _, a, who = fce_step(e, f, x, *opts, threshold, 3)
-        assert float(a) == acc
-        whos.append(who)
-    assert whos == ["ebm", "flow", "flow"]
+    opts = (torch.optim.SGD(ebm.parameters(), lr=1e-3), torch.optim.SGD(flow.parameters(), lr=1e-3))
+    _, a, _ = fce_step(ebm, flow, x, *opts, False, 3)
+    assert float(a) == acc
+    rule = fce.Rule("threshold")
+    assert [rule.flow_turn(4, float(a), t) for t in (acc + 1e-6, acc, acc - 1e-6)] == \
+        [False, True, True]
+    assert not rule.flow_turn(0, math.nan, 0.51)  # before the first accuracy: the EBM
+
+
+def test_the_tracked_threshold_moves_towards_the_target_share_of_flow_steps():
+    """T <- clip(T + eta (1[flow] - rho), 1/2, 1): up by eta (1 - rho) after a flow step, down
+    by eta rho after an EBM step; against accuracies drawn uniformly on [0.55, 0.75] the flow
+    steps at a share rho of the iterations and T settles at the (1 - rho)-quantile."""
+    rule = fce.Rule("threshold", threshold=0.6, target=0.25, gain=0.01)
+    assert rule.next_threshold(0.6, True) == pytest.approx(0.6 + 0.01 * 0.75)
+    assert rule.next_threshold(0.6, False) == pytest.approx(0.6 - 0.01 * 0.25)
+    assert rule.next_threshold(0.5, False) == 0.5 and rule.next_threshold(1.0, True) == 1.0
+    assert fce.Rule("threshold", threshold=0.6).next_threshold(0.6, True) == 0.6  # fixed
+    gen = torch.Generator().manual_seed(0)
+    acc = (0.55 + 0.2 * torch.rand(20000, generator=gen)).tolist()
+    T, flows, Ts = 0.9, [], []
+    for a in acc:
+        flows.append(rule.flow_turn(1, a, T))
+        T = rule.next_threshold(T, flows[-1])
+        Ts.append(T)
+    assert sum(flows[5000:]) / 15000 == pytest.approx(0.25, abs=0.02)
+    assert sum(Ts[5000:]) / 15000 == pytest.approx(0.55 + 0.2 * 0.75, abs=0.01)
 
 
 # ============================================================================= KL directions

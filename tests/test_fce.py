@@ -107,8 +107,8 @@ def test_flow_step_descends_V_plus_the_weighted_nll():
     params = list(flow.parameters())
     grads = torch.autograd.grad(V - lam * lqf_x.mean() - eps * lqf_yg.mean(), params)
     before = [p.detach().clone() for p in params]
-    rule = fce.Rule("threshold", threshold=1e-6, flow_mle=lam, flow_cover=eps)
-    r = fce.fce_step(ebm, contrast(flow, g, 0.5), 5, x, {5: x}.get, opt_e, opt_f, rule)
+    rule = fce.Rule("threshold", flow_mle=lam, flow_cover=eps)
+    r = fce.fce_step(ebm, contrast(flow, g, 0.5), 5, x, {5: x}.get, opt_e, opt_f, rule, True)
     assert r.flow and not r.ebm
     for p, b, gr in zip(params, before, grads):
         assert torch.allclose(p.detach(), b - lr * gr, atol=1e-6)
@@ -251,7 +251,8 @@ EVERY_FLOW = [(name, False) for name in flows.BUILDERS] + [
 
 @pytest.mark.parametrize("name,batch_norm", EVERY_FLOW)
 @pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3),
-                                  fce.Rule("threshold", threshold=0.51)])
+                                  fce.Rule("threshold", threshold=0.51),
+                                  fce.Rule("threshold", threshold=0.6, target=0.5, gain=0.01)])
 def test_cached_training_equals_recomputing_everything_at_every_step(rule, name, batch_norm):
     """Training with the flow's work cached between flow steps ends with exactly the weights
     (and running statistics) of training that rebuilds the noise with a graph at every
@@ -272,9 +273,11 @@ def test_cached_training_equals_recomputing_everything_at_every_step(rule, name,
         opt_f = torch.optim.Adam(learned, 1e-2) if learned else None
         c = fce.Contrast(flow, 64, seed=7, gauss=g, mix=0.5, window=window)
         batch_at = lambda s: data[(s % 8) * 64:(s % 8 + 1) * 64]  # noqa: E731
-        whos = []
+        whos, acc, T = [], math.nan, rule.threshold
         for step in range(60):
-            r = fce.fce_step(ebm, c, step, batch_at(step), batch_at, opt_e, opt_f, rule)
+            r = fce.fce_step(ebm, c, step, batch_at(step), batch_at, opt_e, opt_f, rule,
+                             rule.flow_turn(step, acc, T))
+            acc, T = float(r.accuracy_flow), rule.next_threshold(T, r.flow)
             whos.append((r.ebm, r.flow))
         results.append(([p.detach().clone() for p in [*ebm.parameters(), *flow.parameters()]]
                         + [b.clone() for b in flow.buffers()], whos))
@@ -308,9 +311,10 @@ def test_noise_passes_leave_the_flow_as_it_was(name, batch_norm):
 
 
 def test_a_flow_that_stops_stepping_far_from_the_data_is_reported(tmp_path, capsys):
-    """Under the threshold rule a threshold just below 1 is never reached by an untrained
-    flow: the run says that the flow has stopped learning."""
-    code, out = run(tmp_path, "--rule", "threshold", "--threshold", "0.999", "--epoch", "2",
+    """Under the threshold rule a fixed threshold just below 1 is never reached by an
+    untrained flow: the run says that the flow has stopped learning."""
+    code, out = run(tmp_path, "--rule", "threshold", "--threshold", "0.999", "--flow_target", "0",
+                    "--epoch", "2",
                     "--eval_every", "1")
     assert code == 0
     assert "has stopped learning" in capsys.readouterr().out
@@ -355,7 +359,8 @@ def test_step_cost_times_every_kind_side_by_side():
     lines = bench_fce.step_cost(flows=("maf",), blocks=1, per_block=2)
     kinds = [ln.split(" | ")[0].lstrip("| ") for ln in lines if ln.startswith("| ")][1:]
     assert kinds == ["nce step", "fce-maf: EBM step (cached noise)",
-                     "fce-maf: noise pass (one per flow update)", "fce-maf: EBM + flow step"]
+                     "fce-maf: noise pass (one per flow update)", "fce-maf: EBM + flow step",
+                     "fce-maf: flow step alone (threshold rule)"]
 
 
 def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
@@ -392,3 +397,28 @@ def test_resume_refuses_a_checkpoint_of_the_old_mixed_noise_rule(tmp_path, capsy
         train.main(["--resume", str(out), "--epoch", "2"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "old step rule" in err and len(err.splitlines()) == 1
+
+
+def test_bench_targets_count_the_sets_met_at_equal_iterations_and_rules_sit_side_by_side():
+    """FCE-MAF's EBM meets its target on a set when its KL is below NCE's at equal iterations
+    or within the larger sd; its flow when its NLL is within 0.1 nats of the MAF alone; the
+    rules table puts every fce-maf* rule's EBM, flow and flow-step fraction side by side."""
+    def a(label, ds, **kw):
+        return {"label": label, "dataset": ds, **kw}
+    agg = [a("nce", "moons", kl_ebm=0.01), a("nce", "rings", kl_ebm=0.02),
+           a("fce-maf", "moons", kl_ebm=0.012, kl_ebm_sd=0.003, nll_flow=2.5,
+             flow_step_fraction=0.33, flow_steps=330, steps=1000),
+           a("fce-maf", "rings", kl_ebm=0.30, kl_ebm_sd=0.01, nll_flow=2.9,
+             flow_step_fraction=0.35, flow_steps=350, steps=1000),
+           a("fce-maf-every", "moons", kl_ebm=0.02, kl_ebm_sd=0.0, nll_flow=2.45,
+             flow_steps=400, steps=1200),
+           a("mle-maf", "moons", nll_flow=2.45), a("mle-maf", "rings", nll_flow=2.7)]
+    nce_iters = [{"label": "nce", "dataset": "moons", "seed": s, "kl_ebm": v, "steps": 1000}
+                 for s, v in ((0, 0.010), (1, 0.011))]
+    nce_iters += [{"label": "nce", "dataset": "rings", "seed": 0, "kl_ebm": 0.1, "steps": 1000}]
+    lines = bench_fce.targets(agg, nce_iters)
+    assert lines[-1].split("|")[4].strip() == "1 of 2"  # moons met, rings missed
+    assert lines[-1].split("|")[6].strip() == "1 of 2"  # moons +0.05, rings +0.2
+    rules = "\n".join(bench_fce.rules(agg))
+    assert "| moons | fce-maf | 0.0120 ± 0.0030 | +0.050 | 0.33 | 1000 |" in rules
+    assert "| moons | fce-maf-every | 0.0200 ± 0.0000 | +0.000 | 0.33 | 1200 |" in rules

@@ -49,11 +49,14 @@ def test_short_run_writes_everything(tmp_path):
         assert abs(2000 * r["accuracy"] - round(2000 * r["accuracy"])) < 1e-3
         assert abs(5 * r["ebm_step_fraction"] - round(5 * r["ebm_step_fraction"])) < 1e-9
         assert 0 <= r["accuracy_flow"] <= 1
-    # the default rule: the EBM at every iteration, the flow at every --flow_every-th
-    every = cfg["flow_every"]
-    assert cfg["rule"] == "every"
-    assert sum(r["flow_step_fraction"] for r in train_rows) * 5 == 20 // every
-    assert all(r["ebm_step_fraction"] == 1 for r in train_rows)
+    # the default rule: the threshold, moved to keep the flow at --flow_target of the steps;
+    # one model per iteration, the rows carry the threshold, the summary the flow's share
+    assert cfg["rule"] == "threshold" and 0 < cfg["flow_target"] < 1
+    assert all(r["ebm_step_fraction"] + r["flow_step_fraction"] == 1 for r in train_rows)
+    assert all(0.5 <= r["threshold"] < 1 for r in train_rows)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["flow_steps"] + summary["ebm_steps"] == summary["steps"] == 20
+    assert summary["flow_step_fraction"] == summary["flow_steps"] / 20
     ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["step"] == 20 and ckpt["epoch"] == 2
     # the offline wandb log is readable without a server
@@ -224,6 +227,8 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
     (["--rule", "threshold", "--threshold", "0.5"], "(0.5, 1)"),
     (["--rule", "threshold", "--threshold", "0.3"], "(0.5, 1)"),
     (["--rule", "sometimes"], "invalid choice"),
+    (["--flow_target", "1"], "(0, 1)"),
+    (["--flow_target", "1.5"], "[0, 1]"),
     (["--flow_every", "0"], "positive"),
     (["--batch", "0"], "positive"),
     (["--samples", "-5"], "positive"),
