@@ -45,6 +45,7 @@ ESTIMATORS = {  # label: train.py flags on top of its defaults
     "mle-nsf": ["--estimator", "mle", "--flow", "nsf"],
     "dsm": ["--estimator", "dsm"],
     "ssm": ["--estimator", "ssm"],
+    "tilt": ["--estimator", "tilt"],  # an MLE flow, then an EBM tilt of it (tilt.FlowTilt)
 }
 DEFAULT_ESTIMATORS = ("nce", "fce-maf", "fce-glow", "fce-nsf", "mle-maf")
 TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", "moons",
