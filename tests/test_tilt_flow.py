@@ -152,6 +152,7 @@ def test_tilt_step_descends_and_refuses_non_finite():
     (-90.0, -95.0, 1.0, -90.9, True),    # IS agrees with forward AIS within 1 nat
     (-90.0, -95.0, 1.0, -91.1, False),
     (-90.0, -89.5, 100.0, None, True),   # a negative gap counts by its width
+    (-90.0, -80.0, 100.0, None, False),  # ... a wide one fails (the reverse end broke)
 ])
 def test_trust(upper, lower, ess, second, want):
     got = tasks.trust(upper, lower, upper - lower, ess, 200, second)["ll_ebm_trusted"]
