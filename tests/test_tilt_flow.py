@@ -284,3 +284,43 @@ def test_base_run_is_the_frozen_base_and_bad_bases_are_one_line(tmp_path, capsys
             _run(tmp_path, *SMALL_2D, "--estimator", "tilt", "--base_run", *argv, name="bad")
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and needle in err and "\n" not in err, err
+
+
+def test_select_keeps_the_best_scoring_weights_and_stops_on_patience():
+    """Early stopping on scripted validation scores 1, 3, 2, 0: the weights of the second call
+    are kept (a copy, not a live reference), the counter runs from there, patience 2 stops."""
+    import types
+
+    scores = iter([1.0, 3.0, 2.0, 0.0])
+    task = types.SimpleNamespace(validate=lambda ebm, flow, y=None: next(scores))
+    flow = torch.nn.Linear(1, 1)
+    loop = {**train.SELECTION, "phase": None, "step": 0}
+    args = types.SimpleNamespace(patience=2, base_share=0.5, base_flows=1)
+    run = types.SimpleNamespace(log=types.SimpleNamespace(log=lambda *a, **k: None))
+    weights = []
+    for k in range(4):
+        with torch.no_grad():
+            flow.weight.fill_(float(k))
+        weights.append(float(k))
+        train.select(args, run, loop, task, None, flow, None, 0.0)
+        assert loop["stopped"] == (k == 3)
+    assert loop["best_val"] == 3.0 and loop["since_best"] == 2
+    train.restore_best(loop, {"flow": flow})
+    assert float(flow.weight) == 1.0
+
+
+def test_unbounded_ray_finds_energies_without_a_normaliser_only():
+    """f = |y|_1 grows along every ray (a normaliser exists on R^D): no ray is reported;
+    f = -0.5 sum(y) falls along +e_i: reported."""
+    import ais
+
+    class F(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, y):
+            return self.fn(y)
+
+    assert ais.unbounded_ray(F(lambda y: y.abs().sum(-1)), 8) is None
+    assert ais.unbounded_ray(F(lambda y: -0.5 * y.sum(-1)), 8) is not None
