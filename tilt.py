@@ -167,22 +167,28 @@ class FlowTilt(torch.nn.Module):
     learned c is NCE's guess of log Z (log p - log q0 = -g - c is NCE's logit). With
     `box=True` (images) p lives on the box [-1, 1]^D, as every image EBM here: g is +inf
     outside it (`g_box`), so Z = E_q0[exp(-g) 1_box] and base samples outside carry no
-    weight. Training touches g only: the base is frozen while g learns, so its samples can be
+    weight. With `bound` B, g is squashed to (-B, B): a correction of the base, not a new
+    density (an unbounded g learns spikes where the base rarely samples, and a larger sample
+    of the base then finds them: importance weights with an ESS of 1). Training touches g only: the base is frozen while g learns, so its samples can be
     drawn once into a bank. log Z comes from importance sampling from q0 (`log_Z_is`),
     cross-checked by AIS from q0 (ais.loglik_bracket with q0 as the base: the path
     q0 exp(-b g))."""
 
-    def __init__(self, base, g, box=False):
+    def __init__(self, base, g, box=False, bound=None):
         super().__init__()
-        self.base, self.g, self.box = base, g, box
+        self.base, self.g, self.box, self.bound = base, g, box, bound
 
     @property
     def c(self):
         return self.g.c
 
     def g_box(self, x):
-        """g(x), and +inf outside [-1, 1]^D when the tilt lives on the box."""
+        """g(x) (B tanh(g / B) with a `bound` B: the tilt reweights the base by at most
+        e^(2B), so its importance weights cannot grow without bound where the base rarely
+        samples), and +inf outside [-1, 1]^D when the tilt lives on the box."""
         g = self.g(x)
+        if self.bound:
+            g = self.bound * torch.tanh(g / self.bound)
         if not self.box:
             return g
         inside = ((x >= -1) & (x <= 1)).all(-1)

@@ -149,6 +149,9 @@ def build_parser():
                         "ends sooner when its validation score stops improving (images)")
     config.add_flag(p, "--ebm_on_flow", help="fce: the EBM is a tilt of FCE's own flow, "
                     "p = q_flow exp(-g - c) (tilt.FlowTilt), scored like a tilt")
+    p.add_argument("--tilt_bound", type=config.positive_float, default=4.0,
+                   help="tilt: |g| < B (B tanh(g / B)): the tilt reweights its base by at most "
+                        "e^(2B)")
     p.add_argument("--base_flows", type=config.positive_int, default=None,
                    help="tilt: the base is an equal mixture of this many flows trained one "
                         "after another (flows.FlowMixture), each early-stopped; default 1, "
@@ -287,7 +290,7 @@ def make_models(args, x_fit, device):
         import tilt
         torch.nn.init.zeros_(ebm.net[-1].weight)
         torch.nn.init.zeros_(ebm.net[-1].bias)
-        ebm = tilt.FlowTilt(flow, ebm, box=args.dataset in tasks.IMAGES)
+        ebm = tilt.FlowTilt(flow, ebm, box=args.dataset in tasks.IMAGES, bound=args.tilt_bound)
     return ebm, flow
 
 
@@ -368,7 +371,7 @@ def specs(ebm, flow):
     energy = getattr(ebm, "g", ebm)
     return {**({"flow_spec": flow.spec()} if flow is not None else {}),
             **({"ebm_spec": energy.spec()} if ebm is not None else {}),
-            **({"tilt": {"box": ebm.box}} if energy is not ebm else {})}
+            **({"tilt": {"box": ebm.box, "bound": ebm.bound}} if energy is not ebm else {})}
 
 
 # ----------------------------------------------------------------------------- main
@@ -586,7 +589,7 @@ def select(args, run, loop, task, ebm, flow, bank, progress):
     if image:
         score = task.validate(ebm, flow, bank.y_val) if loop["phase"] == "tilt" else \
             task.validate(None, modules["flow"])  # the flow in training (a base flow k)
-        if score > loop["best_val"]:
+        if score > loop["best_val"] and (loop["phase"] != "tilt" or tilt_ess_ok(ebm, bank)):
             loop.update(best_val=score, best_state=copy.deepcopy(
                 {k: m.state_dict() for k, m in modules.items()}), since_best=0)
         else:
@@ -615,6 +618,14 @@ def select(args, run, loop, task, ebm, flow, bank, progress):
             select(args, run, loop, task, ebm, flow, bank, progress)  # g = 0 scores first
     elif patience_out:
         loop["stopped"] = True
+
+
+def tilt_ess_ok(ebm, bank, floor=0.01):
+    """Whether the validation log Z rests on at least `floor` of its importance samples (ESS):
+    a tilt whose weights degenerate is not selected, however well it scores."""
+    import tilt
+
+    return tilt.log_Z_is(ebm.g_box, bank.y_val)[1] >= floor * len(bank.y_val)
 
 
 def join_mixture(flow, k, task=None):
