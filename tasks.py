@@ -173,7 +173,9 @@ class Images:
 
     def tilt_scores(self, tilt_ebm, final, n_is=None):
         """A tilted EBM p = q0 exp(-g) / Z (tilt.FlowTilt): its test log-likelihood with log Z
-        by importance sampling from the base (`ll_ebm_is`, `is_ess`, `is_se` in nats), and at
+        by importance sampling from the base (`ll_ebm_is`, `is_ess`, `is_se` in nats), its gain
+        over the base on the same footing (`tilt_gain`: against the base renormalised to the
+        box by the share of the same samples inside it), and at
         the final evaluation the AIS bracket from the base to the tilt (a second estimate: HMC
         moves the chains) and the verdict `ll_ebm_trusted` (`trust`)."""
         import ais
@@ -183,9 +185,11 @@ class Images:
         y = tilt.base_samples(tilt_ebm.base, n_is, gen)
         log_Z, ess, se = tilt.log_Z_is(tilt_ebm.g_box, y)
         ll = self.nats(tilt.tilt_log_prob(tilt_ebm, self.x_test, log_Z).mean())
+        share = max(float(((y >= -1) & (y <= 1)).all(1).double().mean()), 1.0 / n_is)
+        base_box = self.nats(tilt_ebm.base.log_prob(self.x_test).double().mean()) \
+            - math.log(share)  # the base restricted and renormalised to the box, as the tilt
         m = {"ll_ebm": ll, "ll_ebm_is": ll, "log_Z_is": log_Z, "is_ess": ess,
-             "is_ess_fraction": ess / n_is, "is_se": se,
-             "tilt_gain": ll - self.nats(tilt_ebm.base.log_prob(self.x_test).double().mean())}
+             "is_ess_fraction": ess / n_is, "is_se": se, "tilt_gain": ll - base_box}
         if final:  # AIS from the base q0 to q0 exp(-g): HMC on the box, weights in float64
             kw = dict(self.ais, n_temps=min(self.ais["n_temps"], TILT_AIS_TEMPS))
             with torch.no_grad():

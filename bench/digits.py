@@ -173,6 +173,8 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
                  ais_ess=b["ais_ess"], **{k: b[k] for k in ("c_gap", "tilt_gain", "is_ess")
                                           if k in b})
         s["ll_ebm"] = b.get("ll_ebm", b["ll_ebm_upper"])
+        if "tilt_gain" in b and "ll_flow_box" in s:  # over the base on the box
+            s["tilt_gain"] = s["ll_ebm"] - s["ll_flow_box"]
         s["trusted"] = float(b.get("ll_ebm_trusted", tasks.trust(
             b["ll_ebm_upper"], b["ll_ebm_lower"], b["ais_gap"], b["ais_ess"],
             task.ais["n_chains"], b.get("ll_ebm_c"))["ll_ebm_trusted"]))
