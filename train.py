@@ -64,7 +64,7 @@ OTHER_LRS = {"lr_ebm": 2e-3, "lr_flow": 3e-3}
 THRESHOLD_WINDOW = 4
 # sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
 IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_every": 100,
-                  "lr_flow": 1e-3, "base_flows": 5,
+                  "lr_flow": 1e-3, "base_flows": 5, "epoch": 1000,
                   "plot_every": 100}  # an epoch of the digits is 4 iterations
 TILT_LOSSES = ("ml", "nce")
 
@@ -80,7 +80,9 @@ def build_parser():
     p.add_argument("--flow", default=None, choices=[*LEARNED_FLOWS, "gaussian"],
                    help="noise model (fce) or model (mle); default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_FLOW.items()))
-    p.add_argument("--epoch", type=config.positive_int, default=12, help="number of epochs")
+    p.add_argument("--epoch", type=config.positive_int, default=None,
+                   help="number of epochs (default 12; images 1000, an epoch of the digits "
+                        "being 4 iterations)")
     p.add_argument("--budget", type=config.positive_float, default=None,
                    help="CPU-seconds of training after which the run ends (default: none); "
                         "the learning-rate schedule then follows the spent fraction")
@@ -207,6 +209,8 @@ def resolve_estimator(args):
         args.flow_hidden = IMAGE_DEFAULTS["flow_hidden"] if image else [64, 64]
     if args.base_flows is None:
         args.base_flows = IMAGE_DEFAULTS["base_flows"] if image else 1
+    if args.epoch is None:
+        args.epoch = IMAGE_DEFAULTS["epoch"] if image else 12
     if args.eval_every is None:
         args.eval_every = IMAGE_DEFAULTS["eval_every"] if image else 2
     if args.plot_every is None:
