@@ -15,14 +15,7 @@ import tasks
 import tilt
 import train
 from ebm import EBM
-
-
-def _randomised(flow, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return flow
+from test_flows import randomise
 
 
 # ----------------------------------------------------------------------------- the box
@@ -33,8 +26,8 @@ def test_box_flow_is_a_density_on_the_box(name):
     over E on the float64 grid."""
     torch.manual_seed(0)
     kw = {"n_steps": 2} if name == "glow" else {"n_blocks": 2}
-    flow = _randomised(flows.build_flow(name, torch.rand(64, 2) * 2 - 1, box=True, dim=2,
-                                        hidden=[16], **kw), scale=0.15).double()
+    flow = randomise(flows.build_flow(name, torch.rand(64, 2) * 2 - 1, box=True, dim=2,
+                                      hidden=[16], **kw), scale=0.15).double()
     x = torch.rand(5, 2, dtype=torch.float64) * 1.9 - 0.95
     z, ld = flow(x)
     jac = torch.stack([torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], xi)
