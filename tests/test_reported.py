@@ -143,7 +143,8 @@ def test_fce_metrics_rows_and_summary_are_the_averages_of_the_iterations(tmp_pat
 
     monkeypatch.setattr(fce, "fce_step", step)
     out = tmp_path / "run"
-    assert train.main([*TINY, "--out_dir", str(out), "--image_dir", str(tmp_path / "i")]) == 0
+    assert train.main([*TINY, "--lr_ebm", "2e-3", "--lr_flow", "3e-3", "--out_dir", str(out),
+                       "--image_dir", str(tmp_path / "i")]) == 0
     assert calls == list(range(10))
     rows = [r for r in read_metrics(out) if "value" in r]
     assert [r["step"] for r in rows] == [5, 10]
