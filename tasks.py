@@ -185,7 +185,7 @@ class Images:
         y = tilt.base_samples(tilt_ebm.base, n_is, gen)
         log_Z, ess, se = tilt.log_Z_is(tilt_ebm.g_box, y)
         ll = self.nats(tilt.tilt_log_prob(tilt_ebm, self.x_test, log_Z).mean())
-        share = max(float(((y >= -1) & (y <= 1)).all(1).double().mean()), 1.0 / n_is)
+        share = share_in_box(y)
         base_box = self.nats(tilt_ebm.base.log_prob(self.x_test).double().mean()) \
             - math.log(share)  # the base restricted and renormalised to the box, as the tilt
         m = {"ll_ebm": ll, "ll_ebm_is": ll, "log_Z_is": log_Z, "is_ess": ess,
@@ -204,10 +204,9 @@ class Images:
         return m
 
     def box_share(self, flow, n=10000):
-        """Q(box): the share of n samples of the flow inside [-1, 1]^D (at least 1/n)."""
+        """Q(box): the share of n samples of the flow inside [-1, 1]^D (`share_in_box`)."""
         with torch.no_grad():
-            x = torch.cat([flow.sample(1000) for _ in range(n // 1000)])
-        return max(float(((x >= -1) & (x <= 1)).all(1).double().mean()), 1.0 / n)
+            return share_in_box(torch.cat([flow.sample(1000) for _ in range(n // 1000)]))
 
     def bracket(self, ebm):
         """The EBM's test log-likelihood bracket by AIS on the box (ais.box_bracket: whitened
@@ -260,13 +259,20 @@ def validation_split(x_train, fraction=VAL_FRACTION):
     return x_train[perm[n_val:]], x_train[perm[:n_val]]
 
 
+def share_in_box(y):
+    """The share of the rows y inside [-1, 1]^D (tilt.in_box), at least 1 / len(y)."""
+    import tilt
+
+    return max(float(tilt.in_box(y).double().mean()), 1.0 / len(y))
+
+
 def trust(upper, lower, gap, ess, n_chains, second=None, tol=TRUST_NATS):
-    """Whether an EBM's test log-likelihood can be cited, and its best estimate: trusted when
+    """Whether an EBM's test log-likelihood can be cited: trusted when
     a second, independent estimate (`second`: importance sampling from a tilt's base, or the
     learned c) agrees with the forward-AIS end `upper` within `tol` nats, or when the AIS
     bracket is at most `tol` nats wide (either sign) with a forward ESS of at least
-    TRUST_ESS of the chains. The best estimate is `second` for a tilt, else the forward-AIS
-    end (unbiased for Z, as importance sampling is)."""
+    TRUST_ESS of the chains. (The best estimate, `ll_ebm`, is the importance-sampling one for
+    a tilt, else the forward-AIS end: both unbiased for Z.)"""
     agree = second is not None and abs(second - upper) <= tol
     tight = abs(gap) <= tol and ess >= TRUST_ESS * n_chains
     return {"ll_ebm_trusted": bool(agree or tight)}

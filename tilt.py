@@ -158,6 +158,11 @@ def fit_tilt(E, x_pos, sample_base, steps, objective="ml", lr=1e-3, batch=None, 
 
 
 # ----------------------------------------------------------------------------- tilts of a flow
+def in_box(x):
+    """Rows of x (N, D) inside the images' closed box [-1, 1]^D, shape (N,) bool."""
+    return ((x >= -1) & (x <= 1)).all(-1)
+
+
 class FlowTilt(torch.nn.Module):
     """An EBM built on a flow: the exponential tilt of a base flow q0 by a learned energy g,
 
@@ -191,8 +196,7 @@ class FlowTilt(torch.nn.Module):
             g = self.bound * torch.tanh(g / self.bound)
         if not self.box:
             return g
-        inside = ((x >= -1) & (x <= 1)).all(-1)
-        return torch.where(inside, g, torch.full_like(g, math.inf))
+        return torch.where(in_box(x), g, torch.full_like(g, math.inf))
 
     def forward(self, x):
         """The energy f(x) = g(x) - log q0(x), shape (N,)."""

@@ -547,7 +547,7 @@ class Bank:
         self.flow.eval()
         gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
         y = tilt.base_samples(self.flow, self.n, gen)
-        self.y = y[torch.isfinite(self.tilt.g_box(y))] if self.tilt.box else y  # in the box
+        self.y = y[tilt.in_box(y)] if self.tilt.box else y  # where the tilt lives
         self.y_val = tilt.base_samples(self.flow, tasks.VAL_IS, gen)
         return self
 
