@@ -58,9 +58,9 @@ def samples(x, bound=datasets.BOUND, bins=150, cmap="viridis"):
 
 def images(x, shape, nrow=10):
     """Panel drawer: flattened images x (N, C*H*W) in [-1, 1] tiled nrow to a row, grey."""
-    import mcmc_images  # image runs only
+    import image_data  # image runs only
 
-    grid = mcmc_images.grid_array(x, shape, nrow)
+    grid = image_data.grid_array(x, shape, nrow)
 
     def draw(ax):
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")

@@ -1,6 +1,6 @@
 """Reference densities of dequantised images: the rungs of the digits ladder that every
 learned model must beat (docs/digits.md). Each is fitted on the training images only and
-scored in nats per image on the [0, L) scale of dequantize.py, so its numbers sit in the same
+scored in nats per image on the [0, L) scale of image_data.py, so its numbers sit in the same
 column as the flows' and the EBMs'.
 
 - uniform on [0, L)^D:                    log p = -D log L
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-import dequantize
+import image_data
 
 PSEUDO_COUNTS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -29,8 +29,8 @@ def uniform(D: int, L: int) -> float:
 
 def categorical_log_probs(x_train, L: int, a: float) -> torch.Tensor:
     """(D, L) log P_i(k) of the independent per-pixel categorical with pseudo-count a, from
-    lattice images x_train (N, D) in [-1, 1] (dequantize.levels)."""
-    k = dequantize.levels(x_train, L).long()
+    lattice images x_train (N, D) in [-1, 1] (image_data.levels)."""
+    k = image_data.levels(x_train, L).long()
     counts = torch.zeros(k.shape[1], L, dtype=torch.float64)
     counts.scatter_add_(1, k.T, torch.ones(k.T.shape, dtype=torch.float64))
     return torch.log(counts + a) - math.log(len(k) + L * a)
@@ -40,7 +40,7 @@ def categorical(x_train, x_eval, L: int, a: float) -> float:
     """Mean log-likelihood of lattice images x_eval (N, D) under the categorical fitted to
     x_train, nats per image (= the dequantised density's, cells of width 1)."""
     log_p = categorical_log_probs(x_train, L, a)
-    k = dequantize.levels(x_eval, L).long()
+    k = image_data.levels(x_eval, L).long()
     return float(log_p.gather(1, k.T).sum(0).mean())
 
 
@@ -55,7 +55,7 @@ def gaussian(y_fit, y_eval, L: int, ridge: float = 1e-4) -> float:
     y = y_fit.double()
     cov = torch.cov(y.T) + ridge * torch.eye(y.shape[1], dtype=torch.float64)
     dist = torch.distributions.MultivariateNormal(y.mean(0), covariance_matrix=cov)
-    return float(dequantize.to_nats(dist.log_prob(y_eval.double()).mean(), y.shape[1], L))
+    return float(image_data.to_nats(dist.log_prob(y_eval.double()).mean(), y.shape[1], L))
 
 
 def ladder(task) -> dict:

@@ -15,7 +15,7 @@ one-line error, exit status 2 (the scaffold's conventions, without a run folder)
 
 Image runs (train_mcmc.py --dataset digits|mnist) are sampled the same way, the images as
 flattened rows, and at each step of --save_at the chains are scored with the run's dataset
-metric (mcmc_images.SampleMetric: Frechet distance to held-out images and its ratio to the
+metric (image_metrics.SampleMetric: Frechet distance to held-out images and its ratio to the
 real-data floor at the same n, label TV) and a grid of the first 100 is saved:
 
     python sample_mcmc.py --run runs/mcmc-digits-convergent --sampler ula --init data \
@@ -38,10 +38,12 @@ import checkpoint
 import config
 import datasets
 import diagnostics
-import mcmc_images
+import image_data
+import image_metrics
 import plots
 import scaffold
 import util
+from ebm import load_image_ebm
 from samplers import ConvEnergy, Energy, chain_starts, langevin, mala
 
 SCRIPT = scaffold.Script("sample_mcmc.py", resumable=False)
@@ -142,7 +144,7 @@ def main(argv=None):
         run = checkpoint.load_run(args.run, device=device, script="train_mcmc.py")
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--run: {e}")
-    image = run.config.get("dataset") in mcmc_images.IMAGE_DATASETS
+    image = run.config.get("dataset") in image_data.IMAGE_DATASETS
     if image and args.kde_bw is not None:
         config.fail("--kde_bw is for 2D runs; image runs are scored by the sample metric")
     if not image and args.save_at is not None:
@@ -232,9 +234,9 @@ def sample_images(args, run, device, signals):
     save_at = sorted(set(save_at) | {args.steps})
     eps = args.eps or cfg["eps"]
     try:
-        x_train, y_train, x_test, y_test = mcmc_images.load_images(
+        x_train, y_train, x_test, y_test = image_data.load_images(
             cfg["dataset"], cfg.get("mnist_images"), cfg.get("mnist_labels"))
-    except mcmc_images.DataError as e:
+    except image_data.DataError as e:
         config.fail(str(e))
     x_train, y_train = x_train[:cfg.get("n_train", len(x_train))], \
         y_train[:cfg.get("n_train", len(x_train))]
@@ -248,10 +250,10 @@ def sample_images(args, run, device, signals):
     stem = out
     claim_outputs(args, [stem + s for s in (".json", ".pt", ".png", "_curves.png")], frames=out)
     args.init_scale = scale
-    metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=n)
+    metric = image_metrics.SampleMetric(x_train, y_train, x_test, y_test, n=n)
     util.set_seed(args.seed)
     x = starts(args, run, n, x_train.shape[1], x_train, device)
-    net = mcmc_images.load_image_ebm(ckpt, device=device)
+    net = load_image_ebm(ckpt, device=device)
     U = ConvEnergy(net)  # image_ebm is U itself (scaled by 2 / eps^2 at training time)
     print(f"{name}: {args.sampler} eps={eps} T={args.temperature}, {n} chains, {args.steps} "
           f"steps from {args.init}; metric {metric.describe()}; saving at "
@@ -268,8 +270,8 @@ def sample_images(args, run, device, signals):
             m.update(step=done, energy_mean=float(u.mean()), x_min=float(x.min()),
                      x_max=float(x.max()), saturated=float((x.abs() >= 1).float().mean()))
             results.append(m)
-            grids.append(mcmc_images.save_grid(os.path.join(out, f"step_{done:06d}.png"),
-                                               x[:100], net.shape, title=f"step {done}"))
+            grids.append(image_data.save_grid(os.path.join(out, f"step_{done:06d}.png"),
+                                              x[:100], net.shape, title=f"step {done}"))
             print(f"step {done:6d}  FD {m['fd']:8.2f} ({m['fd_ratio']:.2f}x floor)  FD pixels {m['fd_pixels']:7.3f}  label TV "
                   f"{m['label_tv']:.3f}  energy {m['energy_mean']:+.4g}  pixels "
                   f"[{m['x_min']:+.2f}, {m['x_max']:+.2f}]"

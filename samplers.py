@@ -354,7 +354,7 @@ def _conv_layers(module):
 
 class ConvEnergy(Energy):
     """U(x) = scale * f(x) for a ConvNet energy f of flattened images x (N, C*H*W) -> (N,)
-    (e.g. mcmc_images.ConvEBM), with a fast `grad(x)`: the image counterpart of `Energy`.
+    (e.g. ebm.ConvEBM), with a fast `grad(x)`: the image counterpart of `Energy`.
 
     Images travel flattened, so `langevin` and `mala` run on them unchanged (r_t is then the
     mean per-image norm of dF/dx over all pixels). When f.net is an nn.Sequential of Conv2d

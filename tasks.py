@@ -9,22 +9,22 @@ the EBM's annealed-importance-sampling bracket).
     m = task.evaluate(ebm, flow, final)     # a dict of numbers (format_metrics prints it)
     task.figure(path, ebm, flow, title)     # the epoch's figure
 
-Images (dequantize.py has the maths): the training rows stay on their grey-level lattice and
+Images (image_data.py has the maths): the training rows stay on their grey-level lattice and
 are dequantised afresh for every batch, from a generator seeded by (seed, step), so a batch is
 the same numbers whenever it is asked for (FCE's cache asks ahead) and after a resume. The
-held-out images are dequantised once (dequantize.test_set). Scores, in nats per image on the
+held-out images are dequantised once (image_data.test_set). Scores, in nats per image on the
 [0, L) scale and bits per dimension:
 
     ll_flow              mean log q(y_test) + D log(2 / L)               (exact)
     ll_ebm_c             mean (-f(y_test) - c) + D log(2 / L)     (c: NCE/FCE's own log Z guess)
-    ll_ebm_lower/_upper  the AIS bracket (ais.loglik_bracket) at the final evaluation, with
+    ll_ebm_lower/_upper  the AIS bracket (annealing.loglik_bracket) at the final evaluation, with
                          ais_gap, log_Z_ais (forward) and ais_ess (forward ESS of the chains)
 
 An image EBM is a density on the box the dequantised images live in, [-1, 1]^D:
 p(y) = exp(-f(y)) / Z with Z = int_box exp(-f). (On all of R^D an MLP energy that falls
 linearly in some direction has no normaliser at all, and NCE's Gaussian noise never shows the
 EBM the far corners.) AIS runs in unconstrained coordinates z = atanh(y), whitened
-(`ais.BoxEnergy`, `ais.box_bracket`), where
+(`annealing.BoxEnergy`, `annealing.box_bracket`), where
 
     f_z(z) = f(tanh z) - sum_i log(1 - tanh^2 z_i),   int_R^D exp(-f_z) dz = Z,
 
@@ -43,8 +43,8 @@ import evaluation
 import plots
 import util
 
-# the image sets (dequantize.LEVELS's keys), named here so that a 2D run imports none of the
-# image modules (ais, dequantize, mcmc_images: imported where Images uses them)
+# the image sets (image_data.LEVELS's keys), named here so that a 2D run imports none of the
+# image modules (annealing, image_data, tilt: imported where Images uses them)
 IMAGES = ("digits", "mnist")
 
 
@@ -54,7 +54,8 @@ VAL_IS = 20_000  # base samples of a tilt's log Z before the final evaluation
 TILT_AIS_TEMPS = 50  # a tilt is a short path from its base: AIS temperatures at most
 TRUST_NATS = 1.0  # two estimates of an EBM's test log-likelihood agreeing within this are trusted
 TRUST_ESS = 0.1  # ... or a bracket that narrow with a forward ESS of this share of the chains
-AIS_COORDINATES = 2  # 1: atanh; 2: whitened atanh (ais.BoxEnergy); bench.digits rescores older
+# 1: atanh; 2: whitened atanh (annealing.BoxEnergy); bench.digits rescores older runs
+AIS_COORDINATES = 2
 
 
 def make_task(args, device):
@@ -100,40 +101,35 @@ class Images:
     """8x8 digits (or MNIST from local files) as a continuous density on [-1, 1]^D."""
 
     def __init__(self, args, device):
-        import dequantize
-        import mcmc_images
+        import image_data
 
-        try:
-            x_train, _, x_test, _ = mcmc_images.load_images(
-                args.dataset, getattr(args, "mnist_images", None),
-                getattr(args, "mnist_labels", None))
-        except mcmc_images.DataError as e:
-            raise ValueError(str(e)) from None
+        x_train, _, x_test, _ = image_data.load_images(  # DataError is a ValueError
+            args.dataset, getattr(args, "mnist_images", None), getattr(args, "mnist_labels", None))
         self.dataset, self.device, self.seed = args.dataset, device, args.seed
-        self.L, self.shape = dequantize.LEVELS[args.dataset], mcmc_images.image_shape(args.dataset)
+        self.L, self.shape = image_data.LEVELS[args.dataset], image_data.image_shape(args.dataset)
         x_train, x_val = validation_split(x_train)
         self.dim, self.n_train = x_train.shape[1], len(x_train)
         self.x_train = x_train.to(device)
-        self.x_val = dequantize.dequantize(x_val, self.L, torch.Generator().manual_seed(
+        self.x_val = image_data.dequantize(x_val, self.L, torch.Generator().manual_seed(
             VAL_SEED)).to(device)
-        self.x_test = dequantize.test_set(x_test, self.L).to(device)
+        self.x_test = image_data.test_set(x_test, self.L).to(device)
         self.x_val_lattice, self.x_test_lattice = x_val, x_test  # grey levels (references.py)
-        self.x_fit = dequantize.dequantize(x_train, self.L,
+        self.x_fit = image_data.dequantize(x_train, self.L,
                                            torch.Generator().manual_seed(args.seed)).to(device)
         self.ais = dict(n_chains=args.ais_chains, n_temps=args.ais_temps, repeats=2)
         self.is_samples = getattr(args, "is_samples", 100_000)
 
     def batch(self, idx, step):
         """Training rows idx dequantised with the draws of iteration `step`."""
-        import dequantize
+        import image_data
 
         gen = torch.Generator().manual_seed(((self.seed + 7919) * 1_000_003 + step) % 2 ** 63)
-        return dequantize.dequantize(self.x_train[idx], self.L, gen)
+        return image_data.dequantize(self.x_train[idx], self.L, gen)
 
     def nats(self, log_p_y):
-        import dequantize
+        import image_data
 
-        return float(dequantize.to_nats(log_p_y, self.dim, self.L))
+        return float(image_data.to_nats(log_p_y, self.dim, self.L))
 
     @torch.no_grad()
     def evaluate(self, ebm, flow, final=False):
@@ -178,7 +174,7 @@ class Images:
         box by the share of the same samples inside it), and at
         the final evaluation the AIS bracket from the base to the tilt (a second estimate: HMC
         moves the chains) and the verdict `ll_ebm_trusted` (`trust`)."""
-        import ais
+        import annealing
         import tilt
         n_is = n_is or (self.is_samples if final else VAL_IS)
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
@@ -193,7 +189,7 @@ class Images:
         if final:  # AIS from the base q0 to q0 exp(-g): HMC on the box, weights in float64
             kw = dict(self.ais, n_temps=min(self.ais["n_temps"], TILT_AIS_TEMPS))
             with torch.no_grad():
-                br = ais.loglik_bracket(tilt_ebm, tilt_ebm.base, self.x_test, **kw)
+                br = annealing.loglik_bracket(tilt_ebm, tilt_ebm.base, self.x_test, **kw)
             lower, upper = self.nats(br.lower), self.nats(br.upper)
             m.update(ll_ebm_lower=lower, ll_ebm_upper=upper, ais_gap=br.gap,
                      ais_ess=float(br.forward.ess.min()), ais_acceptance=br.forward.acceptance,
@@ -209,12 +205,12 @@ class Images:
             return share_in_box(torch.cat([flow.sample(1000) for _ in range(n // 1000)]))
 
     def bracket(self, ebm):
-        """The EBM's test log-likelihood bracket by AIS on the box (ais.box_bracket: whitened
+        """The EBM's test log-likelihood bracket by AIS on the box (annealing.box_bracket: whitened
         atanh coordinates fitted to x_fit, float64 chains), in nats per image and bits per
         dimension (module docstring)."""
-        import ais
+        import annealing
 
-        br = ais.box_bracket(_float64(ebm), self.x_fit, self.x_test, **self.ais)
+        br = annealing.box_bracket(_float64(ebm), self.x_fit, self.x_test, **self.ais)
         lower, upper = self.nats(br.lower), self.nats(br.upper)
         bits = self.dim * math.log(2)
         return {"ll_ebm_lower": lower, "ll_ebm_upper": upper, "ais_gap": br.gap,
@@ -226,7 +222,7 @@ class Images:
 
     def samples(self, ebm, n=100, n_temps=100):
         """n samples of the EBM on the box: for a tilt, importance resampling of 100 n base
-        samples with weights exp(-g) (tilt.snir); else ais.box_samples: forward-AIS chains in
+        samples with weights exp(-g) (tilt.snir); else annealing.box_samples: forward-AIS chains in
         the whitened atanh coordinates after n_temps annealing steps, mapped back to y
         (approximate unless n_temps is large)."""
         if is_tilt(ebm):
@@ -234,9 +230,9 @@ class Images:
             with torch.no_grad():
                 y = ebm.base.sample(100 * n)
                 return y[tilt.snir(-ebm.g_box(y), n)[0]]
-        import ais
+        import annealing
 
-        return ais.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
+        return annealing.box_samples(_float64(ebm), self.x_fit, n, n_temps).float()
 
     def figure(self, path, ebm, flow, title):
         panels = [("data (held out)", plots.images(self.x_test[:100], self.shape))]

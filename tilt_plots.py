@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import image_data  # noqa: E402
 from gridmath import grid_points  # noqa: E402
 
 
@@ -77,18 +78,14 @@ def latent_panels(path, z_data, labels, tilts, bound=3.0, n=120, title=None):
 
 def image_grids(path, grids, rows=8, title=None):
     """Square grids of images side by side: `grids` {panel title: images (N, H*W) in [0, 1]}
-    (the first rows^2 of each)."""
+    (the first rows^2 of each), tiled by image_data.grid_array, ink dark on white."""
     k = len(grids)
     fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.6 + (0.3 if title else 0)), squeeze=False)
     for ax, (name, x) in zip(axes.flat, grids.items()):
-        x = np.asarray(x)[: rows * rows]
-        side = int(math.isqrt(x.shape[1]))
-        canvas = np.zeros((rows * (side + 1), rows * (side + 1)))  # white gaps
-        for i, img in enumerate(x):
-            r, c = divmod(i, rows)
-            canvas[r * (side + 1): r * (side + 1) + side,
-                   c * (side + 1): c * (side + 1) + side] = img.reshape(side, side)
-        ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        x = torch.as_tensor(np.asarray(x)[: rows * rows], dtype=torch.float32)
+        side = math.isqrt(x.shape[1])
+        grid = image_data.grid_array(2 * x - 1, (1, side, side), nrow=rows)
+        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(name, fontsize=8)
     if title:

@@ -11,12 +11,12 @@ F an MLP. Each iteration:
 Diagnostics d_t = mean F(x+) - mean F(x-) and r_t = mean |dF/dx| along the chains are logged
 every iteration (diagnostics.py).
 
-Images (`--dataset digits|mnist`, mcmc_images.py): F is a ConvNet (`--net conv8` for 8x8
+Images (`--dataset digits|mnist`, image_data.py): F is a ConvNet (`--net conv8` for 8x8
 digits, `vanilla` for 28px MNIST padded to 32), images travel as flattened rows in [-1, 1],
 `samplers.ConvEnergy` gives the fast input gradient, and the persistent bank holds one chain
 per training image (at most --bank_size). Every evaluation scores n_eval short-run samples
 (Frechet distance on classifier features and pixels, its ratio to the real-data floor at the
-same n, label-histogram TV; mcmc_images.SampleMetric) and saves a grid of the current negatives; the grids become a gif at the end.
+same n, label-histogram TV; image_metrics.SampleMetric) and saves a grid of the current negatives; the grids become a gif at the end.
 
     python train_mcmc.py --config configs/mcmc_digits_nonconvergent.json
     python train_mcmc.py --dataset mnist --mnist_images train-images-idx3-ubyte.gz \
@@ -33,7 +33,7 @@ The run folder is runs/<--name> (the config files name their run), or with neith
 
 Checkpoints: "ebm"/"ebm_spec" hold U itself (the last layer scaled by 2 / eps^2), so
 `checkpoint.load_run` gives the model density exp(-ebm(x)) / Z; "F" holds the trained network.
-Image runs store U under "image_ebm"/"image_ebm_spec" instead (mcmc_images.load_image_ebm).
+Image runs store U under "image_ebm"/"image_ebm_spec" instead (ebm.load_image_ebm).
 """
 import copy
 import math
@@ -47,11 +47,12 @@ import config
 import datasets
 import diagnostics
 import evaluation
-import mcmc_images
+import image_data
+import image_metrics
 import plots
 import scaffold
 import util
-from ebm import ACTIVATIONS, EBM
+from ebm import ACTIVATIONS, EBM, ConvEBM, default_arch, load_image_ebm
 from samplers import ConvEnergy, Energy, chain_starts, langevin
 
 # a resumed run may change the `overridable` flags (none of them changes the training
@@ -83,7 +84,7 @@ def build_parser():
                         "default mcmc-<dataset>-<init>-eps<eps>-s<seed>-<time>")
     # data
     p.add_argument("--dataset", default="gmm",
-                   choices=list(datasets.NAMES) + list(mcmc_images.IMAGE_DATASETS))
+                   choices=list(datasets.NAMES) + list(image_data.IMAGE_DATASETS))
     p.add_argument("--n_train", type=config.positive_int, default=100000,
                    help="training samples (images: at most this many training images)")
     p.add_argument("--n_test", type=config.positive_int, default=10000,
@@ -96,7 +97,7 @@ def build_parser():
     p.add_argument("--act", default="leakyrelu", choices=list(ACTIVATIONS),
                    help="activation of F (2D datasets)")
     # images (--dataset digits / mnist)
-    p.add_argument("--net", default="auto", choices=["auto", *mcmc_images.ConvEBM.ARCHS],
+    p.add_argument("--net", default="auto", choices=["auto", *ConvEBM.ARCHS],
                    help="image energy: conv8 (8x8 digits) or vanilla (28px MNIST); auto picks")
     p.add_argument("--n_f", type=config.positive_int, default=16,
                    help="channels of the first conv layer (then 2x, 4x, ...)")
@@ -163,7 +164,7 @@ def check_args(args, argv):
         config.fail(f"--lr_min {args.lr_min} is above --lr {args.lr}; use lr_min <= lr")
     if args.init == "persistent" and args.bank_size < args.batch:
         config.fail(f"--bank_size {args.bank_size} is smaller than --batch {args.batch}")
-    image = args.dataset in mcmc_images.IMAGE_DATASETS
+    image = args.dataset in image_data.IMAGE_DATASETS
     if not args.resume:  # flags of the other kind of data would be ignored: refuse them
         unused = IMAGE_ONLY if not image else TOY_ONLY
         if args.dataset == "digits":
@@ -177,7 +178,7 @@ def check_args(args, argv):
         config.fail(f"--n_train {args.n_train} is smaller than --batch {args.batch}; every "
                     f"batch would repeat training points: lower --batch")
     # the data, the chains and the Langevin noise (drawn up front, L steps at once) must fit
-    f32 = 4 * math.prod(mcmc_images.image_shape(args.dataset) if image else (2,))
+    f32 = 4 * math.prod(image_data.image_shape(args.dataset) if image else (2,))
     sizes = {"--batch": f32 * args.batch * (args.L + 3), "--bank_size": f32 * args.bank_size}
     if image:
         sizes["--n_eval"] = f32 * args.n_eval * (args.L + 2)
@@ -192,11 +193,11 @@ def load_data(args, device):
     """Training and test data; 2D datasets also a sample of n_kde true points (the KDE's
     floor). Images: flattened rows in [-1, 1] with labels (bad files: one-line error)."""
     rng = util.set_seed(args.seed)
-    if args.dataset in mcmc_images.IMAGE_DATASETS:
+    if args.dataset in image_data.IMAGE_DATASETS:
         try:
-            x_train, y_train, x_test, y_test = mcmc_images.load_images(
+            x_train, y_train, x_test, y_test = image_data.load_images(
                 args.dataset, args.mnist_images, args.mnist_labels)
-        except mcmc_images.DataError as e:
+        except image_data.DataError as e:
             config.fail(str(e))
         x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
         if len(x_train) < args.batch:
@@ -222,12 +223,12 @@ def load_data(args, device):
 def build_energy(args, device):
     """The network F: an MLP for 2D data, a ConvEBM for images (a net that does not fit the
     images: one-line error)."""
-    if args.dataset not in mcmc_images.IMAGE_DATASETS:
+    if args.dataset not in image_data.IMAGE_DATASETS:
         return EBM(2, args.hidden, args.act).to(device)
     if args.net == "auto":
-        args.net = mcmc_images.default_arch(args.dataset)
+        args.net = default_arch(args.dataset)
     try:
-        F = mcmc_images.ConvEBM(args.net, mcmc_images.image_shape(args.dataset), args.n_f)
+        F = ConvEBM(args.net, image_data.image_shape(args.dataset), args.n_f)
     except ValueError as e:
         config.fail(f"--net {args.net}: {e}; or leave --net auto")
     return F.to(device)
@@ -276,8 +277,8 @@ def make_scorer(args, data, image):
     data, the KL of a KDE of n_kde true samples (the short-run KDE's floor)."""
     if not image:
         return diagnostics.kde_kl(args.dataset, data["x_floor"], args.kde_bw)
-    metric = mcmc_images.SampleMetric(data["x_train"].cpu(), data["y_train"], data["x_test"],
-                                      data["y_test"], n=args.n_eval)
+    metric = image_metrics.SampleMetric(data["x_train"].cpu(), data["y_train"], data["x_test"],
+                                        data["y_test"], n=args.n_eval)
     print(f"{args.dataset}: {len(data['x_train'])} training / {len(data['x_test'])} test "
           f"images; metric classifier test accuracy {metric.test_accuracy:.3f}; "
           f"{metric.describe()}")
@@ -289,14 +290,14 @@ def evaluate(args, run, F, scale, chains, scorer, data, x_neg, step):
     negatives (a gif frame). 2D: grid KL of the EBM and of the short-run KDE (and the KDE's
     mass outside the grid), the landscape figure. Both: the d_t / r_t figure."""
     title = f"{run.name}  iteration {step}"
-    if args.dataset in mcmc_images.IMAGE_DATASETS:
+    if args.dataset in image_data.IMAGE_DATASETS:
         m = scorer(chains.short_run(args.n_eval))
         m.update({f"{k}_floor": scorer.floor[k] for k in scorer.KEYS})
         m.update({f"{k}_floor_sd": scorer.floor_sd[k] for k in scorer.KEYS})
         m["x_neg_min"], m["x_neg_max"] = float(x_neg.min()), float(x_neg.max())
-        fig = mcmc_images.save_grid(os.path.join(args.image_dir, "negatives",
-                                                 f"step_{step:06d}.png"),
-                                    x_neg[:100], F.shape, title=title)
+        fig = image_data.save_grid(os.path.join(args.image_dir, "negatives",
+                                                f"step_{step:06d}.png"),
+                                   x_neg[:100], F.shape, title=title)
         key, name = "negatives", "negatives.png"
     else:
         Uq = scaled_ebm(F, scale)
@@ -337,7 +338,7 @@ def main(argv=None):
 
 def train(args, run, data, F):
     """Chains, the update and evaluation; returns the summary."""
-    image = args.dataset in mcmc_images.IMAGE_DATASETS
+    image = args.dataset in image_data.IMAGE_DATASETS
     x_train, eps = data["x_train"], args.eps
     scale = 2.0 / eps ** 2  # U = scale * F
     opt, lr0 = make_optimizer(args, F)

@@ -8,8 +8,8 @@
 
 The story, top to bottom:
 1. data: a biased set (digits 0-4 in proportions .12/.33/.28/.20/.07) and a small unbiased set
-   (equal counts per class, disjoint from it); a logistic-regression classifier on all ten
-   digits labels generated images.
+   (equal counts per class, disjoint from it); a classifier on all ten digits
+   (image_metrics.Classifier, imbalance.label_classifier) labels generated images.
 2. base model p_phi: a VAE on the biased set, early-stopped on a validation split.
 3. latent tilt p_theta(z) ∝ exp(-E(z)) N(z; 0, I), trained on the encoder means of the
    unbiased images (tilt.py: "ml" = exact maximum likelihood with importance-sampled log Z,
@@ -37,13 +37,15 @@ import torch
 import checkpoint
 import config
 import gridmath
+import image_data
+import imbalance
 import plots
 import scaffold
 import tilt
-import tilt_data
 import tilt_plots
 import util
 from ebm import EBM
+from image_metrics import label_histogram
 from samplers import langevin
 from vae import VAE, fit as fit_vae
 
@@ -167,9 +169,9 @@ class StageLog:
 # ----------------------------------------------------------------------------- digits
 def load_data(args):
     if args.data == "digits":
-        return tilt_data.load_digits_data()
+        return image_data.load_digits_data()
     try:
-        return tilt_data.load_mnist_idx(args.mnist_images, args.mnist_labels)
+        return image_data.load_mnist_idx(args.mnist_images, args.mnist_labels)
     except (FileNotFoundError, ValueError) as e:
         config.fail(str(e))
 
@@ -180,7 +182,7 @@ def prepare_digits(args):
     rng = util.set_seed(args.seed)
     X, y = load_data(args)
     try:
-        split = tilt_data.biased_unbiased_split(y, rng, per_class=args.per_class or None)
+        split = imbalance.biased_unbiased_split(y, rng, per_class=args.per_class or None)
     except ValueError as e:
         config.fail(str(e))
     return X, y, split, rng
@@ -189,7 +191,7 @@ def prepare_digits(args):
 def run_digits(args, device, log, state, save, data):
     """The digits story, stage by stage; returns the summary."""
     X, y, split, rng = data
-    clf, clf_acc = tilt_data.train_classifier(X, y, rng, max_iter=args.clf_max_iter)
+    clf, clf_acc = imbalance.label_classifier(X, y, rng, args.seed, args.clf_max_iter)
     log.check_stop("the classifier")
     x_biased = torch.tensor(X[split.biased], device=device)
     x_unbiased = torch.tensor(X[split.unbiased], device=device)
@@ -198,21 +200,21 @@ def run_digits(args, device, log, state, save, data):
           f"accuracy {clf_acc:.3f}")
 
     def labels_of(images):
-        return clf.predict(images.detach().cpu().numpy())
+        return clf.predict(images.detach().float().cpu()).numpy()
 
     vae, hist = fit_base(args, device, log, state, save, x_biased, X.shape[1])
     summary = {"classifier_accuracy": clf_acc, "vae_best_val_elbo": hist["best_val"],
                "vae_epochs": len(hist["val"]), "n_biased": len(split.biased),
                "n_unbiased": len(split.unbiased)}
-    out = dict(hists={"biased set": tilt_data.label_histogram(y[split.biased]),
-                      "unbiased set": tilt_data.label_histogram(y[split.unbiased])},
+    out = dict(hists={"biased set": label_histogram(y[split.biased]),
+                      "unbiased set": label_histogram(y[split.unbiased])},
                grids={}, latent_tilts={"base prior N(0, I)": (None, None)})
     with torch.no_grad():
         base_x, _ = vae.sample(args.n_samples)
         base_labels = labels_of(base_x)
         z_pos, _ = vae.encode(x_unbiased)  # positives: encoder means of the unbiased images
-    summary["tv_base"] = tilt_data.tv_to_uniform(base_labels)
-    out["hists"]["base VAE"] = tilt_data.label_histogram(base_labels)
+    summary["tv_base"] = imbalance.tv_to_uniform(base_labels)
+    out["hists"]["base VAE"] = label_histogram(base_labels)
     out["grids"]["base VAE"] = base_x.cpu().numpy()
     print(f"base VAE samples: TV to uniform(0-4) = {summary['tv_base']:.3f}")
     for obj in ["ml", "hackathon"] if args.objective == "both" else [args.objective]:
@@ -282,8 +284,8 @@ def latent_tilt(args, obj, vae, z_pos, labels_of, device, log, state, summary, o
     with torch.no_grad():
         x_lang = vae.decode(z_lang)
     lab_snir, lab_lang = labels_of(x_snir), labels_of(x_lang)
-    summary.update({f"tv_{obj}_snir": tilt_data.tv_to_uniform(lab_snir),
-                    f"tv_{obj}_langevin": tilt_data.tv_to_uniform(lab_lang),
+    summary.update({f"tv_{obj}_snir": imbalance.tv_to_uniform(lab_snir),
+                    f"tv_{obj}_langevin": imbalance.tv_to_uniform(lab_lang),
                     f"ess_{obj}": ess, f"ess_frac_{obj}": ess / args.pool,
                     f"log_Z_{obj}": log_Z, f"time_{obj}_s": time.perf_counter() - t_obj})
     if args.latent == 2:  # the IS estimate of log Z against grid integration
@@ -291,7 +293,7 @@ def latent_tilt(args, obj, vae, z_pos, labels_of, device, log, state, summary, o
         summary[f"log_Z_grid_{obj}"] = gridmath.grid_log_Z(neg, area)
     print(f"{obj} tilt: SNIR TV {summary[f'tv_{obj}_snir']:.3f} (ESS {ess:.0f} of "
           f"{args.pool}), Langevin TV {summary[f'tv_{obj}_langevin']:.3f}, log Z {log_Z:.3f}")
-    out["hists"][f"{obj} tilt (SNIR)"] = tilt_data.label_histogram(lab_snir)
+    out["hists"][f"{obj} tilt (SNIR)"] = label_histogram(lab_snir)
     out["grids"][f"{obj} tilt (SNIR)"] = x_snir.cpu().numpy()
     out["latent_tilts"][f"{obj} tilt + SNIR samples"] = (E, z_snir[:300].cpu())
     log.check_stop(f"sampling the {obj} tilt")
@@ -325,8 +327,8 @@ def data_tilt(args, vae, x_dpos, base_x, labels_of, device, log, state, summary,
         args.langevin_eps if ml else args.data_langevin_eps, x0=None if ml else base_x)
     snir_model = tilt.DATA_TILT_MODELS["ml"]  # SNIR reweights decoded means of prior draws
     lab_d, lab_dl = labels_of(x_dsnir), labels_of(x_dlang)
-    summary.update({"tv_data_snir": tilt_data.tv_to_uniform(lab_d),
-                    "tv_data_langevin": tilt_data.tv_to_uniform(lab_dl), "ess_data": ess,
+    summary.update({"tv_data_snir": imbalance.tv_to_uniform(lab_d),
+                    "tv_data_langevin": imbalance.tv_to_uniform(lab_dl), "ess_data": ess,
                     "data_tilt_trained": model, "data_tilt_langevin_samples": model,
                     "data_tilt_snir_samples": snir_model,
                     "time_data_s": time.perf_counter() - t_dt})
@@ -334,7 +336,7 @@ def data_tilt(args, vae, x_dpos, base_x, labels_of, device, log, state, summary,
           f"{model}: SNIR TV {summary['tv_data_snir']:.3f} (ESS {ess:.0f}"
           + ("" if snir_model == model else f"; SNIR samples {snir_model}")
           + f"), Langevin TV {summary['tv_data_langevin']:.3f}")
-    out["hists"]["data tilt (SNIR)"] = tilt_data.label_histogram(lab_d)
+    out["hists"]["data tilt (SNIR)"] = label_histogram(lab_d)
     out["grids"]["data tilt (SNIR)"] = x_dsnir.cpu().numpy()
 
 

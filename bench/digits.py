@@ -11,14 +11,14 @@ NCE, FCE, the flows alone and score matching (`--dataset digits`), train_mcmc.py
 MCMC maximum likelihood (the two regimes of bench/mcmc_images.py). Each trains for `--budget` CPU-seconds.
 Then `python -m bench.digits --score <run>` (its own process) writes <run>/score.json:
 
-- the test log-likelihood of the dequantised held-out digits (dequantize.py), in nats per
+- the test log-likelihood of the dequantised held-out digits (image_data.py), in nats per
   image on the [0, 17) scale and bits per dimension: exact for a flow; for an EBM the bracket
-  of annealed importance sampling (ais.loglik_bracket: forward AIS from the base gives the
+  of annealed importance sampling (annealing.loglik_bracket: forward AIS from the base gives the
   upper end, reverse AIS started at the test images the lower end), with the gap, the base
   (the run's flow, else a Gaussian fitted to the dequantised training digits), the forward
   ESS and HMC acceptance;
 - samples: 1000 of the model (a flow's own; an EBM's from forward AIS chains; short-run MCMC's
-  own short-run chains from its initialisation) scored by mcmc_images.SampleMetric (FD of
+  own short-run chains from its initialisation) scored by image_metrics.SampleMetric (FD of
   classifier features to the held-out digits, and label TV) beside the FD of 1000 real training
   digits (the floor).
 
@@ -133,16 +133,17 @@ def load_mcmc(out, run):
     from its initialisation: noise, or the persistent bank)."""
     from types import SimpleNamespace
 
-    import mcmc_images
     import tasks
     import train
     import train_mcmc
+    from ebm import load_image_ebm
+    from image_data import load_images
 
     cfg = run.config
-    U = mcmc_images.load_image_ebm(run.checkpoint)
+    U = load_image_ebm(run.checkpoint)
     task = tasks.make_task(train.get_args(["--dataset", "digits", "--seed", str(cfg["seed"])]),
                            "cpu")
-    x_train = mcmc_images.load_images("digits")[0]
+    x_train = load_images("digits")[0]
     chains = train_mcmc.Chains(SimpleNamespace(**cfg), U, x_train, run.checkpoint.get("bank"))
     return U, None, chains.short_run, task
 
@@ -151,7 +152,8 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
     """Write <out>/score.json (module docstring) and return it."""
     import torch
 
-    import mcmc_images
+    import image_data
+    import image_metrics
     import tasks
 
     torch.set_num_threads(1)
@@ -179,8 +181,8 @@ def score(out, ais=AIS, sample_temps=SAMPLE_TEMPS):
             b["ll_ebm_upper"], b["ll_ebm_lower"], b["ais_gap"], b["ais_ess"],
             task.ais["n_chains"], b.get("ll_ebm_c"))["ll_ebm_trusted"]))
     s["bpd_lower"], s["bpd_upper"] = (-s[k] / (64 * math.log(2)) for k in ("ll_upper", "ll_lower"))
-    x_train, y_train, x_test, y_test = mcmc_images.load_images("digits")
-    metric = mcmc_images.SampleMetric(x_train, y_train, x_test, y_test, n=N_SAMPLES)
+    x_train, y_train, x_test, y_test = image_data.load_images("digits")
+    metric = image_metrics.SampleMetric(x_train, y_train, x_test, y_test, n=N_SAMPLES)
     with torch.no_grad():
         x = sample(N_SAMPLES).detach().float()
     m = metric(x)
@@ -286,12 +288,12 @@ def figure(args, labels):
     """100 samples per estimator (first seed) beside 100 real held-out digits."""
     import torch
 
-    import mcmc_images
+    import image_data
     import plots
 
     shape = (1, 8, 8)
-    panels = [("real digits (held out)", plots.images(mcmc_images.load_images("digits")[2][:100],
-                                                      shape))]
+    panels = [("real digits (held out)", plots.images(image_data.load_images("digits")[2][:100],
+                                                     shape))]
     for label in labels:
         path = os.path.join(run_dir(args.root, label, args.seeds[0]), "samples.pt")
         if os.path.isfile(path):

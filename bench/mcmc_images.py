@@ -23,7 +23,7 @@ training (train_mcmc.py's last evaluation, n_eval = --n chains of L steps from t
 initialisation), then `sample_mcmc.py --sampler ula --steps S --save_at 0,100,1000,S` with
 the same --n chains: the non-convergent run from uniform noise (its own initialisation, so
 step 100 is its short run again), the convergent run from training images. FD is the
-Frechet distance on the features of the metric's classifier (mcmc_images.SampleMetric),
+Frechet distance on the features of the metric's classifier (image_metrics.SampleMetric),
 judged against its floor at the same n (the mean FD of n training digits drawn with
 replacement, with its sd over the draws); label TV is the total variation of the
 predicted-label histogram to the test labels'.
@@ -48,7 +48,7 @@ import torch
 
 import config
 from bench import gather, runner
-from mcmc_images import ConvEBM
+from ebm import ConvEBM
 from samplers import ConvEnergy, langevin
 
 # regime -> (long-run start, flags over configs/mcmc_digits_<regime>.json). The convergent

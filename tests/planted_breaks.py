@@ -74,7 +74,7 @@ BREAKS = [
      "tests/test_fce.py::test_cached_training_equals_recomputing_everything_at_every_step"),
     ("fce.py", "b = math.log(self.n_gauss / n)", "b = math.log(round(self.mix, 1))",
      "tests/test_fce.py::test_noise_mixture_weights_are_the_realised_fractions"),
-    ("dequantize.py", "u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)",
+    ("image_data.py", "u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)",
      "u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) ** 1.1",
      R + "test_dequantisation_is_uniform_within_each_cell"),
     ("tasks.py", 'm["ll_flow"] = self.nats(flow.log_prob(self.x_test).double().mean())',
@@ -157,7 +157,7 @@ BREAKS = [
      T + "test_box_flow_is_a_density_on_the_box"),
     ("train.py", 'if score > loop["best_val"]:', 'if score < loop["best_val"] or True:',
      T + "test_select_keeps_the_best_scoring_weights_and_stops_on_patience"),
-    ("ais.py", "bad = ((f[1:] <= f[:-1]).all(0)).nonzero().flatten()",
+    ("annealing.py", "bad = ((f[1:] <= f[:-1]).all(0)).nonzero().flatten()",
      "bad = ((f[1:] >= f[:-1]).all(0)).nonzero().flatten()",
      T + "test_unbounded_ray_finds_energies_without_a_normaliser_only"),
 ]

@@ -1,6 +1,7 @@
-"""Short-run MCMC on images (mcmc_images.py, samplers.ConvEnergy, train_mcmc.py --dataset
-digits|mnist, sample_mcmc.py on image runs): gradients, the sample metric, tiny runs of both
-regimes, bad input."""
+"""Short-run MCMC on images (ebm.ConvEBM, samplers.ConvEnergy, train_mcmc.py --dataset
+digits|mnist, sample_mcmc.py on image runs, bench/mcmc_images.py): gradients, tiny runs of both
+regimes, bad input. The data are tested in test_image_data.py, the metric in
+test_image_metrics.py."""
 import gzip
 import json
 import os
@@ -8,28 +9,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-import mcmc_images
 import sample_mcmc
 import train_mcmc
-from mcmc_images import ConvEBM, SampleMetric, load_images
+from ebm import ConvEBM, load_image_ebm
+from image_data import write_idx
 from samplers import ConvEnergy, langevin, mala
-from tilt_data import write_idx
+from test_image_data import fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--wandb", "disabled", "--n_iter", "3", "--L", "4", "--eval_every", "3",
         "--log_every", "1", "--n_eval", "60", "--n_f", "4"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_images("digits")
-
-
-@pytest.fixture(scope="module")
-def metric(digits):
-    return SampleMetric(*digits, n=500)
 
 
 # ----------------------------------------------------------------------------- energy gradient
@@ -86,41 +76,6 @@ def test_fast_image_chain_equals_autograd_chain():
     assert all(p.requires_grad for p in F.parameters())  # sampling left the parameters alone
 
 
-# ----------------------------------------------------------------------------- data
-def test_digits_split_and_range(digits):
-    x_train, y_train, x_test, y_test = digits
-    assert x_train.shape == (1348, 64) and x_test.shape == (449, 64)
-    assert float(x_train.min()) == -1.0 and float(x_train.max()) == 1.0
-    assert set(y_test.tolist()) == set(range(10))
-    # the split is fixed, whatever the global seed
-    torch.manual_seed(123)
-    np.random.seed(123)
-    assert torch.equal(load_images("digits")[2], x_test)
-
-
-def fake_mnist(tmp_path, n=60, gz=False):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = np.arange(n, dtype=np.uint8) % 10
-    paths = []
-    for name, arr in (("images", images), ("labels", labels)):
-        p = str(tmp_path / f"{name}-idx")
-        write_idx(p, arr)
-        if gz:
-            with open(p, "rb") as fh, gzip.open(p + ".gz", "wb") as out:
-                out.write(fh.read())
-            p += ".gz"
-        paths.append(p)
-    return paths
-
-
-def test_mnist_idx_loads_gz(tmp_path):
-    imgs, labels = fake_mnist(tmp_path, gz=True)
-    x_train, y_train, x_test, y_test = load_images("mnist", imgs, labels)
-    assert x_train.shape == (54, 784) and x_test.shape == (6, 784)
-    assert -1.0 <= float(x_train.min()) and float(x_train.max()) <= 1.0
-
-
 @pytest.mark.parametrize("case", ["missing", "malformed", "truncated_gz", "wrong_shape",
                                   "bad_net", "bad_flag", "bad_save_at", "sample_missing_run"])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
@@ -167,56 +122,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
     assert len(lines) == 1 and "error" in lines[0] and hint in lines[0], lines
 
 
-# ----------------------------------------------------------------------------- metric
-def test_frechet_distance_matches_matrix_square_root():
-    from scipy import linalg
-
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(300, 12)), 1.3 * rng.normal(size=(300, 12)) + 0.2
-    (m1, s1), (m2, s2) = [(v.mean(0), np.cov(v, rowvar=False)) for v in (a, b)]
-    ref = (m1 - m2) @ (m1 - m2) + np.trace(s1 + s2 - 2 * np.real(linalg.sqrtm(s1 @ s2)))
-    assert mcmc_images.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-9)
-    assert abs(mcmc_images.frechet_distance(m1, s1, m1, s1)) < 1e-9
-
-
-def test_metric_floor_real_noise_blur(digits, metric):
-    x_train, _, x_test, _ = digits
-    floor = metric.floor
-    assert metric.test_accuracy > 0.95
-    # other real digits (a subset the floor did not fix) score near the floor
-    real = metric(x_train[torch.from_numpy(np.random.default_rng(7).permutation(1348)[:500])])
-    assert real["fd"] < 1.5 * floor["fd"] and real["fd_pixels"] < 1.5 * floor["fd_pixels"]
-    assert real["label_tv"] < 0.15
-    # uniform noise and heavily blurred digits score far worse
-    torch.manual_seed(0)
-    noise = metric(2 * torch.rand(500, 64) - 1)
-    k = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / (2 * 1.5 ** 2))
-    k = (k[:, None] * k[None, :] / k.sum() ** 2)[None, None]
-    img = x_train[:500].reshape(-1, 1, 8, 8)
-    blurred = nn.functional.conv2d(nn.functional.pad(img, (3,) * 4, mode="replicate"), k)
-    blur = metric(blurred.reshape(500, 64))
-    for bad in (noise, blur):
-        assert bad["fd"] > 20 * floor["fd"] and bad["fd_pixels"] > 10 * floor["fd_pixels"]
-    # one class only: covers nothing else
-    threes = x_train[digits[1] == 3]
-    assert metric(threes[torch.arange(500) % len(threes)])["label_tv"] > 0.8
-
-
-def test_metric_is_deterministic_clamps_and_drops_nonfinite(digits, metric, monkeypatch):
-    monkeypatch.setattr(mcmc_images, "_CLASSIFIERS", {})  # train the classifier again
-    torch.manual_seed(99)  # whatever the global RNG state
-    again = SampleMetric(*digits, n=500)
-    assert again.clf is not metric.clf and again.floor == metric.floor
-    assert again.floor_sd == metric.floor_sd
-    x = digits[0][:500].clone()
-    assert metric(x) == again(x)
-    # scored as the image shows: pixels beyond [-1, 1] count as -1 / 1
-    assert metric(3 * x) == metric((3 * x).clamp(-1, 1))
-    x[:5] = float("nan")
-    m = metric(x)
-    assert m["n_nonfinite"] == 5 and np.isfinite(m["fd"])
-
-
 # ----------------------------------------------------------------------------- training / sampling
 def tiny_run(tmp_path, config, *extra):
     out = str(tmp_path / "run")
@@ -242,7 +147,7 @@ def test_tiny_digit_run_of_each_regime(tmp_path, config):
     if cfg["init"] == "persistent":  # one chain per training image
         assert ckpt["bank"].shape == (1348, 64)
     # the stored U is 2 / eps^2 times the trained F
-    U, F = mcmc_images.load_image_ebm(ckpt), mcmc_images.load_image_ebm(ckpt, "F")
+    U, F = load_image_ebm(ckpt), load_image_ebm(ckpt, "F")
     x = torch.rand(3, 64)
     assert torch.allclose(U(x), F(x) * 2 / cfg["eps"] ** 2, rtol=1e-4)
 

@@ -12,8 +12,8 @@ BENCHMARKS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROO
                     if "__main__" in open(p).read())
 # modules of other tasks that a 2D train.py run must not pay for (memory, start-up time), and
 # torch._dynamo (with sympy about 70 MB), which torch.optim imports and adam.Adam does not
-NOT_ON_2D = ("ais", "samplers", "mcmc_images", "tilt_data", "dequantize", "vi_flows",
-             "torch._dynamo")
+NOT_ON_2D = ("ais", "annealing", "samplers", "image_data", "image_metrics", "imbalance", "tilt",
+             "tilt_plots", "vi_flows", "torch._dynamo")
 
 
 def python(*argv, cwd=ROOT):
@@ -28,7 +28,7 @@ def test_every_benchmark_is_found():
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_a_benchmark_runs_as_a_file(name):
     """`python bench/<name>.py` (repository root first on the path, not bench/, whose
-    fce.py / mcmc_images.py / tilt.py would shadow the modules of the same name)."""
+    fce.py / tilt.py would shadow the modules of the same name)."""
     res = python(os.path.join("bench", f"{name}.py"), "--help")
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr
 
@@ -55,8 +55,8 @@ def test_a_2d_run_imports_none_of_the_image_modules(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_image_sets_named_in_tasks_are_those_dequantize_knows():
-    import dequantize
+def test_the_image_sets_named_in_tasks_are_those_image_data_knows():
+    import image_data
     import tasks
 
-    assert tasks.IMAGES == tuple(dequantize.LEVELS)
+    assert tasks.IMAGES == tuple(image_data.LEVELS) == image_data.IMAGE_DATASETS

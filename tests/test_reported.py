@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import datasets
-import dequantize
+import image_data
 import evaluation
 import fce
 import flows
@@ -300,7 +300,7 @@ def test_dequantisation_is_uniform_within_each_cell():
     chi-square below its 1e-4 quantile (33.7 for 9 degrees of freedom)."""
     L, n = 17, 20_000
     k = torch.arange(L, dtype=torch.float32).expand(n, L)
-    y = dequantize.dequantize(2 * k / (L - 1) - 1, L, torch.Generator().manual_seed(2))
+    y = image_data.dequantize(2 * k / (L - 1) - 1, L, torch.Generator().manual_seed(2))
     u = (y.double() + 1) * L / 2 - k.double()
     assert (u > -1e-5).all() and (u < 1 + 1e-5).all()  # float32 rounding at the cell's edge
     for j in range(L):
@@ -352,13 +352,13 @@ def test_digits_flow_and_ebm_numbers_against_closed_forms(digits_task):
 def test_digits_final_numbers_map_the_ais_bracket_end_to_end(digits_task, monkeypatch):
     """The final evaluation's keys from an AIS bracket with distinct ends, log Z's and ESS:
     which end is which, bits per dimension from the other end, c - log Z (forward)."""
-    import ais
+    import annealing
 
     task, D = digits_task, 64
     fwd = type("R", (), {"ess": torch.tensor([7.0, 5.0]), "acceptance": 0.61})()
-    br = ais.Bracket(lower=-90.0, upper=-88.5, gap=1.5, log_Z_lower=-20.0, log_Z_upper=-18.5,
-                     mean_neg_f=-110.0, forward=fwd, reverse=None)
-    monkeypatch.setattr(ais, "box_bracket", lambda *a, **kw: br)
+    br = annealing.Bracket(lower=-90.0, upper=-88.5, gap=1.5, log_Z_lower=-20.0,
+                           log_Z_upper=-18.5, mean_neg_f=-110.0, forward=fwd, reverse=None)
+    monkeypatch.setattr(annealing, "box_bracket", lambda *a, **kw: br)
     monkeypatch.setattr(tasks.Images, "box_share", lambda self, flow, n=10000: 0.25)
     flow = flows.gaussian(D, torch.zeros(D), 0.1 * torch.eye(D))
     m = task.evaluate(GaussEnergy(), flow, final=True)
@@ -412,7 +412,7 @@ def test_bench_fce_summaries_difference_the_right_way_round():
 def test_bench_digits_score_columns(tmp_path, monkeypatch):
     """score.json from a run's summary: the bracket's ends as they are, bits per dimension
     from the opposite ends, fd_ratio = fd / floor; a flow alone scores its box likelihood."""
-    import mcmc_images
+    import image_metrics
 
     class Metric:
         floor = {"fd": 4.0}
@@ -426,8 +426,8 @@ def test_bench_digits_score_columns(tmp_path, monkeypatch):
     summary = {"ll_ebm_lower": -95.0, "ll_ebm_upper": -92.0, "ais_gap": 3.0, "ais_ess": 9.0,
                "c_gap": -60.0, "ais_coordinates": tasks.AIS_COORDINATES, "cpu_s": 12.0,
                "steps": 77, "ll_flow": -110.0, "ll_flow_box": -108.0}
-    monkeypatch.setattr(mcmc_images, "SampleMetric", Metric)
-    monkeypatch.setattr(mcmc_images, "load_images", lambda name: (None,) * 4)
+    monkeypatch.setattr(image_metrics, "SampleMetric", Metric)
+    monkeypatch.setattr(image_data, "load_images", lambda name: (None,) * 4)
     monkeypatch.setattr(bench_digits.runner, "finished", lambda out: dict(summary))
     sample = lambda n: torch.zeros(n, 64)  # noqa: E731
     bits = 64 * math.log(2)

@@ -1,6 +1,6 @@
-"""Tests of the tilting experiments: splits, VAE early stopping, log Z by importance sampling,
-SNIR, the 2D mixture, tiny end-to-end runs, NaN and Ctrl-C. Tiny budgets: the file runs in
-well under a minute on 2 cores."""
+"""Tests of the tilting experiments: VAE early stopping, log Z by importance sampling, SNIR,
+the 2D mixture, tiny end-to-end runs, NaN and Ctrl-C (the split and its TV: test_imbalance.py).
+Tiny budgets: the file runs in well under a minute on 2 cores."""
 import json
 import math
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import image_data
 import tilt
-import tilt_data as td
 import vae as vae_mod
 from gridmath import grid_log_Z, on_grid
 
@@ -19,65 +19,7 @@ from gridmath import grid_log_Z, on_grid
 # ----------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def digits():
-    return td.load_digits_data()
-
-
-@pytest.mark.parametrize("per_class", [10, None])
-def test_split_counts_and_disjoint(digits, per_class):
-    X, y = digits
-    assert X.shape == (1797, 64) and 0 <= X.min() and X.max() == 1.0
-    s = td.biased_unbiased_split(y, np.random.default_rng(0), per_class=per_class)
-    n04 = int(np.isin(y, td.CLASSES).sum())
-    assert len(s.biased) == n04 // 2 == 450
-    counts = np.bincount(y[s.biased], minlength=10)
-    for c, p in td.BIASED_PROPORTIONS.items():
-        assert counts[c] == s.biased_counts[c]
-        assert abs(counts[c] - p * 450) <= 1
-    assert counts[5:].sum() == 0
-    # unbiased: equal per class, digits 0-4 only; "all" is what the scarcest leftover allows
-    ucounts = np.bincount(y[s.unbiased], minlength=10)
-    expected = per_class or min(int((y == c).sum()) - s.biased_counts[c] for c in td.CLASSES)
-    assert list(ucounts[:5]) == [expected] * 5 and ucounts[5:].sum() == 0
-    assert not set(s.biased) & set(s.unbiased)
-    assert len(set(s.biased) | set(s.unbiased) | set(s.rest)) == len(y)
-
-
-def test_split_is_shuffled_and_seeded(digits):
-    _, y = digits
-    a = td.biased_unbiased_split(y, np.random.default_rng(1), per_class=10)
-    b = td.biased_unbiased_split(y, np.random.default_rng(1), per_class=10)
-    c = td.biased_unbiased_split(y, np.random.default_rng(2), per_class=10)
-    assert np.array_equal(a.biased, b.biased)
-    assert not np.array_equal(np.sort(a.biased), np.sort(c.biased))
-    # shuffling before truncation: not simply the first images of each class
-    first = np.concatenate([np.flatnonzero(y == k)[:n] for k, n in a.biased_counts.items()])
-    assert not np.array_equal(np.sort(a.biased), np.sort(first))
-
-
-def test_split_rejects_impossible_per_class(digits):
-    _, y = digits
-    with pytest.raises(ValueError, match="per_class"):
-        td.biased_unbiased_split(y, np.random.default_rng(0), per_class=1000)
-
-
-def test_mnist_idx_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, 30).astype(np.uint8)
-    td.write_idx(tmp_path / "img", images)
-    td.write_idx(tmp_path / "lab", labels)
-    X, y = td.load_mnist_idx(str(tmp_path / "img"), str(tmp_path / "lab"))
-    assert X.shape == (30, 784) and X.dtype == np.float32
-    np.testing.assert_allclose(X, images.reshape(30, -1) / 255.0, atol=1e-7)
-    assert np.array_equal(y, labels)
-    with pytest.raises(FileNotFoundError):
-        td.load_mnist_idx(str(tmp_path / "missing"), str(tmp_path / "lab"))
-
-
-def test_tv_to_uniform():
-    assert td.tv_to_uniform([0, 1, 2, 3, 4] * 10) == pytest.approx(0.0)
-    assert td.tv_to_uniform([7] * 10) == pytest.approx(1.0)
-    assert td.tv_to_uniform([0] * 10) == pytest.approx(0.8)
+    return image_data.load_digits_data()
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -251,8 +193,8 @@ def test_end_to_end_mnist_idx(tmp_path):
     labels = np.repeat(np.arange(10), 30).astype(np.uint8)
     # a small MNIST-format file: 14 x 14 images whose brightness encodes the label
     images = (rng.random((300, 14, 14)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
-    td.write_idx(tmp_path / "img.idx", images)
-    td.write_idx(tmp_path / "lab.idx", labels)
+    image_data.write_idx(tmp_path / "img.idx", images)
+    image_data.write_idx(tmp_path / "lab.idx", labels)
     code, out, img = _run(tmp_path, "m", ["--data", "mnist", "--mnist_images",
                                           str(tmp_path / "img.idx"), "--mnist_labels",
                                           str(tmp_path / "lab.idx"), "--clf_max_iter", "50"])

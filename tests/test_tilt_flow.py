@@ -309,7 +309,7 @@ def test_select_keeps_the_best_scoring_weights_and_stops_on_patience():
 def test_unbounded_ray_finds_energies_without_a_normaliser_only():
     """f = |y|_1 grows along every ray (a normaliser exists on R^D): no ray is reported;
     f = -0.5 sum(y) falls along +e_i: reported."""
-    import ais
+    import annealing
 
     class F(torch.nn.Module):
         def __init__(self, fn):
@@ -319,5 +319,5 @@ def test_unbounded_ray_finds_energies_without_a_normaliser_only():
         def forward(self, y):
             return self.fn(y)
 
-    assert ais.unbounded_ray(F(lambda y: y.abs().sum(-1)), 8) is None
-    assert ais.unbounded_ray(F(lambda y: -0.5 * y.sum(-1)), 8) is not None
+    assert annealing.unbounded_ray(F(lambda y: y.abs().sum(-1)), 8) is None
+    assert annealing.unbounded_ray(F(lambda y: -0.5 * y.sum(-1)), 8) is not None

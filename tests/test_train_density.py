@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import checkpoint
-import dequantize
+import image_data
 import tasks
 import train
 from ebm import EBM
@@ -72,8 +72,8 @@ def test_digits_batches_are_the_same_draw_whenever_asked():
     idx = torch.arange(10)
     a, b, c = task.batch(idx, 7), task.batch(idx, 7), task.batch(idx, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(dequantize.levels(2 * ((a + 1) * 17 / 2).floor() / 16 - 1, 17),
-                       dequantize.levels(task.x_train[idx], 17))  # same grey level, new u
+    assert torch.equal(image_data.levels(2 * ((a + 1) * 17 / 2).floor() / 16 - 1, 17),
+                       image_data.levels(task.x_train[idx], 17))  # same grey level, new u
 
 
 @pytest.mark.parametrize("estimator", [["--estimator", "nce"], ["--estimator", "fce", "--flow", "glow"]])
