@@ -548,6 +548,10 @@ class Bank:
         gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
         y = tilt.base_samples(self.flow, self.n, gen)
         self.y = y[tilt.in_box(y)] if self.tilt.box else y  # where the tilt lives
+        if len(self.y) == 0:
+            config.fail(f"the base flow put none of its {self.n} samples inside the box, so the "
+                        f"tilt has nothing to train against; train the base longer (a larger "
+                        f"--budget or --max_steps) or raise --bank")
         self.y_val = tilt.base_samples(self.flow, tasks.VAL_IS, gen)
         return self
 
