@@ -1,39 +1,26 @@
-"""The run scaffold every training script uses, as small parts a trainer names: the run's
-`Folder`, its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations and epochs,
-the CPU clock, progress, the position and running sums a resume needs), its `Signals` and its
-logger (`logger.RunLogger`); `Run` holds them and `Run.execute` ends the run.
+"""The run scaffold every training script uses, as parts a trainer names: the run's `Folder`,
+its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations and epochs, the CPU clock
+`cpu_s`, the position and running sums a resume needs; `Progress` prints), its `Signals`
+(Ctrl-C, SIGTERM) and its logger (`logger.RunLogger`); `Run` holds them, `Run.execute` ends it.
 
-    SCRIPT = scaffold.Script("train.py", overridable=("epoch", ...), keys=("step", "rng"))
-    args, ckpt = scaffold.parse(parser, argv, SCRIPT)
-    device = scaffold.device(args)
-    ...                                         # data and models: bad input fails here,
-    with scaffold.Run(args, SCRIPT, ("fce", "maf", "8gaussians", "s42"), ckpt) as run:
+    args, ckpt = scaffold.parse(parser, argv, SCRIPT)   # SCRIPT = scaffold.Script("train.py")
+    ...                                                 # data and models: bad input fails here
+    with scaffold.Run(args, SCRIPT, ("fce", "maf", "s42"), ckpt) as run:
         return run.execute(lambda: train(args, run))
 
-    def train(args, run):                       # the experiment only
+    def train(args, run):                               # the experiment only
         checkpoints, loop = run.checkpoints, run.loop
-        state = loop.track(best=0.0)            # the position beyond `step`, in checkpoints
+        state = loop.track(best=0.0)                    # saved with `step` in checkpoints
         checkpoints.load_or_save_first(model=model, opt=opt)   # --resume loads, else saves
-        for step in loop.iterations(n):         # stops at a boundary on Ctrl-C/SIGTERM
+        for step in loop.iterations(n):                 # stops at a boundary on Ctrl-C
             ...; loss.backward(); loop.check(loss, params); opt.step()
-        return summary                          # summary.json, exit status 0
+        return summary                                  # summary.json, exit status 0
 
-The conventions, the same for every script:
-- the run folder is `--out_dir`, default runs/<name>-<time>; its figures go to `--image_dir`,
-  default `default_image_dir`. Two runs started in the same second get different folders
-  (made atomically, a suffix -2, -3, ... added). A folder that already holds files is refused
-  unless the run resumes (`--resume`) or `--overwrite` clears it.
-- a folder that cannot be written, a device this machine lacks and a bad or foreign
-  checkpoint are one-line errors with exit status 2, before any work; a start that fails
-  after the folders were made removes them again.
-- checkpoints are written atomically and carry the script's name, the resolved config, the
-  tracked models and optimisers, the loop's state, the CPU clock `cpu_s` (the process CPU time
-  spent inside `loop.iterations`), every RNG state and the wandb run id.
-- Ctrl-C and SIGTERM set a flag that `loop.iterations` reads between iterations: the run
-  saves, prints the `--resume` command and exits 130; a second signal stops at once, keeping
-  the last checkpoint.
-- exit status: 0 done, 1 non-finite loss or gradient (one line; the last good checkpoint is
-  kept), 2 bad input (`config.fail`), 130 interrupted.
+Bad input (an unwritable folder, a device this machine lacks, a bad or foreign checkpoint) is
+one line and exit status 2 before any work; a start that fails later removes the folders it
+made. Ctrl-C or SIGTERM: the run saves at the next iteration boundary, prints the --resume
+command and exits 130; a second one stops at once, keeping the last checkpoint. A non-finite
+loss or gradient exits 1, keeping the last good checkpoint.
 """
 import hashlib
 import math
@@ -126,9 +113,11 @@ def check_writable(path):
 
 # ----------------------------------------------------------------------------- folders
 class Folder:
-    """The run's folders, `out_dir` and `image_dir` (None without figures), written back into
-    `args`. A fresh run claims them (`_claim`, `_unique`); a resumed one reuses its own.
-    `remove_created` takes back what a failed start made."""
+    """The run's folders, `out_dir` (--out_dir, default runs/<name>-<time>, -2, -3, ... added
+    when taken) and `image_dir` (--image_dir, default `default_image_dir`; None without
+    figures), written back into `args`. A fresh run claims them: a used one is refused unless
+    --overwrite empties it; a resumed run reuses its own. `remove_created` takes back what a
+    failed start made."""
 
     def __init__(self, args, name_parts, figures=True, resumable=True, resume=False):
         self.args, self.resumable, self._created = args, resumable, []
@@ -176,8 +165,8 @@ class Folder:
         return path
 
     def _unique(self, base, with_images):
-        """base, base-2, base-3, ...: the first name whose run folder (and default figure
-        folder) does not exist yet, claimed by an atomic mkdir."""
+        """The first of base, base-2, base-3, ... whose run folder (and default figure folder)
+        does not exist yet, claimed by an atomic mkdir (two runs started in the same second)."""
         for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
             if with_images and os.path.exists(default_image_dir(path)):
                 continue
@@ -204,7 +193,6 @@ class Folder:
             self._created.append(top)
 
     def remove_created(self):
-        """Remove the folders this run created (a start that failed leaves none behind)."""
         for path in self._created:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -257,7 +245,6 @@ class Signals:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        return False
 
     def boundary(self, where: str) -> None:
         """Raise Interrupted(where) once Ctrl-C or SIGTERM came."""
@@ -267,15 +254,15 @@ class Signals:
 
 # ----------------------------------------------------------------------------- the loop
 class Loop:
-    """The training loop: its `state` (the iterations done, `step`, and what the trainer
-    `track`s: in every checkpoint, so that a resumed run goes on bit for bit), `iterations` and
-    `epochs` (ending at `until` and, after Ctrl-C or SIGTERM, at a boundary), the CPU clock
-    `cpu_s`, progress and rate, running sums of the metrics row and the non-finite guard."""
+    """The training loop: its `state` (`step`, the iterations done, and what the trainer
+    `track`s; saved in every checkpoint, so a resumed run goes on bit for bit), `iterations`
+    and `epochs` (ending at `until` and, after Ctrl-C or SIGTERM, at a boundary), the CPU clock
+    `cpu_s`, running sums of the metrics row and the non-finite guard; `progress` prints."""
 
     def __init__(self, name: str, signals: Signals):
-        self.name, self.signals, self.state = name, signals, {"step": 0}
-        self._sums, self._per_epoch, self._bar, self._rate_at = (), None, None, None
-        self._cpu, self._t0 = 0.0, None
+        self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
+        self._sums, self._per_epoch, self._cpu, self._t0 = (), None, 0.0, None
+        self.print = self.progress.print
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
         """Add `entries` to the state; with `epochs` the epoch position (epoch, it: the
@@ -290,13 +277,11 @@ class Loop:
     def iterations(self, stop: int, total: int | None = None,
                    until: Callable[[], bool] | None = None) -> Iterator[int]:
         """The iterations state["step"], ..., stop - 1, each counted in `step` as it starts
-        (the body sees it done), timed by `clock` and shown by the progress bar (of `total`
-        iterations, default `stop`); ends early once `until()`, and raises Interrupted at the
-        boundary after Ctrl-C or SIGTERM."""
+        (its body sees it done) and timed by `clock`; ends early once `until()`, and raises
+        Interrupted at the boundary after Ctrl-C or SIGTERM. The bar counts to `total`
+        (default `stop`)."""
         start = self.state["step"]
-        if self._bar is None:
-            self._bar = progress_bar(total or stop, start, self.name)
-            self._rate_at = (time.perf_counter(), self.cpu_s, start)
+        self.progress.start(total or stop, start, self.cpu_s)
         for i in range(start, stop):
             if until is not None and until():
                 return
@@ -304,15 +289,15 @@ class Loop:
             self.state["step"] = i + 1
             with self.clock():
                 yield i
-            self._bar.update(1)
+            self.progress.update()
 
     def epochs(self, n_epochs: int, per_epoch: int, n_items: int, device, total=None,
                until=None) -> Iterator[Iterator[int]]:
-        """Epochs up to `n_epochs` (ending early once `until()`), each `per_epoch` iterations
-        (`iterations`) over a fresh permutation of `n_items` (`rows`); an epoch cut short
-        (`until`, Ctrl-C) continues where it stopped."""
-        self._per_epoch = per_epoch
-        while self.state["epoch"] < n_epochs and not (until is not None and until()):
+        """Epochs up to `n_epochs` (ending early once `until()`), each the `iterations` of
+        `per_epoch` batches of a fresh permutation of `n_items` (`rows`); an epoch cut short
+        (`until`, Ctrl-C) goes on where it stopped."""
+        self._per_epoch, s = per_epoch, self.state
+        while s["epoch"] < n_epochs and not (until is not None and until()):
             yield self._epoch(n_items, device, total, until)
 
     def _epoch(self, n_items, device, total, until):
@@ -327,7 +312,7 @@ class Loop:
 
     def rows(self, step: int, size: int) -> torch.Tensor | None:
         """The permutation's `size` rows of iteration `step` of the epoch under way (None past
-        its end): step's place in the epoch is `it - 1 + step - (state["step"] - 1)`."""
+        its end); the epoch's iteration under way is it - 1 = (step under way) - (step - 1)."""
         i = self.state["it"] + step - self.state["step"]
         return self.state["perm"][i * size:(i + 1) * size] if i < self._per_epoch else None
 
@@ -338,8 +323,8 @@ class Loop:
         self.state["n_rows"] += 1
 
     def means(self) -> dict:
-        """The running sums over their count (the iterations added since the last call); the
-        sums start again."""
+        """The running sums over their count (the iterations since the last call); the sums
+        start again."""
         n = self.state["n_rows"]
         out = {k: self.state[k] / n for k in self._sums}
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
@@ -360,19 +345,8 @@ class Loop:
             self._cpu, self._t0 = self.cpu_s, None
 
     def rate(self) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call (called
-        inside an iteration, it counts as done)."""
-        now, (t, cpu, done) = time.perf_counter(), self._rate_at
-        self._rate_at = (now, self.cpu_s, self.state["step"])
-        n = max(self.state["step"] - done, 1)
-        return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
-
-    def print(self, line: str | None, postfix: dict | None = None) -> None:
-        """A progress line printed above the bar, and values shown on the bar."""
-        if line is not None:
-            tqdm.write(line)
-        if postfix and self._bar is not None:
-            self._bar.set_postfix(postfix, refresh=False)
+        """(iterations per second, CPU seconds per iteration) since the last call."""
+        return self.progress.rate(self.state["step"], self.cpu_s)
 
     def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
         """The non-finite guard: raise NonFinite when `loss` (None: a step that reported
@@ -390,20 +364,64 @@ class Loop:
                 new) else new
         self._cpu = float(ckpt["cpu_s"])
 
+
+class Progress:
+    """The progress bar (tqdm on a terminal; off one, as in CI or a log file, a plain line
+    every 30 s), lines printed above it and the loop's rate."""
+
+    def __init__(self, name: str):
+        self.name, self.bar, self._at = name, None, None
+
+    def start(self, total: int, done: int, cpu_s: float) -> None:
+        if self.bar is None:
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=total, initial=done, desc=self.name[:40 if tty else 30],
+                            **(dict(dynamic_ncols=True) if tty else dict(
+                                ncols=100, mininterval=30, ascii=True, file=_Lines())))
+            self._at = (time.perf_counter(), cpu_s, done)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
+        """(iterations per second, CPU seconds per iteration) since the last call; `done`
+        counts the iteration under way."""
+        now, (t, cpu, before) = time.perf_counter(), self._at
+        self._at, n = (now, cpu_s, done), max(done - before, 1)
+        return n / max(now - t, 1e-9), (cpu_s - cpu) / n
+
+    def print(self, line: str | None, postfix: dict | None = None) -> None:
+        """A line printed above the bar, and values shown on the bar."""
+        if line is not None:
+            tqdm.write(line)
+        if postfix and self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
     def close(self) -> None:
-        """Close the progress bar."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Lines:
+    """stderr for tqdm off a terminal: each refresh one plain line (no carriage returns)."""
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            sys.stderr.write(s + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------- the run
 class Run:
-    """One run, as the parts a trainer names: `folder`, `log` (RunLogger), `signals`, `loop`,
-    `checkpoints` (checkpoint.RunCheckpoints; `.resumed` is the --resume checkpoint or None);
-    `execute` ends it. Use it as a context manager around the training: the signal handlers
-    are installed only inside it, and a start that fails inside it (bad input found late, an
-    exception) before a checkpoint was written removes the folders it created."""
+    """One run, as the parts a trainer names: `folder`, `log` (RunLogger), `signals`, `loop`
+    and `checkpoints` (checkpoint.RunCheckpoints; `.resumed`: the --resume checkpoint or
+    None); `execute` ends it. A context manager around the training: the signal handlers are
+    installed only inside it, and a start that fails inside it (bad input found late, an
+    exception) before a checkpoint was written removes the folders it made."""
 
     def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
                  ckpt: dict | None = None, figures: bool = True):
@@ -413,34 +431,34 @@ class Run:
         try:
             self.log = RunLogger(self.folder.out_dir, config.to_dict(args), args.wandb,
                                  args.project, self.name, run_id=(ckpt or {}).get("wandb_id"),
-                                 resume_step=ckpt.get("step", 0) if ckpt is not None else None)
+                                 resume_step=None if ckpt is None else ckpt.get("step", 0))
         except BaseException:
             self.folder.remove_created()
             raise
         self.signals = Signals()
         self.loop = Loop(self.name, self.signals)
-        self.checkpoints = checkpoint.RunCheckpoints(self.folder.checkpoint_path, self.loop, lambda: {
-            "script": self.script.name, "config": config.to_dict(args),
-            "wandb_id": self.log.run_id}, resumed=ckpt)
+        self.checkpoints = checkpoint.RunCheckpoints(
+            self.folder.checkpoint_path, self.loop, lambda: {
+                "script": self.script.name, "config": config.to_dict(args),
+                "wandb_id": self.log.run_id}, resumed=ckpt)
 
     def __enter__(self):
         self.signals.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.signals.__exit__(exc_type, exc, tb)
-        self.loop.close()
+        self.signals.__exit__()
+        self.loop.progress.close()
         if exc_type is None:
-            return False
+            return
         self.log.finish()
         if not self.checkpoints.saved:  # nothing worth keeping: leave no folders behind
             self.folder.remove_created()
-        if exc_type is KeyboardInterrupt:
-            where = ("no checkpoint was written" if not self.checkpoints.saved else
-                     f"the last checkpoint is kept; {self.resume_hint()}")
+        if exc_type is KeyboardInterrupt:  # the second Ctrl-C
+            where = (f"the last checkpoint is kept; {self.resume_hint()}"
+                     if self.checkpoints.saved else "no checkpoint was written")
             print(f"\nstopped at once: {where}", file=sys.stderr)
             raise SystemExit(INTERRUPTED)
-        return False
 
     def execute(self, train: Callable[[], dict | None]) -> int:
         """Run the experiment `train`, end the run and return its exit status: the summary
@@ -451,13 +469,13 @@ class Run:
             summary = train()
         except NonFinite as e:
             status, message = NONFINITE, (
-                f"error: {e}; the last good checkpoint is kept in {self.folder.checkpoint_path}. "
-                f"Try a lower learning rate or another --seed.")
+                f"error: {e}; the last good checkpoint is kept in {self.folder.checkpoint_path}"
+                f". Try a lower learning rate or another --seed.")
         except Interrupted as e:
             self.checkpoints.save()
-            status = INTERRUPTED
-            message = f"\ninterrupted {e}: checkpoint saved; {self.resume_hint()}"
-        self.loop.close()
+            status, message = INTERRUPTED, (f"\ninterrupted {e}: checkpoint saved; "
+                                            f"{self.resume_hint()}")
+        self.loop.progress.close()
         if summary:
             self.log.summary({**summary, "cpu_s": self.loop.cpu_s})
         self.log.finish()
@@ -468,36 +486,12 @@ class Run:
     def resume_hint(self) -> str:
         """How to go on from the checkpoint: the --resume command, or for a script without
         resume where the weights are."""
-        if not self.script.resumable:
-            return (f"the weights trained so far are in {self.folder.checkpoint_path}; "
-                    f"{self.script.name} has no --resume (its runs are short): start it again "
-                    f"with the same flags")
-        return f"continue with\n  python {self.script.name} --resume {shlex.quote(self.folder.out_dir)}"
-
-
-# ----------------------------------------------------------------------------- printing
-class _Lines:
-    """A stream for tqdm off a terminal: each refresh becomes one plain line (no carriage
-    returns piling up in log files)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, s):
-        s = s.replace("\r", "").strip()
-        if s:
-            self.stream.write(s + "\n")
-
-    def flush(self):
-        self.stream.flush()
-
-
-def progress_bar(total: int, initial: int, desc: str) -> tqdm:
-    """tqdm on a terminal; off one (CI, nohup, redirected logs), a plain line every 30 s."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc[:40])
-    return tqdm(total=total, initial=initial, ncols=100, mininterval=30, ascii=True,
-                desc=desc[:30], file=_Lines(sys.stderr))
+        if self.script.resumable:
+            return (f"continue with\n  python {self.script.name} --resume "
+                    f"{shlex.quote(self.folder.out_dir)}")
+        return (f"the weights trained so far are in {self.folder.checkpoint_path}; "
+                f"{self.script.name} has no --resume (its runs are short): start it again with "
+                f"the same flags")
 
 
 def gif_hint(folder: str) -> str:

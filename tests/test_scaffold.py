@@ -154,7 +154,7 @@ def test_iterations_count_each_one_as_it_starts_and_stop_at_until():
                                                               until=lambda: loop.state["step"] >= 4)]
     assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert list(loop.iterations(6)) == [4, 5] and loop.state["step"] == 6  # goes on from step
-    loop.close()
+    loop.progress.close()
 
 
 def test_a_signal_ends_the_loop_at_the_next_boundary():
@@ -163,7 +163,7 @@ def test_a_signal_ends_the_loop_at_the_next_boundary():
         for i in loop.iterations(5):
             loop.signals.stop_requested = i == 1 or loop.signals.stop_requested
     assert loop.state["step"] == 2  # iteration 1 finished, iteration 2 never started
-    loop.close()
+    loop.progress.close()
 
 
 def _epochs(loop, stop_at=None):
@@ -237,7 +237,7 @@ def test_the_cpu_clock_counts_only_inside_the_loop():
     with loop.clock():
         burn()
     assert loop.cpu_s > 10.0
-    loop.close()
+    loop.progress.close()
 
 
 def test_rate_counts_the_iteration_under_way(monkeypatch):
@@ -252,7 +252,7 @@ def test_rate_counts_the_iteration_under_way(monkeypatch):
         if i in (1, 3):
             rates.append(loop.rate()[0])
     assert rates == [2 / 4.0, 2 / 6.0]
-    loop.close()
+    loop.progress.close()
 
 
 def test_the_non_finite_guard():
