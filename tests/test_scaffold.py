@@ -189,9 +189,9 @@ def test_epochs_permute_the_items_and_resume_exactly_after_an_interruption():
     straight = _epochs(loop)
     assert [s for _, s, _, _ in straight] == list(range(12))
     assert [e for e, _, _, _ in straight] == [0] * 4 + [1] * 4 + [2] * 4
-    for e in range(3):
-        rows = [r for _, _, b, _ in straight[4 * e:4 * e + 4] for r in b]
-        assert len(set(rows)) == 8 and set(rows) <= set(range(10))
+    epochs = [[r for _, _, b, _ in straight[4 * e:4 * e + 4] for r in b] for e in range(3)]
+    assert all(len(set(rows)) == 8 and set(rows) <= set(range(10)) for rows in epochs)
+    assert len({tuple(rows) for rows in epochs}) == 3  # a fresh permutation each epoch
     assert [n is None for _, _, _, n in straight] == [False, False, False, True] * 3
     torch.manual_seed(0)
     first = _loop()
