@@ -8,7 +8,6 @@ import torch
 
 import checkpoint
 import scaffold
-import util
 from ebm import EBM
 from flows import build_flow
 

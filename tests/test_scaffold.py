@@ -150,8 +150,8 @@ def _loop():
 
 def test_iterations_count_each_one_as_it_starts_and_stop_at_until():
     loop = _loop()
-    seen = [(i, loop.state["step"]) for i in loop.iterations(10,
-                                                              until=lambda: loop.state["step"] >= 4)]
+    four = lambda: loop.state["step"] >= 4  # noqa: E731
+    seen = [(i, loop.state["step"]) for i in loop.iterations(10, until=four)]
     assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert list(loop.iterations(6)) == [4, 5] and loop.state["step"] == 6  # goes on from step
     loop.progress.close()
