@@ -3,7 +3,6 @@ raises `CheckpointError` with what it found), a run's checkpoints while it train
 (`RunCheckpoints`, the part of `scaffold.Run` that saves and resumes) and `load_run`, which
 rebuilds a run's EBM and flow from its checkpoint: `run = load_run("runs/<name>")`.
 """
-import json
 import os
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -112,9 +111,5 @@ def load_run(run_dir, device="cpu", script=None):
     if ckpt.get("tilt"):  # an EBM built on the run's flow: p = q0 exp(-g) / Z
         from tilt import FlowTilt
         ebm = FlowTilt(flow, ebm, **ckpt["tilt"])
-    config = ckpt.get("config")
-    if config is None:
-        with open(os.path.join(run_dir, "config.json")) as fh:
-            config = json.load(fh)
-    return SimpleNamespace(config=config, ebm=ebm, flow=flow, step=ckpt.get("step"),
+    return SimpleNamespace(config=ckpt["config"], ebm=ebm, flow=flow, step=ckpt.get("step"),
                            checkpoint=ckpt)

@@ -344,6 +344,10 @@ class Loop:
         finally:
             self._cpu, self._t0 = self.cpu_s, None
 
+    def spent(self, budget: float | None, offset: float = 0.0) -> bool:
+        """Whether a budget of CPU seconds (None: no budget) is spent: cpu_s + offset >= it."""
+        return bool(budget) and self.cpu_s + offset >= budget
+
     def rate(self) -> tuple[float, float]:
         """(iterations per second, CPU seconds per iteration) since the last call."""
         return self.progress.rate(self.state["step"], self.cpu_s)

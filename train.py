@@ -448,8 +448,7 @@ def train(args, run, device, task=None):
         return max(step / total, (loop.cpu_s + offset) / args.budget if args.budget else 0)
 
     def out_of_budget():
-        return (args.budget and loop.cpu_s + offset >= args.budget) or state["step"] >= total \
-            or state["stopped"]
+        return loop.spent(args.budget, offset) or state["step"] >= total or state["stopped"]
 
     def batch_at(s):
         """The data batch of iteration s of the current epoch (None past its end)."""

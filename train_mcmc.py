@@ -367,9 +367,6 @@ def train(args, run, data, F):
           f"outputs in {args.out_dir}, figures in {args.image_dir}")
     metrics = {}
 
-    def out_of_budget():
-        return bool(args.budget) and loop.cpu_s >= args.budget
-
     def evaluate_now(step, x_neg):
         with util.fixed_rng(args.seed):  # evaluating never changes training
             m = evaluate(args, run, F, scale, chains, scorer, data, x_neg, step)
@@ -381,7 +378,7 @@ def train(args, run, data, F):
         return m
 
     x_neg = None
-    for step in loop.iterations(args.n_iter, until=out_of_budget):
+    for step in loop.iterations(args.n_iter, until=lambda: loop.spent(args.budget)):
         util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter,
                                               args.lr_min / args.lr, args.lr_decay))
         x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=x_train.device)]

@@ -234,6 +234,8 @@ def test_the_cpu_clock_counts_only_inside_the_loop():
     burn()
     assert loop.cpu_s == inside
     loop.load({"step": 2, "cpu_s": 10.0})  # a resumed run goes on from its saved clock
+    assert loop.spent(10.0) and not loop.spent(10.5) and loop.spent(10.5, offset=1.0)
+    assert not loop.spent(None)  # no budget
     with loop.clock():
         burn()
     assert loop.cpu_s > 10.0
