@@ -158,7 +158,7 @@ class StageLog:
     def check_stop(self, stage):
         """Between stages: raise scaffold.Interrupted once Ctrl-C or SIGTERM came."""
         self.run.signals.boundary(f"after {stage}" if self.stage is None else
-                          f"in {self.stage} at step {self.stage_step}")
+                                  f"in {self.stage} at step {self.stage_step}")
 
     def image(self, key, path):
         self.log.log_image(key, path, self.step)
