@@ -1,13 +1,15 @@
 """Checkpoints: atomic writes (`save_checkpoint`), checked reads (`load_checkpoint`, which
-raises `CheckpointError` with what it found) and `load_run`, which rebuilds a run's EBM and
-flow from its checkpoint: `run = load_run("runs/<name>")`.
+raises `CheckpointError` with what it found), a run's checkpoints while it trains
+(`RunCheckpoints`, the part of `scaffold.Run` that saves and resumes) and `load_run`, which
+rebuilds a run's EBM and flow from its checkpoint: `run = load_run("runs/<name>")`.
 """
-import json
 import os
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
+import util
 from ebm import EBM
 
 
@@ -54,6 +56,40 @@ def load_checkpoint(path, map_location="cpu", script=None, keys=()):
     return ckpt
 
 
+class RunCheckpoints:
+    """A training run's checkpoint at `path`: the tracked models and optimisers, the `loop`'s
+    state and CPU clock (scaffold.Loop), every RNG state and `header()` (the script's name,
+    config and wandb id); `resumed` is the checkpoint --resume loaded (None: a fresh run)."""
+
+    def __init__(self, path: str, loop, header: Callable[[], dict], resumed: dict | None = None):
+        self.path, self.loop, self.header, self.resumed = path, loop, header, resumed
+        self.saved = resumed is not None  # a checkpoint of this run exists
+        self._objects, self._extra = {}, None
+
+    def load_or_save_first(self, extra: Callable[[], dict] | None = None, **objects: Any) -> None:
+        """Track `objects` (state_dict holders; None is skipped) and `extra()` (more entries,
+        read at each save). On --resume load them, the loop's state and clock and every RNG
+        state; a fresh run saves its first checkpoint now (a NaN at the first iteration still
+        leaves a loadable run)."""
+        self._objects = {k: v for k, v in objects.items() if v is not None}
+        self._extra = extra
+        if self.resumed is None:
+            return self.save()
+        for key, obj in self._objects.items():
+            obj.load_state_dict(self.resumed[key])
+        self.loop.load(self.resumed)
+        util.set_rng_state(self.resumed["rng"])
+        print(f"resuming {os.path.dirname(self.path)} at iteration {self.loop.state['step']}")
+
+    def save(self, extra: dict | None = None) -> None:
+        """Write the checkpoint atomically (`save_checkpoint`), `extra` entries added."""
+        state = {k: obj.state_dict() for k, obj in self._objects.items()}
+        state.update(self.loop.state, **(self._extra() if self._extra else {}), **(extra or {}))
+        save_checkpoint(self.path, {**state, "cpu_s": self.loop.cpu_s, **self.header(),
+                                    "rng": util.rng_state()})
+        self.saved = True
+
+
 def load_run(run_dir, device="cpu", script=None):
     """Load a finished or interrupted run: `run = load_run("runs/<name>")`.
 
@@ -75,9 +111,5 @@ def load_run(run_dir, device="cpu", script=None):
     if ckpt.get("tilt"):  # an EBM built on the run's flow: p = q0 exp(-g) / Z
         from tilt import FlowTilt
         ebm = FlowTilt(flow, ebm, **ckpt["tilt"])
-    config = ckpt.get("config")
-    if config is None:
-        with open(os.path.join(run_dir, "config.json")) as fh:
-            config = json.load(fh)
-    return SimpleNamespace(config=config, ebm=ebm, flow=flow, step=ckpt.get("step"),
+    return SimpleNamespace(config=ckpt["config"], ebm=ebm, flow=flow, step=ckpt.get("step"),
                            checkpoint=ckpt)

@@ -1,12 +1,11 @@
-"""Run logging: a local `metrics.jsonl` + `config.json` (the project's own record) and wandb.
-
-wandb never blocks or stops a run:
+"""Run logging: a local `metrics.jsonl` + `config.json` + `summary.json` (the project's own
+record) and wandb, which never blocks or stops a run:
 - `auto`: online when an API key is configured (checked without prompting or network),
-  otherwise offline, with the `wandb sync` command printed at the end;
+  otherwise offline, with the `wandb sync` command printed at the end; if the environment
+  sets WANDB_MODE, `auto` follows it;
 - `online` without a key, or an unreachable server: falls back to offline with a message;
 - `disabled`, or wandb not installed: local files only;
 - any exception inside wandb after start-up is reported once and wandb is switched off.
-If the environment sets WANDB_MODE, `auto` follows it.
 """
 import json
 import math
@@ -15,16 +14,22 @@ import sys
 
 
 def _jsonable(v):
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
+    v = v.item() if hasattr(v, "item") else v
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _logged_in(wandb):
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:
+        return False
 
 
 class RunLogger:
     """Writes `config.json` now, appends one JSON line per `log` to `metrics.jsonl`, and
-    mirrors both to wandb.
+    mirrors both to wandb. A fresh run (resume_step None) starts metrics.jsonl and
+    summary.json anew, so two runs never mix in one folder; a resumed run keeps the rows up to
+    its checkpoint's step and drops later ones (they are done again).
 
         log = RunLogger(out_dir, config, mode="auto", project="ebm-flows", name=run_name,
                         resume_step=None)   # or the checkpoint's step when resuming
@@ -36,23 +41,11 @@ class RunLogger:
     def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None,
                  run_id=None, resume_step=None):
         os.makedirs(out_dir, exist_ok=True)
-        self.out_dir = out_dir
+        self.out_dir, self.metrics_path = out_dir, os.path.join(out_dir, "metrics.jsonl")
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True, default=str)
-        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
-        self._reset_metrics(resume_step)
-        self._fh = open(self.metrics_path, "a")
-        self.wandb = None
-        self.run = None
-        self.offline = False
-        self._start_wandb(mode, project, name, config, run_id)
-
-    def _reset_metrics(self, resume_step):
-        """A fresh run (resume_step None) starts metrics.jsonl and summary.json anew, so two
-        runs never mix in one directory; a resumed run keeps the rows up to its checkpoint's
-        step and drops later ones (they are done again)."""
         if resume_step is None:
-            for path in (self.metrics_path, os.path.join(self.out_dir, "summary.json")):
+            for path in (self.metrics_path, os.path.join(out_dir, "summary.json")):
                 if os.path.isfile(path):
                     os.remove(path)
         elif os.path.isfile(self.metrics_path):
@@ -60,16 +53,20 @@ class RunLogger:
                 kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resume_step]
             with open(self.metrics_path, "w") as fh:
                 fh.writelines(kept)
+        self._fh = open(self.metrics_path, "a")
+        self.wandb, self.run, self.offline = None, None, False
+        if mode != "disabled":
+            self._start_wandb(mode, dict(project=project, name=name, config=config,
+                                         dir=out_dir, reinit="finish_previous", id=run_id,
+                                         resume="allow" if run_id else None))
 
     @property
     def run_id(self):
         """The wandb run id (stored in checkpoints so a resumed run continues it), or None."""
         return getattr(self.run, "id", None)
 
-    # -- wandb ----------------------------------------------------------------------------
-    def _start_wandb(self, mode, project, name, config, run_id=None):
-        if mode == "disabled":
-            return
+    def _start_wandb(self, mode, kwargs):
+        """wandb.init in `mode` (online falling back to offline), or a message and no wandb."""
         try:
             import wandb
         except ImportError:
@@ -77,48 +74,35 @@ class RunLogger:
             return
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE", "").strip() or (
-                "online" if self._logged_in(wandb) else "offline")
-        elif mode == "online" and not self._logged_in(wandb):
+                "online" if _logged_in(wandb) else "offline")
+        elif mode == "online" and not _logged_in(wandb):
             print("wandb: no API key configured (run `wandb login`); logging offline",
                   file=sys.stderr)
             mode = "offline"
-        kwargs = dict(project=project, name=name, config=config, dir=self.out_dir,
-                      reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
-        # online first when asked; an unreachable server or a bad key falls back to offline
         for mode in {"online": ("online", "offline")}.get(mode, (mode,)):
             if mode == "disabled":
                 return
             try:
                 self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
                                                                          silent=True), **kwargs)
-                break
+                self.wandb, self.offline = wandb, mode == "offline"
+                return
             except Exception as e:
                 print(f"wandb {mode} failed to start ({type(e).__name__}: {e}); logging "
                       f"{'offline' if mode == 'online' else 'to metrics.jsonl only'}",
                       file=sys.stderr)
-        else:
-            return
-        self.wandb = wandb
-        self.offline = mode == "offline"
 
-    @staticmethod
-    def _logged_in(wandb):
-        try:
-            return bool(wandb.login(prompt=False, verify=False))
-        except Exception:
-            return False
-
-    def _guard(self, fn, *a, **kw):
+    def _guard(self, fn):
+        """Call fn() unless wandb is off; an exception inside wandb switches it off."""
         if self.run is None:
             return
         try:
-            fn(*a, **kw)
+            fn()
         except Exception as e:
             print(f"wandb error ({e}); wandb switched off for this run, "
                   f"metrics.jsonl continues", file=sys.stderr)
             self.run = None
 
-    # -- logging --------------------------------------------------------------------------
     def log(self, metrics, step):
         """Append {"step": step, **metrics} to metrics.jsonl and send it to wandb."""
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}

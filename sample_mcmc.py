@@ -105,7 +105,7 @@ def claim_outputs(args, files, frames=None):
     """The output folder must be writable; outputs of an earlier sampling with the same name
     (files, or a folder of frames that new frames would mix with) are refused unless
     --overwrite, which removes them first."""
-    scaffold.Run._writable(args.image_dir)
+    scaffold.check_writable(args.image_dir)
     old = [f for f in files if os.path.exists(f)]
     if frames and os.path.isdir(frames) and os.listdir(frames):
         old.append(frames + "/")

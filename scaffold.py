@@ -1,40 +1,26 @@
-"""The run scaffold every training script uses: folders, logger, checkpoint and restore, the
-loop's CPU clock and progress, the non-finite guard, Ctrl-C and SIGTERM, exit codes.
+"""The run scaffold every training script uses, as parts a trainer names: the run's `Folder`,
+its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations and epochs, the CPU clock
+`cpu_s`, the position and running sums a resume needs; `Progress` prints), its `Signals`
+(Ctrl-C, SIGTERM) and its logger (`logger.RunLogger`); `Run` holds them, `Run.execute` ends it.
 
-    SCRIPT = scaffold.Script("train.py", overridable=("epoch", ...), keys=("step", "rng"))
-    args, ckpt = scaffold.parse(parser, argv, SCRIPT)
-    device = scaffold.device(args)
-    ...                                         # data and models: bad input fails here,
-    with scaffold.Run(args, SCRIPT, ("fce", "maf", "8gaussians", "s42"), ckpt) as run:
+    args, ckpt = scaffold.parse(parser, argv, SCRIPT)   # SCRIPT = scaffold.Script("train.py")
+    ...                                                 # data and models: bad input fails here
+    with scaffold.Run(args, SCRIPT, ("fce", "maf", "s42"), ckpt) as run:
         return run.execute(lambda: train(args, run))
 
-    def train(args, run):                       # the experiment only
-        loop = run.restore(dict(step=0), model=model, opt=opt)   # or loaded from --resume
-        for step in run.iterations(loop["step"], n):  # stops at a boundary on Ctrl-C/SIGTERM
-            ...; loss.backward(); run.check(loss, params); opt.step()
-            loop["step"] = step + 1
-        return summary                          # summary.json, exit status 0
+    def train(args, run):                               # the experiment only
+        checkpoints, loop = run.checkpoints, run.loop
+        state = loop.track(best=0.0)                    # saved with `step` in checkpoints
+        checkpoints.load_or_save_first(model=model, opt=opt)   # --resume loads, else saves
+        for step in loop.iterations(n):                 # stops at a boundary on Ctrl-C
+            ...; loss.backward(); loop.check(loss, params); opt.step()
+        return summary                                  # summary.json, exit status 0
 
-The conventions, the same for every script:
-- the run folder is `--out_dir`, default runs/<name>-<time>; its figures go to `--image_dir`,
-  default images/<run folder name> for a folder in ./runs and images/<run folder name>-<8 hex
-  digits of its absolute path> for any other (`default_image_dir`: two runs whose folders
-  differ only in their parent never share a figure folder). Two runs started in the same second get different folders
-  (the folder is created atomically, a suffix -2, -3, ... is added). A folder that already
-  holds files is refused unless the run resumes (`--resume`) or `--overwrite` clears it.
-- a folder that cannot be written, a device this machine lacks and a bad or foreign
-  checkpoint are one-line errors with exit status 2, before any work; a start that fails
-  after the folders were made removes them again.
-- checkpoints are written atomically and carry the script's name, the resolved config, the
-  tracked models and optimisers, the loop's position, the CPU clock `cpu_s`, every RNG state
-  and the wandb run id. `cpu_s` is the process CPU time spent inside `run.iterations`.
-- Ctrl-C and SIGTERM (a scheduler, a stopped sweep agent) set a flag that `run.iterations`
-  reads between iterations: the run saves, prints the `--resume` command and exits 130 (for
-  SIGTERM too); a second signal stops at once, keeping the last checkpoint.
-- exit status: 0 done, 1 non-finite loss or gradient (one line; the last good checkpoint is
-  kept), 2 bad input (`config.fail`), 130 interrupted.
-
-Benchmarks start these scripts through bench/runner.py.
+Bad input (an unwritable folder, a device this machine lacks, a bad or foreign checkpoint) is
+one line and exit status 2 before any work; a start that fails later removes the folders it
+made. Ctrl-C or SIGTERM: the run saves at the next iteration boundary, prints the --resume
+command and exits 130; a second one stops at once, keeping the last checkpoint. A non-finite
+loss or gradient exits 1, keeping the last good checkpoint.
 """
 import hashlib
 import math
@@ -57,7 +43,6 @@ import util
 from logger import RunLogger
 
 DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
-CPU_KEYS = ("cpu_s", "cpu_sec", "seconds")  # the CPU clock in checkpoints, then older names
 
 
 @dataclass(frozen=True)
@@ -81,12 +66,12 @@ class Interrupted(Exception):
 
 def parse(parser, argv, script: Script):
     """Parse the command line (and --config); for --resume, load and check the checkpoint
-    (written by `script`, holding its `keys`) and return the run's saved configuration with
-    the `script.overridable` flags typed now on top; a script that is not resumable refuses
-    --resume. Returns (args, checkpoint or None)."""
+    (written by `script`, holding its `keys` and the clock `cpu_s`) and return the run's saved
+    configuration with the `script.overridable` flags typed now on top; a script that is not
+    resumable refuses --resume. Returns (args, checkpoint or None)."""
     args = config.parse(parser, argv)
     for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
-        Run._writable(folder)  # before any work: data and models come after parse
+        check_writable(folder)  # before any work: data and models come after parse
     if not args.resume:
         return args, None
     if not script.resumable:
@@ -100,6 +85,9 @@ def parse(parser, argv, script: Script):
         ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--resume: {e}")
+    if "cpu_s" not in ckpt:
+        config.fail(f"--resume: {path} has no CPU clock cpu_s (an older run); rewrite it with "
+                    f"`python migrate.py {shlex.quote(os.path.dirname(path) or '.')}` first")
     return config.resumed_args(args, ckpt, path, argv, script.overridable), ckpt
 
 
@@ -111,18 +99,137 @@ def device(args):
         config.fail(str(e))
 
 
+def check_writable(path):
+    """A one-line error (exit 2), before any work, when `path` or the folder it would be made
+    in cannot be written."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        config.fail(f"{path}: {probe} is a file, not a folder; choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        config.fail(f"cannot write to {probe}; choose a writable folder")
+
+
+# ----------------------------------------------------------------------------- folders
+class Folder:
+    """The run's folders, `out_dir` (--out_dir, default runs/<name>-<time>, -2, -3, ... added
+    when taken) and `image_dir` (--image_dir, default `default_image_dir`; None without
+    figures), written back into `args`. A fresh run claims them: a used one is refused unless
+    --overwrite empties it; a resumed run reuses its own. `remove_created` takes back what a
+    failed start made."""
+
+    def __init__(self, args, name_parts, figures=True, resumable=True, resume=False):
+        self.args, self.resumable, self._created = args, resumable, []
+        image_dir = getattr(args, "image_dir", None) if figures else None
+        try:
+            if resume:
+                self.out_dir, self.image_dir = args.out_dir, image_dir
+                for d in filter(None, (self.out_dir, self.image_dir)):
+                    check_writable(d)
+                if self.image_dir:
+                    self._mkdir(self.image_dir)
+            else:
+                self.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
+                    os.path.join("runs", config.run_name(*name_parts)), figures and not image_dir)
+                self.image_dir = self._claim(image_dir or default_image_dir(self.out_dir),
+                                             figures=True) if figures else None
+        except BaseException:
+            self.remove_created()
+            raise
+        args.out_dir = self.out_dir
+        if figures:
+            args.image_dir = self.image_dir
+        self.name = os.path.basename(os.path.normpath(self.out_dir))
+        self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
+
+    def _claim(self, path, figures=False):
+        """An explicit folder: created if new; a used one is refused unless --overwrite, which
+        empties it only when it holds a run (or, for figures, only images)."""
+        check_writable(path)
+        if not os.path.isdir(path):
+            self._mkdir(path)
+            return path
+        entries = [os.path.join(path, e) for e in os.listdir(path)]
+        if entries and not self.args.overwrite:
+            resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable else ""
+            config.fail(f"{path} already holds files of another run; {resume}clear it with "
+                        f"--overwrite, or choose another --out_dir/--image_dir")
+        if entries and not _holds_run(path, figures):
+            config.fail(f"--overwrite: {path} does not look like a run's folder (no config.json "
+                        f"or checkpoint.pt{'; or files other than images' if figures else ''}); "
+                        f"refusing to empty it, choose another folder")
+        for entry in entries:
+            shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) \
+                else os.remove(entry)
+        return path
+
+    def _unique(self, base, with_images):
+        """The first of base, base-2, base-3, ... whose run folder (and default figure folder)
+        does not exist yet, claimed by an atomic mkdir (two runs started in the same second)."""
+        for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
+            if with_images and os.path.exists(default_image_dir(path)):
+                continue
+            try:
+                self._mkdir(path, exist_ok=False)
+                return path
+            except FileExistsError:
+                continue
+        config.fail(f"no free run folder next to {base}; pass --out_dir")
+
+    def _mkdir(self, path, exist_ok=True):
+        """makedirs that remembers the highest folder it created (for `remove_created`)."""
+        top = os.path.normpath(path)
+        while os.path.dirname(top) and not os.path.exists(os.path.dirname(top)):
+            top = os.path.dirname(top)
+        new = not os.path.exists(top)
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
+        if new:
+            self._created.append(top)
+
+    def remove_created(self):
+        for path in self._created:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def default_image_dir(out_dir):
+    """The figure folder of run folder `out_dir` when --image_dir is not given: images/<name>
+    for runs/<name> (the default run folders), else images/<name>-<first 8 hex digits of
+    sha1(absolute path)>: two runs whose folders differ only in their parent never share one."""
+    path = os.path.abspath(out_dir)
+    name = os.path.basename(path)
+    if os.path.dirname(path) == os.path.abspath("runs"):
+        return os.path.join("images", name)
+    return os.path.join("images", f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
+
+
+def _holds_run(path, figures):
+    """Whether --overwrite may empty `path`: a run folder (config.json or checkpoint.pt in
+    it), or for figures a folder of images and their metadata only."""
+    if {"config.json", "checkpoint.pt"} & set(os.listdir(path)):
+        return True
+    allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
+    return figures and all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
+
+
+# ----------------------------------------------------------------------------- signals
 class Signals:
     """Ctrl-C and SIGTERM (a scheduler, a stopped sweep agent) as a flag, `stop_requested`,
     that a loop reads at its boundaries (`boundary`); installed only inside `with`. A second
     signal stops at once (KeyboardInterrupt: `config.cli` ends it with exit status 130)."""
 
-    stop_requested = False
+    def __init__(self):
+        self.stop_requested, self._old = False, {}
 
     def __enter__(self):
-        self._old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+                self._old[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: signals keep their default behaviour
                 pass
         return self
@@ -135,10 +242,9 @@ class Signals:
         print(f"\n{name}: stopping after this iteration (again: stop at once)",
               file=sys.stderr, flush=True)
 
-    def __exit__(self, exc_type, exc, tb):
-        for sig, handler in self._old_handlers.items():
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        return False
 
     def boundary(self, where: str) -> None:
         """Raise Interrupted(where) once Ctrl-C or SIGTERM came."""
@@ -146,187 +252,84 @@ class Signals:
             raise Interrupted(where)
 
 
-class Run(Signals):
-    """One run: folders, logger (`run.log`, a RunLogger), checkpoint and restore, the loop's
-    CPU clock and progress, the non-finite guard, Ctrl-C and SIGTERM, exit codes.
+# ----------------------------------------------------------------------------- the loop
+class Loop:
+    """The training loop: its `state` (`step`, the iterations done, and what the trainer
+    `track`s; saved in every checkpoint, so a resumed run goes on bit for bit), `iterations`
+    and `epochs` (ending at `until` and, after Ctrl-C or SIGTERM, at a boundary), the CPU clock
+    `cpu_s`, running sums of the metrics row and the non-finite guard; `progress` prints."""
 
-    Use it as a context manager around the training: a start that fails inside it (bad input
-    found late, an exception) removes the folders it created, and the signal handlers are
-    installed only inside it."""
+    def __init__(self, name: str, signals: Signals):
+        self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
+        self._sums, self._per_epoch, self._cpu, self._t0 = (), None, 0.0, None
+        self.print = self.progress.print
 
-    def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
-                 ckpt: dict | None = None, figures: bool = True):
-        script = script if isinstance(script, Script) else Script(script)
-        self.args, self.script, self.ckpt = args, script.name, ckpt
-        self.resumable = script.resumable
-        self.loop: dict = {}
-        self.step = 0  # the iteration under way (then the next one)
-        self._objects, self._extra, self._bar, self._cpu, self._t0 = {}, None, None, 0.0, None
-        self._rate_at = None
-        self._created, self._saved = [], ckpt is not None
-        try:
-            if ckpt is None:
-                self._make_folders(name_parts, figures)
-            else:
-                self.out_dir = args.out_dir
-                self.image_dir = getattr(args, "image_dir", None) if figures else None
-                for d in (self.out_dir, self.image_dir):
-                    if d:
-                        self._writable(d)
-                if self.image_dir:
-                    self._mkdir(self.image_dir)
-            args.out_dir = self.out_dir
-            if figures:
-                args.image_dir = self.image_dir
-            self.name = os.path.basename(os.path.normpath(self.out_dir))
-            self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
-            step = ckpt.get("step", 0) if ckpt is not None else None
-            self.log = RunLogger(self.out_dir, config.to_dict(args), args.wandb, args.project,
-                                 self.name, run_id=ckpt.get("wandb_id") if ckpt else None,
-                                 resume_step=step)
-        except BaseException:
-            self._remove_created()
-            raise
+    def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
+        """Add `entries` to the state; with `epochs` the epoch position (epoch, it: the
+        iterations done in it, perm: its permutation), with `sums` running sums at 0 and their
+        count n_rows (`add`, `means`). Returns the state."""
+        self._sums = tuple(sums)
+        self.state.update(entries, **dict.fromkeys(self._sums, 0.0))
+        self.state.update(dict(n_rows=0) if self._sums else {})
+        self.state.update(dict(epoch=0, it=0, perm=None) if epochs else {})
+        return self.state
 
-    def _remove_created(self):
-        for path in self._created:
-            shutil.rmtree(path, ignore_errors=True)
+    def iterations(self, stop: int, total: int | None = None,
+                   until: Callable[[], bool] | None = None) -> Iterator[int]:
+        """The iterations state["step"], ..., stop - 1, each counted in `step` as it starts
+        (its body sees it done) and timed by `clock`; ends early once `until()`, and raises
+        Interrupted at the boundary after Ctrl-C or SIGTERM. The bar counts to `total`
+        (default `stop`)."""
+        start = self.state["step"]
+        self.progress.start(total or stop, start, self.cpu_s)
+        for i in range(start, stop):
+            if until is not None and until():
+                return
+            self.signals.boundary(f"at iteration {i}")
+            self.state["step"] = i + 1
+            with self.clock():
+                yield i
+            self.progress.update()
 
-    # -- folders --------------------------------------------------------------------------
-    def _make_folders(self, name_parts, figures):
-        """Create the run folder (and the figure folder) for a fresh run."""
-        args = self.args
-        explicit_image = getattr(args, "image_dir", None) if figures else None
-        if args.out_dir:
-            self.out_dir = self._claim(args.out_dir)
-        else:
-            base = os.path.join("runs", config.run_name(*name_parts))
-            self.out_dir = self._unique(base, figures and not explicit_image)
-        self.image_dir = None
-        if figures:
-            self.image_dir = self._claim(explicit_image or default_image_dir(self.out_dir),
-                                         figures=True)
+    def epochs(self, n_epochs: int, per_epoch: int, n_items: int, device, total=None,
+               until=None) -> Iterator[Iterator[int]]:
+        """Epochs up to `n_epochs` (ending early once `until()`), each the `iterations` of
+        `per_epoch` batches of a fresh permutation of `n_items` (`rows`); an epoch cut short
+        (`until`, Ctrl-C) goes on where it stopped."""
+        self._per_epoch, s = per_epoch, self.state
+        while s["epoch"] < n_epochs and not (until is not None and until()):
+            yield self._epoch(n_items, device, total, until)
 
-    def _claim(self, path, figures=False):
-        """An explicit folder: created if new; a used one is refused unless --overwrite, which
-        empties it only when it holds a run (or, for figures, only images)."""
-        self._writable(path)
-        if os.path.isdir(path) and os.listdir(path):
-            if not self.args.overwrite:
-                resume = (f"continue it with --resume {shlex.quote(path)}, "
-                          if self.resumable else "")
-                config.fail(f"{path} already holds files of another run; {resume}clear it "
-                            f"with --overwrite, or choose another --out_dir/--image_dir")
-            if not _holds_run(path, figures):
-                config.fail(f"--overwrite: {path} does not look like a run's folder (no "
-                            f"config.json or checkpoint.pt{'; or files other than images' if figures else ''}); "
-                            f"refusing to empty it, choose another folder")
-            for entry in os.listdir(path):
-                full = os.path.join(path, entry)
-                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) \
-                    else os.remove(full)
-        elif not os.path.isdir(path):
-            self._mkdir(path)
-        return path
+    def _epoch(self, n_items, device, total, until):
+        s = self.state
+        if s["perm"] is None:
+            s["perm"] = torch.randperm(n_items, device=device)
+        for i in self.iterations(s["step"] - s["it"] + self._per_epoch, total, until):
+            s["it"] += 1
+            yield i
+        if s["it"] == self._per_epoch:
+            s.update(epoch=s["epoch"] + 1, it=0, perm=None)
 
-    def _unique(self, base, with_images):
-        """base, base-2, base-3, ...: the first name whose run folder (and default figure
-        folder) does not exist yet, claimed by an atomic mkdir."""
-        for k in range(1, 1000):
-            path = base if k == 1 else f"{base}-{k}"
-            image = default_image_dir(path)
-            if with_images and os.path.exists(image):
-                continue
-            try:
-                self._mkdir(path, exist_ok=False)
-                return path
-            except FileExistsError:
-                continue
-        config.fail(f"no free run folder next to {base}; pass --out_dir")
+    def rows(self, step: int, size: int) -> torch.Tensor | None:
+        """The permutation's `size` rows of iteration `step` of the epoch under way (None past
+        its end); the epoch's iteration under way is it - 1 = (step under way) - (step - 1)."""
+        i = self.state["it"] + step - self.state["step"]
+        return self.state["perm"][i * size:(i + 1) * size] if i < self._per_epoch else None
 
-    def _mkdir(self, path, exist_ok=True):
-        """makedirs that remembers the highest folder it created (removed on a failed start)."""
-        top = path
-        while True:
-            parent = os.path.dirname(os.path.normpath(top))
-            if not parent or os.path.exists(parent):
-                break
-            top = parent
-        existed = os.path.exists(top)
-        try:
-            os.makedirs(path, exist_ok=exist_ok)
-        except FileExistsError:
-            raise
-        except OSError as e:
-            config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
-        if not existed:
-            self._created.append(top)
+    def add(self, **values: Any) -> None:
+        """Add one iteration's values (None: 0) to the running sums and count it."""
+        for k, v in values.items():
+            self.state[k] += float(v) if v is not None else 0.0
+        self.state["n_rows"] += 1
 
-    @staticmethod
-    def _writable(path):
-        """A one-line error, before any work, when `path` or the folder it would be made in
-        cannot be written."""
-        probe = os.path.abspath(path)
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.path.isdir(probe):
-            config.fail(f"{path}: {probe} is a file, not a folder; choose another folder")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            config.fail(f"cannot write to {probe}; choose a writable folder")
+    def means(self) -> dict:
+        """The running sums over their count (the iterations since the last call); the sums
+        start again."""
+        n = self.state["n_rows"]
+        out = {k: self.state[k] / n for k in self._sums}
+        self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
+        return out
 
-    # -- context: Ctrl-C, SIGTERM (Signals) and failed starts --------------------------------
-    def __exit__(self, exc_type, exc, tb):
-        super().__exit__(exc_type, exc, tb)
-        self._close_bar()
-        if exc_type is None:
-            return False
-        self.log.finish()
-        if not self._saved:  # nothing worth keeping: leave no folders behind
-            self._remove_created()
-        if exc_type is KeyboardInterrupt:
-            where = ("no checkpoint was written" if not self._saved else
-                     f"the last checkpoint is kept; {self.resume_hint()}")
-            print(f"\nstopped at once: {where}", file=sys.stderr)
-            raise SystemExit(INTERRUPTED)
-        return False
-
-    # -- restore, checkpoints --------------------------------------------------------------
-    def restore(self, loop: dict, extra: Callable[[], dict] | None = None,
-                **objects: Any) -> dict:
-        """Track `objects` (models, optimisers: state_dict holders; None is skipped), the
-        loop's position `loop` (plain values and tensors) and `extra()` (more checkpoint
-        entries). On --resume load them, the CPU clock and every RNG state from the
-        checkpoint; a fresh run saves its first checkpoint now. Returns `loop`."""
-        self._objects = {k: v for k, v in objects.items() if v is not None}
-        self.loop, self._extra = loop, extra
-        if self.ckpt is None:
-            self.save()  # a NaN at the first iteration still leaves a loadable run
-            return loop
-        for key, obj in self._objects.items():
-            obj.load_state_dict(self.ckpt[key])
-        for key, old in loop.items():
-            if key in self.ckpt:
-                new = self.ckpt[key]
-                loop[key] = new.to(old.device) if torch.is_tensor(old) and torch.is_tensor(new) \
-                    else new
-        self._cpu = float(next((self.ckpt[k] for k in CPU_KEYS if k in self.ckpt), 0.0))
-        util.set_rng_state(self.ckpt["rng"])
-        print(f"resuming {self.out_dir} at iteration {loop.get('step', 0)}")
-        return loop
-
-    def save(self, extra: dict | None = None) -> None:
-        """Write atomically to <out_dir>/checkpoint.pt the tracked objects' state_dicts, the
-        loop's position, `extra`, the CPU clock `cpu_s`, the script's name, the resolved
-        config, every RNG state and the wandb run id."""
-        state = {k: obj.state_dict() for k, obj in self._objects.items()}
-        state.update(self.loop, **(self._extra() if self._extra else {}), **(extra or {}))
-        checkpoint.save_checkpoint(self.checkpoint_path, {
-            **state, "cpu_s": self.cpu_s, "script": self.script,
-            "config": config.to_dict(self.args), "rng": util.rng_state(),
-            "wandb_id": self.log.run_id})
-        self._saved = True
-
-    # -- the loop: iterations, CPU clock, progress, non-finite guard ---------------------------
     @property
     def cpu_s(self) -> float:
         """Process CPU seconds spent inside `iterations` (and `clock`), over all sessions."""
@@ -341,39 +344,13 @@ class Run(Signals):
         finally:
             self._cpu, self._t0 = self.cpu_s, None
 
-    def iterations(self, start: int, stop: int, total: int | None = None,
-                   until: Callable[[], bool] | None = None) -> Iterator[int]:
-        """The iterations start, ..., stop - 1, each timed by `clock` and shown by the
-        progress bar (of `total` iterations, default `stop`); ends early once `until()`, and
-        raises Interrupted at the boundary after Ctrl-C or SIGTERM."""
-        if self._bar is None:
-            self._bar = progress_bar(total or stop, start, self.name)
-            self._rate_at = (time.perf_counter(), self.cpu_s, start)
-        for i in range(start, stop):
-            if until is not None and until():
-                return
-            self.boundary(f"at iteration {i}")
-            self.step = i
-            with self.clock():
-                yield i
-            self.step = i + 1
-            self._bar.update(1)
+    def spent(self, budget: float | None, offset: float = 0.0) -> bool:
+        """Whether a budget of CPU seconds (None: no budget) is spent: cpu_s + offset >= it."""
+        return bool(budget) and self.cpu_s + offset >= budget
 
     def rate(self) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call (called
-        inside iteration i, iteration i counts as done)."""
-        done = self.step + (1 if self._t0 is not None else 0)
-        now, (t, cpu, step) = time.perf_counter(), self._rate_at
-        self._rate_at = (now, self.cpu_s, done)
-        n = max(done - step, 1)
-        return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
-
-    def print(self, line: str | None, postfix: dict | None = None) -> None:
-        """A progress line printed above the bar, and values shown on the bar."""
-        if line is not None:
-            tqdm.write(line)
-        if postfix and self._bar is not None:
-            self._bar.set_postfix(postfix, refresh=False)
+        """(iterations per second, CPU seconds per iteration) since the last call."""
+        return self.progress.rate(self.state["step"], self.cpu_s)
 
     def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
         """The non-finite guard: raise NonFinite when `loss` (None: a step that reported
@@ -381,14 +358,112 @@ class Run(Signals):
         loss = loss.detach() if torch.is_tensor(loss) else loss
         if loss is None or not math.isfinite(float(loss)) or not all(
                 torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-            raise NonFinite(f"non-finite loss or gradient at iteration {self.step}")
+            raise NonFinite(f"non-finite loss or gradient at iteration {self.state['step'] - 1}")
 
-    def _close_bar(self):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def load(self, ckpt: dict) -> None:
+        """The state (tensors onto the device of the state's own) and `cpu_s` of a checkpoint."""
+        for key, old in self.state.items():
+            new = ckpt.get(key, old)
+            self.state[key] = new.to(old.device) if torch.is_tensor(old) and torch.is_tensor(
+                new) else new
+        self._cpu = float(ckpt["cpu_s"])
 
-    # -- endings ------------------------------------------------------------------------------
+
+class Progress:
+    """The progress bar (tqdm on a terminal; off one, as in CI or a log file, a plain line
+    every 30 s), lines printed above it and the loop's rate."""
+
+    def __init__(self, name: str):
+        self.name, self.bar, self._at = name, None, None
+
+    def start(self, total: int, done: int, cpu_s: float) -> None:
+        if self.bar is None:
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=total, initial=done, desc=self.name[:40 if tty else 30],
+                            **(dict(dynamic_ncols=True) if tty else dict(
+                                ncols=100, mininterval=30, ascii=True, file=_Lines())))
+            self._at = (time.perf_counter(), cpu_s, done)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
+        """(iterations per second, CPU seconds per iteration) since the last call; `done`
+        counts the iteration under way."""
+        now, (t, cpu, before) = time.perf_counter(), self._at
+        self._at, n = (now, cpu_s, done), max(done - before, 1)
+        return n / max(now - t, 1e-9), (cpu_s - cpu) / n
+
+    def print(self, line: str | None, postfix: dict | None = None) -> None:
+        """A line printed above the bar, and values shown on the bar."""
+        if line is not None:
+            tqdm.write(line)
+        if postfix and self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Lines:
+    """stderr for tqdm off a terminal: each refresh one plain line (no carriage returns)."""
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            sys.stderr.write(s + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """One run, as the parts a trainer names: `folder`, `log` (RunLogger), `signals`, `loop`
+    and `checkpoints` (checkpoint.RunCheckpoints; `.resumed`: the --resume checkpoint or
+    None); `execute` ends it. A context manager around the training: the signal handlers are
+    installed only inside it, and a start that fails inside it (bad input found late, an
+    exception) before a checkpoint was written removes the folders it made."""
+
+    def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
+                 ckpt: dict | None = None, figures: bool = True):
+        self.script = script if isinstance(script, Script) else Script(script)
+        self.folder = Folder(args, name_parts, figures, self.script.resumable, ckpt is not None)
+        self.name = self.folder.name
+        try:
+            self.log = RunLogger(self.folder.out_dir, config.to_dict(args), args.wandb,
+                                 args.project, self.name, run_id=(ckpt or {}).get("wandb_id"),
+                                 resume_step=None if ckpt is None else ckpt.get("step", 0))
+        except BaseException:
+            self.folder.remove_created()
+            raise
+        self.signals = Signals()
+        self.loop = Loop(self.name, self.signals)
+        self.checkpoints = checkpoint.RunCheckpoints(
+            self.folder.checkpoint_path, self.loop, lambda: {
+                "script": self.script.name, "config": config.to_dict(args),
+                "wandb_id": self.log.run_id}, resumed=ckpt)
+
+    def __enter__(self):
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.signals.__exit__()
+        self.loop.progress.close()
+        if exc_type is None:
+            return
+        self.log.finish()
+        if not self.checkpoints.saved:  # nothing worth keeping: leave no folders behind
+            self.folder.remove_created()
+        if exc_type is KeyboardInterrupt:  # the second Ctrl-C
+            where = (f"the last checkpoint is kept; {self.resume_hint()}"
+                     if self.checkpoints.saved else "no checkpoint was written")
+            print(f"\nstopped at once: {where}", file=sys.stderr)
+            raise SystemExit(INTERRUPTED)
+
     def execute(self, train: Callable[[], dict | None]) -> int:
         """Run the experiment `train`, end the run and return its exit status: the summary
         (or None) -> summary.json with `cpu_s`, 0; NonFinite -> one line naming the last good
@@ -398,15 +473,15 @@ class Run(Signals):
             summary = train()
         except NonFinite as e:
             status, message = NONFINITE, (
-                f"error: {e}; the last good checkpoint is kept in {self.checkpoint_path}. "
-                f"Try a lower learning rate or another --seed.")
+                f"error: {e}; the last good checkpoint is kept in {self.folder.checkpoint_path}"
+                f". Try a lower learning rate or another --seed.")
         except Interrupted as e:
-            self.save()
-            status = INTERRUPTED
-            message = f"\ninterrupted {e}: checkpoint saved; {self.resume_hint()}"
-        self._close_bar()
+            self.checkpoints.save()
+            status, message = INTERRUPTED, (f"\ninterrupted {e}: checkpoint saved; "
+                                            f"{self.resume_hint()}")
+        self.loop.progress.close()
         if summary:
-            self.log.summary({**summary, "cpu_s": self.cpu_s})
+            self.log.summary({**summary, "cpu_s": self.loop.cpu_s})
         self.log.finish()
         if message:
             print(message, file=sys.stderr)
@@ -415,60 +490,14 @@ class Run(Signals):
     def resume_hint(self) -> str:
         """How to go on from the checkpoint: the --resume command, or for a script without
         resume where the weights are."""
-        if not self.resumable:
-            return (f"the weights trained so far are in {self.checkpoint_path}; {self.script} "
-                    f"has no --resume (its runs are short): start it again with the same flags")
-        return f"continue with\n  python {self.script} --resume {shlex.quote(self.out_dir)}"
-
-
-def default_image_dir(out_dir):
-    """The figure folder of run folder `out_dir` when --image_dir is not given: images/<name>
-    for runs/<name> (the default run folders), else images/<name>-<first 8 hex digits of
-    sha1(absolute path)>, one folder per run folder."""
-    path = os.path.abspath(out_dir)
-    name = os.path.basename(path)
-    if os.path.dirname(path) == os.path.abspath("runs"):
-        return os.path.join("images", name)
-    return os.path.join("images", f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
-
-
-def _holds_run(path, figures):
-    """Whether --overwrite may empty `path`: a run folder (config.json or checkpoint.pt in
-    it), or for figures a folder of images and their metadata only."""
-    names = set(os.listdir(path))
-    if {"config.json", "checkpoint.pt"} & names:
-        return True
-    if not figures:
-        return False
-    allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
-    return all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
-
-
-class _Lines:
-    """A stream for tqdm off a terminal: each refresh becomes one plain line (no carriage
-    returns piling up in log files)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, s):
-        s = s.replace("\r", "").strip()
-        if s:
-            self.stream.write(s + "\n")
-
-    def flush(self):
-        self.stream.flush()
-
-
-def progress_bar(total: int, initial: int, desc: str) -> tqdm:
-    """tqdm on a terminal; off one (CI, nohup, redirected logs), a plain line every 30 s."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc[:40])
-    return tqdm(total=total, initial=initial, ncols=100, mininterval=30, ascii=True,
-                desc=desc[:30], file=_Lines(sys.stderr))
+        if self.script.resumable:
+            return (f"continue with\n  python {self.script.name} --resume "
+                    f"{shlex.quote(self.folder.out_dir)}")
+        return (f"the weights trained so far are in {self.folder.checkpoint_path}; "
+                f"{self.script.name} has no --resume (its runs are short): start it again with "
+                f"the same flags")
 
 
 def gif_hint(folder: str) -> str:
     """The command that turns a folder of frames into a gif."""
     return f"python images/create_gif.py {shlex.quote(folder)}"
-

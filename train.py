@@ -407,7 +407,8 @@ def main(argv=None):
         return run.execute(lambda: train(args, run, device, task))
 
 
-ROW_SUMS = dict(v_sum=0.0, acc_sum=0.0, acc_flow_sum=0.0, n_ebm=0, n_flow=0, n_rows=0)
+# the metrics row's running sums (run.loop's `add` and `means`)
+ROW_SUMS = ("v_sum", "acc_sum", "acc_flow_sum", "n_ebm", "n_flow")
 # who steps next: the threshold rule's current threshold and the last accuracy on the flow's
 # own samples (NaN before the first iteration: the EBM steps first)
 WHO = dict(threshold=None, accuracy_flow=math.nan)
@@ -426,15 +427,16 @@ def train(args, run, device, task=None):
     the_rule = rule(args) if args.estimator == "fce" else fce.Rule()
     iters = task.n_train // args.batch
     total = min(iters * args.epoch, args.max_steps or math.inf)
-    # the loop's position and the sums of the metrics row being filled (kept in checkpoints:
-    # a resumed run writes the same rows as an uninterrupted one)
-    loop = run.restore(dict(epoch=0, it=0, step=0, perm=None, flow_steps=0, ebm_steps=0,
-                            flow_steps_at_eval=0, **ROW_SUMS, **SELECTION,
-                            **{**WHO, "threshold": the_rule.threshold},
-                            phase=("tilt" if args.base_run else "base")
-                            if args.estimator == "tilt" else None),
-                       lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
-                       ebm=getattr(ebm, "g", ebm), opt_ebm=opt_ebm)
+    # what the experiment adds to the loop's state (kept in checkpoints: a resumed run writes
+    # the same rows as an uninterrupted one)
+    checkpoints, loop = run.checkpoints, run.loop
+    state = loop.track(epochs=True, sums=ROW_SUMS, flow_steps=0, ebm_steps=0,
+                       flow_steps_at_eval=0, **SELECTION,
+                       **{**WHO, "threshold": the_rule.threshold},
+                       phase=("tilt" if args.base_run else "base")
+                       if args.estimator == "tilt" else None)
+    checkpoints.load_or_save_first(lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
+                                   ebm=getattr(ebm, "g", ebm), opt_ebm=opt_ebm)
     bank = Bank(args, ebm, flow) if args.estimator == "tilt" else None
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
                 if opt is not None]
@@ -443,33 +445,29 @@ def train(args, run, device, task=None):
     offset = getattr(flow, "base_cpu_s", 0.0)  # --base_run: its training counts too
 
     def progress_at(step):
-        return max(step / total, (run.cpu_s + offset) / args.budget if args.budget else 0)
+        return max(step / total, (loop.cpu_s + offset) / args.budget if args.budget else 0)
 
     def out_of_budget():
-        return (args.budget and run.cpu_s + offset >= args.budget) or loop["step"] >= total \
-            or loop["stopped"]
+        return loop.spent(args.budget, offset) or state["step"] >= total or state["stopped"]
 
     def batch_at(s):
         """The data batch of iteration s of the current epoch (None past its end)."""
-        i = loop["it"] + s - loop["step"]
-        return task.batch(loop["perm"][i * args.batch:(i + 1) * args.batch], s) \
-            if i < iters else None
+        rows = loop.rows(s, args.batch)
+        return task.batch(rows, s) if rows is not None else None
 
     metrics = {}
-    while loop["epoch"] < args.epoch and not out_of_budget():
-        if loop["perm"] is None:
-            loop["perm"] = torch.randperm(task.n_train, device=device)
-        epoch_end = loop["step"] - loop["it"] + iters
-        for step in run.iterations(loop["step"], epoch_end, total, until=out_of_budget):
-            progress = stage_progress(args, loop, progress_at(step))
+    for epoch_steps in loop.epochs(args.epoch, iters, task.n_train, device, total,
+                                   until=out_of_budget):
+        for step in epoch_steps:
+            progress = stage_progress(args, state, progress_at(step))
             for opt, lr in base_lrs:
                 util.set_lr(opt, lr * util.lr_factor(args.lr_schedule, progress, 1,
                                                      args.lr_min_factor))
-            if ebm is None or loop["phase"] == "base":
-                V = fce.mle_step(next(iter(selected(loop, ebm, flow).values())),
+            if ebm is None or state["phase"] == "base":
+                V = fce.mle_step(next(iter(selected(state, ebm, flow).values())),
                                  batch_at(step), opt_flow)
                 r = fce.StepResult(V, None, None, False, True)
-            elif loop["phase"] == "tilt":
+            elif state["phase"] == "tilt":
                 loss = bank.step(batch_at(step), step, opt_ebm, args.tilt_loss)
                 r = fce.StepResult(loss, None, None, True, False)
             elif args.estimator in SCORE_MATCHING:
@@ -477,41 +475,41 @@ def train(args, run, device, task=None):
                                               args.sm_sigma, args.sm_projections)
                 r = fce.StepResult(loss, None, None, True, False)
             else:
-                turn = the_rule.flow_turn(step, loop["accuracy_flow"], loop["threshold"])
+                turn = the_rule.flow_turn(step, state["accuracy_flow"], state["threshold"])
                 r = fce.fce_step(ebm, contrast, step, batch_at(step), batch_at, opt_ebm,
                                  opt_flow, the_rule, turn)
-                loop.update(accuracy_flow=float(r.accuracy_flow), threshold=the_rule
-                            .next_threshold(loop["threshold"], r.flow))
-            run.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
-            count_step(loop, r)
-            due = loop["phase"] == "base" and progress_at(loop["step"]) >= args.base_share
-            if loop["step"] % args.val_every == 0 or due:
-                select(args, run, loop, task, ebm, flow, bank, progress_at(loop["step"]))
-            if loop["step"] % args.log_every == 0:
-                log_row(run, loop, args, opt_ebm, opt_flow)
-        if loop["it"] == iters:
-            loop.update(epoch=loop["epoch"] + 1, it=0, perm=None)
-        epoch, last = loop["epoch"], loop["epoch"] == args.epoch or out_of_budget()
+                state.update(accuracy_flow=float(r.accuracy_flow), threshold=the_rule
+                             .next_threshold(state["threshold"], r.flow))
+            loop.check(r.V)  # not finite: a loss or gradient was, and nothing stepped
+            loop.add(v_sum=r.V, acc_sum=r.accuracy, acc_flow_sum=r.accuracy_flow, n_ebm=r.ebm,
+                     n_flow=r.flow)
+            state.update(flow_steps=state["flow_steps"] + r.flow,
+                         ebm_steps=state["ebm_steps"] + r.ebm)
+            due = state["phase"] == "base" and progress_at(state["step"]) >= args.base_share
+            if state["step"] % args.val_every == 0 or due:
+                select(args, run, state, task, ebm, flow, bank, progress_at(state["step"]))
+            if state["step"] % args.log_every == 0:
+                log_row(run, state, args, opt_ebm, opt_flow)
+        epoch, last = state["epoch"], state["epoch"] == args.epoch or out_of_budget()
         if last:
-            restore_best(loop, selected(loop, ebm, flow))
+            restore_best(state, selected(state, ebm, flow))
         if epoch % args.eval_every == 0 or last:
-            metrics = evaluate(args, run, loop, task, ebm, flow, last)
+            metrics = evaluate(args, run, state, task, ebm, flow, last)
         if epoch % args.plot_every == 0 or last:
             run.log.log_image("density", save_figure(args, task, ebm, flow, epoch),
-                              loop["step"])
-        run.save()
-    steps = {"steps": loop["step"], "ebm_steps": loop["ebm_steps"],
-             "flow_steps": loop["flow_steps"]}
-    if loop["step"]:
-        steps["flow_step_fraction"] = loop["flow_steps"] / loop["step"]
+                              state["step"])
+        checkpoints.save()
+    steps = {"steps": state["step"], "ebm_steps": state["ebm_steps"],
+             "flow_steps": state["flow_steps"]}
+    if state["step"]:
+        steps["flow_step_fraction"] = state["flow_steps"] / state["step"]
     print(steps_line(args, steps))
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
           f"{scaffold.gif_hint(args.image_dir)})")
-    stages = {"base_steps": loop["base_steps"], "base_cpu_s": loop["base_cpu_s"] + offset,
-              "best_val": loop["best_val"]} if args.estimator == "tilt" else \
-        {"best_val": loop["best_val"]} if loop["best_state"] else {}
+    stages = {"base_steps": state["base_steps"], "base_cpu_s": state["base_cpu_s"] + offset,
+              "best_val": state["best_val"]} if args.estimator == "tilt" else \
+        {"best_val": state["best_val"]} if state["best_state"] else {}
     return {**metrics, **steps, **stages} if metrics else None
-
 
 def steps_line(args, steps):
     """The run's iterations and who stepped in how many of them (the mechanism beside the
@@ -565,67 +563,68 @@ class Bank:
         return tilt.tilt_step(self.tilt, x, self.y[rows], opt, loss)
 
 
-def stage_progress(args, loop, progress):
+def stage_progress(args, state, progress):
     """Where the learning-rate schedule stands: the run's progress, or for a tilt the
     progress within its stage (the base until --base_share of the run, then g)."""
     if args.estimator != "tilt":
         return progress
-    if loop["phase"] == "base":
+    if state["phase"] == "base":
         return 0.0  # each base flow at --lr_flow until it stops early or its share is spent
-    return min((progress - loop["switch"]) / max(1.0 - loop["switch"], 1e-9), 1.0)
+    return min((progress - state["switch"]) / max(1.0 - state["switch"], 1e-9), 1.0)
 
 
-def selected(loop, ebm, flow):
+def selected(state, ebm, flow):
     """What early stopping watches now: the flow (mle, a tilt's base stage), g (a tilt's g
     stage), else nothing (FCE, NCE, score matching keep their last iterate)."""
     if ebm is None:
         return {"flow": flow}
-    if loop["phase"] == "base":
-        return {"flow": flow.members[loop["member"]]}
-    return {"g": ebm.g} if loop["phase"] == "tilt" else {}
+    if state["phase"] == "base":
+        return {"flow": flow.members[state["member"]]}
+    return {"g": ebm.g} if state["phase"] == "tilt" else {}
 
 
-def select(args, run, loop, task, ebm, flow, bank, progress):
+def select(args, run, state, task, ebm, flow, bank, progress):
     """Early stopping and model selection on the validation split (images): keep a copy of
     the best weights of what trains now, and stop it after --patience scores without
     improvement. A tilt's base flows train one after another, each until it stops early;
     the base stage ends after --base_flows of them or at --base_share of the run (the flow
     then in training joins only if it improves the mixture). Then the base is frozen, its
     bank drawn, and g's selection starts from g = 0 (p = q0)."""
-    modules = selected(loop, ebm, flow)
+    modules = selected(state, ebm, flow)
     image = hasattr(task, "validate") and modules
     if image:
-        score = task.validate(ebm, flow, bank.y_val) if loop["phase"] == "tilt" else \
+        score = task.validate(ebm, flow, bank.y_val) if state["phase"] == "tilt" else \
             task.validate(None, modules["flow"])  # the flow in training (a base flow k)
-        if score > loop["best_val"] and (loop["phase"] != "tilt" or tilt_ess_ok(ebm, bank)):
-            loop.update(best_val=score, best_state=copy.deepcopy(
+        if score > state["best_val"] and (state["phase"] != "tilt" or tilt_ess_ok(ebm, bank)):
+            state.update(best_val=score, best_state=copy.deepcopy(
                 {k: m.state_dict() for k, m in modules.items()}), since_best=0)
         else:
-            loop["since_best"] += 1
-        run.log.log({"ll_val": score, "ll_val_best": loop["best_val"]}, loop["step"])
-    patience_out = image and loop["since_best"] >= args.patience
-    k, cut = loop["member"], progress >= args.base_share
-    if loop["phase"] == "base" and (patience_out or cut):
-        restore_best(loop, modules)
+            state["since_best"] += 1
+        run.log.log({"ll_val": score, "ll_val_best": state["best_val"]}, state["step"])
+    patience_out = image and state["since_best"] >= args.patience
+    k, cut = state["member"], progress >= args.base_share
+    if state["phase"] == "base" and (patience_out or cut):
+        restore_best(state, modules)
         keep = join_mixture(flow, k, task if image and cut and k > 0 else None)
-        run.print(f"step {loop['step']} | base flow {k + 1} of {args.base_flows} "
-                  + ("done" if keep else "dropped: it does not improve the mixture yet")
-                  + (f" (validation {loop['best_val']:.2f}; the mixture of "
-                     f"{int(flow.n_active)}: {task.validate(None, flow):.2f})" if image else ""))
-        loop.update(member=k + 1, **{k: SELECTION[k] for k in (
+        run.loop.print(f"step {state['step']} | base flow {k + 1} of {args.base_flows} "
+                       + ("done" if keep else "dropped: it does not improve the mixture yet")
+                       + (f" (validation {state['best_val']:.2f}; the mixture of "
+                          f"{int(flow.n_active)}: {task.validate(None, flow):.2f})"
+                          if image else ""))
+        state.update(member=k + 1, **{k: SELECTION[k] for k in (
             "best_val", "best_state", "since_best")})
-        if loop["member"] < args.base_flows and not cut:
+        if state["member"] < args.base_flows and not cut:
             return
         bank.freeze()
-        loop.update(phase="tilt", switch=progress, base_steps=loop["step"],
-                    base_cpu_s=run.cpu_s)
-        run.print(f"step {loop['step']} | the base ({int(flow.n_active)} flows) is frozen; the "
-                  f"tilt g trains against {len(bank.y)} of its {args.bank} samples (those "
-                  f"where the tilt lives)")
+        state.update(phase="tilt", switch=progress, base_steps=state["step"],
+                     base_cpu_s=run.loop.cpu_s)
+        run.loop.print(f"step {state['step']} | the base ({int(flow.n_active)} flows) is "
+                       f"frozen; the tilt g trains against {len(bank.y)} of its {args.bank} "
+                       f"samples (those where the tilt lives)")
         if image:
-            select(args, run, loop, task, ebm, flow, bank, progress)  # g = 0 scores first
+            select(args, run, state, task, ebm, flow, bank, progress)  # g = 0 scores first
     elif patience_out:
-        loop["stopped"] = True
+        state["stopped"] = True
 
 
 def tilt_ess_ok(ebm, bank, floor=0.01):
@@ -647,11 +646,11 @@ def join_mixture(flow, k, task=None):
     return True
 
 
-def restore_best(loop, modules):
+def restore_best(state, modules):
     """Load the selected weights (if any were kept) into the modules early stopping watched."""
-    for k, state in (loop["best_state"] or {}).items():
+    for k, weights in (state["best_state"] or {}).items():
         if k in modules:
-            modules[k].load_state_dict(state)
+            modules[k].load_state_dict(weights)
 
 
 def print_start(args, run, total, iters, device):
@@ -666,69 +665,56 @@ def print_start(args, run, total, iters, device):
           f"in {args.image_dir}")
 
 
-def count_step(loop, r):
-    """Move the loop's position on by one iteration and add its results to the row's sums."""
-    add = lambda k, v: loop[k] + (float(v) if v is not None else 0.0)  # noqa: E731
-    loop.update(step=loop["step"] + 1, it=loop["it"] + 1, v_sum=add("v_sum", r.V),
-                acc_sum=add("acc_sum", r.accuracy),
-                acc_flow_sum=add("acc_flow_sum", r.accuracy_flow),
-                n_ebm=loop["n_ebm"] + r.ebm, n_flow=loop["n_flow"] + r.flow,
-                flow_steps=loop["flow_steps"] + r.flow, ebm_steps=loop["ebm_steps"] + r.ebm,
-                n_rows=loop["n_rows"] + 1)
-
-
-def log_row(run, loop, args, opt_ebm, opt_flow):
-    """A metrics row: the averages of the iterations since the last one and their timing
-    (and the threshold rule's current threshold); the sums start again."""
-    n, estimator = loop["n_rows"], args.estimator
-    row = ({"nll_train": loop["v_sum"] / n} if estimator == "mle" or loop["phase"] == "base" else
-           {"tilt_loss": loop["v_sum"] / n} if loop["phase"] == "tilt" else
-           {"sm_loss": loop["v_sum"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]}
+def log_row(run, state, args, opt_ebm, opt_flow):
+    """A metrics row: the averages of the iterations since the last one (run.loop.means: the
+    sums start again) and their timing, and the threshold rule's current threshold."""
+    m, estimator = run.loop.means(), args.estimator
+    row = ({"nll_train": m["v_sum"]} if estimator == "mle" or state["phase"] == "base" else
+           {"tilt_loss": m["v_sum"]} if state["phase"] == "tilt" else
+           {"sm_loss": m["v_sum"], "lr_ebm": opt_ebm.param_groups[0]["lr"]}
            if estimator in SCORE_MATCHING else
-           {"value": -loop["v_sum"] / n, "accuracy": loop["acc_sum"] / n,
-            "accuracy_flow": loop["acc_flow_sum"] / n, "ebm_step_fraction": loop["n_ebm"] / n,
-            "flow_step_fraction": loop["n_flow"] / n, "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+           {"value": -m["v_sum"], "accuracy": m["acc_sum"], "accuracy_flow": m["acc_flow_sum"],
+            "ebm_step_fraction": m["n_ebm"], "flow_step_fraction": m["n_flow"],
+            "lr_ebm": opt_ebm.param_groups[0]["lr"]})
     if estimator == "fce" and args.rule == "threshold":
-        row["threshold"] = loop["threshold"]
-    row.update(epoch=loop["epoch"], cpu_s=run.cpu_s)
+        row["threshold"] = state["threshold"]
+    row.update(epoch=state["epoch"], cpu_s=run.loop.cpu_s)
     if opt_flow is not None:
         row["lr_flow"] = opt_flow.param_groups[0]["lr"]
-    row["it_per_s"], row["cpu_s_per_it"] = run.rate()
-    run.log.log(row, loop["step"])
-    run.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train", "sm_loss",
-                                                   "tilt_loss")
-                       if k in row})
-    loop.update(ROW_SUMS)
+    row["it_per_s"], row["cpu_s_per_it"] = run.loop.rate()
+    run.log.log(row, state["step"])
+    run.loop.print(None, {k: f"{row[k]:.3f}" for k in ("value", "accuracy", "nll_train",
+                                                        "sm_loss", "tilt_loss") if k in row})
 
 
-def evaluate(args, run, loop, task, ebm, flow, final=False):
+def evaluate(args, run, state, task, ebm, flow, final=False):
     """The task's evaluation (printed, logged with the flow's notes) and the curves."""
-    ep = loop["epoch"]
+    ep = state["epoch"]
     with evaluation_mode(flow):
         m = task.evaluate(ebm, flow, final)
     if args.estimator in SCORE_MATCHING:  # the loss it descends, on the held-out set
         m["sm_loss_test"] = score_matching.held_out_loss(ebm, task.x_test, args.estimator,
                                                          args.sm_sigma, args.sm_projections)
-    run.print(f"epoch {ep} | " + tasks.format_metrics(m))
-    for note in flow_notes(args, m, loop):
-        run.print(f"epoch {ep} | note: {note}")
-    loop["flow_steps_at_eval"] = loop["flow_steps"]
-    run.log.log({**m, "epoch": ep, "cpu_s": run.cpu_s, "flow_steps": loop["flow_steps"]},
-                loop["step"])
+    run.loop.print(f"epoch {ep} | " + tasks.format_metrics(m))
+    for note in flow_notes(args, m, state):
+        run.loop.print(f"epoch {ep} | note: {note}")
+    state["flow_steps_at_eval"] = state["flow_steps"]
+    run.log.log({**m, "epoch": ep, "cpu_s": run.loop.cpu_s, "flow_steps": state["flow_steps"]},
+                state["step"])
     threshold = args.threshold if args.estimator == "fce" and args.rule == "threshold" else None
     plots.training_curves(os.path.join(args.out_dir, "curves.png"),
                           {run.name: (read_metrics(args.out_dir), threshold)})
     return m
 
 
-def flow_notes(args, m, loop):
+def flow_notes(args, m, state):
     """What a reader of the flow's numbers must know: a flow that stopped stepping while far
     from the data (a failed FCE run), and a grid KL that disagrees with the Monte Carlo KL
     on the test set by more than 0.05 nats plus three standard errors, and where from."""
     notes = []
     gap = m.get("nll_flow", math.nan) - m.get("entropy", math.nan)
-    if (args.estimator == "fce" and loop["flow_steps"] == loop["flow_steps_at_eval"]
-            and loop["step"] > 0 and gap > 0.1):
+    if (args.estimator == "fce" and state["flow_steps"] == state["flow_steps_at_eval"]
+            and state["step"] > 0 and gap > 0.1):
         notes.append(f"the flow took no step since the last evaluation while its test NLL is "
                      f"{gap:.3f} nats above the entropy: it has stopped learning (use --rule "
                      f"every, or a lower --threshold)")

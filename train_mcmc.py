@@ -312,9 +312,9 @@ def evaluate(args, run, F, scale, chains, scorer, data, x_neg, step):
         key, name = "landscape", "landscape.png"
     shutil.copyfile(fig, os.path.join(args.out_dir, name))
     run.log.log_image(key, fig, step)
-    if len(run.loop["d_hist"]) > 2:
+    if len(run.loop.state["d_hist"]) > 2:
         diag = diagnostics.save_diagnostics(os.path.join(args.out_dir, "diagnostics.png"),
-                                            run.loop["d_hist"], run.loop["r_hist"],
+                                            run.loop.state["d_hist"], run.loop.state["r_hist"],
                                             args.max_lag, title=title)
         run.log.log_image("diagnostics", diag, step)
     return m
@@ -353,34 +353,33 @@ def train(args, run, data, F):
     # writes the same rows and weights as an uninterrupted one); the checkpoint also holds
     # U itself ("ebm", images "image_ebm"), which checkpoint.load_run reads as the energy
     key = "image_ebm" if image else "ebm"
-    loop = run.restore(dict(step=0, bank=bank, d_hist=[], r_hist=[]), lambda: {
+    checkpoints, loop = run.checkpoints, run.loop
+    state = loop.track(bank=bank, d_hist=[], r_hist=[])
+    checkpoints.load_or_save_first(lambda: {
         key: scaled_ebm(F, scale).state_dict(), f"{key}_spec": F.spec(), "energy_scale": scale,
-        **{k: torch.tensor(run.loop[k], dtype=torch.float64) for k in ("d_hist", "r_hist")}},
+        **{k: torch.tensor(state[k], dtype=torch.float64) for k in ("d_hist", "r_hist")}},
         F=F, optimizer=opt)
-    d_hist, r_hist = ([float(v) for v in loop[k]] for k in ("d_hist", "r_hist"))
-    loop.update(d_hist=d_hist, r_hist=r_hist)
-    chains = Chains(args, U, x_train, loop["bank"])
+    d_hist, r_hist = ([float(v) for v in state[k]] for k in ("d_hist", "r_hist"))
+    state.update(d_hist=d_hist, r_hist=r_hist)
+    chains = Chains(args, U, x_train, state["bank"])
     scorer = make_scorer(args, data, image)
     print(f"run {run.name}: {args.dataset}, init={args.init}, eps={eps}, L={args.L}, "
           f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations, device={x_train.device}; "
           f"outputs in {args.out_dir}, figures in {args.image_dir}")
     metrics = {}
 
-    def out_of_budget():
-        return bool(args.budget) and run.cpu_s >= args.budget
-
     def evaluate_now(step, x_neg):
         with util.fixed_rng(args.seed):  # evaluating never changes training
             m = evaluate(args, run, F, scale, chains, scorer, data, x_neg, step)
-        m.update(sec_per_iter=1 / run.rate()[0], cpu_s=run.cpu_s)
+        m.update(sec_per_iter=1 / loop.rate()[0], cpu_s=loop.cpu_s)
         run.log.log(m, step)
-        run.print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()
-                                                if k in EVAL_SHOWN))
-        run.save()
+        loop.print(f"it {step:6d}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()
+                                                 if k in EVAL_SHOWN))
+        checkpoints.save()
         return m
 
     x_neg = None
-    for step in run.iterations(loop["step"], args.n_iter, until=out_of_budget):
+    for step in loop.iterations(args.n_iter, until=lambda: loop.spent(args.budget)):
         util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter,
                                               args.lr_min / args.lr, args.lr_decay))
         x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=x_train.device)]
@@ -392,7 +391,7 @@ def train(args, run, data, F):
         loss = scale * d
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        run.check(loss, params)
+        loop.check(loss, params)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
@@ -400,22 +399,22 @@ def train(args, run, data, F):
             chains.bank[idx] = x_neg  # persistent chains: updated in place
         d_hist.append(float(d.detach()))
         r_hist.append(float(r.mean()))
-        loop["step"] = step = step + 1
+        step += 1  # the iterations done
         if step % args.log_every == 0 or step == 1:
             row = {"d_t": d_hist[-1], "r_t": r_hist[-1], "loss": float(loss.detach()),
-                   "lr": opt.param_groups[0]["lr"], "sec_per_iter": 1 / run.rate()[0],
-                   "cpu_s": run.cpu_s}
+                   "lr": opt.param_groups[0]["lr"], "sec_per_iter": 1 / loop.rate()[0],
+                   "cpu_s": loop.cpu_s}
             run.log.log(row, step)
-            run.print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
+            loop.print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
                       f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
         if step % args.eval_every == 0 or step == args.n_iter:
             metrics = evaluate_now(step, x_neg)
-    if x_neg is not None and loop["step"] % args.eval_every and loop["step"] < args.n_iter:
-        metrics = evaluate_now(loop["step"], x_neg)  # ended by --budget between evaluations
+    if x_neg is not None and state["step"] % args.eval_every and state["step"] < args.n_iter:
+        metrics = evaluate_now(state["step"], x_neg)  # ended by --budget between evaluations
     if image:
         print(f"wrote {plots.make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
     print(f"done: {args.out_dir} (figures: {args.image_dir})")
-    return {"status": "done", "step": loop["step"], **metrics}
+    return {"status": "done", "step": state["step"], **metrics}
 
 
 EVAL_SHOWN = ("kl_ebm", "kl_kde", "kde_outside", "nll_ebm", "fd", "fd_ratio", "fd_pixels",

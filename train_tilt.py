@@ -154,13 +154,13 @@ class StageLog:
                 self.log.log({**{f"{stage}/{k}": v for k, v in metrics.items()},
                               f"{stage}/step": local_step}, self.step)
                 self.step += 1
-            return self.run.stop_requested
+            return self.run.signals.stop_requested
         return on_step
 
     def check_stop(self, stage):
         """Between stages: raise scaffold.Interrupted once Ctrl-C or SIGTERM came."""
-        self.run.boundary(f"after {stage}" if self.stage is None else
-                          f"in {self.stage} at step {self.stage_step}")
+        self.run.signals.boundary(f"after {stage}" if self.stage is None else
+                                  f"in {self.stage} at step {self.stage_step}")
 
     def image(self, key, path):
         self.log.log_image(key, path, self.step)
@@ -463,13 +463,15 @@ def train(args, run, device, data):
     collects the trained weights (checkpoint.pt, saved after each stage and on Ctrl-C)."""
     print(f"run {run.name}: experiment {args.experiment}, device {device}; outputs in "
           f"{args.out_dir}, figures in {args.image_dir}")
-    log, state = StageLog(run), run.restore({})
-    with run.clock():
+    checkpoints, loop = run.checkpoints, run.loop
+    log, state = StageLog(run), loop.state
+    checkpoints.load_or_save_first()
+    with loop.clock():
         if args.experiment == "digits":
-            summary = run_digits(args, device, log, state, run.save, data)
+            summary = run_digits(args, device, log, state, checkpoints.save, data)
         else:
-            summary = run_mixture(args, device, log, state, run.save)
-    summary["cpu_s"] = run.cpu_s
+            summary = run_mixture(args, device, log, state, checkpoints.save)
+    summary["cpu_s"] = loop.cpu_s
     run.log.log({k: v for k, v in summary.items() if not isinstance(v, list)}, log.step)
     print(f"done in {summary['cpu_s']:.1f} CPU s: {args.out_dir} (summary.json), "
           f"figures in {args.image_dir}")

@@ -189,15 +189,16 @@ def train(args, run, model, names):
     """The reverse-KL update with the annealed U term, evaluation and figures; returns the
     summary."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loop = run.restore(dict(step=0), lambda: {"flow_spec": model.spec(), "targets": names},
-                       flow=model, optimizer=opt)
+    checkpoints, loop = run.checkpoints, run.loop
+    checkpoints.load_or_save_first(lambda: {"flow_spec": model.spec(), "targets": names},
+                                   flow=model, optimizer=opt)
     print(f"{run.name}: {args.flow} K={args.K} on {', '.join(names)}, {args.steps} steps, "
           f"{sum(p.numel() for p in model.parameters())} parameters, device "
           f"{next(model.parameters()).device}; outputs in {args.out_dir}, figures in "
           f"{args.image_dir}", file=sys.stderr)
-    if run.ckpt is None:
+    if checkpoints.resumed is None:
         eval_and_log(args, run, model, names, 0)
-    for step in run.iterations(loop["step"], args.steps):
+    for step in loop.iterations(args.steps):
         beta = beta_at(step, vars(args))
         lr = args.lr * util.lr_factor(args.lr_schedule, step, args.steps)
         util.set_lr(opt, lr)
@@ -206,16 +207,16 @@ def train(args, run, model, names):
         loss = per_target.sum()                                     # targets independent
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        run.check(loss, model.parameters())
+        loop.check(loss, model.parameters())
         opt.step()
-        loop["step"] = step = step + 1
+        step += 1  # the iterations done
         if step % args.eval_every == 0 or step == args.steps:
             row = {f"{n}/loss": v for n, v in zip(names, per_target.tolist())}
-            run.log.log({**row, "beta": beta, "lr": lr, "ms_per_step": 1000 / run.rate()[0]},
+            run.log.log({**row, "beta": beta, "lr": lr, "ms_per_step": 1000 / loop.rate()[0]},
                         step)
             res = eval_and_log(args, run, model, names, step)
-            run.save()
-            run.print(f"step {step:6d} beta {beta:.3f} " + " ".join(
+            checkpoints.save()
+            loop.print(f"step {step:6d} beta {beta:.3f} " + " ".join(
                 f"{n}: KL {r['kl']:.4f} ESS {r['ess']:.3f}" for n, r in res.items()))
     return finish(args, run, model, names)
 
@@ -235,7 +236,7 @@ def eval_and_log(args, run, model, names, at):
 def finish(args, run, model, names):
     """The final evaluation on final_samples, figures and the printed results; returns the
     summary."""
-    img_dir, step = args.image_dir, run.loop["step"]
+    img_dir, step = args.image_dir, run.loop.state["step"]
     res = evaluate(model, names, args.final_samples, seed=1)
     summary = {f"{t}/{k}": v for t, r in res.items() for k, v in r.items()}
     summary["step"] = step
