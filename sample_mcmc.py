@@ -136,7 +136,7 @@ def main(argv=None):
         config.fail(f"{', '.join(unused)} mean(s) nothing to sample_mcmc.py (it writes no run; "
                     f"its outputs go to --image_dir); drop {' '.join(unused)}")
     args, _ = scaffold.parse(build_parser(), argv, SCRIPT)
-    config.apply_threads(args)
+    util.apply_threads(args)
     device = scaffold.device(args)
     try:
         run = checkpoint.load_run(args.run, device=device, script="train_mcmc.py")

@@ -386,7 +386,7 @@ def main(argv=None):
     elif "rule" not in ckpt["config"]:
         config.fail(f"--resume: {args.resume} was trained with the old step rule (accuracy on "
                     f"the mixed noise), which is gone; start a new run")
-    config.apply_threads(args)
+    util.apply_threads(args)
     device = scaffold.device(args)
     if args.dataset in tasks.IMAGES:
         try:
@@ -394,7 +394,7 @@ def main(argv=None):
         except ValueError as e:
             config.fail(str(e))
     else:
-        config.check_memory({"--samples": args.samples * 2 * 4,
+        util.check_memory({"--samples": args.samples * 2 * 4,
                              "--test_samples": args.test_samples * 2 * 4})
         task = None  # drawn inside the run, after the seed is set
     n_train = task.n_train if task else args.samples

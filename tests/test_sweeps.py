@@ -190,7 +190,7 @@ def test_agent_booleans_and_config_files_reach_the_scripts():
     args, err = parse_as_program("train.py", ["--maf_bn=True"])
     assert err == "" and args.maf_bn is True
     args, _ = parse_as_program("train_mcmc.py", ["--config=configs/mcmc_gmm_convergent.json"])
-    assert args.n_iter == 6000 and args.name == "mcmc-gmm-convergent"
+    assert args.steps == 6000 and args.name == "mcmc-gmm-convergent"
 
 
 @pytest.mark.parametrize("argv, value", [
@@ -261,7 +261,7 @@ def test_wandb_flag_follows_the_environment_by_default(program):
 TINY = {
     "train.py": {"budget": 0.3, "samples": 1000, "test_samples": 1000, "batch": 250,
                  "log_every": 2},
-    "train_mcmc.py": {"n_iter": 4, "eval_every": 4, "log_every": 2, "n_train": 1000,
+    "train_mcmc.py": {"steps": 4, "eval_every": 4, "log_every": 2, "n_train": 1000,
                       "n_test": 500, "n_kde": 500, "L": 3, "bank_size": 200, "batch": 50},
     "train_vi.py": {"steps": 10, "eval_every": 10, "eval_samples": 500, "final_samples": 1000,
                     "anneal_steps": 5},
