@@ -233,11 +233,10 @@ def sample_images(args, run, device, signals):
     eps = args.eps or cfg["eps"]
     try:
         x_train, y_train, x_test, y_test = mcmc_images.load_images(
-            cfg["dataset"], cfg.get("mnist_images"), cfg.get("mnist_labels"))
+            cfg["dataset"], cfg["mnist_images"], cfg["mnist_labels"])
     except mcmc_images.DataError as e:
         config.fail(str(e))
-    x_train, y_train = x_train[:cfg.get("n_train", len(x_train))], \
-        y_train[:cfg.get("n_train", len(x_train))]
+    x_train, y_train = x_train[:cfg["n_train"]], y_train[:cfg["n_train"]]
     n = args.n or min(1000, len(x_train))
     if not 2 <= n <= len(x_train):
         config.fail(f"--n {n}: the metric needs at least 2 chains and at most the "

@@ -383,9 +383,6 @@ def main(argv=None):
     args, ckpt = scaffold.parse(build_parser(), argv, SCRIPT)
     if not args.resume:
         resolve_estimator(args)
-    elif "rule" not in ckpt["config"]:
-        config.fail(f"--resume: {args.resume} was trained with the old step rule (accuracy on "
-                    f"the mixed noise), which is gone; start a new run")
     util.apply_threads(args)
     device = scaffold.device(args)
     if args.dataset in tasks.IMAGES:

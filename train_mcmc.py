@@ -415,7 +415,7 @@ def train(args, run, data, F):
     if image:
         print(f"wrote {plots.make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
     print(f"done: {args.out_dir} (figures: {args.image_dir})")
-    return {"status": "done", "step": loop["step"], **metrics}
+    return {"status": "done", "steps": loop["step"], **metrics}
 
 
 EVAL_SHOWN = ("kl_ebm", "kl_kde", "kde_outside", "nll_ebm", "fd", "fd_ratio", "fd_pixels",

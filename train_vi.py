@@ -161,8 +161,6 @@ def main(argv=None):
         if args.steps < ckpt["step"]:
             config.fail(f"--steps {args.steps} is below the checkpoint's step {ckpt['step']}; "
                         f"pass --steps {ckpt['step']} or more")
-        if not getattr(args, "image_dir", None):  # saved before --image_dir existed
-            args.image_dir = os.path.join("images", os.path.basename(args.out_dir))
     util.apply_threads(args)  # batches of 256 2D points: op-overhead bound
     device = scaffold.device(args)
     names = parse_targets(args.target)

@@ -46,5 +46,5 @@ def test_train_mcmc_budget_ends_the_run_and_evaluates_where_it_stopped(tmp_path,
             "--out_dir", str(out), "--image_dir", str(tmp_path / "img")]
     assert train_mcmc.main(argv) == 0
     s = json.load(open(out / "summary.json"))
-    assert 0 < s["step"] < 100000 and s["cpu_s"] >= 1.5
+    assert 0 < s["steps"] < 100000 and s["cpu_s"] >= 1.5
     assert "fd" in s  # evaluated at the step the budget ended

@@ -130,7 +130,7 @@ def test_tiny_training_lowers_energy_difference_and_writes_plots(tmp_path, monke
                                    "--image_dir", str(img)]) == 0
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
-    assert summary["status"] == "done" and summary["step"] == 60
+    assert summary["status"] == "done" and summary["steps"] == 60
     run = load_run(out)
     F = EBM(**run.checkpoint["ebm_spec"])
     F.load_state_dict(run.checkpoint["F"])
