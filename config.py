@@ -19,9 +19,8 @@ RENAMED = {}  # old flag name -> new one, filled by `rename` (saved configs, giv
 
 
 def cli(main):
-    """Run an entry script's `main` and return its exit status; Ctrl-C outside a run's loop
-    (while loading data, sampling, reporting) ends with one line and status 130, not a
-    traceback. Use: `sys.exit(config.cli(main))`."""
+    """`sys.exit(config.cli(main))`: main's exit status; Ctrl-C outside a run's loop (loading
+    data, sampling, reporting) ends with one line and status 130, not a traceback."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -69,8 +68,8 @@ unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 open_unit = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")  # e.g. the threshold
 decay = _checked(float, lambda v: 0 < v <= 1, "a decay in (0, 1] (1: no decay)")  # per iteration
 # true/false, yes/no, on/off, 1/0 in any case (a wandb agent passes --flag=True/False)
-WORDS = dict.fromkeys(("true", "yes", "y", "on", "1"), True) | dict.fromkeys(
-    ("false", "no", "n", "off", "0"), False)
+WORDS = {**dict.fromkeys(("true", "yes", "y", "on", "1"), True),
+         **dict.fromkeys(("false", "no", "n", "off", "0"), False)}
 boolean = _checked(lambda s: WORDS.get(str(s).strip().lower()), lambda v: True, "true or false")
 
 
@@ -120,18 +119,15 @@ def parser(description):
     """A Parser with the flags every script shares: --config, --seed, --device, --wandb,
     --project, --out_dir, --image_dir, --resume, --overwrite, --threads."""
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help="JSON file whose keys are flag names; explicit flags override it")
+    p.add_argument("--config", help="JSON file whose keys are flag names; explicit flags win")
     p.add_argument("--seed", type=seed, default=42, help="fixes data, initialisation, sampling")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
                    help="auto: online when logged in, else offline (sync later)")
     p.add_argument("--project", default="ebm-flows", help="wandb project")
-    p.add_argument("--out_dir", default=None,
-                   help="run directory (config, metrics, checkpoint); default runs/<run name>")
-    p.add_argument("--image_dir", default=None,
-                   help="the run's figure folder (default images/<run folder name>)")
-    p.add_argument("--resume", default=None, help="run folder (or its checkpoint.pt) to continue")
+    p.add_argument("--out_dir", help="run folder: config, metrics, checkpoint (runs/<name>)")
+    p.add_argument("--image_dir", help="the run's figure folder (default images/<run folder name>)")
+    p.add_argument("--resume", help="run folder (or its checkpoint.pt) to continue")
     add_flag(p, "--overwrite", help="reuse an existing --out_dir: delete the old run's files "
                                     "first (without it a used folder is refused)")
     p.add_argument("--threads", type=nonnegative_int, default=1,
@@ -154,32 +150,34 @@ def read_json(path):
     return cfg
 
 
-def _words(action, key, value):
-    """The argv words of one config entry, or why it has none (a str). JSON types must fit the
-    flag: null only where its default is None (no words), a list only for a flag of several
-    values or of one comma-separated word, true/false only for a boolean flag."""
+def _words(parser_, action, key, value):
+    """The argv words of one config entry, typed and checked by argparse (`_get_values`); an
+    argparse.ArgumentError if bad. JSON types must fit the flag: null only where its default
+    is None (no words), a list only for a flag of several values (or of one comma-separated
+    word), true/false only for a boolean flag."""
     many = action.nargs not in (None, "?")
-    if value is None and action.default is None:
-        return []
     listy = isinstance(value, list) and (many or isinstance(action.default, (list, tuple)))
-    if many and not (listy and value):
-        return f"expected a non-empty list, got {json.dumps(value)}"
-    for v in value if listy else [value]:
-        if v is None:
-            return "null is not a value; give one or drop the key"
-        if isinstance(v, (list, dict)) or (isinstance(v, bool) and action.type is not boolean):
-            return (f"expected {getattr(action.type, 'expected', 'a string')}, got "
-                    f"{'the list ' * isinstance(v, list)}{json.dumps(v)}")
-    words = [str(v).lower() if isinstance(v, bool) else str(v)
-             for v in (value if listy else [value])]
-    return [f"--{key}", *words] if many else [f"--{key}=" + ",".join(words)]
+    values = value if listy else [value]
+    if value is None:
+        if action.default is None:
+            return []
+        raise argparse.ArgumentError(None, "null is not a value; give one or drop the key")
+    if (many and not (listy and value)) or any(
+            v is None or isinstance(v, (list, dict)) or (isinstance(v, bool) and action.type
+                                                         is not boolean) for v in values):
+        what = "a non-empty list" if many else getattr(action.type, "expected", "a string")
+        raise argparse.ArgumentError(None, f"expected {what}, got "
+                                     f"{'the list ' * isinstance(value, list)}{json.dumps(value)}")
+    words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+    words = words if many else [",".join(words)]
+    parser_._get_values(action, words)
+    return [f"--{key}", *words] if many else [f"--{key}={words[0]}"]
 
 
 def config_argv(path, parser_):
-    """The argv words of JSON config `path`, each key checked here against the parser (a known
-    flag, a valid value: argparse's own typing and choices) so that an error names the key and
-    the file. A run's saved config.json names the file it was made from: its values are
-    already in it, so that key is dropped."""
+    """The argv words of JSON config `path`, each entry checked here (a known flag, a value
+    that argparse accepts) so that an error names the key and the file. A run's saved
+    config.json names the file it was made from: its values are in it, so that key is dropped."""
     cfg = read_json(path)
     cfg.pop("config", None)
     flags = parser_._option_string_actions
@@ -187,18 +185,14 @@ def config_argv(path, parser_):
                      or flags[f"--{k}"].dest != RENAMED.get(k, k))
     if unknown:
         known = ", ".join(sorted({a.dest for a in flags.values()} - {"help", "config"}))
-        fail(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the flag names: {known}")
+        fail(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the flag names: "
+             f"{known}")
     argv = []
     for key, value in cfg.items():
-        words = _words(flags[f"--{key}"], key, value)
         try:
-            if isinstance(words, str):
-                raise argparse.ArgumentError(None, words)
-            if words:
-                parser_._get_values(flags[f"--{key}"], words[1:] or [words[0].split("=", 1)[1]])
+            argv += _words(parser_, flags[f"--{key}"], key, value)
         except argparse.ArgumentError as e:
             fail(f"{path}: key {key!r}: {e.message}")
-        argv += words
     return argv
 
 
@@ -220,9 +214,7 @@ def agent_out_dir():
     WANDB_SWEEP_ID and WANDB_RUN_ID), else None: the run id never collides, where default
     names (a time stamp, train_mcmc.py's --name) would for two agents on one machine."""
     sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    if sweep and run:
-        return os.path.join("runs", f"sweep-{sweep}", run)
-    return None
+    return os.path.join("runs", f"sweep-{sweep}", run) if sweep and run else None
 
 
 def given_flags(argv=None):

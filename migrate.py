@@ -27,7 +27,9 @@ import json
 import os
 import sys
 
+import checkpoint
 import config
+import scaffold
 
 CLOCKS = ("cpu_sec", "seconds", "time_total_s")  # old names of cpu_s
 AIS_TAG = ("ais_coordinates", 2)  # the old tag of brackets in whitened atanh coordinates
@@ -62,7 +64,7 @@ def migrate_config(cfg, script, run_dir, where):
     old_rule = script == "train.py" and "rule" not in cfg
     now = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}
     now.pop("help", None)
-    now["image_dir"] = cfg.get("image_dir") or _scaffold().default_image_dir(run_dir)
+    now["image_dir"] = cfg.get("image_dir") or scaffold.default_image_dir(run_dir)
     missing = [k for k in now if k not in cfg and not (old_rule and k == "rule")]
     if script == "train.py" and missing:
         now = vars(module.resolve_estimator(argparse.Namespace(**{**now, **cfg})))
@@ -71,11 +73,6 @@ def migrate_config(cfg, script, run_dir, where):
     if missing:
         changes.append(f"{where}: defaults of later flags {', '.join(sorted(missing))}")
     return changes
-
-
-def _scaffold():
-    import scaffold
-    return scaffold
 
 
 def migrate_clock(d, where):
@@ -139,14 +136,14 @@ def _read(path, default=None):
 
 def migrate(run_dir):
     """Rewrite one run folder in place; returns the list of changes (empty: up to date)."""
-    import torch
-
-    import checkpoint
-
     paths = {f: os.path.join(run_dir, f) for f in ("config.json", "summary.json",
                                                     "metrics.jsonl", "checkpoint.pt")}
-    ckpt = torch.load(paths["checkpoint.pt"], map_location="cpu", weights_only=True) \
-        if os.path.isfile(paths["checkpoint.pt"]) else None
+    ckpt = None
+    if os.path.isfile(paths["checkpoint.pt"]):
+        try:
+            ckpt = checkpoint.load_checkpoint(paths["checkpoint.pt"])
+        except checkpoint.CheckpointError as e:
+            config.fail(f"{run_dir}: {e}; nothing changed")
     cfg = _read(paths["config.json"])
     script = script_of(cfg if cfg is not None else ckpt["config"], ckpt)
     if script is None:

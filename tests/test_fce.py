@@ -414,7 +414,7 @@ def test_bench_targets_count_the_sets_met_at_equal_iterations_and_rules_sit_side
            a("fce-maf", "rings", kl_ebm=0.30, kl_ebm_sd=0.01, nll_flow=2.9,
              flow_step_fraction=0.35, flow_steps=350, steps=1000),
            a("fce-maf-every", "moons", kl_ebm=0.02, kl_ebm_sd=0.0, nll_flow=2.45,
-             flow_steps=400, steps=1200),
+             flow_step_fraction=400 / 1200, flow_steps=400, steps=1200),
            a("mle-maf", "moons", nll_flow=2.45), a("mle-maf", "rings", nll_flow=2.7)]
     nce_iters = [{"label": "nce", "dataset": "moons", "seed": s, "kl_ebm": v, "steps": 1000}
                  for s, v in ((0, 0.010), (1, 0.011))]
