@@ -32,8 +32,7 @@ class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line on stderr and exit status 2."""
 
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
+        fail(f"{message} (see --help)", self.prog)
 
 
 def fail(message, prog=None):
@@ -74,11 +73,9 @@ boolean = _checked(lambda s: WORDS.get(str(s).strip().lower()), lambda v: True, 
 
 
 def add_flag(parser_, name, default=False, help=None):
-    """A boolean flag in the forms a person or a sweep agent writes it: `--name` (true),
-    `--name=true|false|1|0`, `--name false`, and `--no-name` (false); store_true and
-    BooleanOptionalAction reject `--name=True`:
-
-        config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")"""
+    """A boolean flag as a person or a sweep agent writes it (store_true rejects `--x=True`):
+    `--name`, `--name=true|false|1|0`, `--name false`, `--no-name`. E.g.
+    `config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")`."""
     off = f"off: --no-{name[2:]}"
     action = parser_.add_argument(name, nargs="?", const=True, type=boolean, default=default,
                                   metavar="{true,false}", help=f"{help} ({off})" if help else off)
@@ -227,11 +224,10 @@ def given_flags(argv=None):
 
 
 def resumed_args(args, ckpt, path, argv=None, overridable=None):
-    """The configuration of a resumed run: the one saved in its checkpoint (renamed flags under
-    their new names), with the `overridable` flags (all, when None) that were typed on this
-    command line on top; a typed flag that a resume cannot change is an error (it would
-    silently be ignored), and so is a saved config that lacks a flag of this parser (written
-    before the flag existed: migrate.py fills it in). out_dir is the checkpoint's folder."""
+    """A resumed run's configuration: the one saved in its checkpoint (renamed flags under their
+    new names) with the `overridable` flags (None: all) typed now on top, out_dir the
+    checkpoint's folder. One line, exit 2, for a typed flag a resume cannot change (it would
+    be ignored) and for a saved config without a flag of this parser (migrate.py fills it)."""
     typed = given_flags(argv) - {"resume", "config"}
     if overridable is not None:
         fixed = sorted(typed - set(overridable))

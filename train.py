@@ -392,7 +392,7 @@ def main(argv=None):
             config.fail(str(e))
     else:
         util.check_memory({"--samples": args.samples * 2 * 4,
-                             "--test_samples": args.test_samples * 2 * 4})
+                           "--test_samples": args.test_samples * 2 * 4})
         task = None  # drawn inside the run, after the seed is set
     n_train = task.n_train if task else args.samples
     if n_train < args.batch:

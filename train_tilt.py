@@ -127,7 +127,7 @@ def check_args(args):
         config.fail(f"--pool ({args.pool}) must be at least --n_samples ({args.n_samples})")
     image = 28 * 28 * 4  # float32 bytes of the largest image (MNIST); digits are 8x8
     util.check_memory({"--pool": args.pool * image, "--n_base": args.n_base * image,
-                         "--n_samples": args.n_samples * image})
+                       "--n_samples": args.n_samples * image})
     if args.dataset == "mnist" and args.experiment == "digits":
         for flag in ("mnist_images", "mnist_labels"):
             path = getattr(args, flag)

@@ -99,9 +99,9 @@ def check_args(args, argv):
     # float32 points per target: a batch keeps K + 1 layers' activations for the backward pass
     T, point = len(parse_targets(args.target)), 2 * 4
     util.check_memory({"--batch": args.batch * T * point * (args.K + 1),
-                         "--eval_samples": args.eval_samples * T * 2 * point,
-                         "--final_samples": min(args.final_samples, 50000) * T * 2 * point
-                         + args.final_samples * T * (point + 8)})
+                       "--eval_samples": args.eval_samples * T * 2 * point,
+                       "--final_samples": min(args.final_samples, 50000) * T * 2 * point
+                       + args.final_samples * T * (point + 8)})
 
 
 def beta_at(step, cfg):
