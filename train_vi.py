@@ -101,7 +101,7 @@ def check_args(args, argv):
     util.check_memory({"--batch": args.batch * T * point * (args.K + 1),
                        "--eval_samples": args.eval_samples * T * 2 * point,
                        "--final_samples": min(args.final_samples, 50000) * T * 2 * point
-                       + args.final_samples * T * (point + 8)})
+                         + args.final_samples * T * (point + 8)})
 
 
 def beta_at(step, cfg):
