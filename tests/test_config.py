@@ -227,3 +227,24 @@ def test_agent_out_dir_is_unique_per_run(monkeypatch):
     assert config.parse(make_parser(), ["--resume=runs/x"]).out_dir is None
     monkeypatch.delenv("WANDB_RUN_ID")
     assert config.parse(make_parser(), []).out_dir is None
+
+
+def test_a_run_saved_with_an_old_flag_name_resumes(tmp_path, capsys):
+    """train_mcmc.py's checkpoint with --n_iter in its saved config resumes as --steps; the
+    old name typed on the command line works too, with its note."""
+    import torch
+
+    import train_mcmc
+
+    out, img = tmp_path / "run", tmp_path / "img"
+    argv = ["--dataset", "gmm", "--n_train", "500", "--n_test", "200", "--L", "5", "--batch",
+            "32", "--bank_size", "100", "--n_kde", "100", "--wandb", "disabled",
+            "--eval_every", "1000", "--out_dir", str(out), "--image_dir", str(img)]
+    assert train_mcmc.main(argv + ["--steps", "3"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["n_iter"] = ckpt["config"].pop("steps")
+    torch.save(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert train_mcmc.main(["--resume", str(out), "--n_iter", "4"]) == 0
+    assert "--n_iter is deprecated, use --steps" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
