@@ -52,18 +52,17 @@ def migrate_config(cfg, script, run_dir, where):
     """Bring a saved config (a dict, changed in place) to the current flags of `script`;
     returns the changes as text, each prefixed by `where`."""
     module = importlib.import_module(script[:-3])
-    parser = module.build_parser()
+    now = {a.dest: a.default for a in module.build_parser()._actions  # (fills config.RENAMED)
+           if a.default is not argparse.SUPPRESS}
     changes = []
-    for old, action in parser._option_string_actions.items():
-        if isinstance(action, config._Renamed) and old[2:] in cfg:
-            cfg[action.dest] = cfg.pop(old[2:])
-            changes.append(f"{where}: {old} -> --{action.dest}")
+    for old, new in config.RENAMED.items():
+        if old in cfg and new in now and old not in now:
+            cfg[new] = cfg.pop(old)
+            changes.append(f"{where}: --{old} -> --{new}")
     if script == "train.py" and "estimator" not in cfg:
         cfg["estimator"] = "nce" if cfg.get("flow") == "gaussian" else "fce"
         changes.append(f"{where}: estimator {cfg['estimator']} (from before --estimator)")
     old_rule = script == "train.py" and "rule" not in cfg
-    now = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}
-    now.pop("help", None)
     now["image_dir"] = cfg.get("image_dir") or scaffold.default_image_dir(run_dir)
     missing = [k for k in now if k not in cfg and not (old_rule and k == "rule")]
     if script == "train.py" and missing:
