@@ -133,20 +133,6 @@ def parser(description):
     return p
 
 
-def read_json(path):
-    """A JSON config file's object; a missing, unreadable or malformed file is one line."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except FileNotFoundError:
-        fail(f"config file {path!r} not found; pass an existing JSON file to --config")
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError: ValueErrors
-        fail(f"config file {path!r} is not readable UTF-8 JSON ({e}); fix or re-save it")
-    if not isinstance(cfg, dict):
-        fail(f"config file {path!r} must hold a JSON object of flag names")
-    return cfg
-
-
 def _words(parser_, action, key, value):
     """The argv words of one config entry, typed and checked by argparse (`_get_values`); an
     argparse.ArgumentError if bad. JSON types must fit the flag: null only where its default
@@ -175,7 +161,15 @@ def config_argv(path, parser_):
     """The argv words of JSON config `path`, each entry checked here (a known flag, a value
     that argparse accepts) so that an error names the key and the file. A run's saved
     config.json names the file it was made from: its values are in it, so that key is dropped."""
-    cfg = read_json(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except FileNotFoundError:
+        fail(f"config file {path!r} not found; pass an existing JSON file to --config")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError: ValueErrors
+        fail(f"config file {path!r} is not readable UTF-8 JSON ({e}); fix or re-save it")
+    if not isinstance(cfg, dict):
+        fail(f"config file {path!r} must hold a JSON object of flag names")
     cfg.pop("config", None)
     flags = parser_._option_string_actions
     unknown = sorted(k for k in cfg if k == "help" or flags.get(f"--{k}") is None
