@@ -145,9 +145,11 @@ def _words(parser_, action, key, value):
         if action.default is None:
             return []
         raise argparse.ArgumentError(None, "null is not a value; give one or drop the key")
-    if (many and not (listy and value)) or any(
-            v is None or isinstance(v, (list, dict)) or (isinstance(v, bool) and action.type
-                                                         is not boolean) for v in values):
+    def fits(v):  # a JSON scalar of the flag's kind
+        return not (v is None or isinstance(v, (list, dict))
+                    or isinstance(v, bool) and action.type is not boolean)
+
+    if (many and not (listy and value)) or not all(map(fits, values)):
         what = "a non-empty list" if many else getattr(action.type, "expected", "a string")
         raise argparse.ArgumentError(None, f"expected {what}, got "
                                      f"{'the list ' * isinstance(value, list)}{json.dumps(value)}")
