@@ -27,8 +27,8 @@ def load(run_dir):
         try:
             with open(cfg_path) as fh:
                 cfg = json.load(fh)
-            if (cfg.get("estimator", "fce") == "fce" and cfg.get("flow") != "gaussian"
-                    and cfg.get("rule", "threshold") == "threshold"):
+            if (cfg.get("estimator") == "fce" and cfg.get("flow") != "gaussian"
+                    and cfg.get("rule") == "threshold"):  # train.py's threshold rule
                 threshold = cfg.get("threshold")
         except ValueError:
             pass

@@ -138,7 +138,7 @@ def main(argv=None):
         config.fail(f"{', '.join(unused)} mean(s) nothing to sample_mcmc.py (it writes no run; "
                     f"its outputs go to --image_dir); drop {' '.join(unused)}")
     args, _ = scaffold.parse(build_parser(), argv, SCRIPT)
-    config.apply_threads(args)
+    util.apply_threads(args)
     device = scaffold.device(args)
     try:
         run = checkpoint.load_run(args.run, device=device, script="train_mcmc.py")
@@ -235,11 +235,10 @@ def sample_images(args, run, device, signals):
     eps = args.eps or cfg["eps"]
     try:
         x_train, y_train, x_test, y_test = image_data.load_images(
-            cfg["dataset"], cfg.get("mnist_images"), cfg.get("mnist_labels"))
+            cfg["dataset"], cfg["mnist_images"], cfg["mnist_labels"])
     except image_data.DataError as e:
         config.fail(str(e))
-    x_train, y_train = x_train[:cfg.get("n_train", len(x_train))], \
-        y_train[:cfg.get("n_train", len(x_train))]
+    x_train, y_train = x_train[:cfg["n_train"]], y_train[:cfg["n_train"]]
     n = args.n or min(1000, len(x_train))
     if not 2 <= n <= len(x_train):
         config.fail(f"--n {n}: the metric needs at least 2 chains and at most the "

@@ -54,8 +54,6 @@ VAL_IS = 20_000  # base samples of a tilt's log Z before the final evaluation
 TILT_AIS_TEMPS = 50  # a tilt is a short path from its base: AIS temperatures at most
 TRUST_NATS = 1.0  # two estimates of an EBM's test log-likelihood agreeing within this are trusted
 TRUST_ESS = 0.1  # ... or a bracket that narrow with a forward ESS of this share of the chains
-# 1: atanh; 2: whitened atanh (annealing.BoxEnergy); bench.digits rescores older runs
-AIS_COORDINATES = 2
 
 
 def make_task(args, device):
@@ -217,7 +215,6 @@ class Images:
                 "bpd_ebm_lower": -upper / bits, "bpd_ebm_upper": -lower / bits,
                 "log_Z_ais": br.log_Z_lower, "log_Z_ais_reverse": br.log_Z_upper,
                 "ais_ess": float(br.forward.ess.min()), "ais_acceptance": br.forward.acceptance,
-                "ais_coordinates": AIS_COORDINATES,
                 **({"c_gap": float(ebm.c.detach()) - br.log_Z_lower} if learns_c(ebm) else {})}
 
     def samples(self, ebm, n=100, n_temps=100):

@@ -237,7 +237,7 @@ def resolve_estimator(args):
     if args.base_run and args.estimator != "tilt":
         config.fail("--base_run is the base of a tilt; drop it or use --estimator=tilt")
     if args.ebm_on_flow and args.estimator != "fce":
-        config.fail(f"--ebm_on_flow tilts FCE's flow; drop it or use --estimator=fce")
+        config.fail("--ebm_on_flow tilts FCE's flow; drop it or use --estimator=fce")
     if args.estimator == "fce":
         why = rule(args).check()
         if why:
@@ -383,10 +383,7 @@ def main(argv=None):
     args, ckpt = scaffold.parse(build_parser(), argv, SCRIPT)
     if not args.resume:
         resolve_estimator(args)
-    elif "rule" not in ckpt["config"]:
-        config.fail(f"--resume: {args.resume} was trained with the old step rule (accuracy on "
-                    f"the mixed noise), which is gone; start a new run")
-    config.apply_threads(args)
+    util.apply_threads(args)
     device = scaffold.device(args)
     if args.dataset in tasks.IMAGES:
         try:
@@ -394,8 +391,8 @@ def main(argv=None):
         except ValueError as e:
             config.fail(str(e))
     else:
-        config.check_memory({"--samples": args.samples * 2 * 4,
-                             "--test_samples": args.test_samples * 2 * 4})
+        util.check_memory({"--samples": args.samples * 2 * 4,
+                           "--test_samples": args.test_samples * 2 * 4})
         task = None  # drawn inside the run, after the seed is set
     n_train = task.n_train if task else args.samples
     if n_train < args.batch:

@@ -23,7 +23,7 @@ same n, label-histogram TV; image_metrics.SampleMetric) and saves a grid of the 
         --mnist_labels train-labels-idx1-ubyte.gz --init uniform --eps 0.015 --optimizer adam
 
     python train_mcmc.py --config configs/mcmc_gmm_convergent.json
-    python train_mcmc.py --dataset rings4 --init persistent --eps 0.125 --n_iter 2000
+    python train_mcmc.py --dataset rings4 --init persistent --eps 0.125 --steps 2000
     python train_mcmc.py --resume runs/<name>            # continue an interrupted run
 
 Outputs: runs/<name>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, landscape.png
@@ -52,14 +52,14 @@ import image_metrics
 import plots
 import scaffold
 import util
-from ebm import ACTIVATIONS, EBM, ConvEBM, default_arch, load_image_ebm
+from ebm import ACTIVATIONS, EBM, ConvEBM, default_arch
 from samplers import ConvEnergy, Energy, chain_starts, langevin
 
 # a resumed run may change the `overridable` flags (none of them changes the training
 # itself); the rest comes from the checkpoint
 SCRIPT = scaffold.Script("train_mcmc.py", keys=("F", "optimizer", "step", "rng", "d_hist",
                                                 "r_hist"), overridable=(
-    "n_iter", "budget", "eval_every", "log_every", "image_dir", "wandb", "project", "device",
+    "steps", "budget", "eval_every", "log_every", "image_dir", "wandb", "project", "device",
     "threads"))
 # flags that only one kind of data uses (set for the other kind they are refused)
 IMAGE_ONLY = ("net", "n_f", "mnist_images", "mnist_labels", "n_eval", "langevin_dtype")
@@ -119,7 +119,8 @@ def build_parser():
     p.add_argument("--bank_size", type=config.positive_int, default=10000,
                    help="persistent chains (images: at most one per training image)")
     # optimisation
-    p.add_argument("--n_iter", type=config.positive_int, default=2000)
+    p.add_argument("--steps", type=config.positive_int, default=2000, help="iterations (updates)")
+    config.rename(p, "--n_iter", "--steps")
     p.add_argument("--budget", type=config.positive_float, default=None,
                    help="CPU-seconds of training after which the run ends and is evaluated "
                         "(default: none; the learning rate still decays per iteration)")
@@ -185,7 +186,7 @@ def check_args(args, argv):
     else:  # datasets sample in float64 before the float32 copy
         sizes.update({"--n_train": 3 * f32 * args.n_train, "--n_test": 3 * f32 * args.n_test,
                       "--n_kde": f32 * args.n_kde * (args.L + 5)})
-    config.check_memory(sizes)
+    util.check_memory(sizes)
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -324,10 +325,10 @@ def evaluate(args, run, F, scale, chains, scorer, data, x_neg, step):
 def main(argv=None):
     args, ckpt = scaffold.parse(build_parser(), argv, SCRIPT)
     check_args(args, argv)
-    if ckpt is not None and ckpt["step"] >= args.n_iter:
+    if ckpt is not None and ckpt["step"] >= args.steps:
         config.fail(f"{args.out_dir} already ran {ckpt['step']} iterations; pass a larger "
-                    f"--n_iter to continue it")
-    config.apply_threads(args)
+                    f"--steps to continue it")
+    util.apply_threads(args)
     device = scaffold.device(args)
     data = load_data(args, device)
     F = build_energy(args, device)
@@ -364,7 +365,7 @@ def train(args, run, data, F):
     chains = Chains(args, U, x_train, state["bank"])
     scorer = make_scorer(args, data, image)
     print(f"run {run.name}: {args.dataset}, init={args.init}, eps={eps}, L={args.L}, "
-          f"{args.optimizer} lr={args.lr}, {args.n_iter} iterations, device={x_train.device}; "
+          f"{args.optimizer} lr={args.lr}, {args.steps} iterations, device={x_train.device}; "
           f"outputs in {args.out_dir}, figures in {args.image_dir}")
     metrics = {}
 
@@ -379,8 +380,8 @@ def train(args, run, data, F):
         return m
 
     x_neg = None
-    for step in loop.iterations(args.n_iter, until=lambda: loop.spent(args.budget)):
-        util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.n_iter,
+    for step in loop.iterations(args.steps, until=lambda: loop.spent(args.budget)):
+        util.set_lr(opt, lr0 * util.lr_factor("exponential", step, args.steps,
                                               args.lr_min / args.lr, args.lr_decay))
         x_pos = x_train[torch.randint(len(x_train), (args.batch,), device=x_train.device)]
         if args.data_epsilon > 0:
@@ -407,14 +408,14 @@ def train(args, run, data, F):
             run.log.log(row, step)
             loop.print(f"it {step:6d}  d_t {row['d_t']:+.4e}  r_t {row['r_t']:.4f}  "
                       f"{row['sec_per_iter'] * 1e3:.1f} ms/it")
-        if step % args.eval_every == 0 or step == args.n_iter:
+        if step % args.eval_every == 0 or step == args.steps:
             metrics = evaluate_now(step, x_neg)
-    if x_neg is not None and state["step"] % args.eval_every and state["step"] < args.n_iter:
+    if x_neg is not None and state["step"] % args.eval_every and state["step"] < args.steps:
         metrics = evaluate_now(state["step"], x_neg)  # ended by --budget between evaluations
     if image:
         print(f"wrote {plots.make_gif(os.path.join(args.image_dir, 'negatives'), fps=4)}")
     print(f"done: {args.out_dir} (figures: {args.image_dir})")
-    return {"status": "done", "step": state["step"], **metrics}
+    return {"status": "done", "steps": state["step"], **metrics}
 
 
 EVAL_SHOWN = ("kl_ebm", "kl_kde", "kde_outside", "nll_ebm", "fd", "fd_ratio", "fd_pixels",

@@ -3,7 +3,7 @@
     python train_tilt.py                              # digits, latent ML tilt (about 30 s)
     python train_tilt.py --objective both --data_tilt # + hackathon recipe + data-space tilt
     python train_tilt.py --experiment mixture         # the 2D Gaussian-mixture example
-    python train_tilt.py --data mnist --mnist_images train-images-idx3-ubyte \
+    python train_tilt.py --dataset mnist --mnist_images train-images-idx3-ubyte \
         --mnist_labels train-labels-idx1-ubyte --latent 8
 
 The story, top to bottom:
@@ -56,8 +56,9 @@ def build_parser():
     p.add_argument("--experiment", default="digits", choices=["digits", "mixture"],
                    help="digits: de-bias a VAE; mixture: the 2D Gaussian-mixture example")
     # data
-    p.add_argument("--data", default="digits", choices=["digits", "mnist"],
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist"],
                    help="digits: scikit-learn's 8x8 digits (offline); mnist: local IDX files")
+    config.rename(p, "--data", "--dataset")
     p.add_argument("--mnist_images", default=None, help="MNIST images IDX file (.gz allowed)")
     p.add_argument("--mnist_labels", default=None, help="MNIST labels IDX file (.gz allowed)")
     p.add_argument("--per_class", type=config.nonnegative_int, default=0,
@@ -127,14 +128,14 @@ def check_args(args):
     if args.pool < args.n_samples:
         config.fail(f"--pool ({args.pool}) must be at least --n_samples ({args.n_samples})")
     image = 28 * 28 * 4  # float32 bytes of the largest image (MNIST); digits are 8x8
-    config.check_memory({"--pool": args.pool * image, "--n_base": args.n_base * image,
-                         "--n_samples": args.n_samples * image})
-    if args.data == "mnist" and args.experiment == "digits":
+    util.check_memory({"--pool": args.pool * image, "--n_base": args.n_base * image,
+                       "--n_samples": args.n_samples * image})
+    if args.dataset == "mnist" and args.experiment == "digits":
         for flag in ("mnist_images", "mnist_labels"):
             path = getattr(args, flag)
             if not path or not os.path.isfile(path):
                 config.fail(f"--{flag}: file {path!r} not found; pass a local MNIST IDX file "
-                            f"(no download at run time) or use --data digits")
+                            f"(no download at run time) or use --dataset digits")
 
 
 class StageLog:
@@ -168,7 +169,7 @@ class StageLog:
 
 # ----------------------------------------------------------------------------- digits
 def load_data(args):
-    if args.data == "digits":
+    if args.dataset == "digits":
         return image_data.load_digits_data()
     try:
         return image_data.load_mnist_idx(args.mnist_images, args.mnist_labels)
@@ -195,7 +196,7 @@ def run_digits(args, device, log, state, save, data):
     log.check_stop("the classifier")
     x_biased = torch.tensor(X[split.biased], device=device)
     x_unbiased = torch.tensor(X[split.unbiased], device=device)
-    print(f"data: {args.data}, biased set {len(split.biased)} images {split.biased_counts}, "
+    print(f"data: {args.dataset}, biased set {len(split.biased)} images {split.biased_counts}, "
           f"unbiased {len(split.unbiased)} ({split.per_class} per class); classifier test "
           f"accuracy {clf_acc:.3f}")
 
@@ -451,7 +452,7 @@ SCRIPT = scaffold.Script("train_tilt.py", resumable=False)
 def main(argv=None):
     args, _ = scaffold.parse(build_parser(), argv, SCRIPT)
     check_args(args)
-    config.apply_threads(args)
+    util.apply_threads(args)
     device = scaffold.device(args)
     data = prepare_digits(args) if args.experiment == "digits" else None
     with scaffold.Run(args, SCRIPT, ("tilt", args.experiment, f"s{args.seed}")) as run:

@@ -98,9 +98,9 @@ def check_args(args, argv):
         config.fail("--anneal_steps has no effect with --no-anneal; drop one of them")
     # float32 points per target: a batch keeps K + 1 layers' activations for the backward pass
     T, point = len(parse_targets(args.target)), 2 * 4
-    config.check_memory({"--batch": args.batch * T * point * (args.K + 1),
-                         "--eval_samples": args.eval_samples * T * 2 * point,
-                         "--final_samples": min(args.final_samples, 50000) * T * 2 * point
+    util.check_memory({"--batch": args.batch * T * point * (args.K + 1),
+                       "--eval_samples": args.eval_samples * T * 2 * point,
+                       "--final_samples": min(args.final_samples, 50000) * T * 2 * point
                          + args.final_samples * T * (point + 8)})
 
 
@@ -161,9 +161,7 @@ def main(argv=None):
         if args.steps < ckpt["step"]:
             config.fail(f"--steps {args.steps} is below the checkpoint's step {ckpt['step']}; "
                         f"pass --steps {ckpt['step']} or more")
-        if not getattr(args, "image_dir", None):  # saved before --image_dir existed
-            args.image_dir = os.path.join("images", os.path.basename(args.out_dir))
-    config.apply_threads(args)  # batches of 256 2D points: op-overhead bound
+    util.apply_threads(args)  # batches of 256 2D points: op-overhead bound
     device = scaffold.device(args)
     names = parse_targets(args.target)
     if args.anneal and args.anneal_steps > args.steps:

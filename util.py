@@ -1,8 +1,10 @@
-"""Seeds, devices and random-number-generator state (`set_seed`, `get_device`, `fixed_rng`,
-`rng_state`, `set_rng_state`), and learning-rate schedules (`lr_factor`, `set_lr`).
+"""Seeds, devices, threads, memory and random-number-generator state (`set_seed`,
+`get_device`, `apply_threads`, `check_memory`, `fixed_rng`, `rng_state`, `set_rng_state`), and
+learning-rate schedules (`lr_factor`, `set_lr`).
 """
 import contextlib
 import math
+import os
 import random
 
 import numpy as np
@@ -45,6 +47,29 @@ def get_device(name="auto"):
         raise ValueError(f"--device={name} but MPS (Apple GPU) is not available on this "
                          f"machine; use --device=auto or cpu")
     return dev
+
+
+def apply_threads(args):
+    """torch.set_num_threads(--threads) unless it is 0 (torch's default)."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+
+def check_memory(sizes):
+    """Fail with one line when the arrays a run would allocate cannot fit in physical memory
+    (not checked where the OS does not say): `sizes` maps a flag ("--samples") to the bytes
+    its value asks for."""
+    import config
+
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return
+    need = sum(sizes.values())
+    if need > total:
+        flag = max(sizes, key=sizes.get)
+        config.fail(f"{flag} asks for {need / 2 ** 30:.1f} GiB but this machine has "
+                    f"{total / 2 ** 30:.1f} GiB of memory; lower {flag}")
 
 
 @contextlib.contextmanager

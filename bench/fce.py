@@ -262,7 +262,7 @@ def rules(agg):
             if not a:
                 continue
             gap = f"{a['nll_flow'] - m['nll_flow']:+.3f}" if m else "n/a"
-            frac = a.get("flow_step_fraction", a["flow_steps"] / a["steps"])
+            frac = a["flow_step_fraction"]
             out.append([ds, lab, gather.cell(a, "kl_ebm"), gap, f"{frac:.2f}",
                         f"{a['steps']:.0f}"])
     return gather.table(["dataset", "rule", "EBM KL", "flow NLL - mle-maf",

@@ -50,8 +50,8 @@ def label(cfg, by=()):
     """The row label of a run from its resolved config.
 
     train.py: `nce` (EBM against a fixed Gaussian: --estimator=nce or --flow=gaussian),
-    `fce-<flow>` (EBM against a learned flow), `mle-<flow>` (flow alone); configs from before
-    --estimator are FCE unless their flow is gaussian. train_vi.py: `<flow>-K<K>`. Other scripts: the stem of their --config file
+    `fce-<flow>` (EBM against a learned flow), `mle-<flow>` (flow alone) (configs from before
+    --estimator: `python migrate.py` labels them). train_vi.py: `<flow>-K<K>`. Other scripts: the stem of their --config file
     (e.g. `mcmc_gmm_convergent`), else their --name / --experiment, else `run`. `by` appends
     `flag=value` for the named flags, to tell a hyper-parameter search's points apart."""
     est, flow = cfg.get("estimator"), cfg.get("flow")
@@ -59,8 +59,8 @@ def label(cfg, by=()):
         out = f"{flow}-K{cfg['K']}"
     elif est == "nce" or flow == "gaussian":  # a fixed Gaussian noise model is NCE
         out = "nce"
-    elif est is not None or (flow is not None and "dataset" in cfg):
-        out = f"{est or 'fce'}-{flow}" if flow else str(est)
+    elif est is not None:
+        out = f"{est}-{flow}" if flow else str(est)
     elif cfg.get("config"):
         out = os.path.splitext(os.path.basename(str(cfg["config"])))[0]
     else:
@@ -79,7 +79,7 @@ def is_number(v):
 def row(cfg, summary, run_dir, by=()):
     """One table row from a run's config and summary (numeric summary keys only)."""
     out = {"label": label(cfg, by),
-           "dataset": str(cfg.get("dataset") or cfg.get("target") or cfg.get("experiment")
+           "dataset": str(cfg.get("target") or cfg.get("experiment") or cfg.get("dataset")
                           or "-"),
            "seed": cfg.get("seed"), "run_dir": run_dir}
     for k, v in summary.items():
@@ -89,9 +89,6 @@ def row(cfg, summary, run_dir, by=()):
             out[k] = v
         elif isinstance(v, str) and v.lower() in ("nan", "inf", "-inf"):
             out[k] = float(v)  # logger.py stores non-finite floats as text
-    old = next((k for k in ("cpu_sec", "seconds", "time_total_s") if k in out), None)
-    if "cpu_s" not in out and old:  # runs written before every script's clock was cpu_s
-        out["cpu_s"] = out[old]
     return out
 
 

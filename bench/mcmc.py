@@ -130,7 +130,7 @@ def results(runs_dir, train_first):
             lines.append([name, f"not run: `python train_mcmc.py --config {s}`", *[""] * 6])
             continue
         trace = " / ".join(f"{v:.3g}" for v in s["kl_ebm_trace"])
-        lines.append([name, f"{s['step']}", f"{s.get('kl_ebm', float('nan')):.3f}",
+        lines.append([name, f"{s['steps']}", f"{s.get('kl_ebm', float('nan')):.3f}",
                       f"{s.get('kl_kde', float('nan')):.3f}",
                       f"{s.get('kl_kde_floor', float('nan')):.3f}",
                       f"{s.get('sec_per_iter', float('nan')):.4f}",

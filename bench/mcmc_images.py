@@ -60,7 +60,7 @@ from samplers import ConvEnergy, langevin
 REGIMES = {
     "nonconvergent": ("uniform", {}),
     "convergent": ("data", {"eps": 0.02, "L": 200, "data_epsilon": 0.125, "lr": 0.15,
-                            "lr_decay": 0.9991, "lr_min": 0.01, "n_iter": 4000,
+                            "lr_decay": 0.9991, "lr_min": 0.01, "steps": 4000,
                             "eval_every": 400}),
 }
 

@@ -7,8 +7,7 @@
   (checkpoint.pt) resumed, anything else started afresh; `run_many` runs several at a time;
   after Ctrl-C no new run starts (`Stopped`) and the benchmark exits 130 (`stopped`);
 - time: `cpu_seconds(summary)` is the CPU seconds of training a run's summary.json holds,
-  under `cpu_s` (every script), or in runs written before one clock under their old keys
-  (train_mcmc.py `cpu_sec`, train_vi.py `seconds`, train_tilt.py `time_total_s`).
+  under `cpu_s` (every script; `python migrate.py` renames the old keys of older runs).
 Tables are written by bench/gather.py (`aggregate`, `markdown`; `table` for every other
 table of a bench).
 """
@@ -119,9 +118,6 @@ def run_name(*parts, seed=None):
     return "-".join(map(str, parts)) + ("" if seed is None else f"-s{seed}")
 
 
-CPU_KEYS = ("cpu_s", "cpu_sec", "seconds", "time_total_s")  # every script; older runs
-
-
 def cpu_seconds(summary, default=float("nan")):
     """CPU seconds of training in a run's summary (`default` when its script writes none)."""
-    return next((summary[k] for k in CPU_KEYS if k in summary), default)
+    return summary.get("cpu_s", default)

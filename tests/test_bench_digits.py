@@ -35,16 +35,16 @@ def test_report_without_runs_writes_nothing(tmp_path):
 
 
 def test_train_mcmc_budget_ends_the_run_and_evaluates_where_it_stopped(tmp_path, monkeypatch):
-    """--budget (CPU-s) ends a short-run MCMC digits run before --n_iter and evaluates there
+    """--budget (CPU-s) ends a short-run MCMC digits run before --steps and evaluates there
     (the equal-CPU rows of the digits bench need it)."""
     import train_mcmc
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "mcmc"
-    argv = ["--dataset", "digits", "--init", "uniform", "--L", "5", "--n_iter", "100000",
+    argv = ["--dataset", "digits", "--init", "uniform", "--L", "5", "--steps", "100000",
             "--eval_every", "100000", "--n_eval", "100", "--budget", "1.5", "--threads", "1",
             "--out_dir", str(out), "--image_dir", str(tmp_path / "img")]
     assert train_mcmc.main(argv) == 0
     s = json.load(open(out / "summary.json"))
-    assert 0 < s["step"] < 100000 and s["cpu_s"] >= 1.5
+    assert 0 < s["steps"] < 100000 and s["cpu_s"] >= 1.5
     assert "fd" in s  # evaluated at the step the budget ended

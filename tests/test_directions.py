@@ -373,7 +373,7 @@ def test_train_mcmc_d_t_and_r_t_on_a_linear_F(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mcmc, "langevin", spy_langevin)
     out = tmp_path / "r"
     train_mcmc.main(["--dataset", "gmm", "--n_train", "500", "--n_test", "200", "--L", "5",
-                     "--batch", "64", "--bank_size", "200", "--n_kde", "200", "--n_iter", "1",
+                     "--batch", "64", "--bank_size", "200", "--n_kde", "200", "--steps", "1",
                      "--wandb", "disabled", "--eval_every", "1000", "--out_dir", str(out),
                      "--image_dir", str(tmp_path / "img")])
     ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))

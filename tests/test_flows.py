@@ -1,5 +1,4 @@
 """Flow maths: invertibility, log-dets against autograd Jacobians, MADE masks, normalisation."""
-import math
 
 import pytest
 import torch

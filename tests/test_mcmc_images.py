@@ -18,7 +18,7 @@ from samplers import ConvEnergy, langevin, mala
 from test_image_data import fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--wandb", "disabled", "--n_iter", "3", "--L", "4", "--eval_every", "3",
+TINY = ["--wandb", "disabled", "--steps", "3", "--L", "4", "--eval_every", "3",
         "--log_every", "1", "--n_eval", "60", "--n_f", "4"]
 
 
@@ -154,7 +154,7 @@ def test_tiny_digit_run_of_each_regime(tmp_path, config):
 
 def test_image_run_resumes_and_samples_long_run(tmp_path):
     out = tiny_run(tmp_path, "mcmc_digits_convergent.json")
-    assert train_mcmc.main(["--resume", out, "--n_iter", "4"]) == 0
+    assert train_mcmc.main(["--resume", out, "--steps", "4"]) == 0
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4
     for sampler in ("ula", "mala"):
         assert sample_mcmc.main(["--run", out, "--sampler", sampler, "--init", "data",

@@ -371,7 +371,6 @@ def test_digits_final_numbers_map_the_ais_bracket_end_to_end(digits_task, monkey
     assert m["bpd_ebm_upper"] == pytest.approx(-(-90.0 + jac) / bits)
     assert m["log_Z_ais"] == -20.0 and m["log_Z_ais_reverse"] == -18.5
     assert m["ais_ess"] == 5.0 and m["ais_acceptance"] == 0.61
-    assert m["ais_coordinates"] == tasks.AIS_COORDINATES
     assert m["c_gap"] == pytest.approx(3.0 - (-20.0))
 
 
@@ -424,7 +423,7 @@ def test_bench_digits_score_columns(tmp_path, monkeypatch):
             return {"fd": 10.0, "label_tv": 0.3}
 
     summary = {"ll_ebm_lower": -95.0, "ll_ebm_upper": -92.0, "ais_gap": 3.0, "ais_ess": 9.0,
-               "c_gap": -60.0, "ais_coordinates": tasks.AIS_COORDINATES, "cpu_s": 12.0,
+               "c_gap": -60.0, "ll_ebm": -92.0, "ll_ebm_trusted": False, "cpu_s": 12.0,
                "steps": 77, "ll_flow": -110.0, "ll_flow_box": -108.0}
     monkeypatch.setattr(image_metrics, "SampleMetric", Metric)
     monkeypatch.setattr(image_data, "load_images", lambda name: (None,) * 4)
@@ -439,6 +438,7 @@ def test_bench_digits_score_columns(tmp_path, monkeypatch):
         if energy is not None:
             assert (s["ll_lower"], s["ll_upper"], s["ais_gap"]) == (-95.0, -92.0, 3.0)
             assert s["ais_ess"] == 9.0 and s["c_gap"] == -60.0 and "ll_flow" not in s
+            assert s["ll_ebm"] == -92.0 and s["trusted"] == 0.0
         else:
             assert s["ll_lower"] == s["ll_upper"] == -108.0 and s["ais_gap"] == 0.0
             assert s["ll_flow"] == -110.0 and s["ll_flow_box"] == -108.0

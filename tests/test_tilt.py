@@ -195,7 +195,7 @@ def test_end_to_end_mnist_idx(tmp_path):
     images = (rng.random((300, 14, 14)) * 60 + labels[:, None, None] * 19).astype(np.uint8)
     image_data.write_idx(tmp_path / "img.idx", images)
     image_data.write_idx(tmp_path / "lab.idx", labels)
-    code, out, img = _run(tmp_path, "m", ["--data", "mnist", "--mnist_images",
+    code, out, img = _run(tmp_path, "m", ["--dataset", "mnist", "--mnist_images",
                                           str(tmp_path / "img.idx"), "--mnist_labels",
                                           str(tmp_path / "lab.idx"), "--clf_max_iter", "50"])
     assert code == 0
@@ -273,7 +273,7 @@ def test_ctrl_c_stops_at_a_step_and_exits_130(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "mnist", "--mnist_images", "/nonexistent"], "not found"),
+    (["--dataset", "mnist", "--mnist_images", "/nonexistent"], "not found"),
     (["--latent", "0"], "positive integer"),
     (["--per_class", "1000"], "per_class"),
 ])

@@ -429,7 +429,7 @@ def test_bench_keeps_finished_runs_and_restarts_unfinished_ones(in_tmp, monkeypa
     os.makedirs(bench_vi.OUT)
     done = in_tmp / "runs" / "bench_vi-planar-K2"
     os.makedirs(done)
-    (done / "summary.json").write_text(json.dumps({"seconds": 1.0}))
+    (done / "summary.json").write_text(json.dumps({"cpu_s": 1.0}))
     os.makedirs(in_tmp / "runs" / "bench_vi-planar-K8")           # unfinished
     r2 = bench_vi._train(("planar", 2, "all", 42, 10, [], ""))
     r8 = bench_vi._train(("planar", 8, "all", 42, 10, [], ""))
