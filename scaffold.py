@@ -85,10 +85,11 @@ def parse(parser, argv, script: Script):
         ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--resume: {e}")
+    args = config.resumed_args(args, ckpt, path, argv, script.overridable)
     if "cpu_s" not in ckpt:
         config.fail(f"--resume: {path} has no CPU clock cpu_s (an older run); rewrite it with "
                     f"`python migrate.py {shlex.quote(os.path.dirname(path) or '.')}` first")
-    return config.resumed_args(args, ckpt, path, argv, script.overridable), ckpt
+    return args, ckpt
 
 
 def device(args):

@@ -131,7 +131,8 @@ def test_parse_reads_the_clock_only_as_cpu_s(here, capsys):
     line that names migrate.py; one with `cpu_s` resumes with its saved config."""
     script = scaffold.Script("x.py", keys=("step", "rng"))
     os.makedirs("old")
-    base = {"config": {"seed": 7, "out_dir": "old"}, "script": "x.py", "step": 2,
+    saved = {**vars(config.parser("x").parse_args([])), "seed": 7, "out_dir": "old"}
+    base = {"config": saved, "script": "x.py", "step": 2,
             "rng": util.rng_state()}
     checkpoint.save_checkpoint(os.path.join("old", "checkpoint.pt"), {**base, "cpu_sec": 3.0})
     with pytest.raises(SystemExit) as e:
