@@ -52,6 +52,7 @@ VAL_FRACTION = 0.1  # of the training images, held out for early stopping (valid
 VAL_SEED = 1  # the validation images are dequantised once, with this seed
 VAL_IS = 20_000  # base samples of a tilt's log Z before the final evaluation
 TILT_AIS_TEMPS = 50  # a tilt is a short path from its base: AIS temperatures at most
+IS_ESS_FLOOR = 0.01  # an importance-sampling log Z on fewer effective samples than this share warns
 TRUST_NATS = 1.0  # two estimates of an EBM's test log-likelihood agreeing within this are trusted
 TRUST_ESS = 0.1  # ... or a bracket that narrow with a forward ESS of this share of the chains
 
@@ -296,6 +297,9 @@ def format_metrics(m):
         if "ll_ebm_is" in m:
             parts.append(f"LL ebm (IS) {m['ll_ebm_is']:.2f} (ESS {m['is_ess']:.0f}, tilt "
                          f"{m['tilt_gain']:+.2f})")
+        if m.get("is_ess_fraction", 1.0) < IS_ESS_FLOOR:
+            parts.append(f"WARNING: IS ESS {m['is_ess_fraction']:.2%} of the samples, below "
+                         f"{IS_ESS_FLOOR:.0%}")
         if "ll_ebm_trusted" in m:
             parts.append("trusted" if m["ll_ebm_trusted"] else "NOT TRUSTED")
         if "ais_ess" in m:

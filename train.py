@@ -624,7 +624,7 @@ def select(args, run, state, task, ebm, flow, bank, progress):
         state["stopped"] = True
 
 
-def tilt_ess_ok(ebm, bank, floor=0.01):
+def tilt_ess_ok(ebm, bank, floor=tasks.IS_ESS_FLOOR):
     """Whether the validation log Z rests on at least `floor` of its importance samples (ESS):
     a tilt whose weights degenerate is not selected, however well it scores."""
     import tilt

@@ -321,3 +321,16 @@ def test_unbounded_ray_finds_energies_without_a_normaliser_only():
 
     assert annealing.unbounded_ray(F(lambda y: y.abs().sum(-1)), 8) is None
     assert annealing.unbounded_ray(F(lambda y: -0.5 * y.sum(-1)), 8) is not None
+
+
+def test_a_tilt_whose_is_ess_is_below_one_percent_warns_beside_its_number():
+    """The evaluation line of a tilted EBM carries a warning when its importance-sampling ESS
+    is below tasks.IS_ESS_FLOOR of the samples, and none above it."""
+    import tasks
+
+    m = {"ll_flow": -95.0, "ll_ebm_is": -90.0, "ll_ebm": -90.0, "is_ess": 90.0,
+         "is_ess_fraction": 0.009, "tilt_gain": 2.0, "ll_ebm_trusted": False}
+    low = tasks.format_metrics(m)
+    assert "WARNING: IS ESS 0.90% of the samples, below 1%" in low and "-90.00" in low
+    assert "WARNING" not in tasks.format_metrics({**m, "is_ess": 110.0,
+                                                  "is_ess_fraction": 0.011})
