@@ -52,8 +52,8 @@ TOY = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel", 
        "circles", "swissroll")
 KEYS = ["kl_ebm", "nll_ebm", "c_gap", "kl_flow", "kl_flow_mc", "nll_flow", "entropy", "steps",
         "flow_steps", "flow_step_fraction", "cpu_s"]
-# the equal-iteration partner: NCE run for as many iterations as FCE-MAF made in its budget
-EQUAL_ITERS = ("nce", "fce-maf")
+# the equal-iteration partners: NCE run for as many iterations as each of these made in its budget
+PARTNER, PARTNERED = "nce", ("fce-maf", "tilt")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -74,10 +74,11 @@ def run_one(root, label, dataset, seed, budget, extra=(), steps=None):
     return out, runner.run_script("train.py", out, argv, log=f"{out}.log")
 
 
-def iters_root(root):
-    """Where the equal-iteration NCE runs live (beside --root, so that they never mix into the
-    equal-CPU table)."""
-    return os.path.normpath(root) + "-equal-iterations"
+def iters_root(root, label="fce-maf"):
+    """Where the NCE runs at `label`'s iterations live (beside --root, so that they never mix
+    into the equal-CPU table): <root>-equal-iterations for FCE-MAF, -<label> added for others."""
+    tail = "" if label == "fce-maf" else f"-{label}"
+    return os.path.normpath(root) + "-equal-iterations" + tail
 
 
 def run_grid(args):
@@ -90,12 +91,11 @@ def run_grid(args):
     def one(job):
         t = time.time()
         lab, ds, seed = job
-        if lab == "equal-iterations":  # after the FCE-MAF run of the same set and seed
-            steps = (runner.finished(run_dir(args.root, EQUAL_ITERS[1], ds, seed))
-                     or {}).get("steps")
+        if isinstance(lab, tuple):  # ("equal-iterations", partnered): after its run
+            steps = (runner.finished(run_dir(args.root, lab[1], ds, seed)) or {}).get("steps")
             if steps is None:
                 return 0
-            out, code = run_one(iters_root(args.root), EQUAL_ITERS[0], ds, seed, None,
+            out, code = run_one(iters_root(args.root, lab[1]), PARTNER, ds, seed, None,
                                 args.train_args.split(), steps=steps)
         else:
             out, code = run_one(args.root, *job, args.budget, args.train_args.split())
@@ -104,9 +104,9 @@ def run_grid(args):
         return code
 
     failed = sum(c != 0 for c in runner.run_many(one, jobs, args.jobs))
-    if all(lab in args.estimators for lab in EQUAL_ITERS):
-        pairs = [("equal-iterations", ds, s) for s in args.seeds for ds in args.datasets]
-        failed += sum(c != 0 for c in runner.run_many(one, pairs, args.jobs))
+    pairs = [(("equal-iterations", lab), ds, s) for lab in PARTNERED for s in args.seeds
+             for ds in args.datasets if PARTNER in args.estimators and lab in args.estimators]
+    failed += sum(c != 0 for c in runner.run_many(one, pairs, args.jobs))
     return failed
 
 
@@ -186,26 +186,29 @@ def speed_lines(rows):
                         out)
 
 
-def equal_iteration_rows(args):
-    """The finished NCE runs of FCE-MAF's iteration counts (one per set and seed)."""
-    root = iters_root(args.root)
+def equal_iteration_rows(args, label="fce-maf"):
+    """The finished NCE runs of `label`'s iteration counts (one per set and seed)."""
+    root = iters_root(args.root, label)
     return [r for r in gather.collect([root]) if r["dataset"] in args.datasets
             and r["seed"] in args.seeds] if os.path.isdir(root) else []
 
 
 def equal_iterations(args, rows):
-    """NCE run for exactly as many iterations as FCE-MAF made in its budget, beside FCE-MAF:
-    the equal-iteration comparison (lines of a table), or [] when there are none."""
-    nce = equal_iteration_rows(args)
-    if not nce:
-        return []
-    fce_rows = [r for r in rows if r["label"] == EQUAL_ITERS[1]]
-    for r in nce:
-        r["label"] = "nce (FCE-MAF's iterations)"
-    keys = ["kl_ebm", "c_gap", "steps", "cpu_s"]
-    return ["Equal iterations: NCE run for the number of iterations FCE-MAF made in its "
-            "budget (same data, seed and defaults).", "",
-            gather.markdown(gather.aggregate(fce_rows + nce, keys), keys)]
+    """NCE run for exactly as many iterations as FCE-MAF (and the tilt) made in its budget,
+    beside it: the equal-iteration comparisons (lines of tables), or [] when there are none."""
+    lines, keys = [], ["kl_ebm", "c_gap", "steps", "cpu_s"]
+    for label in PARTNERED:
+        nce = equal_iteration_rows(args, label)
+        if not nce:
+            continue
+        name = "FCE-MAF" if label == "fce-maf" else label
+        for r in nce:
+            r["label"] = f"nce ({name}'s iterations)"
+        mine = [r for r in rows if r["label"] == label]
+        lines += [*([""] if lines else []), f"Equal iterations: NCE run for the number of "
+                  f"iterations {name} made in its budget (same data, seed and defaults).", "",
+                  gather.markdown(gather.aggregate(mine + nce, keys), keys)]
+    return lines
 
 
 def _sd(a, key):

@@ -380,6 +380,21 @@ def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
     assert table.count("| nce | 8gaussians | 1 |") == 1
 
 
+def test_bench_tilt_has_its_own_equal_iteration_partner(tmp_path):
+    """The tilted EBM gets an NCE partner run for its iteration count, in its own folder
+    (<root>-equal-iterations-tilt), and its own equal-iteration table in the report."""
+    root, out = tmp_path / "grid", tmp_path / "report"
+    argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "tilt",
+            "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
+            "--jobs", "2", "--train_args", " ".join(TINY)]
+    assert bench_fce.main(argv) == 0
+    steps = json.load(open(root / "tilt-8gaussians-s0" / "summary.json"))["steps"]
+    partner = tmp_path / "grid-equal-iterations-tilt" / "nce-8gaussians-s0" / "summary.json"
+    assert json.load(open(partner))["steps"] == steps
+    assert not (tmp_path / "grid-equal-iterations").exists()
+    assert "| nce (tilt's iterations) | 8gaussians | 1 |" in open(out / "table.md").read()
+
+
 def test_max_steps_ends_the_run_mid_epoch_and_evaluates(tmp_path):
     code, out = run(tmp_path, "--epoch", "5", "--max_steps", "13")
     assert code == 0
