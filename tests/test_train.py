@@ -278,20 +278,3 @@ def test_load_run_rebuilds_models(tmp_path):
     assert run.ebm(x).shape == (7,)
     s = run.flow.sample(5)
     assert s.shape == (5, 2) and torch.isfinite(run.flow.log_prob(s)).all()
-
-
-def test_gif_frames_in_epoch_order(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "images"))
-    from create_gif import make_gif
-
-    for epoch, shade in [(10, 200), (2, 100), (1, 50)]:
-        Image.new("RGB", (20, 20), (shade, 0, 0)).save(tmp_path / f"epoch_{epoch}.png")
-    gif = Image.open(make_gif(str(tmp_path)))
-    assert gif.n_frames == 3 and gif.info.get("loop") == 0
-    reds = []
-    for i in range(3):
-        gif.seek(i)
-        reds.append(gif.convert("RGB").getpixel((5, 5))[0])
-    assert reds == sorted(reds)
-    with pytest.raises(FileNotFoundError):
-        make_gif(str(tmp_path / "empty"))
