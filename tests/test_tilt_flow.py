@@ -1,5 +1,5 @@
 """EBMs built on a flow (tilt.FlowTilt), the box and mixture flows they use, the reference
-rungs of the digits ladder, the validation split, early stopping and the trust verdict: each
+rungs of the digits ladder, early stopping and the trust verdict: each
 against a closed form chosen so that a wrong sign or a dropped term cannot cancel."""
 import json
 import math
@@ -169,14 +169,6 @@ def test_reference_rungs_closed_forms():
     exact = float(torch.distributions.Normal(0.05, torch.tensor([0.1, 0.2, 0.3])).log_prob(
         y[:5]).sum(1).mean()) + 3 * math.log(2 / L)
     assert references.gaussian(y, y[:5], L) == pytest.approx(exact, abs=0.05)
-
-
-def test_validation_split_is_fixed_and_disjoint():
-    x = torch.arange(100.0)[:, None]
-    tr, va = tasks.validation_split(x)
-    tr2, va2 = tasks.validation_split(x)
-    assert len(va) == 10 and len(tr) == 90 and torch.equal(va, va2)
-    assert not set(tr[:, 0].tolist()) & set(va[:, 0].tolist())
 
 
 # ----------------------------------------------------------------------------- runs
