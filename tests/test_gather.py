@@ -124,6 +124,8 @@ def test_aggregate_is_the_mean_and_sample_sd_over_seeds():
 @pytest.mark.parametrize("a, want", [
     ({"k": 2.0, "k_sd": 1.0}, "2.000 ± 1.000"),
     ({"k": 0.12345, "k_sd": 0.01}, "0.1235 ± 0.0100"),
+    ({"k": 1.0, "k_sd": 0.25}, "1.000 ± 0.250"),  # the boundaries: 1, 10, 100
+    ({"k": 10.0, "k_sd": 0.5}, "10.00 ± 0.50"),
     ({"k": 12.345, "k_sd": 0.5}, "12.35 ± 0.50"),
     ({"k": 1234.5, "k_sd": 10.0}, "1234 ± 10"),  # round half to even
     ({"k": 0.5, "k_sd": math.nan}, "0.5000"),  # one run: no sd
