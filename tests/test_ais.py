@@ -433,6 +433,7 @@ def linear_digits_run(tmp_path, slope=-0.5):
     return str(tmp_path), 64 * math.log((math.exp(-slope) - math.exp(slope)) / -slope)
 
 
+@pytest.mark.slow
 def test_cli_train_py_digits_run_on_the_box(tmp_path, capsys):
     """A train.py digits run is scored on the box its summary uses: f(y) = -0.5 sum(y) has
     log Z 47.02 there, and both ends of AIS find it; on R^64 it has no normaliser, and

@@ -30,13 +30,15 @@ SMALL_64 = {"maf": {"n_blocks": 2, "hidden": (8,)}, "glow": {"n_steps": 2, "hidd
 DENSITY = sorted(flows.BUILDERS) + ["maf_bn"]
 VI = sorted(set(vi_flows.VI_BUILDERS) - NOT_A_SINGLE_FLOW)
 FLOWS = DENSITY + VI
-CASES = [pytest.param(name, dim, id=f"{name}-D{dim}") for name in FLOWS for dim in DIMS]
+SLOW_AT = {64: pytest.mark.slow}  # D = 64 in the slow tier; D = 2 and 8 in the fast one
+CASES = [pytest.param(name, dim, id=f"{name}-D{dim}", marks=SLOW_AT.get(dim, ()))
+         for name in FLOWS for dim in DIMS]
 AUTOREGRESSIVE = (flows.MAFLayer, flows.SplineAutoregressive)  # IAFLayer is a MAFLayer
 # stacks: the batched PlanarStack and the FlowStack loop (planar unbatched, a coupling flow)
 STACKS = {"planar": ({"name": "planar", "K": 3, "base": "learned"}, True),
           "planar_loop": ({"name": "planar", "K": 2, "base": "learned"}, False),
           "realnvp": ({"name": "realnvp", "K": 2, "hidden": [8], "base": "learned"}, True)}
-STACK_CASES = [pytest.param(name, dim, id=f"stack-{name}-D{dim}")
+STACK_CASES = [pytest.param(name, dim, id=f"stack-{name}-D{dim}", marks=SLOW_AT.get(dim, ()))
                for name in STACKS for dim in DIMS]
 N_TARGETS = 2
 

@@ -179,6 +179,7 @@ def test_frechet_distance_matches_matrix_square_root():
     assert abs(mcmc_images.frechet_distance(m1, s1, m1, s1)) < 1e-9
 
 
+@pytest.mark.slow
 def test_metric_floor_real_noise_blur(digits, metric):
     x_train, _, x_test, _ = digits
     floor = metric.floor
@@ -247,6 +248,7 @@ def test_tiny_digit_run_of_each_regime(tmp_path, config):
     assert torch.allclose(U(x), F(x) * 2 / cfg["eps"] ** 2, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_image_run_resumes_and_samples_long_run(tmp_path):
     out = tiny_run(tmp_path, "mcmc_digits_convergent.json")
     assert train_mcmc.main(["--resume", out, "--n_iter", "4"]) == 0
@@ -267,6 +269,7 @@ def test_image_run_resumes_and_samples_long_run(tmp_path):
     assert rec["results"][0]["fd"] < 1.5 * rec["floor"]["fd"]
 
 
+@pytest.mark.slow
 def test_vanilla_net_on_tiny_mnist(tmp_path):
     imgs, labels = fake_mnist(tmp_path)
     out = str(tmp_path / "run")

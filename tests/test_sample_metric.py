@@ -31,6 +31,7 @@ def within(metric, m, k=3.0):
     return abs(m["fd"] - metric.floor["fd"]) <= k * metric.floor_sd["fd"]
 
 
+@pytest.mark.slow
 def test_floor_reports_its_spread(metric):
     assert metric.n == 1000 and metric.n_floor >= 10
     for key in SampleMetric.KEYS:

@@ -317,6 +317,7 @@ def agent_runs(tmp_path_factory):
     return work, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_agent_command_runs_and_logs_the_metric(agent_runs, name):
     cfg = load(os.path.join(ROOT, "sweeps", name))
@@ -350,6 +351,7 @@ def test_agent_command_runs_and_logs_the_metric(agent_runs, name):
             proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, capsys,
                                                                   tmp_path):
     work, _ = agent_runs

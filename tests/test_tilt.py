@@ -81,6 +81,7 @@ def test_tv_to_uniform():
 
 
 # ----------------------------------------------------------------------------- VAE
+@pytest.mark.slow
 def test_vae_loss_falls_and_early_stopping_restores_best(digits):
     torch.manual_seed(0)
     X, _ = digits
@@ -215,6 +216,7 @@ def _run(tmp_path, name, extra):
     return code, out, tmp_path / "images" / name
 
 
+@pytest.mark.slow
 def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
     code, out, img = _run(tmp_path, "d", ["--objective", "both", "--data_tilt",
                                           "--data_tilt_steps", "2", "--per_class", "10"])
@@ -246,6 +248,7 @@ def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
         assert run.vae.decode(z).shape == (5, 64) and run.energies["ml"](z).shape == (5,)
 
 
+@pytest.mark.slow
 def test_end_to_end_mnist_idx(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 30).astype(np.uint8)

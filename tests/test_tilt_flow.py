@@ -183,6 +183,7 @@ def _run(tmp_path, *argv, name="run"):
     return code, out
 
 
+@pytest.mark.slow
 def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
     """The default digits estimator: base flows, then the tilt; the summary's ll_ebm is the
     importance-sampling estimate recomputed here from the saved model, the flow's own number

@@ -116,6 +116,7 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch):
     """Ctrl-C lands inside an iteration (after the optimiser step): the run stops at the end
     of that iteration, and --resume writes exactly the rows and weights of a run that was
@@ -174,6 +175,7 @@ def _resume_one_more_epoch(out):
     assert after["cpu_s"] >= ckpt["cpu_s"] > 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     # a shell's background jobs inherit SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
@@ -184,6 +186,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     _resume_one_more_epoch(out)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_an_iteration_boundary_and_resumes(tmp_path):
     """SIGTERM (a scheduler, a stopped sweep agent) takes the Ctrl-C path: the run stops at an
     iteration boundary, saves, prints the --resume command and exits 130; --resume then
