@@ -83,6 +83,7 @@ def case_gaussian_64d():
     return ais.ais_log_Z(f, std_gaussian(64, 1.5), n_chains=256, n_temps=400, repeats=2), log_Z
 
 
+@pytest.mark.slow
 def test_gaussian_64d_log_Z():
     """|log Z-hat - log Z| < 0.1, acceptance adapted near HMC's 0.65."""
     res, log_Z = case_gaussian_64d()
@@ -105,6 +106,7 @@ def case_flow_energy():
                          repeats=2), 0.0
 
 
+@pytest.mark.slow
 def test_flow_energy_has_log_Z_zero():
     res, log_Z = case_flow_energy()
     assert abs(res.log_Z - log_Z) < 0.1, res.log_Z_repeats
@@ -286,6 +288,7 @@ def test_box_log_Z_and_bracket_of_a_truncated_gaussian():
     assert br.reliable and (br.forward.x.abs() < 1).all()
 
 
+@pytest.mark.slow
 def test_box_samples_have_the_truncated_mean():
     """box_samples (n = 4,000, K = 100) lie inside the box, with the truncated Gaussian's
     mean within 0.03 in every coordinate."""
@@ -342,6 +345,7 @@ def image_run(tmp_path, scale=1.0, name="img"):
     return str(path), U
 
 
+@pytest.mark.slow
 def test_run_target_of_an_image_run(tmp_path):
     """run_target of a train_mcmc.py digits run: the energy is U (not F), the held-out points
     are dequantize.test_set of the test split, the base is fitted to the 1,348 dequantised
@@ -368,6 +372,7 @@ def numbers(line):
     return float(a), float(b)
 
 
+@pytest.mark.slow
 def test_cli_image_run_in_nats_and_bits(tmp_path, capsys):
     """A digits run: the bracket in nats per image on the dequantised [0, 17) scale is
     mean(-U(test)) - log Z + 64 log(2/17) (dequantize.to_nats, test points dequantize.test_set),

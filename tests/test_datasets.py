@@ -46,6 +46,7 @@ def test_density_matches_a_million_samples(name):
     assert counts[~used].sum() < 25 * (~used).sum() + 50  # and nothing hides in unused bins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,fn", [("spiral", datasets._log_spiral),
                                      ("moons", datasets._log_moons),
                                      ("swissroll", datasets._log_swissroll)])

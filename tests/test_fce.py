@@ -114,6 +114,7 @@ def test_flow_step_descends_V_plus_the_weighted_nll():
         assert torch.allclose(p.detach(), b - lr * gr, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mle_run_has_no_ebm_and_lowers_the_flow_nll(tmp_path):
     code, out = run(tmp_path, "--estimator", "mle", "--flow", "nsf", "--epoch", "4",
                     "--eval_every", "1", "--lr_flow", "3e-3")
@@ -127,6 +128,7 @@ def test_mle_run_has_no_ebm_and_lowers_the_flow_nll(tmp_path):
     assert os.path.isfile(out / "curves.png")
 
 
+@pytest.mark.slow
 def test_budget_stops_training_after_that_many_cpu_seconds(tmp_path):
     code, out = run(tmp_path, "--epoch", "1000", "--budget", "1.5", "--eval_every", "1000",
                     "--plot_every", "1000")
@@ -316,6 +318,7 @@ def test_noise_passes_leave_the_flow_as_it_was(name, batch_norm):
         assert torch.allclose(noise.log_qf_x, flow.log_prob(batch_at(0)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_flow_that_stops_stepping_far_from_the_data_is_reported(tmp_path, capsys):
     """Under the threshold rule a fixed threshold just below 1 is never reached by an
     untrained flow: the run says that the flow has stopped learning."""

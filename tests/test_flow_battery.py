@@ -30,7 +30,7 @@ SMALL_64 = {"maf": {"n_blocks": 2, "hidden": (8,)}, "glow": {"n_steps": 2, "hidd
 DENSITY = sorted(flows.BUILDERS) + ["maf_bn"]
 VI = sorted(set(vi_flows.VI_BUILDERS) - NOT_A_SINGLE_FLOW)
 FLOWS = DENSITY + VI
-SLOW_AT = {64: pytest.mark.slow}  # D = 64 in the slow tier; D = 2 and 8 in the fast one
+SLOW_AT = {8: pytest.mark.slow, 64: pytest.mark.slow}  # the fast tier: D = 2
 CASES = [pytest.param(name, dim, id=f"{name}-D{dim}", marks=SLOW_AT.get(dim, ()))
          for name in FLOWS for dim in DIMS]
 AUTOREGRESSIVE = (flows.MAFLayer, flows.SplineAutoregressive)  # IAFLayer is a MAFLayer

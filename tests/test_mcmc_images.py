@@ -203,6 +203,7 @@ def test_metric_floor_real_noise_blur(digits, metric):
     assert metric(threes[torch.arange(500) % len(threes)])["label_tv"] > 0.8
 
 
+@pytest.mark.slow
 def test_metric_is_deterministic_clamps_and_drops_nonfinite(digits, metric, monkeypatch):
     monkeypatch.setattr(mcmc_images, "_CLASSIFIERS", {})  # train the classifier again
     torch.manual_seed(99)  # whatever the global RNG state
@@ -226,6 +227,7 @@ def tiny_run(tmp_path, config, *extra):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["mcmc_digits_nonconvergent.json",
                                     "mcmc_digits_convergent.json"])
 def test_tiny_digit_run_of_each_regime(tmp_path, config):

@@ -34,6 +34,7 @@ def test_a_benchmark_runs_as_a_file(name):
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr
 
 
+@pytest.mark.slow
 def test_a_benchmark_runs_as_a_module_and_as_a_file_from_another_folder(tmp_path):
     res = python("-m", "bench.fce", "--help")
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr

@@ -178,6 +178,7 @@ def test_stratified_teaching_set_is_exactly_30_40_30():
     assert all(sum(c) == 100 for c in iid) and len({tuple(c) for c in iid}) > 5
 
 
+@pytest.mark.slow
 def test_ml_tilt_recovers_component_weights():
     """ML with importance-sampled log Z on 2,000 target points (a large sample, so that the
     sampling noise of the positives is small) moves the base 0.8/0.1/0.1 to about 0.3/0.4/0.3."""

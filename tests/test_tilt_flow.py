@@ -212,6 +212,7 @@ def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
     assert s["tilt_gain"] == pytest.approx(ll - base, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_the_best_flow(tmp_path):
     """mle on digits with patience 1: the saved flow is the one of the best validation score,
     not the last (a live state_dict reference would restore the last)."""
@@ -227,6 +228,7 @@ def test_early_stopping_restores_the_best_flow(tmp_path):
     assert task.validate(None, run.flow) == pytest.approx(max(vals), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_tilt_in_2d_is_scored_on_the_grid(tmp_path):
     code, out = _run(tmp_path, "--estimator", "tilt", "--samples", "2000", "--batch", "200",
                      "--test_samples", "2000", "--ebm_hidden", "16", "--flow_hidden", "16",

@@ -25,7 +25,8 @@ def run(tmp_path, *argv, name="run"):
     return code, out
 
 
-@pytest.mark.parametrize("estimator", ["dsm", pytest.param("ssm", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["dsm", "ssm"])
 def test_score_matching_run_trains_the_ebm_alone_and_is_scored_exactly(tmp_path, estimator):
     code, out = run(tmp_path, *SMALL, "--estimator", estimator)
     assert code == 0
@@ -77,8 +78,8 @@ def test_digits_batches_are_the_same_draw_whenever_asked():
                        dequantize.levels(task.x_train[idx], 17))  # same grey level, new u
 
 
-@pytest.mark.parametrize("estimator", [["--estimator", "nce"], pytest.param(
-    ["--estimator", "fce", "--flow", "glow"], marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", [["--estimator", "nce"], ["--estimator", "fce", "--flow", "glow"]])
 def test_digits_run_scores_flow_and_ebm_in_nats_per_image(tmp_path, estimator):
     code, out = run(tmp_path, *DIGITS, *estimator)
     assert code == 0
