@@ -299,6 +299,7 @@ def test_nan_at_the_first_step_leaves_a_loadable_checkpoint(tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in run.energies["mixture"].parameters())
 
 
+@pytest.mark.slow
 def test_nan_in_the_first_vae_epoch_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     import train_tilt
 

@@ -153,6 +153,7 @@ def test_flows_rebuild_from_spec():
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow, extra, spec, keys", [
     ("planar", [], {"name": "planar", "dim": 2, "K": 2, "base": "learned"},
      ["b", "log_sigma", "mu", "u", "w"]),
