@@ -27,10 +27,26 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect the slow tier unless --all, or a -m expression, chooses the tests."""
+    """Deselect the slow tier unless --all, or a -m expression, chooses the tests; a test
+    named on the command line (tests/test_x.py::test_y, as planted_breaks.py runs them) runs
+    whatever its tier."""
     if config.getoption("all_tiers") or config.getoption("markexpr"):
         return
-    slow = [item for item in items if item.get_closest_marker("slow")]
+    named = _named(config)
+    slow = [item for item in items if item.get_closest_marker("slow")
+            and not any(item.nodeid == n or item.nodeid.startswith((n + "[", n + "::"))
+                        for n in named)]
     if slow:
         config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        items[:] = [item for item in items if item not in slow]
+
+
+def _named(config):
+    """The node ids (path::name) given on the command line, relative to the root folder."""
+    out = []
+    for arg in config.args:
+        path, sep, name = arg.partition("::")
+        if sep:
+            rel = os.path.relpath(os.path.abspath(path), config.rootpath)
+            out.append(rel.replace(os.sep, "/") + "::" + name)
+    return out

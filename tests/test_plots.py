@@ -33,7 +33,7 @@ def test_panel_figures_are_written_at_one_fixed_size(tmp_path):
     assert (w, h) == (2 * 3 * 80, 2 * 3 * 80)  # two 3-inch panels a row at 80 dpi
 
 
-def test_density_panel_normalises_on_the_grid(monkeypatch):
+def test_density_panel_normalises_on_the_grid():
     """`normalise` turns exp(-f) into a density: the drawn values sum to 1 / cell area over
     the grid whatever constant f carries."""
     drawn = {}
