@@ -227,7 +227,6 @@ def tiny_run(tmp_path, config, *extra):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["mcmc_digits_nonconvergent.json",
                                     "mcmc_digits_convergent.json"])
 def test_tiny_digit_run_of_each_regime(tmp_path, config):
