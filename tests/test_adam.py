@@ -3,6 +3,7 @@ import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import adam
@@ -59,6 +60,7 @@ def test_state_dicts_load_both_ways_and_continue_exactly():
     assert same(ref, ours) and same(ref, back)
 
 
+@pytest.mark.slow
 def test_building_and_stepping_imports_no_dynamo():
     code = ("import sys, torch, adam\n"
             "m = torch.nn.Linear(2, 2); o = adam.Adam(m.parameters())\n"

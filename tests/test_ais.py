@@ -67,6 +67,7 @@ def image_run(tmp_path, scale=1.0, name="img"):
     return str(path), U
 
 
+@pytest.mark.slow
 def test_run_target_of_an_image_run(tmp_path):
     """run_target of a train_mcmc.py digits run: the energy is U (not F), the held-out points
     are image_data.test_set of the test split and the box map's fit points are tasks.Images'
@@ -114,6 +115,7 @@ def numbers(line):
     return float(a), float(b)
 
 
+@pytest.mark.slow
 def test_cli_image_run_in_nats_and_bits(tmp_path, capsys):
     """A digits run: the bracket in nats per image on the dequantised [0, 17) scale is
     mean(-U(test)) - log Z + 64 log(2/17) (image_data.to_nats, test points image_data.test_set),
@@ -179,6 +181,7 @@ def linear_digits_run(tmp_path, slope=-0.5):
     return str(tmp_path), 64 * math.log((math.exp(-slope) - math.exp(slope)) / -slope)
 
 
+@pytest.mark.slow
 def test_cli_train_py_digits_run_on_the_box(tmp_path, capsys):
     """A train.py digits run is scored on the box its summary uses: f(y) = -0.5 sum(y) has
     log Z 47.02 there, and both ends of AIS find it; on R^64 it has no normaliser, and

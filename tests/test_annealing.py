@@ -78,6 +78,7 @@ def case_gaussian_64d():
                                repeats=2), log_Z
 
 
+@pytest.mark.slow
 def test_gaussian_64d_log_Z():
     """|log Z-hat - log Z| < 0.1, acceptance adapted near HMC's 0.65."""
     res, log_Z = case_gaussian_64d()
@@ -100,6 +101,7 @@ def case_flow_energy():
                                repeats=2), 0.0
 
 
+@pytest.mark.slow
 def test_flow_energy_has_log_Z_zero():
     res, log_Z = case_flow_energy()
     assert abs(res.log_Z - log_Z) < 0.1, res.log_Z_repeats
@@ -281,6 +283,7 @@ def test_box_log_Z_and_bracket_of_a_truncated_gaussian():
     assert br.reliable and (br.forward.x.abs() < 1).all()
 
 
+@pytest.mark.slow
 def test_box_samples_have_the_truncated_mean():
     """box_samples (n = 4,000, K = 100) lie inside the box, with the truncated Gaussian's
     mean within 0.03 in every coordinate."""

@@ -9,6 +9,7 @@ from bench import digits
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+@pytest.mark.slow
 def test_bench_scores_a_run_writes_the_table_and_keeps_finished_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     root, out = tmp_path / "runs", tmp_path / "out"
@@ -34,6 +35,7 @@ def test_report_without_runs_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_mcmc_budget_ends_the_run_and_evaluates_where_it_stopped(tmp_path, monkeypatch):
     """--budget (CPU-s) ends a short-run MCMC digits run before --steps and evaluates there
     (the equal-CPU rows of the digits bench need it)."""

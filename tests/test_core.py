@@ -104,6 +104,7 @@ class GaussianEBM(torch.nn.Module):
         return math.log(2 * math.pi) - 0.5 * torch.logdet(A).item()
 
 
+@pytest.mark.slow
 def test_nce_recovers_log_Z_of_a_gaussian_ebm():
     torch.manual_seed(0)
     cov = torch.tensor([[1.0, 0.6], [0.6, 0.8]])

@@ -8,12 +8,16 @@ import torch
 
 import datasets
 
+# the sets whose densities are the slowest on the grid (quadratures, root scans): slow tier
+SETS = [pytest.param(n, marks=pytest.mark.slow) if n in ("2spirals", "spiral", "pinwheel")
+        else n for n in datasets.NAMES]
+
 
 def test_every_dataset_has_an_exact_density():
     assert all(datasets.has_density(n) for n in datasets.NAMES)
 
 
-@pytest.mark.parametrize("name", datasets.NAMES)
+@pytest.mark.parametrize("name", SETS)
 def test_density_integrates_to_one(name):
     # the deficit of the most spread set (rings4) is 1.6e-5 of mass outside the square
     lp = datasets.grid_log_density(name)
@@ -22,7 +26,7 @@ def test_density_integrates_to_one(name):
     assert float(lp.exp().sum()) * area == pytest.approx(1, abs=1e-4)
 
 
-@pytest.mark.parametrize("name", datasets.NAMES)
+@pytest.mark.parametrize("name", SETS)
 def test_density_matches_a_million_samples(name):
     """Pearson's chi-square of a 30 x 30 histogram of 10^6 samples against the bin masses of
     the exact density (12 x 12 grid cells per bin) stays within 5 sd of its expectation (the
@@ -42,6 +46,7 @@ def test_density_matches_a_million_samples(name):
     assert counts[~used].sum() < 25 * (~used).sum() + 50  # and nothing hides in unused bins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,fn", [("spiral", datasets._log_spiral),
                                      ("moons", datasets._log_moons),
                                      ("swissroll", datasets._log_swissroll)])
@@ -75,6 +80,7 @@ def test_noisy_circle_closed_form_against_quadrature():
     assert torch.allclose(datasets.log_density("rings", x), quad, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_entropies_are_cross_entropies_of_samples():
     """H from the grid equals the Monte Carlo -E log p over 100k samples (within 4 sd)."""
     for name in datasets.NAMES:

@@ -114,6 +114,7 @@ def test_flow_step_descends_V_plus_the_weighted_nll():
         assert torch.allclose(p.detach(), b - lr * gr, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mle_run_has_no_ebm_and_lowers_the_flow_nll(tmp_path):
     code, out = run(tmp_path, "--estimator", "mle", "--flow", "nsf", "--epoch", "4",
                     "--eval_every", "1", "--lr_flow", "3e-3")
@@ -127,6 +128,7 @@ def test_mle_run_has_no_ebm_and_lowers_the_flow_nll(tmp_path):
     assert os.path.isfile(out / "curves.png")
 
 
+@pytest.mark.slow
 def test_budget_stops_training_after_that_many_cpu_seconds(tmp_path):
     code, out = run(tmp_path, "--epoch", "1000", "--budget", "1.5", "--eval_every", "1000",
                     "--plot_every", "1000")
@@ -139,6 +141,7 @@ def test_budget_stops_training_after_that_many_cpu_seconds(tmp_path):
     assert "kl_ebm" in summary  # and evaluated at the stop
 
 
+@pytest.mark.slow
 def test_budgeted_run_resumes_with_more_budget(tmp_path):
     code, out = run(tmp_path, "--epoch", "1000", "--budget", "0.5", "--eval_every", "1000",
                     "--plot_every", "1000", name="b")
@@ -190,6 +193,7 @@ def test_nan_in_a_spline_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
                                       if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_curves_command_overlays_runs_and_rejects_non_runs(tmp_path, capsys):
     code, out = run(tmp_path, "--epoch", "2", "--eval_every", "1")
     assert code == 0 and os.path.getsize(out / "curves.png") > 10_000
@@ -201,6 +205,7 @@ def test_curves_command_overlays_runs_and_rejects_non_runs(tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_bench_grid_runs_skips_finished_runs_and_reports(tmp_path, capsys):
     root, out = tmp_path / "grid", tmp_path / "report"
     argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "mle-nsf",
@@ -247,9 +252,12 @@ def small_flow_kwargs(name, batch_norm=False):
 EVERY_FLOW = [(name, False) for name in flows.BUILDERS] + [
     (name, True) for name in flows.BUILDERS
     if "batch_norm" in inspect.signature(flows.BUILDERS[name]).parameters]
+# training with the cache: the Gaussian and MAF in the fast tier, every other flow slow
+EVERY_FLOW_TIERED = [pytest.param(name, bn, marks=() if (name, bn) in (("gaussian", False),
+                                  ("maf", False)) else pytest.mark.slow) for name, bn in EVERY_FLOW]
 
 
-@pytest.mark.parametrize("name,batch_norm", EVERY_FLOW)
+@pytest.mark.parametrize("name,batch_norm", EVERY_FLOW_TIERED)
 @pytest.mark.parametrize("rule", [fce.Rule("every", flow_every=3),
                                   fce.Rule("threshold", threshold=0.51),
                                   fce.Rule("threshold", threshold=0.6, target=0.5, gain=0.01)])
@@ -310,6 +318,7 @@ def test_noise_passes_leave_the_flow_as_it_was(name, batch_norm):
         assert torch.allclose(noise.log_qf_x, flow.log_prob(batch_at(0)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_flow_that_stops_stepping_far_from_the_data_is_reported(tmp_path, capsys):
     """Under the threshold rule a fixed threshold just below 1 is never reached by an
     untrained flow: the run says that the flow has stopped learning."""
@@ -363,6 +372,7 @@ def test_step_cost_times_every_kind_side_by_side():
                      "fce-maf: flow step alone (threshold rule)"]
 
 
+@pytest.mark.slow
 def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
     """After the equal-CPU grid, NCE runs again for exactly the iterations FCE-MAF made, in
     a folder beside the grid's (so it never mixes into the equal-CPU table), and the report
@@ -395,6 +405,7 @@ def test_bench_tilt_has_its_own_equal_iteration_partner(tmp_path):
     assert "| nce (tilt's iterations) | 8gaussians | 1 |" in open(out / "table.md").read()
 
 
+@pytest.mark.slow
 def test_max_steps_ends_the_run_mid_epoch_and_evaluates(tmp_path):
     code, out = run(tmp_path, "--epoch", "5", "--max_steps", "13")
     assert code == 0

@@ -41,6 +41,7 @@ def within(metric, m, k=3.0):
     return abs(m["fd"] - metric.floor["fd"]) <= k * metric.floor_sd["fd"]
 
 
+@pytest.mark.slow
 def test_floor_reports_its_spread(metric):
     assert metric.n == 1000 and metric.n_floor >= 10
     for key in SampleMetric.KEYS:
@@ -104,6 +105,7 @@ def test_frechet_distance_matches_matrix_square_root():
     assert abs(image_metrics.frechet_distance(m1, s1, m1, s1)) < 1e-9
 
 
+@pytest.mark.slow
 def test_metric_floor_real_noise_blur(digits, metric500):
     x_train, _, x_test, _ = digits
     floor = metric500.floor
@@ -127,6 +129,7 @@ def test_metric_floor_real_noise_blur(digits, metric500):
     assert metric500(threes[torch.arange(500) % len(threes)])["label_tv"] > 0.8
 
 
+@pytest.mark.slow
 def test_metric_is_deterministic_clamps_and_drops_nonfinite(digits, metric500, monkeypatch):
     monkeypatch.setattr(image_metrics, "_CLASSIFIERS", {})  # train the classifier again
     torch.manual_seed(99)  # whatever the global RNG state

@@ -254,6 +254,7 @@ def test_resume_continues_exactly(tmp_path):
     _assert_same_weights(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["persistent", "gaussian"])
 def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch, init):
     """Ctrl-C lands inside an iteration (in the Langevin chains of iteration 15): the run
@@ -307,6 +308,7 @@ def test_nan_at_the_first_iteration_leaves_a_loadable_checkpoint(tmp_path, monke
     assert checkpoint.load_run(str(tmp_path / "nan")).ebm is not None
 
 
+@pytest.mark.slow
 def test_evaluation_does_not_change_the_training_random_streams(tmp_path):
     """Evaluation draws its own chains (from its own seed): runs that evaluate at different
     iterations write the same training rows and end with the same weights."""

@@ -152,6 +152,7 @@ def test_tiny_digit_run_of_each_regime(tmp_path, config):
     assert torch.allclose(U(x), F(x) * 2 / cfg["eps"] ** 2, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_image_run_resumes_and_samples_long_run(tmp_path):
     out = tiny_run(tmp_path, "mcmc_digits_convergent.json")
     assert train_mcmc.main(["--resume", out, "--steps", "4"]) == 0
@@ -172,6 +173,7 @@ def test_image_run_resumes_and_samples_long_run(tmp_path):
     assert rec["results"][0]["fd"] < 1.5 * rec["floor"]["fd"]
 
 
+@pytest.mark.slow
 def test_vanilla_net_on_tiny_mnist(tmp_path):
     imgs, labels = fake_mnist(tmp_path)
     out = str(tmp_path / "run")

@@ -25,6 +25,7 @@ def test_every_benchmark_is_found():
     assert {"fce", "digits", "gather", "mcmc", "mcmc_images", "tilt", "vi"} <= set(BENCHMARKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_a_benchmark_runs_as_a_file(name):
     """`python bench/<name>.py` (repository root first on the path, not bench/, whose
@@ -33,6 +34,7 @@ def test_a_benchmark_runs_as_a_file(name):
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr
 
 
+@pytest.mark.slow
 def test_a_benchmark_runs_as_a_module_and_as_a_file_from_another_folder(tmp_path):
     res = python("-m", "bench.fce", "--help")
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr
@@ -40,6 +42,7 @@ def test_a_benchmark_runs_as_a_module_and_as_a_file_from_another_folder(tmp_path
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr
 
 
+@pytest.mark.slow
 def test_a_2d_run_imports_none_of_the_image_modules(tmp_path):
     """train.py's 2D path (parse, data, models, one step, evaluation) leaves the modules of
     the other tasks unimported."""

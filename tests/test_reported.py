@@ -449,6 +449,7 @@ def test_bench_digits_score_columns(tmp_path, monkeypatch):
         assert json.load(open(tmp_path / "score.json")) == s
 
 
+@pytest.mark.slow
 def test_every_evaluation_line_of_a_digits_score_matching_run_prints_numbers(tmp_path, capsys,
                                                                               digits_task):
     """A score-matching EBM learns no c: each evaluation before the final AIS bracket reports

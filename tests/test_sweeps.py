@@ -282,6 +282,7 @@ def agent_runs(tmp_path_factory):
     return work, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_agent_command_runs_and_logs_the_metric(agent_runs, name):
     cfg = load(os.path.join(ROOT, "sweeps", name))
@@ -315,6 +316,7 @@ def test_agent_command_runs_and_logs_the_metric(agent_runs, name):
             proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, capsys,
                                                                   tmp_path):
     work, _ = agent_runs
@@ -373,53 +375,8 @@ def test_gather_builds_the_table_and_skips_unfinished_and_foreign(agent_runs, ca
     mle = next(line for line in table if line.startswith("| mle-nsf"))
     assert "n/a" in mle  # the flow alone has no EBM
 
-    # the one table writer of every bench: header, alignment line, rows; text cells as given,
-    # integers plain, None n/a, floats with cell()'s decimals, empty cells kept
-    assert gather.table(["a", "b", "c"], [["x", 3, None], ["", 12.3456, 0.5]]) == [
-        "| a | b | c |", "|---|---|---|", "| x | 3 | n/a |", "| | 12.35 | 0.5000 |"]
-    assert gather.table(["a", "b"], [], align="---:")[1] == "|---:|---:|"
-
     # the CLI: the same table on stdout, a figure
     fig = os.path.join(tmp_path, "fig.png")
     code = gather.main([sweep_dir, "--keys", *keys, "--figure", fig])
     out = capsys.readouterr().out
     assert code == 0 and out.strip() == "\n".join(table) and os.path.getsize(fig) > 0
-
-
-def test_gather_from_wandb_reads_a_sweep_and_fails_in_one_line_offline(monkeypatch, capsys):
-    class Run:
-        def __init__(self, i, state, seed):
-            self.id, self.state = f"r{i}", state
-            self.summary = {"kl_ebm": 0.1 * (i + 1), "_step": 10, "_runtime": 3.0}
-            self.config = {"estimator": "fce", "flow": "maf", "dataset": "rings",
-                           "seed": seed, "_wandb": {}}
-
-    class Api:
-        def sweep(self, path):
-            assert path == "ent/proj/abc"
-            return argparse.Namespace(runs=[Run(0, "finished", 0), Run(1, "finished", 1),
-                                            Run(2, "running", 2)])
-
-    rows = gather.from_wandb("ent/proj/sweeps/abc", api=Api())
-    assert [r["label"] for r in rows] == ["fce-maf", "fce-maf"]
-    assert not any(k.startswith("_") for r in rows for k in r)
-    assert "skip ent/proj/r2: running" in capsys.readouterr().err
-    agg = gather.aggregate(rows, ["kl_ebm"])
-    assert agg[0]["n"] == 2 and math.isclose(agg[0]["kl_ebm"], 0.15)
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert gather.main(["--wandb", "ent/proj/abc"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "WANDB_MODE=offline" in err
-
-
-def test_gather_from_wandb_without_a_key_says_so_in_one_line(monkeypatch):
-    import wandb
-
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr(wandb, "login", lambda **kw: False)
-    with pytest.raises(RuntimeError, match="no API key configured") as e:
-        gather.from_wandb("ent/proj/abc")
-    assert "\n" not in str(e.value)
-    with pytest.raises(RuntimeError, match="entity/project"):
-        gather.from_wandb("just-a-name", api=object())

@@ -23,6 +23,7 @@ def digits():
 
 
 # ----------------------------------------------------------------------------- VAE
+@pytest.mark.slow
 def test_vae_loss_falls_and_early_stopping_restores_best(digits):
     torch.manual_seed(0)
     X, _ = digits
@@ -119,6 +120,7 @@ def test_stratified_teaching_set_is_exactly_30_40_30():
     assert all(sum(c) == 100 for c in iid) and len({tuple(c) for c in iid}) > 5
 
 
+@pytest.mark.slow
 def test_ml_tilt_recovers_component_weights():
     """ML with importance-sampled log Z on 2,000 target points (a large sample, so that the
     sampling noise of the positives is small) moves the base 0.8/0.1/0.1 to about 0.3/0.4/0.3."""
@@ -157,6 +159,7 @@ def _run(tmp_path, name, extra):
     return code, out, tmp_path / "images" / name
 
 
+@pytest.mark.slow
 def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
     code, out, img = _run(tmp_path, "d", ["--objective", "both", "--data_tilt",
                                           "--data_tilt_steps", "2", "--per_class", "10"])
@@ -188,6 +191,7 @@ def test_end_to_end_digits_writes_histograms_and_metrics(tmp_path):
         assert run.vae.decode(z).shape == (5, 64) and run.energies["ml"](z).shape == (5,)
 
 
+@pytest.mark.slow
 def test_end_to_end_mnist_idx(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 30).astype(np.uint8)
@@ -237,6 +241,7 @@ def test_nan_at_the_first_step_leaves_a_loadable_checkpoint(tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in run.energies["mixture"].parameters())
 
 
+@pytest.mark.slow
 def test_nan_in_the_first_vae_epoch_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     import train_tilt
 

@@ -1,5 +1,5 @@
 """EBMs built on a flow (tilt.FlowTilt), the box and mixture flows they use, the reference
-rungs of the digits ladder, the validation split, early stopping and the trust verdict: each
+rungs of the digits ladder, early stopping and the trust verdict: each
 against a closed form chosen so that a wrong sign or a dropped term cannot cancel."""
 import json
 import math
@@ -171,14 +171,6 @@ def test_reference_rungs_closed_forms():
     assert references.gaussian(y, y[:5], L) == pytest.approx(exact, abs=0.05)
 
 
-def test_validation_split_is_fixed_and_disjoint():
-    x = torch.arange(100.0)[:, None]
-    tr, va = tasks.validation_split(x)
-    tr2, va2 = tasks.validation_split(x)
-    assert len(va) == 10 and len(tr) == 90 and torch.equal(va, va2)
-    assert not set(tr[:, 0].tolist()) & set(va[:, 0].tolist())
-
-
 # ----------------------------------------------------------------------------- runs
 DIGITS = ["--dataset", "digits", "--batch", "128", "--ebm_hidden", "16", "--flow_hidden", "8",
           "--flow_layers", "2", "--log_every", "5", "--ais_chains", "8", "--ais_temps", "10",
@@ -191,6 +183,7 @@ def _run(tmp_path, *argv, name="run"):
     return code, out
 
 
+@pytest.mark.slow
 def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
     """The default digits estimator: base flows, then the tilt; the summary's ll_ebm is the
     importance-sampling estimate recomputed here from the saved model, the flow's own number
@@ -219,6 +212,7 @@ def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
     assert s["tilt_gain"] == pytest.approx(ll - base, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_the_best_flow(tmp_path):
     """mle on digits with patience 1: the saved flow is the one of the best validation score,
     not the last (a live state_dict reference would restore the last)."""
@@ -234,6 +228,7 @@ def test_early_stopping_restores_the_best_flow(tmp_path):
     assert task.validate(None, run.flow) == pytest.approx(max(vals), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_tilt_in_2d_is_scored_on_the_grid(tmp_path):
     code, out = _run(tmp_path, "--estimator", "tilt", "--samples", "2000", "--batch", "200",
                      "--test_samples", "2000", "--ebm_hidden", "16", "--flow_hidden", "16",

@@ -116,6 +116,7 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_step_then_resume_writes_the_same_rows(tmp_path, monkeypatch):
     """Ctrl-C lands inside an iteration (after the optimiser step): the run stops at the end
     of that iteration, and --resume writes exactly the rows and weights of a run that was
@@ -174,6 +175,7 @@ def _resume_one_more_epoch(out):
     assert after["cpu_s"] >= ckpt["cpu_s"] > 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     # a shell's background jobs inherit SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
@@ -184,6 +186,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     _resume_one_more_epoch(out)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_an_iteration_boundary_and_resumes(tmp_path):
     """SIGTERM (a scheduler, a stopped sweep agent) takes the Ctrl-C path: the run stops at an
     iteration boundary, saves, prints the --resume command and exits 130; --resume then
@@ -278,20 +281,3 @@ def test_load_run_rebuilds_models(tmp_path):
     assert run.ebm(x).shape == (7,)
     s = run.flow.sample(5)
     assert s.shape == (5, 2) and torch.isfinite(run.flow.log_prob(s)).all()
-
-
-def test_gif_frames_in_epoch_order(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "images"))
-    from create_gif import make_gif
-
-    for epoch, shade in [(10, 200), (2, 100), (1, 50)]:
-        Image.new("RGB", (20, 20), (shade, 0, 0)).save(tmp_path / f"epoch_{epoch}.png")
-    gif = Image.open(make_gif(str(tmp_path)))
-    assert gif.n_frames == 3 and gif.info.get("loop") == 0
-    reds = []
-    for i in range(3):
-        gif.seek(i)
-        reds.append(gif.convert("RGB").getpixel((5, 5))[0])
-    assert reds == sorted(reds)
-    with pytest.raises(FileNotFoundError):
-        make_gif(str(tmp_path / "empty"))

@@ -25,6 +25,7 @@ def run(tmp_path, *argv, name="run"):
     return code, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["dsm", "ssm"])
 def test_score_matching_run_trains_the_ebm_alone_and_is_scored_exactly(tmp_path, estimator):
     code, out = run(tmp_path, *SMALL, "--estimator", estimator)
@@ -41,6 +42,7 @@ def test_score_matching_run_trains_the_ebm_alone_and_is_scored_exactly(tmp_path,
     assert float(loaded.ebm.c.detach()) == 0.0  # c is never stepped
 
 
+@pytest.mark.slow
 def test_score_matching_learns(tmp_path):
     """A few epochs of DSM take the EBM's KL on 8gaussians well below that of its first
     evaluation (it fails when the step is dropped or its sign flipped)."""
@@ -76,6 +78,7 @@ def test_digits_batches_are_the_same_draw_whenever_asked():
                        image_data.levels(task.x_train[idx], 17))  # same grey level, new u
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", [["--estimator", "nce"], ["--estimator", "fce", "--flow", "glow"]])
 def test_digits_run_scores_flow_and_ebm_in_nats_per_image(tmp_path, estimator):
     code, out = run(tmp_path, *DIGITS, *estimator)
@@ -88,6 +91,7 @@ def test_digits_run_scores_flow_and_ebm_in_nats_per_image(tmp_path, estimator):
     assert s["bpd_ebm_upper"] == pytest.approx(-s["ll_ebm_lower"] / (64 * math.log(2)))
 
 
+@pytest.mark.slow
 def test_box_bracket_holds_the_exact_test_log_likelihood():
     """An EBM whose energy is a diagonal Gaussian's -log density: on the box [-1, 1]^64 its
     normaliser is exactly prod_i (Phi((1 - m_i) / s_i) - Phi((-1 - m_i) / s_i)). The AIS

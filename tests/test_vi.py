@@ -153,6 +153,7 @@ def test_flows_rebuild_from_spec():
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow, extra, spec, keys", [
     ("planar", [], {"name": "planar", "dim": 2, "K": 2, "base": "learned"},
      ["b", "log_sigma", "mu", "u", "w"]),
@@ -323,6 +324,7 @@ def test_nan_at_the_first_step_leaves_a_loadable_checkpoint(in_tmp, monkeypatch,
     assert torch.isfinite(run.flow.flow(0).log_prob(x)).all()
 
 
+@pytest.mark.slow
 def test_evaluation_does_not_change_training(in_tmp):
     """Evaluating every 40 or every 60 steps: the same training rows at the common steps and
     the same final weights (evaluation draws from its own seed and restores every stream)."""
