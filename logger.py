@@ -1,12 +1,6 @@
-"""Run logging: a local `metrics.jsonl` + `config.json` + `summary.json` (the project's own
-record) and wandb, which never blocks or stops a run:
-- `auto`: online when an API key is configured (checked without prompting or network),
-  otherwise offline, with the `wandb sync` command printed at the end; if the environment
-  sets WANDB_MODE, `auto` follows it;
-- `online` without a key, or an unreachable server: falls back to offline with a message;
-- `disabled`, or wandb not installed: local files only;
-- any exception inside wandb after start-up is reported once and wandb is switched off.
-"""
+"""Run logging: the run's own record (`config.json`, `metrics.jsonl`, `summary.json`) and
+wandb, which never blocks or stops a run (its modes and fallbacks: docs/architecture.md,
+"The run scaffold")."""
 import json
 import math
 import os
@@ -26,21 +20,12 @@ def _logged_in(wandb):
 
 
 class RunLogger:
-    """Writes `config.json` now, appends one JSON line per `log` to `metrics.jsonl`, and
-    mirrors both to wandb. A fresh run (resume_step None) starts metrics.jsonl and
-    summary.json anew, so two runs never mix in one folder; a resumed run keeps the rows up to
-    its checkpoint's step and drops later ones (they are done again).
-
-        log = RunLogger(out_dir, config, mode="auto", project="ebm-flows", name=run_name,
-                        resume_step=None)   # or the checkpoint's step when resuming
-        log.log({"value": 1.39, "accuracy": 0.51}, step=100)
-        log.log_image("density", "images/run/epoch_0001.png", step=100)
-        log.finish()
-    """
+    """Writes `config.json` now and one JSON line per `log` to `metrics.jsonl`, mirrored to
+    wandb. A fresh run (resume_step None) starts metrics.jsonl and summary.json anew; a
+    resumed one keeps the rows up to its checkpoint's step (later ones are done again)."""
 
     def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None,
                  run_id=None, resume_step=None):
-        os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.metrics_path = out_dir, os.path.join(out_dir, "metrics.jsonl")
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True, default=str)
@@ -62,16 +47,16 @@ class RunLogger:
 
     @property
     def run_id(self):
-        """The wandb run id (stored in checkpoints so a resumed run continues it), or None."""
+        """The wandb run id (kept in checkpoints: a resumed run continues it), or None."""
         return getattr(self.run, "id", None)
 
     def _start_wandb(self, mode, kwargs):
-        """wandb.init in `mode` (online falling back to offline), or a message and no wandb."""
+        """wandb.init in `mode` (auto: WANDB_MODE, else online with a key, else offline;
+        online falls back to offline), or a message and no wandb."""
         try:
             import wandb
         except ImportError:
-            print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
-            return
+            return print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE", "").strip() or (
                 "online" if _logged_in(wandb) else "offline")
@@ -79,9 +64,7 @@ class RunLogger:
             print("wandb: no API key configured (run `wandb login`); logging offline",
                   file=sys.stderr)
             mode = "offline"
-        for mode in {"online": ("online", "offline")}.get(mode, (mode,)):
-            if mode == "disabled":
-                return
+        for mode in {"online": ("online", "offline"), "disabled": ()}.get(mode, (mode,)):
             try:
                 self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
                                                                          silent=True), **kwargs)
@@ -111,24 +94,22 @@ class RunLogger:
         self._guard(lambda: self.run.log(dict(metrics), step=int(step)))
 
     def log_image(self, key, path, step):
-        """Log a saved figure by file path (cheap: no re-rendering)."""
+        """Log a saved figure by file path (no re-rendering)."""
         self._guard(lambda: self.run.log({key: self.wandb.Image(path)}, step=int(step)))
 
     def summary(self, metrics):
-        """Final numbers: wandb summary and a `summary.json` in the run directory."""
+        """Final numbers: `summary.json` and the wandb summary."""
         with open(os.path.join(self.out_dir, "summary.json"), "w") as fh:
             json.dump({k: _jsonable(v) for k, v in metrics.items()}, fh, indent=2)
         self._guard(lambda: self.run.summary.update(dict(metrics)))
 
     def finish(self):
-        """Close metrics.jsonl and the wandb run (calling it again does nothing)."""
+        """Close metrics.jsonl and the wandb run (again: nothing)."""
         if self._fh.closed:
             return
         self._fh.close()
-        if self.run is None:
-            return
         run_dir = getattr(self.run, "dir", None)
-        self._guard(self.run.finish)
+        self._guard(lambda: self.run.finish())
         self.run = None
         if self.offline and run_dir:
             print(f"wandb: logged offline; upload with `wandb sync {os.path.dirname(run_dir)}`",

@@ -1,27 +1,8 @@
 """The run scaffold every training script uses, as parts a trainer names: the run's `Folder`,
-its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations and epochs, the CPU clock
-`cpu_s`, the position and running sums a resume needs; `Progress` prints), its `Signals`
-(Ctrl-C, SIGTERM) and its logger (`logger.RunLogger`); `Run` holds them, `Run.execute` ends it.
-
-    args, ckpt = scaffold.parse(parser, argv, SCRIPT)   # SCRIPT = scaffold.Script("train.py")
-    ...                                                 # data and models: bad input fails here
-    with scaffold.Run(args, SCRIPT, ("fce", "maf", "s42"), ckpt) as run:
-        return run.execute(lambda: train(args, run))
-
-    def train(args, run):                               # the experiment only
-        checkpoints, loop = run.checkpoints, run.loop
-        state = loop.track(best=0.0)                    # saved with `step` in checkpoints
-        checkpoints.load_or_save_first(model=model, opt=opt)   # --resume loads, else saves
-        for step in loop.iterations(n):                 # stops at a boundary on Ctrl-C
-            ...; loss.backward(); loop.check(loss, params); opt.step()
-        return summary                                  # summary.json, exit status 0
-
-Bad input (an unwritable folder, a device this machine lacks, a bad or foreign checkpoint) is
-one line and exit status 2 before any work; a start that fails later removes the folders it
-made. Ctrl-C or SIGTERM: the run saves at the next iteration boundary, prints the --resume
-command and exits 130; a second one stops at once, keeping the last checkpoint. A non-finite
-loss or gradient exits 1, keeping the last good checkpoint.
-"""
+its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations, epochs, the CPU clock
+`cpu_s`; `Progress` prints), its `Signals` and its logger (`logger.RunLogger`); `Run` holds
+them. How a trainer uses them, exit codes and conventions: docs/architecture.md, "The run
+scaffold"."""
 import hashlib
 import math
 import os
@@ -47,8 +28,8 @@ DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 @dataclass(frozen=True)
 class Script:
-    """An entry script, declared once: its file name, whether `--resume` continues its runs,
-    the flags a resumed run may change (None: all) and the checkpoint entries it reads."""
+    """An entry script: its file name, whether `--resume` continues its runs, the flags a
+    resumed run may change (None: all) and the checkpoint entries it reads."""
 
     name: str
     resumable: bool = True
@@ -57,18 +38,17 @@ class Script:
 
 
 class NonFinite(Exception):
-    """A non-finite loss or gradient: the run ends with exit status 1 (`Run.execute`)."""
+    """A non-finite loss or gradient: exit status 1 (`Run.execute`)."""
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM, seen at a boundary; the message says where (`Run.execute`)."""
+    """Ctrl-C or SIGTERM, seen at a boundary named by the message: exit status 130."""
 
 
 def parse(parser, argv, script: Script):
-    """Parse the command line (and --config); for --resume, load and check the checkpoint
-    (written by `script`, holding its `keys` and the clock `cpu_s`) and return the run's saved
-    configuration with the `script.overridable` flags typed now on top; a script that is not
-    resumable refuses --resume. Returns (args, checkpoint or None)."""
+    """Parse the command line (and --config) and check the folders; for --resume load the
+    checkpoint `script` wrote and return its configuration with the `script.overridable`
+    flags typed now on top. Returns (args, checkpoint or None)."""
     args = config.parse(parser, argv)
     for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
         check_writable(folder)  # before any work: data and models come after parse
@@ -81,13 +61,14 @@ def parse(parser, argv, script: Script):
         config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
+    def older(ckpt):  # what a run made before the current flags and clock lacks
+        return ["--" + f for f in config.older_flags(args, ckpt["config"])] + [
+            "cpu_s"] * ("cpu_s" not in ckpt)
+
     try:
-        ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys)
+        ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys, older=older)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--resume: {e}")
-    if "cpu_s" not in ckpt:
-        config.fail(f"--resume: {path} has no CPU clock cpu_s (an older run); rewrite it with "
-                    f"`python migrate.py {shlex.quote(os.path.dirname(path) or '.')}` first")
     return config.resumed_args(args, ckpt, path, argv, script.overridable), ckpt
 
 
@@ -100,8 +81,8 @@ def device(args):
 
 
 def check_writable(path):
-    """A one-line error (exit 2), before any work, when `path` or the folder it would be made
-    in cannot be written."""
+    """A one-line error (exit 2) when `path`, or the folder it would be made in, is not
+    writable."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -113,25 +94,21 @@ def check_writable(path):
 
 # ----------------------------------------------------------------------------- folders
 class Folder:
-    """The run's folders, `out_dir` (--out_dir, default runs/<name>-<time>, -2, -3, ... added
-    when taken) and `image_dir` (--image_dir, default `default_image_dir`; None without
-    figures), written back into `args`. A fresh run claims them: a used one is refused unless
-    --overwrite empties it; a resumed run reuses its own. `remove_created` takes back what a
-    failed start made."""
+    """The run's `out_dir` (default runs/<name parts>-<time>, -2, -3, ... when taken) and
+    `image_dir` (default `default_image_dir`; None without figures), written back into
+    `args`. A fresh run claims them (a used one only with --overwrite), a resumed run reuses
+    its own; `remove_created` takes back what a failed start made."""
 
     def __init__(self, args, name_parts, figures=True, resumable=True, resume=False):
         self.args, self.resumable, self._created = args, resumable, []
         image_dir = getattr(args, "image_dir", None) if figures else None
         try:
             if resume:
-                self.out_dir, self.image_dir = args.out_dir, image_dir
-                for d in filter(None, (self.out_dir, self.image_dir)):
-                    check_writable(d)
-                if self.image_dir:
-                    self._mkdir(self.image_dir)
+                check_writable(args.out_dir)
+                self.out_dir, self.image_dir = args.out_dir, image_dir and self._mkdir(image_dir)
             else:
                 self.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
-                    os.path.join("runs", config.run_name(*name_parts)), figures and not image_dir)
+                    os.path.join("runs", run_name(*name_parts)), figures and not image_dir)
                 self.image_dir = self._claim(image_dir or default_image_dir(self.out_dir),
                                              figures=True) if figures else None
         except BaseException:
@@ -144,13 +121,9 @@ class Folder:
         self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
 
     def _claim(self, path, figures=False):
-        """An explicit folder: created if new; a used one is refused unless --overwrite, which
-        empties it only when it holds a run (or, for figures, only images)."""
-        check_writable(path)
-        if not os.path.isdir(path):
-            self._mkdir(path)
-            return path
-        entries = [os.path.join(path, e) for e in os.listdir(path)]
+        """An explicit folder: made if new; a used one only with --overwrite, which empties it
+        only when it holds a run (for figures: only images)."""
+        entries = [os.path.join(path, e) for e in os.listdir(path)] if os.path.isdir(path) else []
         if entries and not self.args.overwrite:
             resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable else ""
             config.fail(f"{path} already holds files of another run; {resume}clear it with "
@@ -162,45 +135,49 @@ class Folder:
         for entry in entries:
             shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) \
                 else os.remove(entry)
-        return path
+        return self._mkdir(path)
 
     def _unique(self, base, with_images):
-        """The first of base, base-2, base-3, ... whose run folder (and default figure folder)
-        does not exist yet, claimed by an atomic mkdir (two runs started in the same second)."""
+        """The first of base, base-2, ... free (with its default figure folder), claimed by an
+        atomic mkdir: two runs started in the same second get their own."""
         for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
-            if with_images and os.path.exists(default_image_dir(path)):
-                continue
-            try:
-                self._mkdir(path, exist_ok=False)
-                return path
-            except FileExistsError:
-                continue
+            if not (with_images and os.path.exists(default_image_dir(path))):
+                try:
+                    return self._mkdir(path, exist_ok=False)
+                except FileExistsError:
+                    pass
         config.fail(f"no free run folder next to {base}; pass --out_dir")
 
     def _mkdir(self, path, exist_ok=True):
-        """makedirs that remembers the highest folder it created (for `remove_created`)."""
+        """makedirs (an unwritable place: one line, exit 2), remembering the highest folder it
+        made for `remove_created`; returns `path`."""
+        check_writable(path)
         top = os.path.normpath(path)
         while os.path.dirname(top) and not os.path.exists(os.path.dirname(top)):
             top = os.path.dirname(top)
         new = not os.path.exists(top)
         try:
             os.makedirs(path, exist_ok=exist_ok)
-        except FileExistsError:
-            raise
         except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
             config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
-        if new:
-            self._created.append(top)
+        self._created += [top] * new
+        return path
 
     def remove_created(self):
         for path in self._created:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def run_name(*parts):
+    """A default run name: the parts and a time stamp, e.g. fce-maf-8gaussians-s42-<time>."""
+    return "-".join(map(str, parts)) + time.strftime("-%Y%m%d-%H%M%S")
+
+
 def default_image_dir(out_dir):
-    """The figure folder of run folder `out_dir` when --image_dir is not given: images/<name>
-    for runs/<name> (the default run folders), else images/<name>-<first 8 hex digits of
-    sha1(absolute path)>: two runs whose folders differ only in their parent never share one."""
+    """images/<name> for a run folder runs/<name>, else images/<name>-<8 hex digits of the
+    sha1 of its absolute path>: folders that differ only in their parent never share one."""
     path = os.path.abspath(out_dir)
     name = os.path.basename(path)
     if os.path.dirname(path) == os.path.abspath("runs"):
@@ -209,8 +186,8 @@ def default_image_dir(out_dir):
 
 
 def _holds_run(path, figures):
-    """Whether --overwrite may empty `path`: a run folder (config.json or checkpoint.pt in
-    it), or for figures a folder of images and their metadata only."""
+    """Whether --overwrite may empty `path`: it holds config.json or checkpoint.pt, or for
+    figures only images and their metadata."""
     if {"config.json", "checkpoint.pt"} & set(os.listdir(path)):
         return True
     allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
@@ -219,9 +196,8 @@ def _holds_run(path, figures):
 
 # ----------------------------------------------------------------------------- signals
 class Signals:
-    """Ctrl-C and SIGTERM (a scheduler, a stopped sweep agent) as a flag, `stop_requested`,
-    that a loop reads at its boundaries (`boundary`); installed only inside `with`. A second
-    signal stops at once (KeyboardInterrupt: `config.cli` ends it with exit status 130)."""
+    """Inside `with`, Ctrl-C and SIGTERM set `stop_requested`, which a loop reads at its
+    boundaries (`boundary`); a second signal stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.stop_requested, self._old = False, {}
@@ -235,7 +211,7 @@ class Signals:
         return self
 
     def _on_signal(self, signum, frame):
-        if self.stop_requested:  # a second signal: stop now
+        if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -256,8 +232,7 @@ class Signals:
 class Loop:
     """The training loop: its `state` (`step`, the iterations done, and what the trainer
     `track`s; saved in every checkpoint, so a resumed run goes on bit for bit), `iterations`
-    and `epochs` (ending at `until` and, after Ctrl-C or SIGTERM, at a boundary), the CPU clock
-    `cpu_s`, running sums of the metrics row and the non-finite guard; `progress` prints."""
+    and `epochs`, the CPU clock `cpu_s`, running sums and the non-finite guard `check`."""
 
     def __init__(self, name: str, signals: Signals):
         self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
@@ -265,21 +240,19 @@ class Loop:
         self.print = self.progress.print
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
-        """Add `entries` to the state; with `epochs` the epoch position (epoch, it: the
-        iterations done in it, perm: its permutation), with `sums` running sums at 0 and their
-        count n_rows (`add`, `means`). Returns the state."""
+        """Add `entries` to the state; with `epochs` the epoch position (epoch, it: iterations
+        done in it, perm: its permutation), with `sums` running sums and their count n_rows."""
         self._sums = tuple(sums)
-        self.state.update(entries, **dict.fromkeys(self._sums, 0.0))
-        self.state.update(dict(n_rows=0) if self._sums else {})
-        self.state.update(dict(epoch=0, it=0, perm=None) if epochs else {})
+        self.state.update(entries, **dict.fromkeys(self._sums, 0.0), **(
+            dict(n_rows=0) if self._sums else {}), **(dict(epoch=0, it=0, perm=None) if epochs
+                                                      else {}))
         return self.state
 
     def iterations(self, stop: int, total: int | None = None,
                    until: Callable[[], bool] | None = None) -> Iterator[int]:
-        """The iterations state["step"], ..., stop - 1, each counted in `step` as it starts
-        (its body sees it done) and timed by `clock`; ends early once `until()`, and raises
-        Interrupted at the boundary after Ctrl-C or SIGTERM. The bar counts to `total`
-        (default `stop`)."""
+        """Iterations state["step"], ..., stop - 1, each counted in `step` as it starts and
+        timed by `clock`, ending early once `until()` or (Interrupted) after a signal; the bar
+        counts to `total` (default `stop`)."""
         start = self.state["step"]
         self.progress.start(total or stop, start, self.cpu_s)
         for i in range(start, stop):
@@ -289,13 +262,12 @@ class Loop:
             self.state["step"] = i + 1
             with self.clock():
                 yield i
-            self.progress.update()
+            self.progress.bar.update(1)
 
     def epochs(self, n_epochs: int, per_epoch: int, n_items: int, device, total=None,
                until=None) -> Iterator[Iterator[int]]:
-        """Epochs up to `n_epochs` (ending early once `until()`), each the `iterations` of
-        `per_epoch` batches of a fresh permutation of `n_items` (`rows`); an epoch cut short
-        (`until`, Ctrl-C) goes on where it stopped."""
+        """Epochs up to `n_epochs` (or `until()`), each the `iterations` of `per_epoch` batches
+        of a fresh permutation of `n_items` (`rows`); a cut epoch goes on where it stopped."""
         self._per_epoch, s = per_epoch, self.state
         while s["epoch"] < n_epochs and not (until is not None and until()):
             yield self._epoch(n_items, device, total, until)
@@ -311,8 +283,7 @@ class Loop:
             s.update(epoch=s["epoch"] + 1, it=0, perm=None)
 
     def rows(self, step: int, size: int) -> torch.Tensor | None:
-        """The permutation's `size` rows of iteration `step` of the epoch under way (None past
-        its end); the epoch's iteration under way is it - 1 = (step under way) - (step - 1)."""
+        """The permutation's `size` rows of iteration `step` of this epoch (None past its end)."""
         i = self.state["it"] + step - self.state["step"]
         return self.state["perm"][i * size:(i + 1) * size] if i < self._per_epoch else None
 
@@ -323,8 +294,7 @@ class Loop:
         self.state["n_rows"] += 1
 
     def means(self) -> dict:
-        """The running sums over their count (the iterations since the last call); the sums
-        start again."""
+        """The running sums over their count; the sums start again."""
         n = self.state["n_rows"]
         out = {k: self.state[k] / n for k in self._sums}
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
@@ -332,7 +302,7 @@ class Loop:
 
     @property
     def cpu_s(self) -> float:
-        """Process CPU seconds spent inside `iterations` (and `clock`), over all sessions."""
+        """Process CPU seconds spent inside `iterations` and `clock`, over all sessions."""
         return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
 
     @contextmanager
@@ -345,7 +315,7 @@ class Loop:
             self._cpu, self._t0 = self.cpu_s, None
 
     def spent(self, budget: float | None, offset: float = 0.0) -> bool:
-        """Whether a budget of CPU seconds (None: no budget) is spent: cpu_s + offset >= it."""
+        """Whether a CPU budget (None: none) is spent: cpu_s + offset >= budget."""
         return bool(budget) and self.cpu_s + offset >= budget
 
     def rate(self) -> tuple[float, float]:
@@ -353,8 +323,7 @@ class Loop:
         return self.progress.rate(self.state["step"], self.cpu_s)
 
     def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
-        """The non-finite guard: raise NonFinite when `loss` (None: a step that reported
-        failure) or a gradient of `params` is not finite."""
+        """Raise NonFinite when `loss` (None: a failed step) or a gradient is not finite."""
         loss = loss.detach() if torch.is_tensor(loss) else loss
         if loss is None or not math.isfinite(float(loss)) or not all(
                 torch.isfinite(p.grad).all() for p in params if p.grad is not None):
@@ -364,14 +333,14 @@ class Loop:
         """The state (tensors onto the device of the state's own) and `cpu_s` of a checkpoint."""
         for key, old in self.state.items():
             new = ckpt.get(key, old)
-            self.state[key] = new.to(old.device) if torch.is_tensor(old) and torch.is_tensor(
-                new) else new
+            self.state[key] = new.to(old.device) if torch.is_tensor(new) and torch.is_tensor(
+                old) else new
         self._cpu = float(ckpt["cpu_s"])
 
 
 class Progress:
-    """The progress bar (tqdm on a terminal; off one, as in CI or a log file, a plain line
-    every 30 s), lines printed above it and the loop's rate."""
+    """The progress bar (tqdm on a terminal; off one, a plain line every 30 s), lines printed
+    above it and the loop's rate."""
 
     def __init__(self, name: str):
         self.name, self.bar, self._at = name, None, None
@@ -383,9 +352,6 @@ class Progress:
                             **(dict(dynamic_ncols=True) if tty else dict(
                                 ncols=100, mininterval=30, ascii=True, file=_Lines())))
             self._at = (time.perf_counter(), cpu_s, done)
-
-    def update(self) -> None:
-        self.bar.update(1)
 
     def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
         """(iterations per second, CPU seconds per iteration) since the last call; `done`
@@ -421,11 +387,10 @@ class _Lines:
 
 # ----------------------------------------------------------------------------- the run
 class Run:
-    """One run, as the parts a trainer names: `folder`, `log` (RunLogger), `signals`, `loop`
-    and `checkpoints` (checkpoint.RunCheckpoints; `.resumed`: the --resume checkpoint or
-    None); `execute` ends it. A context manager around the training: the signal handlers are
-    installed only inside it, and a start that fails inside it (bad input found late, an
-    exception) before a checkpoint was written removes the folders it made."""
+    """One run, as the parts a trainer names: `folder`, `log`, `signals`, `loop` and
+    `checkpoints` (`.resumed`: the --resume checkpoint or None); `execute` ends it. A context
+    manager: signal handlers only inside it, and a start that fails before a checkpoint was
+    written removes the folders it made."""
 
     def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
                  ckpt: dict | None = None, figures: bool = True):
@@ -433,8 +398,9 @@ class Run:
         self.folder = Folder(args, name_parts, figures, self.script.resumable, ckpt is not None)
         self.name = self.folder.name
         try:
-            self.log = RunLogger(self.folder.out_dir, config.to_dict(args), args.wandb,
-                                 args.project, self.name, run_id=(ckpt or {}).get("wandb_id"),
+            self.log = RunLogger(self.folder.out_dir, dict(sorted(vars(args).items())),
+                                 args.wandb, args.project, self.name,
+                                 run_id=(ckpt or {}).get("wandb_id"),
                                  resume_step=None if ckpt is None else ckpt.get("step", 0))
         except BaseException:
             self.folder.remove_created()
@@ -443,7 +409,7 @@ class Run:
         self.loop = Loop(self.name, self.signals)
         self.checkpoints = checkpoint.RunCheckpoints(
             self.folder.checkpoint_path, self.loop, lambda: {
-                "script": self.script.name, "config": config.to_dict(args),
+                "script": self.script.name, "config": dict(sorted(vars(args).items())),
                 "wandb_id": self.log.run_id}, resumed=ckpt)
 
     def __enter__(self):
@@ -465,9 +431,8 @@ class Run:
             raise SystemExit(INTERRUPTED)
 
     def execute(self, train: Callable[[], dict | None]) -> int:
-        """Run the experiment `train`, end the run and return its exit status: the summary
-        (or None) -> summary.json with `cpu_s`, 0; NonFinite -> one line naming the last good
-        checkpoint, 1; Interrupted -> save, one line with the resume command, 130."""
+        """Run the experiment `train` and return the exit status: its summary (or None) ->
+        summary.json with `cpu_s`, 0; NonFinite -> 1; Interrupted -> a checkpoint, 130."""
         summary, status, message = None, DONE, None
         try:
             summary = train()
@@ -488,8 +453,7 @@ class Run:
         return status
 
     def resume_hint(self) -> str:
-        """How to go on from the checkpoint: the --resume command, or for a script without
-        resume where the weights are."""
+        """The --resume command, or for a script without resume where the weights are."""
         if self.script.resumable:
             return (f"continue with\n  python {self.script.name} --resume "
                     f"{shlex.quote(self.folder.out_dir)}")
