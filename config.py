@@ -1,6 +1,5 @@
-"""Command-line flags shared by every entry script, and `--config FILE`: a JSON file of flag
-names whose entries become argv words before the command line, so argparse types them and
-explicit flags win (docs/architecture.md, "The run scaffold")."""
+"""The flags every entry script shares, one-line errors, and `--config FILE`: JSON entries
+become argv words that argparse types (docs/architecture.md, "The run scaffold")."""
 import argparse
 import json
 import os
@@ -10,8 +9,7 @@ RENAMED = {}  # old flag name -> new one, filled by `rename` (saved configs, giv
 
 
 def cli(main):
-    """`sys.exit(config.cli(main))`: main's exit status; Ctrl-C outside a run's loop is one
-    line and status 130, not a traceback."""
+    """`sys.exit(config.cli(main))`: Ctrl-C outside a run's loop is one line, status 130."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -62,8 +60,7 @@ boolean = checked(lambda s: WORDS.get(str(s).strip().lower()), lambda v: True, "
 
 
 def add_flag(parser_, name, default=False, help=None):
-    """A boolean flag as a person or a sweep agent writes it (store_true rejects `--x=True`):
-    `--name`, `--name=true|false|1|0`, `--name false`, `--no-name`."""
+    """A boolean flag: `--name`, `--name=true|false|1|0` (a sweep agent), `--no-name`."""
     off = f"off: --no-{name[2:]}"
     action = parser_.add_argument(name, nargs="?", const=True, type=boolean, default=default,
                                   metavar="{true,false}", help=f"{help} ({off})" if help else off)
@@ -85,8 +82,7 @@ class _Renamed(argparse.Action):
 
 
 def rename(parser_, old, new):
-    """Keep flag `old` working for one release as the declared `new`, with a note on stderr;
-    saved configs and JSON files that use it are read as `new`."""
+    """Keep flag `old` working for one release as `new` (saved configs too), with a note."""
     a = parser_._option_string_actions[new]
     parser_.add_argument(old, dest=a.dest, action=_Renamed, new=a, nargs=a.nargs, const=a.const,
                          type=a.type, choices=a.choices, default=argparse.SUPPRESS,
@@ -106,18 +102,15 @@ def parser(description):
     p.add_argument("--out_dir", help="run folder: config, metrics, checkpoint (runs/<name>)")
     p.add_argument("--image_dir", help="the run's figure folder (default images/<run folder name>)")
     p.add_argument("--resume", help="run folder (or its checkpoint.pt) to continue")
-    add_flag(p, "--overwrite", help="reuse an existing --out_dir: delete the old run's files "
-                                    "first (without it a used folder is refused)")
+    add_flag(p, "--overwrite", help="empty a used --out_dir first (else it is refused)")
     p.add_argument("--threads", type=nonnegative_int, default=1,
-                   help="torch CPU threads (0: torch's default). The networks here are small, "
-                        "so one thread is fastest and does not oversubscribe a shared CPU")
+                   help="torch CPU threads (0: torch's default); one is fastest for small nets")
     return p
 
 
 def _words(parser_, action, key, value):
-    """The argv words of one config entry, checked by argparse (ArgumentError if bad). The
-    JSON kind must fit the flag: null only for a default of None, a list only for a flag of
-    several values (or a comma-separated word), true/false only for a boolean flag."""
+    """The argv words of one config entry, checked by argparse (ArgumentError if bad): null
+    only for a default of None, a list only for several values, a bool only for add_flag."""
     many = action.nargs not in (None, "?")
     listy = isinstance(value, list) and (many or isinstance(action.default, (list, tuple)))
     values = value if listy else [value]
@@ -140,8 +133,7 @@ def _words(parser_, action, key, value):
 
 
 def config_argv(path, parser_):
-    """The argv words of JSON config `path`; an unknown key or bad value is one line naming
-    the key and the file. A saved config.json's own "config" key is dropped."""
+    """The argv words of JSON config `path`; a bad key or value names itself and the file."""
     try:
         with open(path, encoding="utf-8") as fh:
             cfg = json.load(fh)
@@ -169,8 +161,7 @@ def config_argv(path, parser_):
 
 
 def parse(parser_, argv=None):
-    """Parse argv after the words of an optional --config file. A run started by a wandb sweep
-    agent without --out_dir goes to runs/sweep-<sweep id>/<run id>: never shared by agents."""
+    """Parse --config's words, then argv; under a sweep agent out_dir is runs/sweep-<id>/<run>."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -195,10 +186,8 @@ def older_flags(args, saved):
 
 
 def resumed_args(args, ckpt, path, argv=None, overridable=None):
-    """A resumed run's configuration: the checkpoint's (renamed flags under their new names)
-    with the `overridable` flags (None: all) typed now on top, out_dir the checkpoint's
-    folder. One line, exit 2, for a typed flag a resume cannot change and for a config older
-    than this parser."""
+    """The checkpoint's config with the `overridable` flags (None: all) typed now on top;
+    exit 2 for another typed flag or a config older than this parser."""
     typed = given_flags(argv) - {"resume", "config"}
     fixed = sorted(typed - set(overridable)) if overridable is not None else []
     if fixed:

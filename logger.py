@@ -1,6 +1,5 @@
-"""Run logging: the run's own record (`config.json`, `metrics.jsonl`, `summary.json`) and
-wandb, which never blocks or stops a run (its modes and fallbacks: docs/architecture.md,
-"The run scaffold")."""
+"""A run's record (`config.json`, `metrics.jsonl`, `summary.json`) and wandb, which never
+stops a run (modes and fallbacks: docs/architecture.md, "The run scaffold")."""
 import json
 import math
 import os
@@ -20,9 +19,8 @@ def _logged_in(wandb):
 
 
 class RunLogger:
-    """Writes `config.json` now and one JSON line per `log` to `metrics.jsonl`, mirrored to
-    wandb. A fresh run (resume_step None) starts metrics.jsonl and summary.json anew; a
-    resumed one keeps the rows up to its checkpoint's step (later ones are done again)."""
+    """config.json now, a metrics.jsonl row per `log`, mirrored to wandb; a fresh run starts
+    the files anew, a resumed one keeps the rows up to its `resume_step`."""
 
     def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None,
                  run_id=None, resume_step=None):
@@ -51,8 +49,7 @@ class RunLogger:
         return getattr(self.run, "id", None)
 
     def _start_wandb(self, mode, kwargs):
-        """wandb.init in `mode` (auto: WANDB_MODE, else online with a key, else offline;
-        online falls back to offline), or a message and no wandb."""
+        """wandb.init in `mode` (online falls back to offline), or a message and no wandb."""
         try:
             import wandb
         except ImportError:

@@ -1,8 +1,6 @@
-"""The run scaffold every training script uses, as parts a trainer names: the run's `Folder`,
-its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations, epochs, the CPU clock
-`cpu_s`; `Progress` prints), its `Signals` and its logger (`logger.RunLogger`); `Run` holds
-them. How a trainer uses them, exit codes and conventions: docs/architecture.md, "The run
-scaffold"."""
+"""The run scaffold every training script uses: `Run` holds the parts a trainer names (its
+`Folder`, `checkpoint.RunCheckpoints`, `Loop`, `Signals`, `logger.RunLogger`); the conventions
+are in docs/architecture.md, "The run scaffold"."""
 import hashlib
 import math
 import os
@@ -28,8 +26,8 @@ DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 @dataclass(frozen=True)
 class Script:
-    """An entry script: its file name, whether `--resume` continues its runs, the flags a
-    resumed run may change (None: all) and the checkpoint entries it reads."""
+    """An entry script: name, has --resume, flags a resume may change (None: all), the
+    checkpoint entries it reads."""
 
     name: str
     resumable: bool = True
@@ -46,9 +44,8 @@ class Interrupted(Exception):
 
 
 def parse(parser, argv, script: Script):
-    """Parse the command line (and --config) and check the folders; for --resume load the
-    checkpoint `script` wrote and return its configuration with the `script.overridable`
-    flags typed now on top. Returns (args, checkpoint or None)."""
+    """(args, the --resume checkpoint or None): a resumed run's args are its saved ones with
+    the `script.overridable` flags typed now on top."""
     args = config.parse(parser, argv)
     for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
         check_writable(folder)  # before any work: data and models come after parse
@@ -81,8 +78,7 @@ def device(args):
 
 
 def check_writable(path):
-    """A one-line error (exit 2) when `path`, or the folder it would be made in, is not
-    writable."""
+    """Exit 2 in one line when `path` (or the folder it would be made in) is not writable."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -94,10 +90,8 @@ def check_writable(path):
 
 # ----------------------------------------------------------------------------- folders
 class Folder:
-    """The run's `out_dir` (default runs/<name parts>-<time>, -2, -3, ... when taken) and
-    `image_dir` (default `default_image_dir`; None without figures), written back into
-    `args`. A fresh run claims them (a used one only with --overwrite), a resumed run reuses
-    its own; `remove_created` takes back what a failed start made."""
+    """The run's `out_dir` and `image_dir` (None without figures), written back into `args`:
+    a fresh run claims them, a resumed run reuses its own; `remove_created` undoes a start."""
 
     def __init__(self, args, name_parts, figures=True, resumable=True, resume=False):
         self.args, self.resumable, self._created = args, resumable, []
@@ -121,8 +115,7 @@ class Folder:
         self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
 
     def _claim(self, path, figures=False):
-        """An explicit folder: made if new; a used one only with --overwrite, which empties it
-        only when it holds a run (for figures: only images)."""
+        """An explicit folder; a used one only with --overwrite, and only if it holds a run."""
         entries = [os.path.join(path, e) for e in os.listdir(path)] if os.path.isdir(path) else []
         if entries and not self.args.overwrite:
             resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable else ""
@@ -138,8 +131,7 @@ class Folder:
         return self._mkdir(path)
 
     def _unique(self, base, with_images):
-        """The first of base, base-2, ... free (with its default figure folder), claimed by an
-        atomic mkdir: two runs started in the same second get their own."""
+        """The first free of base, base-2, ..., claimed by an atomic mkdir."""
         for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
             if not (with_images and os.path.exists(default_image_dir(path))):
                 try:
@@ -149,8 +141,7 @@ class Folder:
         config.fail(f"no free run folder next to {base}; pass --out_dir")
 
     def _mkdir(self, path, exist_ok=True):
-        """makedirs (an unwritable place: one line, exit 2), remembering the highest folder it
-        made for `remove_created`; returns `path`."""
+        """makedirs, remembering the highest folder it made (`remove_created`); returns path."""
         check_writable(path)
         top = os.path.normpath(path)
         while os.path.dirname(top) and not os.path.exists(os.path.dirname(top)):
@@ -171,13 +162,12 @@ class Folder:
 
 
 def run_name(*parts):
-    """A default run name: the parts and a time stamp, e.g. fce-maf-8gaussians-s42-<time>."""
+    """The parts and a time stamp, e.g. fce-maf-8gaussians-s42-20260101-120000."""
     return "-".join(map(str, parts)) + time.strftime("-%Y%m%d-%H%M%S")
 
 
 def default_image_dir(out_dir):
-    """images/<name> for a run folder runs/<name>, else images/<name>-<8 hex digits of the
-    sha1 of its absolute path>: folders that differ only in their parent never share one."""
+    """images/<name> for runs/<name>, else images/<name>-<sha1 of the absolute path, 8 hex>."""
     path = os.path.abspath(out_dir)
     name = os.path.basename(path)
     if os.path.dirname(path) == os.path.abspath("runs"):
@@ -186,8 +176,7 @@ def default_image_dir(out_dir):
 
 
 def _holds_run(path, figures):
-    """Whether --overwrite may empty `path`: it holds config.json or checkpoint.pt, or for
-    figures only images and their metadata."""
+    """A run folder (config.json or checkpoint.pt), or for figures one of images only."""
     if {"config.json", "checkpoint.pt"} & set(os.listdir(path)):
         return True
     allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
@@ -196,8 +185,8 @@ def _holds_run(path, figures):
 
 # ----------------------------------------------------------------------------- signals
 class Signals:
-    """Inside `with`, Ctrl-C and SIGTERM set `stop_requested`, which a loop reads at its
-    boundaries (`boundary`); a second signal stops at once (KeyboardInterrupt)."""
+    """Inside `with`, Ctrl-C and SIGTERM set `stop_requested` (read at `boundary`); a second
+    one raises KeyboardInterrupt."""
 
     def __init__(self):
         self.stop_requested, self._old = False, {}
@@ -230,9 +219,8 @@ class Signals:
 
 # ----------------------------------------------------------------------------- the loop
 class Loop:
-    """The training loop: its `state` (`step`, the iterations done, and what the trainer
-    `track`s; saved in every checkpoint, so a resumed run goes on bit for bit), `iterations`
-    and `epochs`, the CPU clock `cpu_s`, running sums and the non-finite guard `check`."""
+    """The loop: its `state` (`step` and what the trainer `track`s, saved in checkpoints),
+    `iterations`, `epochs`, the CPU clock `cpu_s`, running sums, the non-finite `check`."""
 
     def __init__(self, name: str, signals: Signals):
         self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
@@ -240,8 +228,7 @@ class Loop:
         self.print = self.progress.print
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
-        """Add `entries` to the state; with `epochs` the epoch position (epoch, it: iterations
-        done in it, perm: its permutation), with `sums` running sums and their count n_rows."""
+        """Add `entries`, the epoch position (epoch, it, perm) and running sums (+ n_rows)."""
         self._sums = tuple(sums)
         self.state.update(entries, **dict.fromkeys(self._sums, 0.0), **(
             dict(n_rows=0) if self._sums else {}), **(dict(epoch=0, it=0, perm=None) if epochs
@@ -250,9 +237,8 @@ class Loop:
 
     def iterations(self, stop: int, total: int | None = None,
                    until: Callable[[], bool] | None = None) -> Iterator[int]:
-        """Iterations state["step"], ..., stop - 1, each counted in `step` as it starts and
-        timed by `clock`, ending early once `until()` or (Interrupted) after a signal; the bar
-        counts to `total` (default `stop`)."""
+        """step, ..., stop - 1, each counted as it starts and timed; ends once `until()`, or
+        raises Interrupted after a signal."""
         start = self.state["step"]
         self.progress.start(total or stop, start, self.cpu_s)
         for i in range(start, stop):
@@ -266,8 +252,7 @@ class Loop:
 
     def epochs(self, n_epochs: int, per_epoch: int, n_items: int, device, total=None,
                until=None) -> Iterator[Iterator[int]]:
-        """Epochs up to `n_epochs` (or `until()`), each the `iterations` of `per_epoch` batches
-        of a fresh permutation of `n_items` (`rows`); a cut epoch goes on where it stopped."""
+        """Epochs of `per_epoch` iterations over a fresh permutation of `n_items` (`rows`)."""
         self._per_epoch, s = per_epoch, self.state
         while s["epoch"] < n_epochs and not (until is not None and until()):
             yield self._epoch(n_items, device, total, until)
@@ -294,7 +279,7 @@ class Loop:
         self.state["n_rows"] += 1
 
     def means(self) -> dict:
-        """The running sums over their count; the sums start again."""
+        """The running sums over their count; they start again."""
         n = self.state["n_rows"]
         out = {k: self.state[k] / n for k in self._sums}
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
@@ -302,7 +287,7 @@ class Loop:
 
     @property
     def cpu_s(self) -> float:
-        """Process CPU seconds spent inside `iterations` and `clock`, over all sessions."""
+        """Process CPU seconds inside `iterations` and `clock`, over all sessions."""
         return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
 
     @contextmanager
@@ -330,7 +315,7 @@ class Loop:
             raise NonFinite(f"non-finite loss or gradient at iteration {self.state['step'] - 1}")
 
     def load(self, ckpt: dict) -> None:
-        """The state (tensors onto the device of the state's own) and `cpu_s` of a checkpoint."""
+        """A checkpoint's state (tensors onto the state's devices) and `cpu_s`."""
         for key, old in self.state.items():
             new = ckpt.get(key, old)
             self.state[key] = new.to(old.device) if torch.is_tensor(new) and torch.is_tensor(
@@ -339,8 +324,7 @@ class Loop:
 
 
 class Progress:
-    """The progress bar (tqdm on a terminal; off one, a plain line every 30 s), lines printed
-    above it and the loop's rate."""
+    """The bar (tqdm; off a terminal a plain line every 30 s), lines above it, the rate."""
 
     def __init__(self, name: str):
         self.name, self.bar, self._at = name, None, None
@@ -354,8 +338,7 @@ class Progress:
             self._at = (time.perf_counter(), cpu_s, done)
 
     def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call; `done`
-        counts the iteration under way."""
+        """(it/s, CPU s/it) since the last call; `done` counts the iteration under way."""
         now, (t, cpu, before) = time.perf_counter(), self._at
         self._at, n = (now, cpu_s, done), max(done - before, 1)
         return n / max(now - t, 1e-9), (cpu_s - cpu) / n
@@ -387,10 +370,8 @@ class _Lines:
 
 # ----------------------------------------------------------------------------- the run
 class Run:
-    """One run, as the parts a trainer names: `folder`, `log`, `signals`, `loop` and
-    `checkpoints` (`.resumed`: the --resume checkpoint or None); `execute` ends it. A context
-    manager: signal handlers only inside it, and a start that fails before a checkpoint was
-    written removes the folders it made."""
+    """One run: `folder`, `log`, `signals`, `loop`, `checkpoints`; `execute` ends it. Signal
+    handlers live inside `with`; a start that fails before a checkpoint leaves no folders."""
 
     def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
                  ckpt: dict | None = None, figures: bool = True):
@@ -431,8 +412,7 @@ class Run:
             raise SystemExit(INTERRUPTED)
 
     def execute(self, train: Callable[[], dict | None]) -> int:
-        """Run the experiment `train` and return the exit status: its summary (or None) ->
-        summary.json with `cpu_s`, 0; NonFinite -> 1; Interrupted -> a checkpoint, 130."""
+        """Run `train`; its summary -> summary.json, 0; NonFinite 1; Interrupted 130."""
         summary, status, message = None, DONE, None
         try:
             summary = train()
@@ -453,7 +433,7 @@ class Run:
         return status
 
     def resume_hint(self) -> str:
-        """The --resume command, or for a script without resume where the weights are."""
+        """The --resume command, or where the weights are."""
         if self.script.resumable:
             return (f"continue with\n  python {self.script.name} --resume "
                     f"{shlex.quote(self.folder.out_dir)}")
