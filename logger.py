@@ -18,6 +18,33 @@ def _logged_in(wandb):
         return False
 
 
+def _start_wandb(mode, kwargs):
+    """(wandb, its run, offline) by wandb.init in `mode` (online falls back to offline), or
+    a message and (None, None, False)."""
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
+        return None, None, False
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE", "").strip() or (
+            "online" if _logged_in(wandb) else "offline")
+    elif mode == "online" and not _logged_in(wandb):
+        print("wandb: no API key configured (run `wandb login`); logging offline",
+              file=sys.stderr)
+        mode = "offline"
+    for mode in {"online": ("online", "offline"), "disabled": ()}.get(mode, (mode,)):
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True),
+                             **kwargs)
+            return wandb, run, mode == "offline"
+        except Exception as e:
+            print(f"wandb {mode} failed to start ({type(e).__name__}: {e}); logging "
+                  f"{'offline' if mode == 'online' else 'to metrics.jsonl only'}",
+                  file=sys.stderr)
+    return None, None, False
+
+
 class RunLogger:
     """config.json now, a metrics.jsonl row per `log`, mirrored to wandb; a fresh run starts
     the files anew, a resumed one keeps the rows up to its `resume_step`."""
@@ -39,38 +66,14 @@ class RunLogger:
         self._fh = open(self.metrics_path, "a")
         self.wandb, self.run, self.offline = None, None, False
         if mode != "disabled":
-            self._start_wandb(mode, dict(project=project, name=name, config=config,
-                                         dir=out_dir, reinit="finish_previous", id=run_id,
-                                         resume="allow" if run_id else None))
+            self.wandb, self.run, self.offline = _start_wandb(mode, dict(
+                project=project, name=name, config=config, dir=out_dir,
+                reinit="finish_previous", id=run_id, resume="allow" if run_id else None))
 
     @property
     def run_id(self):
         """The wandb run id (kept in checkpoints: a resumed run continues it), or None."""
         return getattr(self.run, "id", None)
-
-    def _start_wandb(self, mode, kwargs):
-        """wandb.init in `mode` (online falls back to offline), or a message and no wandb."""
-        try:
-            import wandb
-        except ImportError:
-            return print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
-        if mode == "auto":
-            mode = os.environ.get("WANDB_MODE", "").strip() or (
-                "online" if _logged_in(wandb) else "offline")
-        elif mode == "online" and not _logged_in(wandb):
-            print("wandb: no API key configured (run `wandb login`); logging offline",
-                  file=sys.stderr)
-            mode = "offline"
-        for mode in {"online": ("online", "offline"), "disabled": ()}.get(mode, (mode,)):
-            try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
-                                                                         silent=True), **kwargs)
-                self.wandb, self.offline = wandb, mode == "offline"
-                return
-            except Exception as e:
-                print(f"wandb {mode} failed to start ({type(e).__name__}: {e}); logging "
-                      f"{'offline' if mode == 'online' else 'to metrics.jsonl only'}",
-                      file=sys.stderr)
 
     def _guard(self, fn):
         """Call fn() unless wandb is off; an exception inside wandb switches it off."""

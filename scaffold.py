@@ -218,27 +218,47 @@ class Signals:
 
 
 # ----------------------------------------------------------------------------- the loop
-class Loop:
-    """The loop: its `state` (`step` and what the trainer `track`s, saved in checkpoints),
-    `iterations`, `epochs`, the CPU clock `cpu_s`, running sums, the non-finite `check`."""
+class CpuClock:
+    """`cpu_s`: the process CPU seconds spent inside `clock` blocks, over all sessions."""
+
+    def __init__(self):
+        self._cpu, self._t0 = 0.0, None
+
+    @property
+    def cpu_s(self) -> float:
+        return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
+
+    @contextmanager
+    def clock(self) -> Iterator[None]:
+        """Count the process CPU time spent inside the block in `cpu_s`."""
+        self._t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self._cpu, self._t0 = self.cpu_s, None
+
+    def spent(self, budget: float | None, offset: float = 0.0) -> bool:
+        """Whether a CPU budget (None: none) is spent: cpu_s + offset >= budget."""
+        return bool(budget) and self.cpu_s + offset >= budget
+
+
+class Loop(CpuClock):
+    """`state` (`step`, what the trainer `track`s: checkpointed), iterations, sums, `check`."""
 
     def __init__(self, name: str, signals: Signals):
+        super().__init__()
         self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
-        self._sums, self._per_epoch, self._cpu, self._t0 = (), None, 0.0, None
-        self.print = self.progress.print
+        self._sums, self._per_epoch, self.print = (), None, self.progress.print
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
         """Add `entries`, the epoch position (epoch, it, perm) and running sums (+ n_rows)."""
-        self._sums = tuple(sums)
-        self.state.update(entries, **dict.fromkeys(self._sums, 0.0), **(
-            dict(n_rows=0) if self._sums else {}), **(dict(epoch=0, it=0, perm=None) if epochs
-                                                      else {}))
+        self._sums, sums = tuple(sums), dict.fromkeys(sums, 0.0)
+        self.state.update(entries, **sums, **(dict(n_rows=0) if sums else {}),
+                          **(dict(epoch=0, it=0, perm=None) if epochs else {}))
         return self.state
 
-    def iterations(self, stop: int, total: int | None = None,
-                   until: Callable[[], bool] | None = None) -> Iterator[int]:
-        """step, ..., stop - 1, each counted as it starts and timed; ends once `until()`, or
-        raises Interrupted after a signal."""
+    def iterations(self, stop: int, total=None, until=None) -> Iterator[int]:
+        """step, ..., stop - 1, counted as each starts; ends at `until()` or a signal."""
         start = self.state["step"]
         self.progress.start(total or stop, start, self.cpu_s)
         for i in range(start, stop):
@@ -250,8 +270,7 @@ class Loop:
                 yield i
             self.progress.bar.update(1)
 
-    def epochs(self, n_epochs: int, per_epoch: int, n_items: int, device, total=None,
-               until=None) -> Iterator[Iterator[int]]:
+    def epochs(self, n_epochs, per_epoch, n_items, device, total=None, until=None) -> Iterator:
         """Epochs of `per_epoch` iterations over a fresh permutation of `n_items` (`rows`)."""
         self._per_epoch, s = per_epoch, self.state
         while s["epoch"] < n_epochs and not (until is not None and until()):
@@ -284,24 +303,6 @@ class Loop:
         out = {k: self.state[k] / n for k in self._sums}
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
         return out
-
-    @property
-    def cpu_s(self) -> float:
-        """Process CPU seconds inside `iterations` and `clock`, over all sessions."""
-        return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
-
-    @contextmanager
-    def clock(self) -> Iterator[None]:
-        """Count the process CPU time spent inside the block in `cpu_s`."""
-        self._t0 = time.process_time()
-        try:
-            yield
-        finally:
-            self._cpu, self._t0 = self.cpu_s, None
-
-    def spent(self, budget: float | None, offset: float = 0.0) -> bool:
-        """Whether a CPU budget (None: none) is spent: cpu_s + offset >= budget."""
-        return bool(budget) and self.cpu_s + offset >= budget
 
     def rate(self) -> tuple[float, float]:
         """(iterations per second, CPU seconds per iteration) since the last call."""
