@@ -26,9 +26,8 @@ DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 @dataclass(frozen=True)
 class Script:
-    """An entry script: name, has --resume, flags a resume may change (None: all), the
-    checkpoint entries it reads."""
-
+    """An entry script: its name, whether it resumes, the flags a resume may change (None:
+    all) and the checkpoint entries it reads."""
     name: str
     resumable: bool = True
     overridable: tuple[str, ...] | None = None
@@ -58,8 +57,8 @@ def parse(parser, argv, script: Script):
         config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
-    def older(ckpt):  # what a run made before the current flags and clock lacks
-        return ["--" + f for f in config.older_flags(args, ckpt["config"])] + [
+    def older(ckpt):  # what a checkpoint from before the current flags and clock lacks
+        return [f"--{f}" for f in config.older_flags(args, ckpt["config"])] + [
             "cpu_s"] * ("cpu_s" not in ckpt)
 
     try:
@@ -88,7 +87,6 @@ def check_writable(path):
         config.fail(f"cannot write to {probe}; choose a writable folder")
 
 
-# ----------------------------------------------------------------------------- folders
 class Folder:
     """The run's `out_dir` and `image_dir` (None without figures), written back into `args`:
     a fresh run claims them, a resumed run reuses its own; `remove_created` undoes a start."""
@@ -108,10 +106,8 @@ class Folder:
         except BaseException:
             self.remove_created()
             raise
-        args.out_dir = self.out_dir
-        if figures:
-            args.image_dir = self.image_dir
-        self.name = os.path.basename(os.path.normpath(self.out_dir))
+        args.out_dir, self.name = self.out_dir, os.path.basename(os.path.normpath(self.out_dir))
+        args.image_dir = self.image_dir if figures else getattr(args, "image_dir", None)
         self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
 
     def _claim(self, path, figures=False):
@@ -146,14 +142,13 @@ class Folder:
         top = os.path.normpath(path)
         while os.path.dirname(top) and not os.path.exists(os.path.dirname(top)):
             top = os.path.dirname(top)
-        new = not os.path.exists(top)
+        self._created += [top] * (not os.path.exists(top))
         try:
             os.makedirs(path, exist_ok=exist_ok)
+        except FileExistsError:
+            raise
         except OSError as e:
-            if isinstance(e, FileExistsError):
-                raise
             config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
-        self._created += [top] * new
         return path
 
     def remove_created(self):
@@ -183,7 +178,6 @@ def _holds_run(path, figures):
     return figures and all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
 
 
-# ----------------------------------------------------------------------------- signals
 class Signals:
     """Inside `with`, Ctrl-C and SIGTERM set `stop_requested` (read at `boundary`); a second
     one raises KeyboardInterrupt."""
@@ -217,7 +211,6 @@ class Signals:
             raise Interrupted(where)
 
 
-# ----------------------------------------------------------------------------- the loop
 class CpuClock:
     """`cpu_s`: the process CPU seconds spent inside `clock` blocks, over all sessions."""
 
@@ -369,7 +362,6 @@ class _Lines:
         sys.stderr.flush()
 
 
-# ----------------------------------------------------------------------------- the run
 class Run:
     """One run: `folder`, `log`, `signals`, `loop`, `checkpoints`; `execute` ends it. Signal
     handlers live inside `with`; a start that fails before a checkpoint leaves no folders."""
