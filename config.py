@@ -69,24 +69,9 @@ def add_flag(parser_, name, default=False, help=None):
     return action
 
 
-class _Renamed(argparse.Action):
-    """A renamed flag's old name: a note on stderr, then the new flag's action."""
-
-    def __init__(self, option_strings, dest, new=None, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.new = new
-
-    def __call__(self, parser_, namespace, values, option_string=None):
-        sys.stderr.write(f"{option_string} is deprecated, use {self.new.option_strings[0]}\n")
-        self.new(parser_, namespace, values, option_string)
-
-
 def rename(parser_, old, new):
     """Keep flag `old` working for one release as `new` (saved configs too), with a note."""
-    a = parser_._option_string_actions[new]
-    parser_.add_argument(old, dest=a.dest, action=_Renamed, new=a, nargs=a.nargs, const=a.const,
-                         type=a.type, choices=a.choices, default=argparse.SUPPRESS,
-                         help=argparse.SUPPRESS)
+    parser_._option_string_actions[old] = parser_._option_string_actions[new]
     RENAMED[old[2:]] = new[2:]
 
 
@@ -166,7 +151,11 @@ def parse(parser_, argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    args = parser_.parse_args((config_argv(known.config, parser_) if known.config else []) + argv)
+    words = (config_argv(known.config, parser_) if known.config else []) + argv
+    for old in {w.split("=")[0] for w in words} & set(parser_._option_string_actions):
+        if old[2:] in RENAMED:
+            sys.stderr.write(f"{old} is deprecated, use --{RENAMED[old[2:]]}\n")
+    args = parser_.parse_args(words)
     sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     if getattr(args, "out_dir", "") is None and not getattr(args, "resume", None) and sweep and run:
         args.out_dir = os.path.join("runs", f"sweep-{sweep}", run)

@@ -393,10 +393,8 @@ class Run:
     def __exit__(self, exc_type, exc, tb):
         self.signals.__exit__()
         self.loop.progress.close()
-        if exc_type is None:
-            return
         self.log.finish()
-        if not self.checkpoints.saved:  # nothing worth keeping: leave no folders behind
+        if exc_type is not None and not self.checkpoints.saved:  # nothing worth keeping
             self.folder.remove_created()
         if exc_type is KeyboardInterrupt:  # the second Ctrl-C
             where = (f"the last checkpoint is kept; {self.resume_hint()}"
@@ -420,7 +418,6 @@ class Run:
         self.loop.progress.close()
         if summary:
             self.log.summary({**summary, "cpu_s": self.loop.cpu_s})
-        self.log.finish()
         if message:
             print(message, file=sys.stderr)
         return status
