@@ -54,16 +54,14 @@ class RunLogger:
         self.out_dir, self.metrics_path = out_dir, os.path.join(out_dir, "metrics.jsonl")
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True, default=str)
-        if resume_step is None:
-            for path in (self.metrics_path, os.path.join(out_dir, "summary.json")):
-                if os.path.isfile(path):
-                    os.remove(path)
-        elif os.path.isfile(self.metrics_path):
+        kept, summary = [], os.path.join(out_dir, "summary.json")
+        if resume_step is None and os.path.isfile(summary):
+            os.remove(summary)
+        elif resume_step is not None and os.path.isfile(self.metrics_path):
             with open(self.metrics_path) as fh:
                 kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            with open(self.metrics_path, "w") as fh:
-                fh.writelines(kept)
-        self._fh = open(self.metrics_path, "a")
+        self._fh = open(self.metrics_path, "w")
+        self._fh.writelines(kept)
         self.wandb, self.run, self.offline = None, None, False
         if mode != "disabled":
             self.wandb, self.run, self.offline = _start_wandb(mode, dict(
