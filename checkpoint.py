@@ -23,8 +23,8 @@ def save_checkpoint(path, state):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, empty, truncated, not a checkpoint, or
-    written by another script. The message names what was found."""
+    """A checkpoint that cannot be used: missing, empty, truncated, not a checkpoint, written
+    by another script or by an older version. The message names what was found."""
 
 
 def load_checkpoint(path, map_location="cpu", script=None, keys=(), older=lambda ckpt: ()):

@@ -63,8 +63,8 @@ SCRIPT = scaffold.Script("train_mcmc.py", keys=("F", "optimizer", "step", "rng",
     "threads"))
 # flags that only one kind of data uses (set for the other kind they are refused)
 IMAGE_ONLY = ("net", "n_f", "mnist_images", "mnist_labels", "n_eval", "langevin_dtype")
-DECAY = config.checked(float, lambda v: 0 < v <= 1, "a decay in (0, 1] (1: no decay)")  # --lr_decay
 TOY_ONLY = ("hidden", "act", "n_test", "n_kde", "kde_bw")
+DECAY = config.checked(float, lambda v: 0 < v <= 1, "a decay in (0, 1] (1: no decay)")  # --lr_decay
 
 
 def hidden_sizes(s):
