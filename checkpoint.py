@@ -23,15 +23,15 @@ def save_checkpoint(path, state):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, empty, truncated, not a checkpoint, or
-    written by another script. The message names what was found."""
+    """A checkpoint that cannot be used: missing, empty, truncated, not a checkpoint, written
+    by another script or by an older version. The message names what was found."""
 
 
-def load_checkpoint(path, map_location="cpu", script=None, keys=()):
+def load_checkpoint(path, map_location="cpu", script=None, keys=(), older=lambda ckpt: ()):
     """Read a checkpoint written by `save_checkpoint`. With `script` (e.g. "train.py"), one
-    written by another script is refused; one without the entries `keys` (a checkpoint from
-    before checkpoints named their script) too. Raises CheckpointError (or
-    FileNotFoundError)."""
+    written by another script or without the entries `keys` is refused, and one from an older
+    version (naming no script, or lacking what `older(ckpt)` lists) names migrate.py. Raises
+    CheckpointError (or FileNotFoundError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; check the path or train a run first")
     if os.path.getsize(path) == 0:
@@ -45,14 +45,18 @@ def load_checkpoint(path, map_location="cpu", script=None, keys=()):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a run checkpoint of "
                               f"this toolkit (no saved config)")
-    writer = ckpt.get("script")
+    writer, run_dir = ckpt.get("script"), os.path.dirname(path) or "."
     if script is not None and writer is not None and writer != script:
         raise CheckpointError(f"{path} was written by {writer}; continue it with "
-                              f"`python {writer} --resume {os.path.dirname(path) or '.'}`")
+                              f"`python {writer} --resume {run_dir}`")
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(missing)}: it is not a "
                               f"{script or 'matching'} run; start a new run instead")
+    lacks = [*older(ckpt), *(["script"] if script is not None and writer is None else [])]
+    if lacks:
+        raise CheckpointError(f"{path} is from an older version (it lacks {', '.join(lacks)}); "
+                              f"update it with `python migrate.py {run_dir}`")
     return ckpt
 
 

@@ -1,26 +1,15 @@
-"""Command-line flags shared by every entry script, and `--config FILE`.
-
-A config file is JSON whose keys are flag names (`{"dataset": "rings", "epoch": 50}`). Its
-entries become argv words put before the command line (`--epoch=50`, a list `--hidden 64 64`
-or `--hidden=32,64`, a boolean `--flag=true`), so argparse itself types and checks them and
-explicit flags win. Unknown keys and bad values: one line naming the key and file, exit 2.
-
-    parser = config.parser("FCE / NCE on 2D toy data")
-    parser.add_argument("--batch", type=config.positive_int, default=1000)
-    args = config.parse(parser, argv)
-"""
+"""The flags every entry script shares, one-line errors, and `--config FILE`: JSON entries
+become argv words that argparse types (docs/architecture.md, "The run scaffold")."""
 import argparse
 import json
 import os
 import sys
-import time
 
 RENAMED = {}  # old flag name -> new one, filled by `rename` (saved configs, given_flags)
 
 
 def cli(main):
-    """`sys.exit(config.cli(main))`: main's exit status; Ctrl-C outside a run's loop (loading
-    data, sampling, reporting) ends with one line and status 130, not a traceback."""
+    """`sys.exit(config.cli(main))`: Ctrl-C outside a run's loop is one line, status 130."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -37,12 +26,11 @@ class Parser(argparse.ArgumentParser):
 
 def fail(message, prog=None):
     """Stop with a one-line error and exit status 2 (bad input, not a bug)."""
-    prog = prog or os.path.basename(sys.argv[0])
-    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.write(f"{prog or os.path.basename(sys.argv[0])}: error: {message}\n")
     sys.exit(2)
 
 
-def _checked(cast, ok, expected):
+def checked(cast, ok, expected):
     """A flag type: `cast` the text, then require `ok(value)`; errors say `expected`."""
     def parse(s):
         try:
@@ -58,24 +46,21 @@ def _checked(cast, ok, expected):
 
 SEED_MAX = 2 ** 32 - 1  # NumPy's legacy seed range, the narrowest of Python, NumPy and torch
 INF = float("inf")
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-seed = _checked(int, lambda v: 0 <= v <= SEED_MAX, f"a seed in [0, {SEED_MAX}]")
-positive_float = _checked(float, lambda v: 0 < v < INF, "a positive number")
-nonnegative_float = _checked(float, lambda v: 0 <= v < INF, "a number >= 0")
-unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-open_unit = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")  # e.g. the threshold
-decay = _checked(float, lambda v: 0 < v <= 1, "a decay in (0, 1] (1: no decay)")  # per iteration
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+seed = checked(int, lambda v: 0 <= v <= SEED_MAX, f"a seed in [0, {SEED_MAX}]")
+positive_float = checked(float, lambda v: 0 < v < INF, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < INF, "a number >= 0")
+unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+open_unit = checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 # true/false, yes/no, on/off, 1/0 in any case (a wandb agent passes --flag=True/False)
 WORDS = {**dict.fromkeys(("true", "yes", "y", "on", "1"), True),
          **dict.fromkeys(("false", "no", "n", "off", "0"), False)}
-boolean = _checked(lambda s: WORDS.get(str(s).strip().lower()), lambda v: True, "true or false")
+boolean = checked(lambda s: WORDS.get(str(s).strip().lower()), lambda v: True, "true or false")
 
 
 def add_flag(parser_, name, default=False, help=None):
-    """A boolean flag as a person or a sweep agent writes it (store_true rejects `--x=True`):
-    `--name`, `--name=true|false|1|0`, `--name false`, `--no-name`. E.g.
-    `config.add_flag(p, "--maf_bn", help="BatchNorm between MAF blocks")`."""
+    """A boolean flag: `--name`, `--name=true|false|1|0` (a sweep agent), `--no-name`."""
     off = f"off: --no-{name[2:]}"
     action = parser_.add_argument(name, nargs="?", const=True, type=boolean, default=default,
                                   metavar="{true,false}", help=f"{help} ({off})" if help else off)
@@ -84,37 +69,14 @@ def add_flag(parser_, name, default=False, help=None):
     return action
 
 
-class _Renamed(argparse.Action):
-    """A renamed flag's old name: a note on stderr, then the new flag's action."""
-
-    def __init__(self, option_strings, dest, new=None, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.new = new
-
-    def __call__(self, parser_, namespace, values, option_string=None):
-        sys.stderr.write(f"{option_string} is deprecated, use {self.new.option_strings[0]}\n")
-        self.new(parser_, namespace, values, option_string)
-
-
 def rename(parser_, old, new):
-    """Keep flag `old` working for one release as the declared `new`, with a one-line note on
-    stderr; saved configs and JSON files that use it are read as `new` (`resumed_args`), and
-    `python migrate.py runs/<run>` rewrites old runs. One vocabulary: a name means one thing
-    in every script. `--dataset` names the data (train_tilt.py's `--data`); `--steps` counts a
-    loop's iterations, the `step` of the scaffold, checkpoints and metrics rows: optimiser
-    steps in train_vi.py and train_mcmc.py (its `--n_iter`), as in train.py's `--max_steps` and
-    train_tilt.py's `--tilt_steps`; sample_mcmc.py has no optimiser, its step is one sampler
-    transition (train.py's `--epoch` counts epochs: a name of its own)."""
-    a = parser_._option_string_actions[new]
-    parser_.add_argument(old, dest=a.dest, action=_Renamed, new=a, nargs=a.nargs, const=a.const,
-                         type=a.type, choices=a.choices, default=argparse.SUPPRESS,
-                         help=argparse.SUPPRESS)
+    """Keep flag `old` working for one release as `new` (saved configs too), with a note."""
+    parser_._option_string_actions[old] = parser_._option_string_actions[new]
     RENAMED[old[2:]] = new[2:]
 
 
 def parser(description):
-    """A Parser with the flags every script shares: --config, --seed, --device, --wandb,
-    --project, --out_dir, --image_dir, --resume, --overwrite, --threads."""
+    """A Parser with the flags every script shares."""
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON file whose keys are flag names; explicit flags win")
     p.add_argument("--seed", type=seed, default=42, help="fixes data, initialisation, sampling")
@@ -125,19 +87,15 @@ def parser(description):
     p.add_argument("--out_dir", help="run folder: config, metrics, checkpoint (runs/<name>)")
     p.add_argument("--image_dir", help="the run's figure folder (default images/<run folder name>)")
     p.add_argument("--resume", help="run folder (or its checkpoint.pt) to continue")
-    add_flag(p, "--overwrite", help="reuse an existing --out_dir: delete the old run's files "
-                                    "first (without it a used folder is refused)")
+    add_flag(p, "--overwrite", help="empty a used --out_dir first (else it is refused)")
     p.add_argument("--threads", type=nonnegative_int, default=1,
-                   help="torch CPU threads (0: torch's default). The networks here are small, "
-                        "so one thread is fastest and does not oversubscribe a shared CPU")
+                   help="torch CPU threads (0: torch's default); one is fastest for small nets")
     return p
 
 
 def _words(parser_, action, key, value):
-    """The argv words of one config entry, typed and checked by argparse (`_get_values`); an
-    argparse.ArgumentError if bad. JSON types must fit the flag: null only where its default
-    is None (no words), a list only for a flag of several values (or of one comma-separated
-    word), true/false only for a boolean flag."""
+    """The argv words of one config entry, checked by argparse (ArgumentError if bad): null
+    only for a default of None, a list only for several values, a bool only for add_flag."""
     many = action.nargs not in (None, "?")
     listy = isinstance(value, list) and (many or isinstance(action.default, (list, tuple)))
     values = value if listy else [value]
@@ -160,9 +118,7 @@ def _words(parser_, action, key, value):
 
 
 def config_argv(path, parser_):
-    """The argv words of JSON config `path`, each entry checked here (a known flag, a value
-    that argparse accepts) so that an error names the key and the file. A run's saved
-    config.json names the file it was made from: its values are in it, so that key is dropped."""
+    """The argv words of JSON config `path`; a bad key or value names itself and the file."""
     try:
         with open(path, encoding="utf-8") as fh:
             cfg = json.load(fh)
@@ -190,65 +146,48 @@ def config_argv(path, parser_):
 
 
 def parse(parser_, argv=None):
-    """Parse argv, after the words of an optional --config file (explicit flags win). Under a
-    wandb sweep agent a run without --out_dir goes to `agent_out_dir`."""
+    """Parse --config's words, then argv; under a sweep agent out_dir is runs/sweep-<id>/<run>."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    args = parser_.parse_args((config_argv(known.config, parser_) if known.config else []) + argv)
-    if getattr(args, "out_dir", "") is None and not getattr(args, "resume", None):
-        args.out_dir = agent_out_dir()
+    words = (config_argv(known.config, parser_) if known.config else []) + argv
+    for old in {w.split("=")[0] for w in words} & set(parser_._option_string_actions):
+        if old[2:] in RENAMED:
+            sys.stderr.write(f"{old} is deprecated, use --{RENAMED[old[2:]]}\n")
+    args = parser_.parse_args(words)
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if getattr(args, "out_dir", "") is None and not getattr(args, "resume", None) and sweep and run:
+        args.out_dir = os.path.join("runs", f"sweep-{sweep}", run)
     return args
 
 
-def agent_out_dir():
-    """runs/sweep-<sweep id>/<run id> for a run started by a wandb sweep agent (it sets
-    WANDB_SWEEP_ID and WANDB_RUN_ID), else None: the run id never collides, where default
-    names (a time stamp, train_mcmc.py's --name) would for two agents on one machine."""
-    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    return os.path.join("runs", f"sweep-{sweep}", run) if sweep and run else None
-
-
 def given_flags(argv=None):
-    """Names of the flags typed on the command line (not defaults, not --config values), a
-    renamed flag under its new name."""
+    """Names of the flags typed on the command line, a renamed flag under its new name."""
     argv = sys.argv[1:] if argv is None else argv
     names = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
-    names = {n[3:] if n.startswith("no-") else n for n in names}  # --no-flag of add_flag
-    return {RENAMED.get(n, n) for n in names}
+    return {RENAMED.get(n, n) for n in (n[3:] if n.startswith("no-") else n for n in names)}
+
+
+def older_flags(args, saved):
+    """The flags of `args` that a saved config lacks (it is older; migrate.py fills them)."""
+    return sorted(set(vars(args)) - {RENAMED.get(k, k) for k in saved})
 
 
 def resumed_args(args, ckpt, path, argv=None, overridable=None):
-    """A resumed run's configuration: the one saved in its checkpoint (renamed flags under their
-    new names) with the `overridable` flags (None: all) typed now on top, out_dir the
-    checkpoint's folder. One line, exit 2, for a typed flag a resume cannot change (it would
-    be ignored) and for a saved config without a flag of this parser (migrate.py fills it)."""
+    """The checkpoint's config with the `overridable` flags (None: all) typed now on top;
+    exit 2 for another typed flag or a config older than this parser."""
     typed = given_flags(argv) - {"resume", "config"}
-    if overridable is not None:
-        fixed = sorted(typed - set(overridable))
-        if fixed:
-            fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)} "
-                 f"cannot change (only {', '.join('--' + f for f in overridable)} can); "
-                 f"start a new run instead")
-    saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+    fixed = sorted(typed - set(overridable)) if overridable is not None else []
+    if fixed:
+        fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)} "
+             f"cannot change (only {', '.join('--' + f for f in overridable)} can); "
+             f"start a new run instead")
     run_dir = os.path.dirname(os.path.abspath(path))
-    missing = sorted(set(vars(args)) - set(saved))
+    missing = older_flags(args, ckpt["config"])
     if missing:
         fail(f"--resume: {path} was saved before {', '.join('--' + f for f in missing)} "
              f"existed; update it with `python migrate.py {run_dir}`")
-    for k in typed:
-        saved[k] = getattr(args, k)
-    saved["resume"] = args.resume
-    saved["out_dir"] = run_dir
+    saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+    saved.update({k: getattr(args, k) for k in typed}, resume=args.resume, out_dir=run_dir)
     return argparse.Namespace(**saved)
-
-
-def run_name(*parts):
-    """A default run name: the given parts and a timestamp, e.g. fce-maf-8gaussians-s42-<time>."""
-    return "-".join(str(p) for p in parts) + time.strftime("-%Y%m%d-%H%M%S")
-
-
-def to_dict(args):
-    """The resolved configuration as a JSON-ready dict."""
-    return dict(sorted(vars(args).items()))

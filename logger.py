@@ -1,12 +1,5 @@
-"""Run logging: a local `metrics.jsonl` + `config.json` + `summary.json` (the project's own
-record) and wandb, which never blocks or stops a run:
-- `auto`: online when an API key is configured (checked without prompting or network),
-  otherwise offline, with the `wandb sync` command printed at the end; if the environment
-  sets WANDB_MODE, `auto` follows it;
-- `online` without a key, or an unreachable server: falls back to offline with a message;
-- `disabled`, or wandb not installed: local files only;
-- any exception inside wandb after start-up is reported once and wandb is switched off.
-"""
+"""A run's record (`config.json`, `metrics.jsonl`, `summary.json`) and wandb, which never
+stops a run (modes and fallbacks: docs/architecture.md, "The run scaffold")."""
 import json
 import math
 import os
@@ -25,72 +18,60 @@ def _logged_in(wandb):
         return False
 
 
-class RunLogger:
-    """Writes `config.json` now, appends one JSON line per `log` to `metrics.jsonl`, and
-    mirrors both to wandb. A fresh run (resume_step None) starts metrics.jsonl and
-    summary.json anew, so two runs never mix in one folder; a resumed run keeps the rows up to
-    its checkpoint's step and drops later ones (they are done again).
+def _start_wandb(mode, kwargs):
+    """(wandb, its run, offline) by wandb.init in `mode` (online falls back to offline), or
+    a message and (None, None, False)."""
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
+        return None, None, False
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE", "").strip() or (
+            "online" if _logged_in(wandb) else "offline")
+    elif mode == "online" and not _logged_in(wandb):
+        print("wandb: no API key configured (run `wandb login`); logging offline",
+              file=sys.stderr)
+        mode = "offline"
+    for mode in {"online": ("online", "offline"), "disabled": ()}.get(mode, (mode,)):
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True),
+                             **kwargs)
+            return wandb, run, mode == "offline"
+        except Exception as e:
+            print(f"wandb {mode} failed to start ({type(e).__name__}: {e}); logging "
+                  f"{'offline' if mode == 'online' else 'to metrics.jsonl only'}",
+                  file=sys.stderr)
+    return None, None, False
 
-        log = RunLogger(out_dir, config, mode="auto", project="ebm-flows", name=run_name,
-                        resume_step=None)   # or the checkpoint's step when resuming
-        log.log({"value": 1.39, "accuracy": 0.51}, step=100)
-        log.log_image("density", "images/run/epoch_0001.png", step=100)
-        log.finish()
-    """
+
+class RunLogger:
+    """config.json now, a metrics.jsonl row per `log`, mirrored to wandb; a fresh run starts
+    the files anew, a resumed one keeps the rows up to its `resume_step`."""
 
     def __init__(self, out_dir, config, mode="auto", project="ebm-flows", name=None,
                  run_id=None, resume_step=None):
-        os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.metrics_path = out_dir, os.path.join(out_dir, "metrics.jsonl")
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=True, default=str)
-        if resume_step is None:
-            for path in (self.metrics_path, os.path.join(out_dir, "summary.json")):
-                if os.path.isfile(path):
-                    os.remove(path)
-        elif os.path.isfile(self.metrics_path):
+        kept, summary = [], os.path.join(out_dir, "summary.json")
+        if resume_step is None and os.path.isfile(summary):
+            os.remove(summary)
+        elif resume_step is not None and os.path.isfile(self.metrics_path):
             with open(self.metrics_path) as fh:
                 kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            with open(self.metrics_path, "w") as fh:
-                fh.writelines(kept)
-        self._fh = open(self.metrics_path, "a")
+        self._fh = open(self.metrics_path, "w")
+        self._fh.writelines(kept)
         self.wandb, self.run, self.offline = None, None, False
         if mode != "disabled":
-            self._start_wandb(mode, dict(project=project, name=name, config=config,
-                                         dir=out_dir, reinit="finish_previous", id=run_id,
-                                         resume="allow" if run_id else None))
+            self.wandb, self.run, self.offline = _start_wandb(mode, dict(
+                project=project, name=name, config=config, dir=out_dir,
+                reinit="finish_previous", id=run_id, resume="allow" if run_id else None))
 
     @property
     def run_id(self):
-        """The wandb run id (stored in checkpoints so a resumed run continues it), or None."""
+        """The wandb run id (kept in checkpoints: a resumed run continues it), or None."""
         return getattr(self.run, "id", None)
-
-    def _start_wandb(self, mode, kwargs):
-        """wandb.init in `mode` (online falling back to offline), or a message and no wandb."""
-        try:
-            import wandb
-        except ImportError:
-            print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
-            return
-        if mode == "auto":
-            mode = os.environ.get("WANDB_MODE", "").strip() or (
-                "online" if _logged_in(wandb) else "offline")
-        elif mode == "online" and not _logged_in(wandb):
-            print("wandb: no API key configured (run `wandb login`); logging offline",
-                  file=sys.stderr)
-            mode = "offline"
-        for mode in {"online": ("online", "offline")}.get(mode, (mode,)):
-            if mode == "disabled":
-                return
-            try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
-                                                                         silent=True), **kwargs)
-                self.wandb, self.offline = wandb, mode == "offline"
-                return
-            except Exception as e:
-                print(f"wandb {mode} failed to start ({type(e).__name__}: {e}); logging "
-                      f"{'offline' if mode == 'online' else 'to metrics.jsonl only'}",
-                      file=sys.stderr)
 
     def _guard(self, fn):
         """Call fn() unless wandb is off; an exception inside wandb switches it off."""
@@ -111,24 +92,22 @@ class RunLogger:
         self._guard(lambda: self.run.log(dict(metrics), step=int(step)))
 
     def log_image(self, key, path, step):
-        """Log a saved figure by file path (cheap: no re-rendering)."""
+        """Log a saved figure by file path (no re-rendering)."""
         self._guard(lambda: self.run.log({key: self.wandb.Image(path)}, step=int(step)))
 
     def summary(self, metrics):
-        """Final numbers: wandb summary and a `summary.json` in the run directory."""
+        """Final numbers: `summary.json` and the wandb summary."""
         with open(os.path.join(self.out_dir, "summary.json"), "w") as fh:
             json.dump({k: _jsonable(v) for k, v in metrics.items()}, fh, indent=2)
         self._guard(lambda: self.run.summary.update(dict(metrics)))
 
     def finish(self):
-        """Close metrics.jsonl and the wandb run (calling it again does nothing)."""
+        """Close metrics.jsonl and the wandb run (again: nothing)."""
         if self._fh.closed:
             return
         self._fh.close()
-        if self.run is None:
-            return
         run_dir = getattr(self.run, "dir", None)
-        self._guard(self.run.finish)
+        self._guard(lambda: self.run.finish())
         self.run = None
         if self.offline and run_dir:
             print(f"wandb: logged offline; upload with `wandb sync {os.path.dirname(run_dir)}`",

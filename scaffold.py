@@ -1,27 +1,6 @@
-"""The run scaffold every training script uses, as parts a trainer names: the run's `Folder`,
-its checkpoints (`checkpoint.RunCheckpoints`), its `Loop` (iterations and epochs, the CPU clock
-`cpu_s`, the position and running sums a resume needs; `Progress` prints), its `Signals`
-(Ctrl-C, SIGTERM) and its logger (`logger.RunLogger`); `Run` holds them, `Run.execute` ends it.
-
-    args, ckpt = scaffold.parse(parser, argv, SCRIPT)   # SCRIPT = scaffold.Script("train.py")
-    ...                                                 # data and models: bad input fails here
-    with scaffold.Run(args, SCRIPT, ("fce", "maf", "s42"), ckpt) as run:
-        return run.execute(lambda: train(args, run))
-
-    def train(args, run):                               # the experiment only
-        checkpoints, loop = run.checkpoints, run.loop
-        state = loop.track(best=0.0)                    # saved with `step` in checkpoints
-        checkpoints.load_or_save_first(model=model, opt=opt)   # --resume loads, else saves
-        for step in loop.iterations(n):                 # stops at a boundary on Ctrl-C
-            ...; loss.backward(); loop.check(loss, params); opt.step()
-        return summary                                  # summary.json, exit status 0
-
-Bad input (an unwritable folder, a device this machine lacks, a bad or foreign checkpoint) is
-one line and exit status 2 before any work; a start that fails later removes the folders it
-made. Ctrl-C or SIGTERM: the run saves at the next iteration boundary, prints the --resume
-command and exits 130; a second one stops at once, keeping the last checkpoint. A non-finite
-loss or gradient exits 1, keeping the last good checkpoint.
-"""
+"""The run scaffold every training script uses: `Run` holds the parts a trainer names (its
+`Folder`, `checkpoint.RunCheckpoints`, `Loop`, `Signals`, `logger.RunLogger`); the conventions
+are in docs/architecture.md, "The run scaffold"."""
 import hashlib
 import math
 import os
@@ -47,9 +26,8 @@ DONE, NONFINITE, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 @dataclass(frozen=True)
 class Script:
-    """An entry script, declared once: its file name, whether `--resume` continues its runs,
-    the flags a resumed run may change (None: all) and the checkpoint entries it reads."""
-
+    """An entry script: its name, whether it resumes, the flags a resume may change (None:
+    all) and the checkpoint entries it reads."""
     name: str
     resumable: bool = True
     overridable: tuple[str, ...] | None = None
@@ -57,18 +35,16 @@ class Script:
 
 
 class NonFinite(Exception):
-    """A non-finite loss or gradient: the run ends with exit status 1 (`Run.execute`)."""
+    """A non-finite loss or gradient: exit status 1 (`Run.execute`)."""
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM, seen at a boundary; the message says where (`Run.execute`)."""
+    """Ctrl-C or SIGTERM, seen at a boundary named by the message: exit status 130."""
 
 
 def parse(parser, argv, script: Script):
-    """Parse the command line (and --config); for --resume, load and check the checkpoint
-    (written by `script`, holding its `keys` and the clock `cpu_s`) and return the run's saved
-    configuration with the `script.overridable` flags typed now on top; a script that is not
-    resumable refuses --resume. Returns (args, checkpoint or None)."""
+    """(args, the --resume checkpoint or None): a resumed run's args are its saved ones with
+    the `script.overridable` flags typed now on top."""
     args = config.parse(parser, argv)
     for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
         check_writable(folder)  # before any work: data and models come after parse
@@ -81,15 +57,15 @@ def parse(parser, argv, script: Script):
         config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
     path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
                                                                          "checkpoint.pt")
+    def older(ckpt):  # what a checkpoint from before the current flags and clock lacks
+        return [f"--{f}" for f in config.older_flags(args, ckpt["config"])] + [
+            "cpu_s"] * ("cpu_s" not in ckpt)
+
     try:
-        ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys)
+        ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys, older=older)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         config.fail(f"--resume: {e}")
-    args = config.resumed_args(args, ckpt, path, argv, script.overridable)
-    if "cpu_s" not in ckpt:
-        config.fail(f"--resume: {path} has no CPU clock cpu_s (an older run); rewrite it with "
-                    f"`python migrate.py {shlex.quote(os.path.dirname(path) or '.')}` first")
-    return args, ckpt
+    return config.resumed_args(args, ckpt, path, argv, script.overridable), ckpt
 
 
 def device(args):
@@ -101,8 +77,7 @@ def device(args):
 
 
 def check_writable(path):
-    """A one-line error (exit 2), before any work, when `path` or the folder it would be made
-    in cannot be written."""
+    """Exit 2 in one line when `path` (or the folder it would be made in) is not writable."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -112,46 +87,32 @@ def check_writable(path):
         config.fail(f"cannot write to {probe}; choose a writable folder")
 
 
-# ----------------------------------------------------------------------------- folders
 class Folder:
-    """The run's folders, `out_dir` (--out_dir, default runs/<name>-<time>, -2, -3, ... added
-    when taken) and `image_dir` (--image_dir, default `default_image_dir`; None without
-    figures), written back into `args`. A fresh run claims them: a used one is refused unless
-    --overwrite empties it; a resumed run reuses its own. `remove_created` takes back what a
-    failed start made."""
+    """The run's `out_dir` and `image_dir` (None without figures), written back into `args`:
+    a fresh run claims them, a resumed run reuses its own; `remove_created` undoes a start."""
 
     def __init__(self, args, name_parts, figures=True, resumable=True, resume=False):
         self.args, self.resumable, self._created = args, resumable, []
         image_dir = getattr(args, "image_dir", None) if figures else None
         try:
             if resume:
-                self.out_dir, self.image_dir = args.out_dir, image_dir
-                for d in filter(None, (self.out_dir, self.image_dir)):
-                    check_writable(d)
-                if self.image_dir:
-                    self._mkdir(self.image_dir)
+                check_writable(args.out_dir)
+                self.out_dir, self.image_dir = args.out_dir, image_dir and self._mkdir(image_dir)
             else:
                 self.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
-                    os.path.join("runs", config.run_name(*name_parts)), figures and not image_dir)
+                    os.path.join("runs", run_name(*name_parts)), figures and not image_dir)
                 self.image_dir = self._claim(image_dir or default_image_dir(self.out_dir),
                                              figures=True) if figures else None
         except BaseException:
             self.remove_created()
             raise
-        args.out_dir = self.out_dir
-        if figures:
-            args.image_dir = self.image_dir
-        self.name = os.path.basename(os.path.normpath(self.out_dir))
+        args.out_dir, self.name = self.out_dir, os.path.basename(os.path.normpath(self.out_dir))
+        args.image_dir = self.image_dir if figures else getattr(args, "image_dir", None)
         self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
 
     def _claim(self, path, figures=False):
-        """An explicit folder: created if new; a used one is refused unless --overwrite, which
-        empties it only when it holds a run (or, for figures, only images)."""
-        check_writable(path)
-        if not os.path.isdir(path):
-            self._mkdir(path)
-            return path
-        entries = [os.path.join(path, e) for e in os.listdir(path)]
+        """An explicit folder; a used one only with --overwrite, and only if it holds a run."""
+        entries = [os.path.join(path, e) for e in os.listdir(path)] if os.path.isdir(path) else []
         if entries and not self.args.overwrite:
             resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable else ""
             config.fail(f"{path} already holds files of another run; {resume}clear it with "
@@ -163,45 +124,45 @@ class Folder:
         for entry in entries:
             shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) \
                 else os.remove(entry)
-        return path
+        return self._mkdir(path)
 
     def _unique(self, base, with_images):
-        """The first of base, base-2, base-3, ... whose run folder (and default figure folder)
-        does not exist yet, claimed by an atomic mkdir (two runs started in the same second)."""
+        """The first free of base, base-2, ..., claimed by an atomic mkdir."""
         for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
-            if with_images and os.path.exists(default_image_dir(path)):
-                continue
-            try:
-                self._mkdir(path, exist_ok=False)
-                return path
-            except FileExistsError:
-                continue
+            if not (with_images and os.path.exists(default_image_dir(path))):
+                try:
+                    return self._mkdir(path, exist_ok=False)
+                except FileExistsError:
+                    pass
         config.fail(f"no free run folder next to {base}; pass --out_dir")
 
     def _mkdir(self, path, exist_ok=True):
-        """makedirs that remembers the highest folder it created (for `remove_created`)."""
+        """makedirs, remembering the highest folder it made (`remove_created`); returns path."""
+        check_writable(path)
         top = os.path.normpath(path)
         while os.path.dirname(top) and not os.path.exists(os.path.dirname(top)):
             top = os.path.dirname(top)
-        new = not os.path.exists(top)
+        self._created += [top] * (not os.path.exists(top))
         try:
             os.makedirs(path, exist_ok=exist_ok)
         except FileExistsError:
             raise
         except OSError as e:
             config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
-        if new:
-            self._created.append(top)
+        return path
 
     def remove_created(self):
         for path in self._created:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def run_name(*parts):
+    """The parts and a time stamp, e.g. fce-maf-8gaussians-s42-20260101-120000."""
+    return "-".join(map(str, parts)) + time.strftime("-%Y%m%d-%H%M%S")
+
+
 def default_image_dir(out_dir):
-    """The figure folder of run folder `out_dir` when --image_dir is not given: images/<name>
-    for runs/<name> (the default run folders), else images/<name>-<first 8 hex digits of
-    sha1(absolute path)>: two runs whose folders differ only in their parent never share one."""
+    """images/<name> for runs/<name>, else images/<name>-<sha1 of the absolute path, 8 hex>."""
     path = os.path.abspath(out_dir)
     name = os.path.basename(path)
     if os.path.dirname(path) == os.path.abspath("runs"):
@@ -210,19 +171,16 @@ def default_image_dir(out_dir):
 
 
 def _holds_run(path, figures):
-    """Whether --overwrite may empty `path`: a run folder (config.json or checkpoint.pt in
-    it), or for figures a folder of images and their metadata only."""
+    """A run folder (config.json or checkpoint.pt), or for figures one of images only."""
     if {"config.json", "checkpoint.pt"} & set(os.listdir(path)):
         return True
     allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
     return figures and all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
 
 
-# ----------------------------------------------------------------------------- signals
 class Signals:
-    """Ctrl-C and SIGTERM (a scheduler, a stopped sweep agent) as a flag, `stop_requested`,
-    that a loop reads at its boundaries (`boundary`); installed only inside `with`. A second
-    signal stops at once (KeyboardInterrupt: `config.cli` ends it with exit status 130)."""
+    """Inside `with`, Ctrl-C and SIGTERM set `stop_requested` (read at `boundary`); a second
+    one raises KeyboardInterrupt."""
 
     def __init__(self):
         self.stop_requested, self._old = False, {}
@@ -236,7 +194,7 @@ class Signals:
         return self
 
     def _on_signal(self, signum, frame):
-        if self.stop_requested:  # a second signal: stop now
+        if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -253,34 +211,47 @@ class Signals:
             raise Interrupted(where)
 
 
-# ----------------------------------------------------------------------------- the loop
-class Loop:
-    """The training loop: its `state` (`step`, the iterations done, and what the trainer
-    `track`s; saved in every checkpoint, so a resumed run goes on bit for bit), `iterations`
-    and `epochs` (ending at `until` and, after Ctrl-C or SIGTERM, at a boundary), the CPU clock
-    `cpu_s`, running sums of the metrics row and the non-finite guard; `progress` prints."""
+class CpuClock:
+    """`cpu_s`: the process CPU seconds spent inside `clock` blocks, over all sessions."""
+
+    def __init__(self):
+        self._cpu, self._t0 = 0.0, None
+
+    @property
+    def cpu_s(self) -> float:
+        return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
+
+    @contextmanager
+    def clock(self) -> Iterator[None]:
+        """Count the process CPU time spent inside the block in `cpu_s`."""
+        self._t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self._cpu, self._t0 = self.cpu_s, None
+
+    def spent(self, budget: float | None, offset: float = 0.0) -> bool:
+        """Whether a CPU budget (None: none) is spent: cpu_s + offset >= budget."""
+        return bool(budget) and self.cpu_s + offset >= budget
+
+
+class Loop(CpuClock):
+    """`state` (`step`, what the trainer `track`s: checkpointed), iterations, sums, `check`."""
 
     def __init__(self, name: str, signals: Signals):
+        super().__init__()
         self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
-        self._sums, self._per_epoch, self._cpu, self._t0 = (), None, 0.0, None
-        self.print = self.progress.print
+        self._sums, self._per_epoch, self.print = (), None, self.progress.print
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
-        """Add `entries` to the state; with `epochs` the epoch position (epoch, it: the
-        iterations done in it, perm: its permutation), with `sums` running sums at 0 and their
-        count n_rows (`add`, `means`). Returns the state."""
-        self._sums = tuple(sums)
-        self.state.update(entries, **dict.fromkeys(self._sums, 0.0))
-        self.state.update(dict(n_rows=0) if self._sums else {})
-        self.state.update(dict(epoch=0, it=0, perm=None) if epochs else {})
+        """Add `entries`, the epoch position (epoch, it, perm) and running sums (+ n_rows)."""
+        self._sums, sums = tuple(sums), dict.fromkeys(sums, 0.0)
+        self.state.update(entries, **sums, **(dict(n_rows=0) if sums else {}),
+                          **(dict(epoch=0, it=0, perm=None) if epochs else {}))
         return self.state
 
-    def iterations(self, stop: int, total: int | None = None,
-                   until: Callable[[], bool] | None = None) -> Iterator[int]:
-        """The iterations state["step"], ..., stop - 1, each counted in `step` as it starts
-        (its body sees it done) and timed by `clock`; ends early once `until()`, and raises
-        Interrupted at the boundary after Ctrl-C or SIGTERM. The bar counts to `total`
-        (default `stop`)."""
+    def iterations(self, stop: int, total=None, until=None) -> Iterator[int]:
+        """step, ..., stop - 1, counted as each starts; ends at `until()` or a signal."""
         start = self.state["step"]
         self.progress.start(total or stop, start, self.cpu_s)
         for i in range(start, stop):
@@ -290,13 +261,10 @@ class Loop:
             self.state["step"] = i + 1
             with self.clock():
                 yield i
-            self.progress.update()
+            self.progress.bar.update(1)
 
-    def epochs(self, n_epochs: int, per_epoch: int, n_items: int, device, total=None,
-               until=None) -> Iterator[Iterator[int]]:
-        """Epochs up to `n_epochs` (ending early once `until()`), each the `iterations` of
-        `per_epoch` batches of a fresh permutation of `n_items` (`rows`); an epoch cut short
-        (`until`, Ctrl-C) goes on where it stopped."""
+    def epochs(self, n_epochs, per_epoch, n_items, device, total=None, until=None) -> Iterator:
+        """Epochs of `per_epoch` iterations over a fresh permutation of `n_items` (`rows`)."""
         self._per_epoch, s = per_epoch, self.state
         while s["epoch"] < n_epochs and not (until is not None and until()):
             yield self._epoch(n_items, device, total, until)
@@ -312,8 +280,7 @@ class Loop:
             s.update(epoch=s["epoch"] + 1, it=0, perm=None)
 
     def rows(self, step: int, size: int) -> torch.Tensor | None:
-        """The permutation's `size` rows of iteration `step` of the epoch under way (None past
-        its end); the epoch's iteration under way is it - 1 = (step under way) - (step - 1)."""
+        """The permutation's `size` rows of iteration `step` of this epoch (None past its end)."""
         i = self.state["it"] + step - self.state["step"]
         return self.state["perm"][i * size:(i + 1) * size] if i < self._per_epoch else None
 
@@ -324,55 +291,34 @@ class Loop:
         self.state["n_rows"] += 1
 
     def means(self) -> dict:
-        """The running sums over their count (the iterations since the last call); the sums
-        start again."""
+        """The running sums over their count; they start again."""
         n = self.state["n_rows"]
         out = {k: self.state[k] / n for k in self._sums}
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
         return out
-
-    @property
-    def cpu_s(self) -> float:
-        """Process CPU seconds spent inside `iterations` (and `clock`), over all sessions."""
-        return self._cpu + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
-
-    @contextmanager
-    def clock(self) -> Iterator[None]:
-        """Count the process CPU time spent inside the block in `cpu_s`."""
-        self._t0 = time.process_time()
-        try:
-            yield
-        finally:
-            self._cpu, self._t0 = self.cpu_s, None
-
-    def spent(self, budget: float | None, offset: float = 0.0) -> bool:
-        """Whether a budget of CPU seconds (None: no budget) is spent: cpu_s + offset >= it."""
-        return bool(budget) and self.cpu_s + offset >= budget
 
     def rate(self) -> tuple[float, float]:
         """(iterations per second, CPU seconds per iteration) since the last call."""
         return self.progress.rate(self.state["step"], self.cpu_s)
 
     def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
-        """The non-finite guard: raise NonFinite when `loss` (None: a step that reported
-        failure) or a gradient of `params` is not finite."""
+        """Raise NonFinite when `loss` (None: a failed step) or a gradient is not finite."""
         loss = loss.detach() if torch.is_tensor(loss) else loss
         if loss is None or not math.isfinite(float(loss)) or not all(
                 torch.isfinite(p.grad).all() for p in params if p.grad is not None):
             raise NonFinite(f"non-finite loss or gradient at iteration {self.state['step'] - 1}")
 
     def load(self, ckpt: dict) -> None:
-        """The state (tensors onto the device of the state's own) and `cpu_s` of a checkpoint."""
+        """A checkpoint's state (tensors onto the state's devices) and `cpu_s`."""
         for key, old in self.state.items():
             new = ckpt.get(key, old)
-            self.state[key] = new.to(old.device) if torch.is_tensor(old) and torch.is_tensor(
-                new) else new
+            self.state[key] = new.to(old.device) if torch.is_tensor(new) and torch.is_tensor(
+                old) else new
         self._cpu = float(ckpt["cpu_s"])
 
 
 class Progress:
-    """The progress bar (tqdm on a terminal; off one, as in CI or a log file, a plain line
-    every 30 s), lines printed above it and the loop's rate."""
+    """The bar (tqdm; off a terminal a plain line every 30 s), lines above it, the rate."""
 
     def __init__(self, name: str):
         self.name, self.bar, self._at = name, None, None
@@ -385,12 +331,8 @@ class Progress:
                                 ncols=100, mininterval=30, ascii=True, file=_Lines())))
             self._at = (time.perf_counter(), cpu_s, done)
 
-    def update(self) -> None:
-        self.bar.update(1)
-
     def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call; `done`
-        counts the iteration under way."""
+        """(it/s, CPU s/it) since the last call; `done` counts the iteration under way."""
         now, (t, cpu, before) = time.perf_counter(), self._at
         self._at, n = (now, cpu_s, done), max(done - before, 1)
         return n / max(now - t, 1e-9), (cpu_s - cpu) / n
@@ -420,13 +362,9 @@ class _Lines:
         sys.stderr.flush()
 
 
-# ----------------------------------------------------------------------------- the run
 class Run:
-    """One run, as the parts a trainer names: `folder`, `log` (RunLogger), `signals`, `loop`
-    and `checkpoints` (checkpoint.RunCheckpoints; `.resumed`: the --resume checkpoint or
-    None); `execute` ends it. A context manager around the training: the signal handlers are
-    installed only inside it, and a start that fails inside it (bad input found late, an
-    exception) before a checkpoint was written removes the folders it made."""
+    """One run: `folder`, `log`, `signals`, `loop`, `checkpoints`; `execute` ends it. Signal
+    handlers live inside `with`; a start that fails before a checkpoint leaves no folders."""
 
     def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
                  ckpt: dict | None = None, figures: bool = True):
@@ -434,8 +372,9 @@ class Run:
         self.folder = Folder(args, name_parts, figures, self.script.resumable, ckpt is not None)
         self.name = self.folder.name
         try:
-            self.log = RunLogger(self.folder.out_dir, config.to_dict(args), args.wandb,
-                                 args.project, self.name, run_id=(ckpt or {}).get("wandb_id"),
+            self.log = RunLogger(self.folder.out_dir, dict(sorted(vars(args).items())),
+                                 args.wandb, args.project, self.name,
+                                 run_id=(ckpt or {}).get("wandb_id"),
                                  resume_step=None if ckpt is None else ckpt.get("step", 0))
         except BaseException:
             self.folder.remove_created()
@@ -444,7 +383,7 @@ class Run:
         self.loop = Loop(self.name, self.signals)
         self.checkpoints = checkpoint.RunCheckpoints(
             self.folder.checkpoint_path, self.loop, lambda: {
-                "script": self.script.name, "config": config.to_dict(args),
+                "script": self.script.name, "config": dict(sorted(vars(args).items())),
                 "wandb_id": self.log.run_id}, resumed=ckpt)
 
     def __enter__(self):
@@ -454,10 +393,8 @@ class Run:
     def __exit__(self, exc_type, exc, tb):
         self.signals.__exit__()
         self.loop.progress.close()
-        if exc_type is None:
-            return
         self.log.finish()
-        if not self.checkpoints.saved:  # nothing worth keeping: leave no folders behind
+        if exc_type is not None and not self.checkpoints.saved:  # nothing worth keeping
             self.folder.remove_created()
         if exc_type is KeyboardInterrupt:  # the second Ctrl-C
             where = (f"the last checkpoint is kept; {self.resume_hint()}"
@@ -466,9 +403,7 @@ class Run:
             raise SystemExit(INTERRUPTED)
 
     def execute(self, train: Callable[[], dict | None]) -> int:
-        """Run the experiment `train`, end the run and return its exit status: the summary
-        (or None) -> summary.json with `cpu_s`, 0; NonFinite -> one line naming the last good
-        checkpoint, 1; Interrupted -> save, one line with the resume command, 130."""
+        """Run `train`; its summary -> summary.json, 0; NonFinite 1; Interrupted 130."""
         summary, status, message = None, DONE, None
         try:
             summary = train()
@@ -483,14 +418,12 @@ class Run:
         self.loop.progress.close()
         if summary:
             self.log.summary({**summary, "cpu_s": self.loop.cpu_s})
-        self.log.finish()
         if message:
             print(message, file=sys.stderr)
         return status
 
     def resume_hint(self) -> str:
-        """How to go on from the checkpoint: the --resume command, or for a script without
-        resume where the weights are."""
+        """The --resume command, or where the weights are."""
         if self.script.resumable:
             return (f"continue with\n  python {self.script.name} --resume "
                     f"{shlex.quote(self.folder.out_dir)}")

@@ -64,6 +64,7 @@ SCRIPT = scaffold.Script("train_mcmc.py", keys=("F", "optimizer", "step", "rng",
 # flags that only one kind of data uses (set for the other kind they are refused)
 IMAGE_ONLY = ("net", "n_f", "mnist_images", "mnist_labels", "n_eval", "langevin_dtype")
 TOY_ONLY = ("hidden", "act", "n_test", "n_kde", "kde_bw")
+DECAY = config.checked(float, lambda v: 0 < v <= 1, "a decay in (0, 1] (1: no decay)")  # --lr_decay
 
 
 def hidden_sizes(s):
@@ -128,7 +129,7 @@ def build_parser():
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=config.positive_float, default=0.1,
                    help="SGD: multiplied by eps^2/2 (the paper's tuning); Adam: as is")
-    p.add_argument("--lr_decay", type=config.decay, default=1.0,
+    p.add_argument("--lr_decay", type=DECAY, default=1.0,
                    help="lr at iteration t: max(lr_min, lr * lr_decay^t); in (0, 1]")
     p.add_argument("--lr_min", type=config.positive_float, default=None,
                    help="floor of the decayed lr (default: lr)")

@@ -34,7 +34,7 @@ def here(tmp_path, monkeypatch):
 
 
 def test_two_runs_in_the_same_second_get_their_own_folders(here, monkeypatch):
-    monkeypatch.setattr(config, "run_name", lambda *parts: "same-name")
+    monkeypatch.setattr(scaffold, "run_name", lambda *parts: "same-name")
     a, b = args_for(), args_for()
     with scaffold.Run(a, "x.py", ("x",)) as ra, scaffold.Run(b, "x.py", ("x",)) as rb:
         ra.checkpoints.save({"step": 0})
