@@ -118,3 +118,13 @@ def test_load_run_rebuilds_the_models(tmp_path):
                                                                    flow.log_prob(x))
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load_run(str(tmp_path), script="train_vi.py")
+
+
+def test_a_checkpoint_that_names_no_script_is_from_an_older_version(tmp_path):
+    """A checkpoint without the `script` entry (written before scripts signed theirs) is
+    refused when a script asks for its own, naming migrate.py, which adds the entry."""
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoint.save_checkpoint(path, {"config": {"seed": 1}, "step": 3, "rng": {}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"older version .*lacks script.*migrate\.py"):
+        checkpoint.load_checkpoint(path, script="train.py", keys=("step",))
+    assert checkpoint.load_checkpoint(path)["step"] == 3  # read as a file, not resumed
