@@ -390,6 +390,7 @@ def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
     assert table.count("| nce | 8gaussians | 1 |") == 1
 
 
+@pytest.mark.slow
 def test_bench_tilt_has_its_own_equal_iteration_partner(tmp_path):
     """The tilted EBM gets an NCE partner run for its iteration count, in its own folder
     (<root>-equal-iterations-tilt), and its own equal-iteration table in the report."""
