@@ -229,6 +229,7 @@ def test_agent_out_dir_is_unique_per_run(monkeypatch):
     assert config.parse(make_parser(), []).out_dir is None
 
 
+@pytest.mark.slow
 def test_a_run_saved_with_an_old_flag_name_resumes(tmp_path, capsys):
     """train_mcmc.py's checkpoint with --n_iter in its saved config resumes as --steps; the
     old name typed on the command line works too, with its note."""

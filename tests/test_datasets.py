@@ -66,6 +66,7 @@ def test_pinwheel_root_scan_has_converged():
             ).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 def test_noisy_circle_closed_form_against_quadrature():
     """The Bessel closed form equals the quadrature over the angle."""
     x = datasets.sample("rings", 2000, 2).double()

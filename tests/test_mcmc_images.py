@@ -131,7 +131,8 @@ def tiny_run(tmp_path, config, *extra):
 
 
 @pytest.mark.parametrize("config", ["mcmc_digits_nonconvergent.json",
-                                    "mcmc_digits_convergent.json"])
+                                    pytest.param("mcmc_digits_convergent.json",
+                                                 marks=pytest.mark.slow)])
 def test_tiny_digit_run_of_each_regime(tmp_path, config):
     out = tiny_run(tmp_path, config)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

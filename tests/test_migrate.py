@@ -60,6 +60,7 @@ def snapshot(out):
     return {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if os.path.isfile(out / f)}
 
 
+@pytest.mark.slow
 def test_an_old_mcmc_run_migrates_resumes_exactly_and_is_read(tmp_path, capsys):
     import train_mcmc
     from test_mcmc import _assert_same_weights
