@@ -88,14 +88,22 @@ def test_gaussian_64d_log_Z():
     assert (res.ess > 1).all() and (res.ess <= 256).all()
 
 
+def perturbed_maf(dim, hidden, scale, seed):
+    """A float64 MAF (2 blocks) whose weights are moved by scale * N(0, 1) from a fresh
+    initialisation (torch's global RNG seeded with `seed`): a normalised density, f = -log q."""
+    torch.manual_seed(seed)
+    flow = maf(dim, n_blocks=2, hidden=hidden).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return flow
+
+
 def case_flow_energy():
     """f = -log q(x) of a randomly perturbed 8-dimensional MAF is normalised: log Z = 0. The
     base is a Gaussian fitted to the flow's samples (it is not the flow)."""
-    torch.manual_seed(1)
-    flow = maf(8, n_blocks=2, hidden=(32, 32)).double()
+    flow = perturbed_maf(8, (32, 32), 0.3, seed=1)
     with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(0.3 * torch.randn_like(p))
         base = gaussian_fit(flow.sample(2000)).double()
     return annealing.ais_log_Z(lambda x: -flow.log_prob(x), base, n_chains=256, n_temps=200,
                                repeats=2), 0.0
@@ -323,11 +331,8 @@ def validation_table():
 def case_flow_bracket_64d(n_temps):
     """f = -log q of a perturbed 64-d MAF (log Z = 0); test set: 512 exact samples of q; base:
     a Gaussian fitted to 4,000 other samples; 2 x 128 chains."""
-    torch.manual_seed(11)
-    flow = maf(64, n_blocks=2, hidden=(64, 64)).double()
+    flow = perturbed_maf(64, (64, 64), 0.1, seed=11)
     with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(0.1 * torch.randn_like(p))
         base = gaussian_fit(flow.sample(4000)).double()
         x_test = flow.sample(512)
         true = float(flow.log_prob(x_test).mean())

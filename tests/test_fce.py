@@ -372,17 +372,23 @@ def test_step_cost_times_every_kind_side_by_side():
                      "fce-maf: flow step alone (threshold rule)"]
 
 
+def bench_with_partner(tmp_path, label):
+    """A tiny equal-CPU grid of NCE and `label` on 8gaussians, seed 0; returns the grid's
+    folder, the report's and the iterations `label` made."""
+    root, out = tmp_path / "grid", tmp_path / "report"
+    argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", label,
+            "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
+            "--jobs", "2", "--train_args", " ".join(TINY)]
+    assert bench_fce.main(argv) == 0
+    return root, out, json.load(open(root / f"{label}-8gaussians-s0" / "summary.json"))["steps"]
+
+
 @pytest.mark.slow
 def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
     """After the equal-CPU grid, NCE runs again for exactly the iterations FCE-MAF made, in
     a folder beside the grid's (so it never mixes into the equal-CPU table), and the report
     has the equal-iteration table."""
-    root, out = tmp_path / "grid", tmp_path / "report"
-    argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "fce-maf",
-            "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
-            "--jobs", "2", "--train_args", " ".join(TINY)]
-    assert bench_fce.main(argv) == 0
-    fce_steps = json.load(open(root / "fce-maf-8gaussians-s0" / "summary.json"))["steps"]
+    root, out, fce_steps = bench_with_partner(tmp_path, "fce-maf")
     partner = tmp_path / "grid-equal-iterations" / "nce-8gaussians-s0" / "summary.json"
     assert json.load(open(partner))["steps"] == fce_steps
     table = open(out / "table.md").read()
@@ -394,19 +400,13 @@ def test_bench_equal_iteration_partner_runs_as_many_iterations_as_fce(tmp_path):
 def test_bench_tilt_has_its_own_equal_iteration_partner(tmp_path):
     """The tilted EBM gets an NCE partner run for its iteration count, in its own folder
     (<root>-equal-iterations-tilt), and its own equal-iteration table in the report."""
-    root, out = tmp_path / "grid", tmp_path / "report"
-    argv = ["--only", "grid", "--datasets", "8gaussians", "--estimators", "nce", "tilt",
-            "--seeds", "0", "--budget", "0.5", "--root", str(root), "--out", str(out),
-            "--jobs", "2", "--train_args", " ".join(TINY)]
-    assert bench_fce.main(argv) == 0
-    steps = json.load(open(root / "tilt-8gaussians-s0" / "summary.json"))["steps"]
+    root, out, steps = bench_with_partner(tmp_path, "tilt")
     partner = tmp_path / "grid-equal-iterations-tilt" / "nce-8gaussians-s0" / "summary.json"
     assert json.load(open(partner))["steps"] == steps
     assert not (tmp_path / "grid-equal-iterations").exists()
     assert "| nce (tilt's iterations) | 8gaussians | 1 |" in open(out / "table.md").read()
 
 
-@pytest.mark.slow
 def test_max_steps_ends_the_run_mid_epoch_and_evaluates(tmp_path):
     code, out = run(tmp_path, "--epoch", "5", "--max_steps", "13")
     assert code == 0
