@@ -136,6 +136,7 @@ def test_cli_image_run_in_nats_and_bits(tmp_path, capsys):
         assert b == pytest.approx(-n / (64 * math.log(2)), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_warns_beside_degenerate_weights(tmp_path, capsys):
     """One temperature (plain importance sampling from the base in 64 dimensions) leaves a
     handful of chains carrying the weight: the report says so beside the ESS and flags the

@@ -148,6 +148,7 @@ def case_ebm_2d():
                                transition="mala", adapt="chain"), log_Z
 
 
+@pytest.mark.slow
 def test_ebm_2d_matches_the_grid():
     res, log_Z = case_ebm_2d()
     assert abs(res.log_Z - log_Z) < 0.02, (res.log_Z, log_Z, res.log_Z_repeats)

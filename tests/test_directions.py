@@ -619,7 +619,7 @@ class _QuadE(nn.Module):
         return self.a * ((x - 0.5) ** 2).sum(-1) / 0.02
 
 
-@pytest.mark.parametrize("a", [0.0, 3.0])
+@pytest.mark.parametrize("a", [0.0, pytest.param(3.0, marks=pytest.mark.slow)])
 def test_ml_data_tilt_samples_the_model_it_was_trained_on(a):
     """The ml data tilt is trained with base samples vae.sample (decoded means of prior draws):
     its Langevin samples follow exp(-E(x)) times that base. With E = 0 they are the base

@@ -407,6 +407,7 @@ def test_bench_tilt_has_its_own_equal_iteration_partner(tmp_path):
     assert "| nce (tilt's iterations) | 8gaussians | 1 |" in open(out / "table.md").read()
 
 
+@pytest.mark.slow
 def test_max_steps_ends_the_run_mid_epoch_and_evaluates(tmp_path):
     code, out = run(tmp_path, "--epoch", "5", "--max_steps", "13")
     assert code == 0

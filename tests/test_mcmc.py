@@ -186,6 +186,7 @@ def _rows(x):
     return x[torch.argsort(x[:, 0])]
 
 
+@pytest.mark.slow
 def test_persistent_bank_updated_in_place(monkeypatch, tmp_path):
     import train_mcmc
 

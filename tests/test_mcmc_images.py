@@ -130,9 +130,9 @@ def tiny_run(tmp_path, config, *extra):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["mcmc_digits_nonconvergent.json",
-                                    pytest.param("mcmc_digits_convergent.json",
-                                                 marks=pytest.mark.slow)])
+                                    "mcmc_digits_convergent.json"])
 def test_tiny_digit_run_of_each_regime(tmp_path, config):
     out = tiny_run(tmp_path, config)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

@@ -19,7 +19,8 @@ from test_flows import randomise
 
 
 # ----------------------------------------------------------------------------- the box
-@pytest.mark.parametrize("name", ["maf", "glow", "nsf", "nsf_coupling"])
+@pytest.mark.parametrize("name", ["maf", "glow", pytest.param("nsf", marks=pytest.mark.slow),
+                                  "nsf_coupling"])
 def test_box_flow_is_a_density_on_the_box(name):
     """A box flow: log-det against autograd, inverse(forward) = id, samples inside its
     domain E = (-r, r)^2, r = 1 / (1 - 2a), -inf outside, and its density integrates to one
