@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- command line
+@pytest.mark.slow
 def test_cli_missing_run_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "ais.py"), str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=tmp_path,
@@ -213,7 +214,7 @@ def bad_runs(tmp_path):
     checkpoint.save_checkpoint(str(flat / "checkpoint.pt"), {
         "config": {"dataset": "8gaussians", "seed": 0, "samples": 50, "test_samples": 50},
         "ebm": ebm.state_dict(), "ebm_spec": ebm.spec(), "script": "train.py"})
-    return {"img": img, "empty": str(empty), "flat": str(flat)}
+    return {"img": img, "empty": str(empty), "flat": str(flat), "missing": str(tmp_path / "nope")}
 
 
 @pytest.mark.parametrize("run,flags,says", [
@@ -223,6 +224,7 @@ def bad_runs(tmp_path):
     ("empty", [], "has no EBM"),
     ("flat", ["--domain", "box"], "--domain box is for image runs"),
     ("img", ["--base", "flow"], "has no flow"),
+    ("missing", [], "nope"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, run, flags, says):
     runs = bad_runs(tmp_path)

@@ -123,6 +123,7 @@ def case_mixture():
                                repeats=2, transition="mala"), MIX_C
 
 
+@pytest.mark.slow
 def test_separated_mixture_log_Z():
     res, _ = case_mixture()
     assert abs(res.log_Z - MIX_C) < 0.1, res.log_Z_repeats

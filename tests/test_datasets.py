@@ -9,7 +9,7 @@ import torch
 import datasets
 
 # the sets whose densities are the slowest on the grid (quadratures, root scans): slow tier
-SETS = [pytest.param(n, marks=pytest.mark.slow) if n in ("2spirals", "spiral", "pinwheel")
+SETS = [pytest.param(n, marks=pytest.mark.slow) if n in ("2spirals", "spiral", "pinwheel", "swissroll")
         else n for n in datasets.NAMES]
 
 

@@ -390,7 +390,7 @@ def test_train_mcmc_d_t_and_r_t_on_a_linear_F(tmp_path, monkeypatch):
     assert float(ckpt["d_hist"][0]) == pytest.approx(d_1, abs=1e-5)
 
 
-@pytest.mark.parametrize("T", [0.5, 2.0])
+@pytest.mark.parametrize("T", [0.5, pytest.param(2.0, marks=pytest.mark.slow)])
 def test_ula_at_temperature_T_samples_N_0_T(T):
     """U = |x|^2 / 2 at temperature T: p = N(0, T I). ULA's own stationary variance is
     T / (1 - eps^2 / (4 T)) (0.5% above T here); 20,000 chains x 2 coordinates give a standard

@@ -109,6 +109,7 @@ def test_unknown_flow_names_valid_ones():
         build_flow("realnvp9")
 
 
+@pytest.mark.slow
 def test_train_py_checkpoint_loads_after_the_flows_split(tmp_path):
     """A tiny train.py run: its checkpoint names the flow by the spec and state_dict keys that
     the code before the split (flows.py holding every flow, commit b5ee95b) wrote, and

@@ -134,6 +134,7 @@ def test_an_old_train_run_gets_its_estimator_label_and_flow_step_fraction(tmp_pa
     assert json.loads((out / "config.json").read_text())["estimator"] == "nce"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_old_step_rule_is_reported_and_left(tmp_path, capsys):
     import train
 

@@ -169,7 +169,7 @@ def test_fce_metrics_rows_and_summary_are_the_averages_of_the_iterations(tmp_pat
     assert summary["kl_ebm"] == evals[0]["kl_ebm"] and summary["cpu_s"] >= evals[0]["cpu_s"]
 
 
-@pytest.mark.parametrize("estimator", ["mle", "dsm"])
+@pytest.mark.parametrize("estimator", ["mle", pytest.param("dsm", marks=pytest.mark.slow)])
 def test_mle_and_score_matching_rows_are_the_mean_loss(tmp_path, monkeypatch, estimator):
     losses = iter([0.1 * (k + 1) for k in range(10)])
     if estimator == "mle":

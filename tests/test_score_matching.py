@@ -56,7 +56,8 @@ def test_ssm_loss_matches_its_closed_form():
     assert float(mc) == pytest.approx(float(exact), abs=0.02)
 
 
-@pytest.mark.parametrize("loss", [pytest.param("ssm", marks=pytest.mark.slow), "dsm"])
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["ssm", "dsm"])
 def test_training_a_gaussian_energy_recovers_the_data_or_the_smoothed_data(loss):
     """SSM's minimiser is the data's own precision and mean; DSM's is the precision of the
     data convolved with N(0, sigma^2 I), (Sigma + sigma^2 I)^-1, and the same mean."""

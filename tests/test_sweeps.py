@@ -158,7 +158,8 @@ def test_there_are_sweep_files_for_every_study():
     assert "grid" in methods and methods & {"bayes", "random"}
 
 
-@pytest.mark.parametrize("path", SWEEP_FILES, ids=NAMES)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if n == "grid.yaml" else p
+                                  for p, n in zip(SWEEP_FILES, NAMES)], ids=NAMES)
 def test_sweep_file_is_valid_and_its_program_accepts_every_proposal(path):
     assert problems(load(path)) == []
 
