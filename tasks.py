@@ -151,16 +151,16 @@ class Images:
         return m
 
     @torch.no_grad()
-    def validate(self, ebm, flow, y_is=None):
+    def validate(self, ebm, flow, log_Z=None):
         """The validation log-likelihood in nats per image that early stopping and model
-        selection read: a flow's exact one; a tilt's with log Z by importance sampling on the
-        fixed base samples y_is; an EBM's with its learned c (NCE, FCE: only as good as c);
-        None for score matching (no normaliser: the last iterate is kept)."""
+        selection read: a flow's exact one; a tilt's with its log Z (the caller's importance-
+        sampling estimate on fixed base samples, `tilt.log_Z_is`); an EBM's with its learned c
+        (NCE, FCE: only as good as c); None for score matching (no normaliser: the last
+        iterate is kept)."""
         if ebm is None:
             return self.nats(flow.log_prob(self.x_val).double().mean())
         if is_tilt(ebm):
             import tilt
-            log_Z = tilt.log_Z_is(ebm.g_box, y_is)[0]
             return self.nats(tilt.tilt_log_prob(ebm, self.x_val, log_Z).mean())
         if learns_c(ebm):
             return self.nats(-ebm(self.x_val).double().mean() - ebm.c.double())

@@ -590,9 +590,9 @@ def select(args, run, state, task, ebm, flow, bank, progress):
     modules = selected(state, ebm, flow)
     image = hasattr(task, "validate") and modules
     if image:
-        score = task.validate(ebm, flow, bank.y_val) if state["phase"] == "tilt" else \
-            task.validate(None, modules["flow"])  # the flow in training (a base flow k)
-        if score > state["best_val"] and (state["phase"] != "tilt" or tilt_ess_ok(ebm, bank)):
+        score, ess_ok = tilt_validation(task, ebm, flow, bank) if state["phase"] == "tilt" \
+            else (task.validate(None, modules["flow"]), True)  # the flow in training (base k)
+        if score > state["best_val"] and ess_ok:
             state.update(best_val=score, best_state=copy.deepcopy(
                 {k: m.state_dict() for k, m in modules.items()}), since_best=0)
         else:
@@ -624,12 +624,14 @@ def select(args, run, state, task, ebm, flow, bank, progress):
         state["stopped"] = True
 
 
-def tilt_ess_ok(ebm, bank, floor=tasks.IS_ESS_FLOOR):
-    """Whether the validation log Z rests on at least `floor` of its importance samples (ESS):
-    a tilt whose weights degenerate is not selected, however well it scores."""
+def tilt_validation(task, ebm, flow, bank, floor=tasks.IS_ESS_FLOOR):
+    """A tilt's validation score with log Z by importance sampling on the bank's validation
+    samples (one g pass), and whether that log Z rests on at least `floor` of them (ESS): a
+    tilt whose weights degenerate is not selected, however well it scores."""
     import tilt
 
-    return tilt.log_Z_is(ebm.g_box, bank.y_val)[1] >= floor * len(bank.y_val)
+    log_Z, ess, _ = tilt.log_Z_is(ebm.g_box, bank.y_val)
+    return task.validate(ebm, flow, log_Z), ess >= floor * len(bank.y_val)
 
 
 def join_mixture(flow, k, task=None):

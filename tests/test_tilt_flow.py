@@ -285,7 +285,7 @@ def test_select_keeps_the_best_scoring_weights_and_stops_on_patience():
     import types
 
     scores = iter([1.0, 3.0, 2.0, 0.0])
-    task = types.SimpleNamespace(validate=lambda ebm, flow, y=None: next(scores))
+    task = types.SimpleNamespace(validate=lambda ebm, flow, log_Z=None: next(scores))
     flow = torch.nn.Linear(1, 1)
     loop = {**train.SELECTION, "phase": None, "step": 0}
     args = types.SimpleNamespace(patience=2, base_share=0.5, base_flows=1)
