@@ -29,6 +29,7 @@ import sys
 
 import checkpoint
 import config
+import logger
 import scaffold
 
 CLOCKS = ("cpu_sec", "seconds", "time_total_s")  # old names of cpu_s
@@ -125,12 +126,12 @@ def migrate_checkpoint(ckpt, script, run_dir):
             + migrate_config(ckpt["config"], script, run_dir, "checkpoint.pt"))
 
 
-def _read(path, default=None):
+def _read(path):
+    """A JSON file's contents, or None when it does not exist."""
     if not os.path.isfile(path):
-        return default
+        return None
     with open(path) as fh:
-        return json.load(fh) if path.endswith(".json") else \
-            [json.loads(line) for line in fh if line.strip()]
+        return json.load(fh)
 
 
 def migrate(run_dir):
@@ -155,7 +156,7 @@ def migrate(run_dir):
     if summary is not None:
         changes += migrate_summary(summary, script, cfg or ckpt["config"])
         out["summary.json"] = lambda fh: json.dump(summary, fh, indent=2)
-    rows = _read(paths["metrics.jsonl"], [])
+    rows = logger.read_metrics(run_dir) if os.path.isfile(paths["metrics.jsonl"]) else []
     if [r for r in rows if migrate_clock(r, "metrics.jsonl")]:
         changes.append("metrics.jsonl: old clock -> cpu_s")
         out["metrics.jsonl"] = lambda fh: fh.writelines(json.dumps(r) + "\n" for r in rows)
