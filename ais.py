@@ -100,7 +100,10 @@ def run_target(run, path: str, domain: str = "auto") -> Target:
                       for train.py; 2D: ebm (U), held-out set as for train.py
     Bad runs stop with one line (config.fail)."""
     cfg, ckpt = run.config, run.checkpoint
-    writer = ckpt.get("script") or "train.py"
+    writer = ckpt.get("script")
+    if writer is None:
+        config.fail(f"{path} is from an older version (its checkpoint names no script); "
+                    f"update it with `python migrate.py {path}`")
     if writer not in ("train.py", "train_mcmc.py"):
         config.fail(f"{path} was written by {writer}; ais.py reads train.py and train_mcmc.py "
                     f"runs")
@@ -125,11 +128,8 @@ def run_target(run, path: str, domain: str = "auto") -> Target:
 
 def cfg_dim(run) -> int:
     """The data dimension of a run's models."""
-    spec = run.checkpoint.get("ebm_spec") or run.checkpoint.get("image_ebm_spec") or {}
-    if "dim" in spec:
-        return int(spec["dim"])
-    shape = spec.get("shape", (1, 8, 8))
-    return int(math.prod(shape))
+    spec = run.checkpoint.get("ebm_spec") or run.checkpoint["image_ebm_spec"]
+    return int(spec["dim"]) if "dim" in spec else int(math.prod(spec["shape"]))
 
 
 def run_task(cfg: dict, writer: str = "train.py"):

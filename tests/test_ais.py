@@ -214,7 +214,13 @@ def bad_runs(tmp_path):
     checkpoint.save_checkpoint(str(flat / "checkpoint.pt"), {
         "config": {"dataset": "8gaussians", "seed": 0, "samples": 50, "test_samples": 50},
         "ebm": ebm.state_dict(), "ebm_spec": ebm.spec(), "script": "train.py"})
-    return {"img": img, "empty": str(empty), "flat": str(flat), "missing": str(tmp_path / "nope")}
+    unsigned = tmp_path / "unsigned"
+    unsigned.mkdir()
+    checkpoint.save_checkpoint(str(unsigned / "checkpoint.pt"), {
+        "config": {"dataset": "8gaussians", "seed": 0, "samples": 50, "test_samples": 50},
+        "ebm": ebm.state_dict(), "ebm_spec": ebm.spec()})  # from before scripts signed theirs
+    return {"img": img, "empty": str(empty), "flat": str(flat), "missing": str(tmp_path / "nope"),
+            "unsigned": str(unsigned)}
 
 
 @pytest.mark.parametrize("run,flags,says", [
@@ -225,6 +231,7 @@ def bad_runs(tmp_path):
     ("flat", ["--domain", "box"], "--domain box is for image runs"),
     ("img", ["--base", "flow"], "has no flow"),
     ("missing", [], "nope"),
+    ("unsigned", [], "migrate.py"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, run, flags, says):
     runs = bad_runs(tmp_path)
