@@ -42,11 +42,6 @@ def test_two_runs_in_the_same_second_get_their_own_folders(here, monkeypatch):
     assert a.out_dir != b.out_dir and a.image_dir != b.image_dir
     assert sorted(os.listdir(here / "runs")) == ["same-name", "same-name-2"]
     assert sorted(os.listdir(here / "images")) == ["same-name", "same-name-2"]
-    # without figure folders the run folder alone is claimed, by an atomic mkdir
-    c, d = args_for(), args_for()
-    with scaffold.Run(c, "x.py", ("x",), figures=False), \
-            scaffold.Run(d, "x.py", ("x",), figures=False):
-        assert c.out_dir != d.out_dir
 
 
 def test_runs_whose_folders_differ_only_in_the_parent_get_their_own_figure_folders(here):
@@ -142,6 +137,48 @@ def test_parse_reads_the_clock_only_as_cpu_s(here, capsys):
     checkpoint.save_checkpoint(os.path.join("old", "checkpoint.pt"), {**base, "cpu_s": 3.0})
     args, ckpt = scaffold.parse(config.parser("x"), ["--resume", "old"], script)
     assert args.seed == 7 and ckpt["cpu_s"] == 3.0
+
+
+def _resume(argv, overridable=None, **changes):
+    """scaffold.parse of `--resume r` and `argv`, r holding a checkpoint of test_config's
+    parser with a saved config of batch 5 and `changes` (a key None: dropped)."""
+    from tests.test_config import make_parser
+
+    saved = {**vars(config.parse(make_parser(), [])), "batch": 5, "out_dir": "elsewhere",
+             **changes}
+    os.makedirs("r", exist_ok=True)
+    checkpoint.save_checkpoint(os.path.join("r", "checkpoint.pt"), {
+        "config": {k: v for k, v in saved.items() if changes.get(k, 0) is not None},
+        "script": "x.py", "step": 2, "rng": util.rng_state(), "cpu_s": 1.0})
+    return scaffold.parse(make_parser(), ["--resume", "r", *argv],
+                          scaffold.Script("x.py", overridable=overridable))[0]
+
+
+def test_resume_takes_the_saved_config_and_the_typed_flags(here):
+    args = _resume(["--steps", "50"], ("steps",))
+    assert args.batch == 5 and args.steps == 50 and args.resume == "r"
+    assert args.out_dir == os.path.abspath("r")  # the checkpoint's folder
+    assert _resume([]).steps == 10
+
+
+def test_resume_refuses_a_typed_flag_it_cannot_change(here, capsys):
+    with pytest.raises(SystemExit) as e:
+        _resume(["--batch", "7"], ("steps",))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--batch cannot change (only --steps can)" in err
+
+
+def test_resume_reads_renamed_flags_of_a_saved_config(here):
+    assert _resume([], n_iter=33, steps=None).steps == 33
+    assert _resume(["--n_iter", "40"], ("steps",), n_iter=33, steps=None).steps == 40
+
+
+def test_resume_refuses_a_config_from_before_a_flag_and_names_migrate(here, capsys):
+    with pytest.raises(SystemExit) as e:
+        _resume([], overwrite=None, lr=None)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "lacks --lr, --overwrite" in err and "python migrate.py" in err
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -350,7 +387,9 @@ def test_printed_hints_paste_into_a_shell(here, capsys):
         assert run.execute(stopped) == scaffold.INTERRUPTED
     line = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln][0]
     assert shlex.split(line)[-1] == "my runs/run one"
-    assert shlex.split(scaffold.gif_hint("my images/run one"))[-1] == "my images/run one"
+    import train  # the gif command is train.py's own hint
+
+    assert shlex.split(train.gif_hint("my images/run one"))[-1] == "my images/run one"
 
 
 def test_generated_gifs_and_runs_are_ignored_by_git():
