@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -139,27 +139,25 @@ class Folder:
 
     def _unique(self, base, with_images):
         """The first free of base, base-2, ..., claimed by an atomic mkdir."""
+        self._mkdir(os.path.dirname(base))
         for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
             if not (with_images and os.path.exists(default_image_dir(path))):
-                try:
-                    return self._mkdir(path, exist_ok=False)
-                except FileExistsError:
-                    pass
+                with suppress(FileExistsError):
+                    os.mkdir(path)
+                    self._created.append(path)
+                    return path
         config.fail(f"no free run folder next to {base}; pass --out_dir")
 
-    def _mkdir(self, path, exist_ok=True):
+    def _mkdir(self, path):
         """makedirs, remembering the highest folder it made (`remove_created`); returns path."""
-        check_writable(path)
         top = os.path.abspath(path)
         while not os.path.exists(os.path.dirname(top)):
             top = os.path.dirname(top)
         self._created += [top] * (not os.path.exists(top))
         try:
-            os.makedirs(path, exist_ok=exist_ok)
-        except FileExistsError:
-            raise
-        except OSError as e:
-            config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:  # parse checked the folders are writable: a file in the way
+            config.fail(f"cannot create {path} ({e.strerror}); choose another folder")
         return path
 
     def remove_created(self):
@@ -185,15 +183,13 @@ class Signals:
     """Inside `with`, Ctrl-C and SIGTERM set `stop_requested` (read at `boundary`); a second
     one raises KeyboardInterrupt."""
 
-    def __init__(self):
-        self.stop_requested, self._old = False, {}
+    stop_requested = False
 
     def __enter__(self):
+        self._old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with suppress(ValueError):  # not the main thread: signals keep their default
                 self._old[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: signals keep their default behaviour
-                pass
         return self
 
     def _on_signal(self, signum, frame):
@@ -214,11 +210,18 @@ class Signals:
             raise Interrupted(where)
 
 
-class CpuClock:
-    """`cpu_s`: the process CPU seconds spent inside `clock` blocks, over all sessions."""
+# tqdm's stream off a terminal: each refresh one plain line on stderr (no carriage returns)
+_LINES = types.SimpleNamespace(write=lambda s: s.strip() and print(s.strip(), file=sys.stderr),
+                               flush=lambda: sys.stderr.flush())
 
-    def __init__(self):
-        self._cpu, self._t0 = 0.0, None
+
+class Meter:
+    """`Loop`'s clock and bar: `cpu_s`, the process CPU seconds spent inside `clock` blocks
+    over all sessions; the tqdm bar (off a terminal a plain line every 30 s) with lines printed
+    above it; the `rate` of the loop's `state["step"]`."""
+
+    def __init__(self, name: str):
+        self.name, self.bar, self._cpu, self._t0 = name, None, 0.0, None
 
     @property
     def cpu_s(self) -> float:
@@ -237,14 +240,39 @@ class CpuClock:
         """Whether a CPU budget (None: none) is spent: cpu_s + offset >= budget."""
         return bool(budget) and self.cpu_s + offset >= budget
 
+    def start(self, total: int, done: int) -> None:
+        """Open the bar at `done` of `total` iterations (once), and the rate's first interval."""
+        if self.bar is None:
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=total, initial=done, desc=self.name[:40 if tty else 30], **(
+                dict(dynamic_ncols=True) if tty else dict(ncols=100, mininterval=30, ascii=True,
+                                                          file=_LINES)))
+            self._at = (time.perf_counter(), self.cpu_s, done)
 
-class Loop(CpuClock):
+    def rate(self) -> tuple[float, float]:
+        """(iterations per second, CPU seconds per iteration) since the last call, the
+        iteration under way counted as done."""
+        now, (t, cpu, before), done = time.perf_counter(), self._at, self.state["step"]
+        self._at, n = (now, self.cpu_s, done), max(done - before, 1)
+        return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
+
+    def print(self, line: str | None, postfix: dict | None = None) -> None:
+        """A line printed above the bar, and values shown on the bar."""
+        if line is not None:
+            tqdm.write(line)
+        if postfix and self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar = self.bar and self.bar.close()
+
+
+class Loop(Meter):
     """`state` (`step`, what the trainer `track`s: checkpointed), iterations, sums, `check`."""
 
     def __init__(self, name: str, signals: Signals):
-        super().__init__()
-        self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
-        self._sums, self._per_epoch, self.print = (), None, self.progress.print
+        super().__init__(name)
+        self.signals, self.state, self._sums, self._per_epoch = signals, {"step": 0}, (), None
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
         """Add `entries`, the epoch position (epoch, it, perm) and running sums (+ n_rows)."""
@@ -255,16 +283,15 @@ class Loop(CpuClock):
 
     def iterations(self, stop: int, total=None, until=None) -> Iterator[int]:
         """step, ..., stop - 1, counted as each starts; ends at `until()` or a signal."""
-        start = self.state["step"]
-        self.progress.start(total or stop, start, self.cpu_s)
-        for i in range(start, stop):
+        self.start(total or stop, self.state["step"])
+        for i in range(self.state["step"], stop):
             if until is not None and until():
                 return
             self.signals.boundary(f"at iteration {i}")
             self.state["step"] = i + 1
             with self.clock():
                 yield i
-            self.progress.bar.update(1)
+            self.bar.update(1)
 
     def epochs(self, n_epochs, per_epoch, n_items, device, total=None, until=None) -> Iterator:
         """Epochs of `per_epoch` iterations over a fresh permutation of `n_items` (`rows`); one
@@ -301,10 +328,6 @@ class Loop(CpuClock):
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
         return out
 
-    def rate(self) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call."""
-        return self.progress.rate(self.state["step"], self.cpu_s)
-
     def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
         """Raise NonFinite when `loss` (None: a failed step) or a gradient is not finite."""
         loss = loss.detach() if torch.is_tensor(loss) else loss
@@ -319,42 +342,6 @@ class Loop(CpuClock):
             self.state[key] = new.to(old.device) if torch.is_tensor(new) and torch.is_tensor(
                 old) else new
         self._cpu = float(ckpt["cpu_s"])
-
-
-# tqdm's stream off a terminal: each refresh one plain line on stderr (no carriage returns)
-_LINES = types.SimpleNamespace(write=lambda s: s.strip() and print(s.strip(), file=sys.stderr),
-                               flush=lambda: sys.stderr.flush())
-
-
-class Progress:
-    """The bar (tqdm; off a terminal a plain line every 30 s), lines above it, the rate."""
-
-    def __init__(self, name: str):
-        self.name, self.bar = name, None
-
-    def start(self, total: int, done: int, cpu_s: float) -> None:
-        if self.bar is None:
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(total=total, initial=done, desc=self.name[:40 if tty else 30], **(
-                dict(dynamic_ncols=True) if tty else dict(ncols=100, mininterval=30, ascii=True,
-                                                          file=_LINES)))
-            self._at = (time.perf_counter(), cpu_s, done)
-
-    def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
-        """(it/s, CPU s/it) since the last call; `done` counts the iteration under way."""
-        now, (t, cpu, before) = time.perf_counter(), self._at
-        self._at, n = (now, cpu_s, done), max(done - before, 1)
-        return n / max(now - t, 1e-9), (cpu_s - cpu) / n
-
-    def print(self, line: str | None, postfix: dict | None = None) -> None:
-        """A line printed above the bar, and values shown on the bar."""
-        if line is not None:
-            tqdm.write(line)
-        if postfix and self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self) -> None:
-        self.bar = self.bar and self.bar.close()
 
 
 class Run:
@@ -386,7 +373,7 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb):
         self.signals.__exit__()
-        self.loop.progress.close()
+        self.loop.close()
         self.log.finish()
         if exc_type is not None and not self.checkpoints.saved:  # nothing worth keeping
             self.folder.remove_created()
@@ -409,7 +396,7 @@ class Run:
             self.checkpoints.save()
             status, message = INTERRUPTED, f"\ninterrupted {e}: checkpoint saved; " + \
                 self.resume_hint()
-        self.loop.progress.close()
+        self.loop.close()
         if summary:
             self.log.summary({**summary, "cpu_s": self.loop.cpu_s})
         if message:

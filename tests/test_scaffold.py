@@ -192,7 +192,7 @@ def test_iterations_count_each_one_as_it_starts_and_stop_at_until():
     seen = [(i, loop.state["step"]) for i in loop.iterations(10, until=four)]
     assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert list(loop.iterations(6)) == [4, 5] and loop.state["step"] == 6  # goes on from step
-    loop.progress.close()
+    loop.close()
 
 
 def test_a_signal_ends_the_loop_at_the_next_boundary():
@@ -201,7 +201,7 @@ def test_a_signal_ends_the_loop_at_the_next_boundary():
         for i in loop.iterations(5):
             loop.signals.stop_requested = i == 1 or loop.signals.stop_requested
     assert loop.state["step"] == 2  # iteration 1 finished, iteration 2 never started
-    loop.progress.close()
+    loop.close()
 
 
 def _epochs(loop, stop_at=None):
@@ -277,7 +277,7 @@ def test_the_cpu_clock_counts_only_inside_the_loop():
     with loop.clock():
         burn()
     assert loop.cpu_s > 10.0
-    loop.progress.close()
+    loop.close()
 
 
 def test_rate_counts_the_iteration_under_way(monkeypatch):
@@ -292,7 +292,7 @@ def test_rate_counts_the_iteration_under_way(monkeypatch):
         if i in (1, 3):
             rates.append(loop.rate()[0])
     assert rates == [2 / 4.0, 2 / 6.0]
-    loop.progress.close()
+    loop.close()
 
 
 def test_the_non_finite_guard():
