@@ -103,20 +103,19 @@ def check_writable(path):
 
 
 class Folder:
-    """Claims the run's `out_dir` and `image_dir`, written back into `args`: a fresh run claims
-    them, a resumed run reuses its own; `remove_created` removes the folders it made."""
+    """The run's `out_dir` and `image_dir`, written back into `args` by `claim` (a resumed run
+    reuses its own); `remove_created` removes the folders it made."""
 
-    def __init__(self, args, name_parts, resumable=True, resume=False):
+    def __init__(self, args, resumable=True):
         self.args, self.resumable, self._created = args, resumable, []
-        try:
-            if not resume:
-                args.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
-                    os.path.join("runs", run_name(*name_parts)), not args.image_dir)
-            image_dir = args.image_dir or default_image_dir(args.out_dir)
-            args.image_dir = self._mkdir(image_dir) if resume else self._claim(image_dir, True)
-        except BaseException:
-            self.remove_created()
-            raise
+
+    def claim(self, name_parts, resume=False):
+        args = self.args
+        if not resume:
+            args.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
+                os.path.join("runs", run_name(*name_parts)), not args.image_dir)
+        image_dir = args.image_dir or default_image_dir(args.out_dir)
+        args.image_dir = self._mkdir(image_dir) if resume else self._claim(image_dir, True)
 
     def _claim(self, path, images=False):
         """An explicit folder; a used one only with --overwrite, and only if it holds a run
@@ -351,10 +350,12 @@ class Run:
     def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
                  ckpt: dict | None = None):
         self.script = script if isinstance(script, Script) else Script(script)
-        self.folder = Folder(args, name_parts, self.script.resumable, ckpt is not None)
-        self.out_dir, self.name = args.out_dir, os.path.basename(os.path.normpath(args.out_dir))
-        self.checkpoint_path = os.path.join(args.out_dir, "checkpoint.pt")
+        self.folder = Folder(args, self.script.resumable)
         try:
+            self.folder.claim(name_parts, resume=ckpt is not None)
+            self.out_dir, self.checkpoint_path = args.out_dir, os.path.join(args.out_dir,
+                                                                            "checkpoint.pt")
+            self.name = os.path.basename(os.path.normpath(args.out_dir))
             self.log = RunLogger(args.out_dir, dict(sorted(vars(args).items())), args.wandb,
                                  args.project, self.name, run_id=(ckpt or {}).get("wandb_id"),
                                  resume_step=None if ckpt is None else ckpt.get("step", 0))
@@ -406,6 +407,7 @@ class Run:
     def resume_hint(self) -> str:
         """The --resume command, or where the weights are."""
         if self.script.resumable:
-            return f"continue with\n  python {self.script.name} --resume {shlex.quote(self.out_dir)}"
+            return (f"continue with\n  python {self.script.name} --resume "
+                    f"{shlex.quote(self.out_dir)}")
         return (f"the weights trained so far are in {self.checkpoint_path}; {self.script.name} "
                 f"has no --resume (its runs are short): start it again with the same flags")
