@@ -122,12 +122,12 @@ def config_argv(path, parser_):
         many = action.nargs not in (None, "?")
         values = value if listy and (many or isinstance(action.default, (list, tuple))) else [value]
         words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
-        try:  # each a JSON scalar of the flag's kind (a bool only for add_flag), then argparse's
-            if many and not (listy and value) or not all(isinstance(v, (str, int, float)) and (
-                    action.type is boolean or not isinstance(v, bool)) for v in values):
-                what = "a non-empty list" if many else getattr(action.type, "expected", "a string")
-                raise argparse.ArgumentError(None, f"expected {what}, got "
-                                             f"{'the list ' * listy}{json.dumps(value)}")
+        if many and not (listy and value) or not all(isinstance(v, (str, int, float)) and (
+                action.type is boolean or not isinstance(v, bool)) for v in values):
+            what = "a non-empty list" if many else getattr(action.type, "expected", "a string")
+            fail(f"{path}: key {key!r}: expected {what}, got {'the list ' * listy}"
+                 f"{json.dumps(value)}")
+        try:  # argparse types and checks the words as it would on the command line
             parser_._get_values(action, words if many else [",".join(words)])
         except argparse.ArgumentError as e:
             fail(f"{path}: key {key!r}: {e.message}")

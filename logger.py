@@ -11,25 +11,28 @@ def _jsonable(v):
     return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _logged_in(wandb):
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:
+        return False
+
+
 def _start_wandb(mode, kwargs):
-    """(wandb, its run, offline) by wandb.init in `mode` (auto: WANDB_MODE if set, else online
-    with an API key, else offline; online falls back to offline), or (None, None, False)."""
+    """(wandb, its run, offline) by wandb.init in `mode` (online falls back to offline), or
+    a message and (None, None, False)."""
     try:
         import wandb
     except ImportError:
         print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
         return None, None, False
     if mode == "auto":
-        mode = os.environ.get("WANDB_MODE", "").strip() or mode
-    if mode in ("auto", "online"):
-        try:  # a key configured, checked without prompting or network
-            key = wandb.login(prompt=False, verify=False)
-        except Exception:
-            key = False
-        if mode == "online" and not key:
-            print("wandb: no API key configured (run `wandb login`); logging offline",
-                  file=sys.stderr)
-        mode = "online" if key else "offline"
+        mode = os.environ.get("WANDB_MODE", "").strip() or (
+            "online" if _logged_in(wandb) else "offline")
+    elif mode == "online" and not _logged_in(wandb):
+        print("wandb: no API key configured (run `wandb login`); logging offline",
+              file=sys.stderr)
+        mode = "offline"
     for mode in {"online": ("online", "offline"), "disabled": ()}.get(mode, (mode,)):
         try:
             run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True),
@@ -59,10 +62,11 @@ class RunLogger:
                 kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resume_step]
         self._fh = open(self.metrics_path, "w")
         self._fh.writelines(kept)
-        self.wandb, self.run, self.offline = (None, None, False) if mode == "disabled" else \
-            _start_wandb(mode, dict(project=project, name=name, config=config, dir=out_dir,
-                                    reinit="finish_previous", id=run_id,
-                                    resume="allow" if run_id else None))
+        self.wandb, self.run, self.offline = None, None, False
+        if mode != "disabled":
+            self.wandb, self.run, self.offline = _start_wandb(mode, dict(
+                project=project, name=name, config=config, dir=out_dir,
+                reinit="finish_previous", id=run_id, resume="allow" if run_id else None))
 
     @property
     def run_id(self):

@@ -263,7 +263,9 @@ class Meter:
             self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
-        self.bar = self.bar and self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Loop(Meter):
