@@ -67,6 +67,11 @@ def test_a_failed_start_leaves_no_folders(here):
         with scaffold.Run(args_for(), "x.py", ("x",)):
             config.fail("bad input found late")
     assert os.listdir(here) == []
+    os.makedirs("runs")  # a runs/ folder that was there stays; the run's own folder goes
+    with pytest.raises(RuntimeError):
+        with scaffold.Run(args_for(), "x.py", ("x",)):
+            raise RuntimeError("bad data found late")
+    assert os.listdir(here) == ["runs"] and os.listdir("runs") == []
 
 
 def test_a_saved_run_is_kept_when_it_fails_later(here):
