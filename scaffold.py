@@ -110,6 +110,7 @@ class Folder:
         self.args, self.resumable, self._created = args, resumable, []
 
     def claim(self, name_parts, resume=False):
+        """A fresh run: --out_dir (or runs/<parts>-<time>) and its figure folder, claimed."""
         args = self.args
         if not resume:
             args.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(

@@ -186,6 +186,9 @@ BREAKS = [
     ("annealing.py", "bad = ((f[1:] <= f[:-1]).all(0)).nonzero().flatten()",
      "bad = ((f[1:] >= f[:-1]).all(0)).nonzero().flatten()",
      T + "test_unbounded_ray_finds_energies_without_a_normaliser_only"),
+    # the run's bar off a terminal: plain lines
+    ("scaffold.py", "file=_LINES)))", "file=sys.stderr)))",
+     S + "test_off_a_terminal_the_bar_is_a_plain_line_every_30_s"),
 ]
 
 

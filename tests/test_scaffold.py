@@ -300,6 +300,18 @@ def test_rate_counts_the_iteration_under_way(monkeypatch):
     loop.close()
 
 
+def test_off_a_terminal_the_bar_is_a_plain_line_every_30_s(capsys):
+    """Off a terminal (stderr captured here) the bar writes whole lines, no carriage returns
+    or escape codes: one as the loop starts and one as it closes, none in between (30 s)."""
+    loop = _loop()
+    for i in loop.iterations(50):
+        loop.print(None, {"i": i})
+    loop.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err and err.endswith("\n")
+    assert [line.split("|")[-1].split()[0] for line in err.splitlines()] == ["0/50", "50/50"]
+
+
 def test_the_non_finite_guard():
     loop = _loop()
     w = torch.nn.Parameter(torch.ones(2))
