@@ -93,32 +93,10 @@ def parser(description):
     return p
 
 
-def _words(parser_, action, key, value):
-    """The argv words of one config entry, checked by argparse (ArgumentError if bad): null
-    only for a default of None, a list only for several values, a bool only for add_flag."""
-    many = action.nargs not in (None, "?")
-    listy = isinstance(value, list) and (many or isinstance(action.default, (list, tuple)))
-    values = value if listy else [value]
-    if value is None:
-        if action.default is None:
-            return []
-        raise argparse.ArgumentError(None, "null is not a value; give one or drop the key")
-    def fits(v):  # a JSON scalar of the flag's kind
-        return not (v is None or isinstance(v, (list, dict))
-                    or isinstance(v, bool) and action.type is not boolean)
-
-    if (many and not (listy and value)) or not all(map(fits, values)):
-        what = "a non-empty list" if many else getattr(action.type, "expected", "a string")
-        raise argparse.ArgumentError(None, f"expected {what}, got "
-                                     f"{'the list ' * isinstance(value, list)}{json.dumps(value)}")
-    words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
-    words = words if many else [",".join(words)]
-    parser_._get_values(action, words)
-    return [f"--{key}", *words] if many else [f"--{key}={words[0]}"]
-
-
 def config_argv(path, parser_):
-    """The argv words of JSON config `path`; a bad key or value names itself and the file."""
+    """The argv words of JSON config `path`, each checked by argparse: null only for a default
+    of None, a list only for several values, a bool only for add_flag; a bad key or value is
+    one line naming itself and the file."""
     try:
         with open(path, encoding="utf-8") as fh:
             cfg = json.load(fh)
@@ -138,10 +116,22 @@ def config_argv(path, parser_):
              f"{known}")
     argv = []
     for key, value in cfg.items():
-        try:
-            argv += _words(parser_, flags[f"--{key}"], key, value)
+        action, listy = flags[f"--{key}"], isinstance(value, list)
+        if value is None and action.default is None:
+            continue  # null: the flag's default
+        many = action.nargs not in (None, "?")
+        values = value if listy and (many or isinstance(action.default, (list, tuple))) else [value]
+        words = [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+        if many and not (listy and value) or not all(isinstance(v, (str, int, float)) and (
+                action.type is boolean or not isinstance(v, bool)) for v in values):
+            what = "a non-empty list" if many else getattr(action.type, "expected", "a string")
+            fail(f"{path}: key {key!r}: expected {what}, got {'the list ' * listy}"
+                 f"{json.dumps(value)}")
+        try:  # argparse types and checks the words as it would on the command line
+            parser_._get_values(action, words if many else [",".join(words)])
         except argparse.ArgumentError as e:
             fail(f"{path}: key {key!r}: {e.message}")
+        argv += [f"--{key}", *words] if many else [f"--{key}={','.join(words)}"]
     return argv
 
 
@@ -167,27 +157,3 @@ def given_flags(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     names = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
     return {RENAMED.get(n, n) for n in (n[3:] if n.startswith("no-") else n for n in names)}
-
-
-def older_flags(args, saved):
-    """The flags of `args` that a saved config lacks (it is older; migrate.py fills them)."""
-    return sorted(set(vars(args)) - {RENAMED.get(k, k) for k in saved})
-
-
-def resumed_args(args, ckpt, path, argv=None, overridable=None):
-    """The checkpoint's config with the `overridable` flags (None: all) typed now on top;
-    exit 2 for another typed flag or a config older than this parser."""
-    typed = given_flags(argv) - {"resume", "config"}
-    fixed = sorted(typed - set(overridable)) if overridable is not None else []
-    if fixed:
-        fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)} "
-             f"cannot change (only {', '.join('--' + f for f in overridable)} can); "
-             f"start a new run instead")
-    run_dir = os.path.dirname(os.path.abspath(path))
-    missing = older_flags(args, ckpt["config"])
-    if missing:
-        fail(f"--resume: {path} was saved before {', '.join('--' + f for f in missing)} "
-             f"existed; update it with `python migrate.py {run_dir}`")
-    saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
-    saved.update({k: getattr(args, k) for k in typed}, resume=args.resume, out_dir=run_dir)
-    return argparse.Namespace(**saved)

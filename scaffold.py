@@ -1,6 +1,7 @@
 """The run scaffold every training script uses: `Run` holds the parts a trainer names (its
 `Folder`, `checkpoint.RunCheckpoints`, `Loop`, `Signals`, `logger.RunLogger`); the conventions
 are in docs/architecture.md, "The run scaffold"."""
+import argparse
 import hashlib
 import math
 import os
@@ -9,7 +10,8 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+import types
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -43,29 +45,42 @@ class Interrupted(Exception):
 
 
 def parse(parser, argv, script: Script):
-    """(args, the --resume checkpoint or None): a resumed run's args are its saved ones with
-    the `script.overridable` flags typed now on top."""
-    args = config.parse(parser, argv)
-    for folder in (args.out_dir or "runs", getattr(args, "image_dir", None) or "images"):
-        check_writable(folder)  # before any work: data and models come after parse
-    if not args.resume:
-        return args, None
-    if not script.resumable:
-        config.fail(f"{script.name} has no --resume (its runs are short); start the run again with "
-                    f"the same --seed")
-    if getattr(args, "overwrite", False):
-        config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
-    path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
-                                                                         "checkpoint.pt")
-    def older(ckpt):  # what a checkpoint from before the current flags and clock lacks
-        return [f"--{f}" for f in config.older_flags(args, ckpt["config"])] + [
-            "cpu_s"] * ("cpu_s" not in ckpt)
+    """(args, the --resume checkpoint or None), the output folders checked writable. A resumed
+    run's args are its saved config (renamed flags under their new names) with the flags typed
+    now on top, only `script.overridable` ones (None: all); a checkpoint of an older version
+    (its config lacks a flag of `parser`, or it has no `cpu_s`) is refused naming migrate.py."""
+    args, ckpt = config.parse(parser, argv), None
+    if args.resume:
+        if not script.resumable:
+            config.fail(f"{script.name} has no --resume (its runs are short); start the run "
+                        f"again with the same --seed")
+        if args.overwrite:
+            config.fail("--overwrite starts a run afresh and --resume continues one: pass one")
+        path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume,
+                                                                             "checkpoint.pt")
+        def older(ckpt):  # what a checkpoint from before the current flags and clock lacks
+            saved = {config.RENAMED.get(k, k) for k in ckpt["config"]}
+            return [f"--{f}" for f in sorted(set(vars(args)) - saved)] + [
+                "cpu_s"] * ("cpu_s" not in ckpt)
 
-    try:
-        ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys, older=older)
-    except (FileNotFoundError, checkpoint.CheckpointError) as e:
-        config.fail(f"--resume: {e}")
-    return config.resumed_args(args, ckpt, path, argv, script.overridable), ckpt
+        try:
+            ckpt = checkpoint.load_checkpoint(path, script=script.name, keys=script.keys,
+                                              older=older)
+        except (FileNotFoundError, checkpoint.CheckpointError) as e:
+            config.fail(f"--resume: {e}")
+        typed, allowed = config.given_flags(argv) - {"resume", "config"}, script.overridable
+        fixed = sorted(typed - set(allowed)) if allowed is not None else []
+        if fixed:
+            config.fail(f"--resume continues the saved run; {', '.join('--' + f for f in fixed)}"
+                        f" cannot change (only {', '.join('--' + f for f in allowed)} can); "
+                        f"start a new run instead")
+        saved = {config.RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+        saved.update({k: getattr(args, k) for k in typed}, resume=args.resume,
+                     out_dir=os.path.dirname(os.path.abspath(path)))
+        args = argparse.Namespace(**saved)
+    for folder in (args.out_dir or "runs", args.image_dir or "images"):
+        check_writable(folder)  # before any work: data and models come after parse
+    return args, ckpt
 
 
 def device(args):
@@ -88,67 +103,61 @@ def check_writable(path):
 
 
 class Folder:
-    """The run's `out_dir` and `image_dir` (None without figures), written back into `args`:
-    a fresh run claims them, a resumed run reuses its own; `remove_created` undoes a start."""
+    """The run's `out_dir` and `image_dir`, written back into `args` by `claim` (a resumed run
+    reuses its own); `remove_created` removes the folders it made."""
 
-    def __init__(self, args, name_parts, figures=True, resumable=True, resume=False):
+    def __init__(self, args, resumable=True):
         self.args, self.resumable, self._created = args, resumable, []
-        image_dir = getattr(args, "image_dir", None) if figures else None
-        try:
-            if resume:
-                check_writable(args.out_dir)
-                self.out_dir, self.image_dir = args.out_dir, image_dir and self._mkdir(image_dir)
-            else:
-                self.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
-                    os.path.join("runs", run_name(*name_parts)), figures and not image_dir)
-                self.image_dir = self._claim(image_dir or default_image_dir(self.out_dir),
-                                             figures=True) if figures else None
-        except BaseException:
-            self.remove_created()
-            raise
-        args.out_dir, self.name = self.out_dir, os.path.basename(os.path.normpath(self.out_dir))
-        args.image_dir = self.image_dir if figures else getattr(args, "image_dir", None)
-        self.checkpoint_path = os.path.join(self.out_dir, "checkpoint.pt")
 
-    def _claim(self, path, figures=False):
-        """An explicit folder; a used one only with --overwrite, and only if it holds a run."""
-        entries = [os.path.join(path, e) for e in os.listdir(path)] if os.path.isdir(path) else []
+    def claim(self, name_parts, resume=False):
+        """A fresh run: --out_dir (or runs/<parts>-<time>) and its figure folder, claimed."""
+        args = self.args
+        if not resume:
+            args.out_dir = self._claim(args.out_dir) if args.out_dir else self._unique(
+                os.path.join("runs", run_name(*name_parts)), not args.image_dir)
+        image_dir = args.image_dir or default_image_dir(args.out_dir)
+        args.image_dir = self._mkdir(image_dir) if resume else self._claim(image_dir, True)
+
+    def _claim(self, path, images=False):
+        """An explicit folder; a used one only with --overwrite, and only if it holds a run
+        (config.json or checkpoint.pt) or, for `images`, only images."""
+        entries = os.listdir(path) if os.path.isdir(path) else []
         if entries and not self.args.overwrite:
             resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable else ""
             config.fail(f"{path} already holds files of another run; {resume}clear it with "
                         f"--overwrite, or choose another --out_dir/--image_dir")
-        if entries and not _holds_run(path, figures):
+        kinds = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
+        if entries and not ({"config.json", "checkpoint.pt"} & set(entries) or images and all(
+                f.endswith(kinds) for _, _, files in os.walk(path) for f in files)):
             config.fail(f"--overwrite: {path} does not look like a run's folder (no config.json "
-                        f"or checkpoint.pt{'; or files other than images' if figures else ''}); "
+                        f"or checkpoint.pt{'; or files other than images' if images else ''}); "
                         f"refusing to empty it, choose another folder")
-        for entry in entries:
+        for entry in (os.path.join(path, e) for e in entries):
             shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) \
                 else os.remove(entry)
         return self._mkdir(path)
 
     def _unique(self, base, with_images):
         """The first free of base, base-2, ..., claimed by an atomic mkdir."""
+        self._mkdir(os.path.dirname(base))
         for path in (base if k == 1 else f"{base}-{k}" for k in range(1, 1000)):
             if not (with_images and os.path.exists(default_image_dir(path))):
-                try:
-                    return self._mkdir(path, exist_ok=False)
-                except FileExistsError:
-                    pass
+                with suppress(FileExistsError):
+                    os.mkdir(path)
+                    self._created.append(path)
+                    return path
         config.fail(f"no free run folder next to {base}; pass --out_dir")
 
-    def _mkdir(self, path, exist_ok=True):
+    def _mkdir(self, path):
         """makedirs, remembering the highest folder it made (`remove_created`); returns path."""
-        check_writable(path)
-        top = os.path.normpath(path)
-        while os.path.dirname(top) and not os.path.exists(os.path.dirname(top)):
+        top = os.path.abspath(path)
+        while not os.path.exists(os.path.dirname(top)):
             top = os.path.dirname(top)
         self._created += [top] * (not os.path.exists(top))
         try:
-            os.makedirs(path, exist_ok=exist_ok)
-        except FileExistsError:
-            raise
-        except OSError as e:
-            config.fail(f"cannot create {path} ({e.strerror}); choose a writable folder")
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:  # parse checked the folders are writable: a file in the way
+            config.fail(f"cannot create {path} ({e.strerror}); choose another folder")
         return path
 
     def remove_created(self):
@@ -170,27 +179,17 @@ def default_image_dir(out_dir):
     return os.path.join("images", f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
 
 
-def _holds_run(path, figures):
-    """A run folder (config.json or checkpoint.pt), or for figures one of images only."""
-    if {"config.json", "checkpoint.pt"} & set(os.listdir(path)):
-        return True
-    allowed = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")
-    return figures and all(f.endswith(allowed) for _, _, files in os.walk(path) for f in files)
-
-
 class Signals:
     """Inside `with`, Ctrl-C and SIGTERM set `stop_requested` (read at `boundary`); a second
     one raises KeyboardInterrupt."""
 
-    def __init__(self):
-        self.stop_requested, self._old = False, {}
+    stop_requested = False
 
     def __enter__(self):
+        self._old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with suppress(ValueError):  # not the main thread: signals keep their default
                 self._old[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: signals keep their default behaviour
-                pass
         return self
 
     def _on_signal(self, signum, frame):
@@ -211,11 +210,18 @@ class Signals:
             raise Interrupted(where)
 
 
-class CpuClock:
-    """`cpu_s`: the process CPU seconds spent inside `clock` blocks, over all sessions."""
+# tqdm's stream off a terminal: each refresh one plain line on stderr (no carriage returns)
+_LINES = types.SimpleNamespace(write=lambda s: s.strip() and print(s.strip(), file=sys.stderr),
+                               flush=lambda: sys.stderr.flush())
 
-    def __init__(self):
-        self._cpu, self._t0 = 0.0, None
+
+class Meter:
+    """`Loop`'s clock and bar: `cpu_s`, the process CPU seconds spent inside `clock` blocks
+    over all sessions; the tqdm bar (off a terminal a plain line every 30 s) with lines printed
+    above it; the `rate` of the loop's `state["step"]`."""
+
+    def __init__(self, name: str):
+        self.name, self.bar, self._cpu, self._t0 = name, None, 0.0, None
 
     @property
     def cpu_s(self) -> float:
@@ -234,14 +240,41 @@ class CpuClock:
         """Whether a CPU budget (None: none) is spent: cpu_s + offset >= budget."""
         return bool(budget) and self.cpu_s + offset >= budget
 
+    def start(self, total: int, done: int) -> None:
+        """Open the bar at `done` of `total` iterations (once), and the rate's first interval."""
+        if self.bar is None:
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(total=total, initial=done, desc=self.name[:40 if tty else 30], **(
+                dict(dynamic_ncols=True) if tty else dict(ncols=100, mininterval=30, ascii=True,
+                                                          file=_LINES)))
+            self._at = (time.perf_counter(), self.cpu_s, done)
 
-class Loop(CpuClock):
+    def rate(self) -> tuple[float, float]:
+        """(iterations per second, CPU seconds per iteration) since the last call, the
+        iteration under way counted as done."""
+        now, (t, cpu, before), done = time.perf_counter(), self._at, self.state["step"]
+        self._at, n = (now, self.cpu_s, done), max(done - before, 1)
+        return n / max(now - t, 1e-9), (self.cpu_s - cpu) / n
+
+    def print(self, line: str | None, postfix: dict | None = None) -> None:
+        """A line printed above the bar, and values shown on the bar."""
+        if line is not None:
+            tqdm.write(line)
+        if postfix and self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Loop(Meter):
     """`state` (`step`, what the trainer `track`s: checkpointed), iterations, sums, `check`."""
 
     def __init__(self, name: str, signals: Signals):
-        super().__init__()
-        self.signals, self.progress, self.state = signals, Progress(name), {"step": 0}
-        self._sums, self._per_epoch, self.print = (), None, self.progress.print
+        super().__init__(name)
+        self.signals, self.state, self._sums, self._per_epoch = signals, {"step": 0}, (), None
 
     def track(self, epochs: bool = False, sums: Iterable[str] = (), **entries: Any) -> dict:
         """Add `entries`, the epoch position (epoch, it, perm) and running sums (+ n_rows)."""
@@ -252,32 +285,32 @@ class Loop(CpuClock):
 
     def iterations(self, stop: int, total=None, until=None) -> Iterator[int]:
         """step, ..., stop - 1, counted as each starts; ends at `until()` or a signal."""
-        start = self.state["step"]
-        self.progress.start(total or stop, start, self.cpu_s)
-        for i in range(start, stop):
+        self.start(total or stop, self.state["step"])
+        for i in range(self.state["step"], stop):
             if until is not None and until():
                 return
             self.signals.boundary(f"at iteration {i}")
             self.state["step"] = i + 1
             with self.clock():
                 yield i
-            self.progress.bar.update(1)
+            self.bar.update(1)
 
     def epochs(self, n_epochs, per_epoch, n_items, device, total=None, until=None) -> Iterator:
-        """Epochs of `per_epoch` iterations over a fresh permutation of `n_items` (`rows`)."""
+        """Epochs of `per_epoch` iterations over a fresh permutation of `n_items` (`rows`); one
+        cut short goes on where it stopped."""
         self._per_epoch, s = per_epoch, self.state
-        while s["epoch"] < n_epochs and not (until is not None and until()):
-            yield self._epoch(n_items, device, total, until)
 
-    def _epoch(self, n_items, device, total, until):
-        s = self.state
-        if s["perm"] is None:
-            s["perm"] = torch.randperm(n_items, device=device)
-        for i in self.iterations(s["step"] - s["it"] + self._per_epoch, total, until):
-            s["it"] += 1
-            yield i
-        if s["it"] == self._per_epoch:
-            s.update(epoch=s["epoch"] + 1, it=0, perm=None)
+        def epoch():
+            if s["perm"] is None:
+                s["perm"] = torch.randperm(n_items, device=device)
+            for i in self.iterations(s["step"] - s["it"] + per_epoch, total, until):
+                s["it"] += 1
+                yield i
+            if s["it"] == per_epoch:
+                s.update(epoch=s["epoch"] + 1, it=0, perm=None)
+
+        while s["epoch"] < n_epochs and not (until is not None and until()):
+            yield epoch()
 
     def rows(self, step: int, size: int) -> torch.Tensor | None:
         """The permutation's `size` rows of iteration `step` of this epoch (None past its end)."""
@@ -297,10 +330,6 @@ class Loop(CpuClock):
         self.state.update(dict.fromkeys(self._sums, 0.0), n_rows=0)
         return out
 
-    def rate(self) -> tuple[float, float]:
-        """(iterations per second, CPU seconds per iteration) since the last call."""
-        return self.progress.rate(self.state["step"], self.cpu_s)
-
     def check(self, loss: Any, params: Iterable[torch.Tensor] = ()) -> None:
         """Raise NonFinite when `loss` (None: a failed step) or a gradient is not finite."""
         loss = loss.detach() if torch.is_tensor(loss) else loss
@@ -317,74 +346,30 @@ class Loop(CpuClock):
         self._cpu = float(ckpt["cpu_s"])
 
 
-class Progress:
-    """The bar (tqdm; off a terminal a plain line every 30 s), lines above it, the rate."""
-
-    def __init__(self, name: str):
-        self.name, self.bar, self._at = name, None, None
-
-    def start(self, total: int, done: int, cpu_s: float) -> None:
-        if self.bar is None:
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(total=total, initial=done, desc=self.name[:40 if tty else 30],
-                            **(dict(dynamic_ncols=True) if tty else dict(
-                                ncols=100, mininterval=30, ascii=True, file=_Lines())))
-            self._at = (time.perf_counter(), cpu_s, done)
-
-    def rate(self, done: int, cpu_s: float) -> tuple[float, float]:
-        """(it/s, CPU s/it) since the last call; `done` counts the iteration under way."""
-        now, (t, cpu, before) = time.perf_counter(), self._at
-        self._at, n = (now, cpu_s, done), max(done - before, 1)
-        return n / max(now - t, 1e-9), (cpu_s - cpu) / n
-
-    def print(self, line: str | None, postfix: dict | None = None) -> None:
-        """A line printed above the bar, and values shown on the bar."""
-        if line is not None:
-            tqdm.write(line)
-        if postfix and self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class _Lines:
-    """stderr for tqdm off a terminal: each refresh one plain line (no carriage returns)."""
-
-    def write(self, s):
-        s = s.replace("\r", "").strip()
-        if s:
-            sys.stderr.write(s + "\n")
-
-    def flush(self):
-        sys.stderr.flush()
-
-
 class Run:
     """One run: `folder`, `log`, `signals`, `loop`, `checkpoints`; `execute` ends it. Signal
     handlers live inside `with`; a start that fails before a checkpoint leaves no folders."""
 
     def __init__(self, args, script: Script | str, name_parts: Iterable[Any],
-                 ckpt: dict | None = None, figures: bool = True):
+                 ckpt: dict | None = None):
         self.script = script if isinstance(script, Script) else Script(script)
-        self.folder = Folder(args, name_parts, figures, self.script.resumable, ckpt is not None)
-        self.name = self.folder.name
+        self.folder = Folder(args, self.script.resumable)
         try:
-            self.log = RunLogger(self.folder.out_dir, dict(sorted(vars(args).items())),
-                                 args.wandb, args.project, self.name,
-                                 run_id=(ckpt or {}).get("wandb_id"),
+            self.folder.claim(name_parts, resume=ckpt is not None)
+            self.out_dir, self.checkpoint_path = args.out_dir, os.path.join(args.out_dir,
+                                                                            "checkpoint.pt")
+            self.name = os.path.basename(os.path.normpath(args.out_dir))
+            self.log = RunLogger(args.out_dir, dict(sorted(vars(args).items())), args.wandb,
+                                 args.project, self.name, run_id=(ckpt or {}).get("wandb_id"),
                                  resume_step=None if ckpt is None else ckpt.get("step", 0))
         except BaseException:
             self.folder.remove_created()
             raise
         self.signals = Signals()
         self.loop = Loop(self.name, self.signals)
-        self.checkpoints = checkpoint.RunCheckpoints(
-            self.folder.checkpoint_path, self.loop, lambda: {
-                "script": self.script.name, "config": dict(sorted(vars(args).items())),
-                "wandb_id": self.log.run_id}, resumed=ckpt)
+        self.checkpoints = checkpoint.RunCheckpoints(self.checkpoint_path, self.loop, lambda: {
+            "script": self.script.name, "config": dict(sorted(vars(args).items())),
+            "wandb_id": self.log.run_id}, resumed=ckpt)
 
     def __enter__(self):
         self.signals.__enter__()
@@ -392,7 +377,7 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb):
         self.signals.__exit__()
-        self.loop.progress.close()
+        self.loop.close()
         self.log.finish()
         if exc_type is not None and not self.checkpoints.saved:  # nothing worth keeping
             self.folder.remove_created()
@@ -408,14 +393,14 @@ class Run:
         try:
             summary = train()
         except NonFinite as e:
-            status, message = NONFINITE, (
-                f"error: {e}; the last good checkpoint is kept in {self.folder.checkpoint_path}"
-                f". Try a lower learning rate or another --seed.")
+            status, message = NONFINITE, (f"error: {e}; the last good checkpoint is kept in "
+                                          f"{self.checkpoint_path}. Try a lower learning rate "
+                                          f"or another --seed.")
         except Interrupted as e:
             self.checkpoints.save()
-            status, message = INTERRUPTED, (f"\ninterrupted {e}: checkpoint saved; "
-                                            f"{self.resume_hint()}")
-        self.loop.progress.close()
+            status, message = INTERRUPTED, f"\ninterrupted {e}: checkpoint saved; " + \
+                self.resume_hint()
+        self.loop.close()
         if summary:
             self.log.summary({**summary, "cpu_s": self.loop.cpu_s})
         if message:
@@ -426,12 +411,6 @@ class Run:
         """The --resume command, or where the weights are."""
         if self.script.resumable:
             return (f"continue with\n  python {self.script.name} --resume "
-                    f"{shlex.quote(self.folder.out_dir)}")
-        return (f"the weights trained so far are in {self.folder.checkpoint_path}; "
-                f"{self.script.name} has no --resume (its runs are short): start it again with "
-                f"the same flags")
-
-
-def gif_hint(folder: str) -> str:
-    """The command that turns a folder of frames into a gif."""
-    return f"python images/create_gif.py {shlex.quote(folder)}"
+                    f"{shlex.quote(self.out_dir)}")
+        return (f"the weights trained so far are in {self.checkpoint_path}; {self.script.name} "
+                f"has no --resume (its runs are short): start it again with the same flags")

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import sys
 
 import torch
@@ -502,7 +503,7 @@ def train(args, run, device, task=None):
         steps["flow_step_fraction"] = state["flow_steps"] / state["step"]
     print(steps_line(args, steps))
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
-          f"{scaffold.gif_hint(args.image_dir)})")
+          f"{gif_hint(args.image_dir)})")
     stages = {"base_steps": state["base_steps"], "base_cpu_s": state["base_cpu_s"] + offset,
               "best_val": state["best_val"]} if args.estimator == "tilt" else \
         {"best_val": state["best_val"]} if state["best_state"] else {}
@@ -558,6 +559,11 @@ class Bank:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rows = torch.randint(len(self.y), (len(x),), generator=gen).to(self.y.device)
         return tilt.tilt_step(self.tilt, x, self.y[rows], opt, loss)
+
+
+def gif_hint(folder: str) -> str:
+    """The command that turns a folder of frames into a gif."""
+    return f"python images/create_gif.py {shlex.quote(folder)}"
 
 
 def stage_progress(args, state, progress):

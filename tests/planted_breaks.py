@@ -58,8 +58,8 @@ BREAKS = [
      'state.update(flow_steps=state["flow_steps"] + r.ebm,', ROWS),
     ("scaffold.py", "out = {k: self.state[k] / n for k in self._sums}",
      "out = {k: self.state[k] / (n + 1) for k in self._sums}", LOSS_ROWS),
-    ("scaffold.py", 'return self.progress.rate(self.state["step"], self.cpu_s)',
-     'return self.progress.rate(self.state["step"] - 1, self.cpu_s)', ROWS),
+    ("scaffold.py", 'now, (t, cpu, before), done = time.perf_counter(), self._at, self.state["step"]',
+     'now, (t, cpu, before), done = time.perf_counter(), self._at, self.state["step"] - 1', ROWS),
     ("fce.py", "return accuracy_flow is not None and accuracy_flow >= threshold",
      "return accuracy_flow is not None and accuracy_flow > threshold", THRESHOLD),
     ("fce.py", '+ (noise.log_q_y[:k] > log_p_y[:k]).float().mean()) if k else acc',
@@ -132,8 +132,8 @@ BREAKS = [
     # the run's parts: the loop's epochs and iterations, checkpoints, the logger, parse
     ("scaffold.py", 's.update(epoch=s["epoch"] + 1, it=0, perm=None)',
      's.update(epoch=s["epoch"] + 1, it=0)', S + "test_epochs_permute_the_items_and_resume_exactly_after_an_interruption"),
-    ("scaffold.py", 'for i in self.iterations(s["step"] - s["it"] + self._per_epoch, total, until):',
-     'for i in self.iterations(s["step"] + self._per_epoch, total, until):',
+    ("scaffold.py", 'for i in self.iterations(s["step"] - s["it"] + per_epoch, total, until):',
+     'for i in self.iterations(s["step"] + per_epoch, total, until):',
      S + "test_epochs_permute_the_items_and_resume_exactly_after_an_interruption"),
     ("scaffold.py", 'self.state["step"] = i + 1', 'self.state["step"] = i',
      S + "test_iterations_count_each_one_as_it_starts_and_stop_at_until"),
@@ -186,6 +186,9 @@ BREAKS = [
     ("annealing.py", "bad = ((f[1:] <= f[:-1]).all(0)).nonzero().flatten()",
      "bad = ((f[1:] >= f[:-1]).all(0)).nonzero().flatten()",
      T + "test_unbounded_ray_finds_energies_without_a_normaliser_only"),
+    # the run's bar off a terminal: plain lines
+    ("scaffold.py", "file=_LINES)))", "file=sys.stderr)))",
+     S + "test_off_a_terminal_the_bar_is_a_plain_line_every_30_s"),
 ]
 
 

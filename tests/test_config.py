@@ -1,8 +1,7 @@
 """config.py: a JSON config becomes argv words that argparse types and checks (explicit flags
 win; bad keys and values are one line naming the key and the file, exit 2), boolean flags in
-every form an agent writes, renamed flags, the resumed-config merge and the sweep agent's
-run folder. The entry scripts' own batteries of bad input are in test_faults.py."""
-import argparse
+every form an agent writes, renamed flags and the sweep agent's run folder. The entry
+scripts' own batteries of bad input are in test_faults.py."""
 import json
 import os
 
@@ -167,49 +166,7 @@ def test_no_config_uses_an_old_flag_name():
                            for o in old), name
 
 
-# ----------------------------------------------------------------------------- resume
-def resume(saved, argv, overridable=None, **typed):
-    args = argparse.Namespace(**{**vars(config.parse(make_parser(), [])), **typed,
-                                 "resume": "runs/r"})
-    return config.resumed_args(args, {"config": saved}, "runs/r/checkpoint.pt",
-                               ["--resume", "runs/r", *argv], overridable)
-
-
-def saved_config(**changes):
-    return {**vars(config.parse(make_parser(), [])), "batch": 5, "out_dir": "elsewhere",
-            **changes}
-
-
-def test_resume_takes_the_saved_config_and_the_typed_flags():
-    args = resume(saved_config(), ["--steps", "50"], ("steps",), steps=50)
-    assert args.batch == 5 and args.steps == 50 and args.resume == "runs/r"
-    assert args.out_dir == os.path.abspath("runs/r")  # the checkpoint's folder
-    args = resume(saved_config(), [], None)
-    assert args.steps == 10
-
-
-def test_resume_refuses_a_typed_flag_it_cannot_change(capsys):
-    with pytest.raises(SystemExit) as e:
-        resume(saved_config(), ["--batch", "7"], ("steps",), batch=7)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "--batch cannot change (only --steps can)" in err
-
-
-def test_resume_reads_renamed_flags_of_a_saved_config():
-    saved = saved_config(n_iter=33)
-    del saved["steps"]
-    assert resume(saved, []).steps == 33
-    assert resume(saved, ["--n_iter", "40"], ("steps",), steps=40).steps == 40
-
-
-def test_resume_refuses_a_config_from_before_a_flag_and_names_migrate(capsys):
-    saved = saved_config()
-    del saved["overwrite"], saved["lr"]
-    with pytest.raises(SystemExit) as e:
-        resume(saved, [])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert "before --lr, --overwrite existed" in err and "python migrate.py" in err
+# (the resumed config: tests/test_scaffold.py, scaffold.parse)
 
 
 # ----------------------------------------------------------------------------- sweep agents

@@ -42,11 +42,6 @@ def test_two_runs_in_the_same_second_get_their_own_folders(here, monkeypatch):
     assert a.out_dir != b.out_dir and a.image_dir != b.image_dir
     assert sorted(os.listdir(here / "runs")) == ["same-name", "same-name-2"]
     assert sorted(os.listdir(here / "images")) == ["same-name", "same-name-2"]
-    # without figure folders the run folder alone is claimed, by an atomic mkdir
-    c, d = args_for(), args_for()
-    with scaffold.Run(c, "x.py", ("x",), figures=False), \
-            scaffold.Run(d, "x.py", ("x",), figures=False):
-        assert c.out_dir != d.out_dir
 
 
 def test_runs_whose_folders_differ_only_in_the_parent_get_their_own_figure_folders(here):
@@ -72,6 +67,11 @@ def test_a_failed_start_leaves_no_folders(here):
         with scaffold.Run(args_for(), "x.py", ("x",)):
             config.fail("bad input found late")
     assert os.listdir(here) == []
+    os.makedirs("runs")  # a runs/ folder that was there stays; the run's own folder goes
+    with pytest.raises(RuntimeError):
+        with scaffold.Run(args_for(), "x.py", ("x",)):
+            raise RuntimeError("bad data found late")
+    assert os.listdir(here) == ["runs"] and os.listdir("runs") == []
 
 
 def test_a_saved_run_is_kept_when_it_fails_later(here):
@@ -144,6 +144,48 @@ def test_parse_reads_the_clock_only_as_cpu_s(here, capsys):
     assert args.seed == 7 and ckpt["cpu_s"] == 3.0
 
 
+def _resume(argv, overridable=None, **changes):
+    """scaffold.parse of `--resume r` and `argv`, r holding a checkpoint of test_config's
+    parser with a saved config of batch 5 and `changes` (a key None: dropped)."""
+    from tests.test_config import make_parser
+
+    saved = {**vars(config.parse(make_parser(), [])), "batch": 5, "out_dir": "elsewhere",
+             **changes}
+    os.makedirs("r", exist_ok=True)
+    checkpoint.save_checkpoint(os.path.join("r", "checkpoint.pt"), {
+        "config": {k: v for k, v in saved.items() if changes.get(k, 0) is not None},
+        "script": "x.py", "step": 2, "rng": util.rng_state(), "cpu_s": 1.0})
+    return scaffold.parse(make_parser(), ["--resume", "r", *argv],
+                          scaffold.Script("x.py", overridable=overridable))[0]
+
+
+def test_resume_takes_the_saved_config_and_the_typed_flags(here):
+    args = _resume(["--steps", "50"], ("steps",))
+    assert args.batch == 5 and args.steps == 50 and args.resume == "r"
+    assert args.out_dir == os.path.abspath("r")  # the checkpoint's folder
+    assert _resume([]).steps == 10
+
+
+def test_resume_refuses_a_typed_flag_it_cannot_change(here, capsys):
+    with pytest.raises(SystemExit) as e:
+        _resume(["--batch", "7"], ("steps",))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--batch cannot change (only --steps can)" in err
+
+
+def test_resume_reads_renamed_flags_of_a_saved_config(here):
+    assert _resume([], n_iter=33, steps=None).steps == 33
+    assert _resume(["--n_iter", "40"], ("steps",), n_iter=33, steps=None).steps == 40
+
+
+def test_resume_refuses_a_config_from_before_a_flag_and_names_migrate(here, capsys):
+    with pytest.raises(SystemExit) as e:
+        _resume([], overwrite=None, lr=None)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "lacks --lr, --overwrite" in err and "python migrate.py" in err
+
+
 # ----------------------------------------------------------------------------- the loop
 def _loop():
     return scaffold.Loop("test", scaffold.Signals())
@@ -155,7 +197,7 @@ def test_iterations_count_each_one_as_it_starts_and_stop_at_until():
     seen = [(i, loop.state["step"]) for i in loop.iterations(10, until=four)]
     assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert list(loop.iterations(6)) == [4, 5] and loop.state["step"] == 6  # goes on from step
-    loop.progress.close()
+    loop.close()
 
 
 def test_a_signal_ends_the_loop_at_the_next_boundary():
@@ -164,7 +206,7 @@ def test_a_signal_ends_the_loop_at_the_next_boundary():
         for i in loop.iterations(5):
             loop.signals.stop_requested = i == 1 or loop.signals.stop_requested
     assert loop.state["step"] == 2  # iteration 1 finished, iteration 2 never started
-    loop.progress.close()
+    loop.close()
 
 
 def _epochs(loop, stop_at=None):
@@ -240,7 +282,7 @@ def test_the_cpu_clock_counts_only_inside_the_loop():
     with loop.clock():
         burn()
     assert loop.cpu_s > 10.0
-    loop.progress.close()
+    loop.close()
 
 
 def test_rate_counts_the_iteration_under_way(monkeypatch):
@@ -255,7 +297,19 @@ def test_rate_counts_the_iteration_under_way(monkeypatch):
         if i in (1, 3):
             rates.append(loop.rate()[0])
     assert rates == [2 / 4.0, 2 / 6.0]
-    loop.progress.close()
+    loop.close()
+
+
+def test_off_a_terminal_the_bar_is_a_plain_line_every_30_s(capsys):
+    """Off a terminal (stderr captured here) the bar writes whole lines, no carriage returns
+    or escape codes: one as the loop starts and one as it closes, none in between (30 s)."""
+    loop = _loop()
+    for i in loop.iterations(50):
+        loop.print(None, {"i": i})
+    loop.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err and err.endswith("\n")
+    assert [line.split("|")[-1].split()[0] for line in err.splitlines()] == ["0/50", "50/50"]
 
 
 def test_the_non_finite_guard():
@@ -350,7 +404,9 @@ def test_printed_hints_paste_into_a_shell(here, capsys):
         assert run.execute(stopped) == scaffold.INTERRUPTED
     line = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln][0]
     assert shlex.split(line)[-1] == "my runs/run one"
-    assert shlex.split(scaffold.gif_hint("my images/run one"))[-1] == "my images/run one"
+    import train  # the gif command is train.py's own hint
+
+    assert shlex.split(train.gif_hint("my images/run one"))[-1] == "my images/run one"
 
 
 def test_generated_gifs_and_runs_are_ignored_by_git():
