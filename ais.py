@@ -12,7 +12,10 @@ of train.py or train_mcmc.py as tasks.Images holds it (held-out: image_data.test
 fixed split; the box map's fit: the dequantised training images, `Images.x_fit`), with the
 bracket in nats per image on the [0, L) scale and bits/dim. The energy of an image run is a
 density on the data box [-1, 1]^D (`--domain box`, annealing.box_bracket), where exp(-U) is
-always integrable; on R^D a ConvNet energy, piecewise linear in x, need not be. A repeat whose
+always integrable; on R^D a ConvNet energy, piecewise linear in x, need not be. A tilt run
+(p = q0 exp(-g) / Z, the digits default) with `--base flow` is annealed from its own base q0
+along q0 exp(-b g) on the box, the bracket its summary holds (tasks.Images), here with the
+chains and temperatures asked for. A repeat whose
 ESS falls below annealing.ESS_FLOOR of its chains is flagged, and the report says so beside
 it.
 """
@@ -156,12 +159,14 @@ def run_task(cfg: dict, writer: str = "train.py"):
 
 
 def make_base(args, target: Target, dtype):
-    """q0 on R^D: the run's flow or a Gaussian fitted to target.x_fit. None in the box
-    (`box_bracket` brings its own: N(0, I) in the map's coordinates; a flow is refused)."""
+    """q0: the run's flow or a Gaussian fitted to target.x_fit. In the box, None
+    (`box_bracket` brings its own: N(0, I) in the map's coordinates), except for a tilt's own
+    base with --base flow: AIS along q0 exp(-b g) as the run's summary does (tasks.Images), the
+    tilt being +inf outside the box; any other flow lives on R^D and is refused there."""
     if args.base == "flow":
         if target.flow is None:
             config.fail(f"{args.run} has no flow; use --base gaussian")
-        if target.box is not None:
+        if target.box is not None and not tasks.is_tilt(target.energy):
             config.fail("a flow is a density on R^D, not on the box; use --domain free with "
                         "--base flow, or --base gaussian")
         return target.flow.to(dtype)
@@ -186,7 +191,7 @@ def main(argv=None):
     util.set_seed(args.seed)
     kw = dict(schedule_kind=args.schedule, transition=args.transition,
               n_leapfrog=args.leapfrog, eps=args.eps, adapt=args.adapt)
-    if target.box is not None:
+    if base is None:  # the box, from N(0, I) in the map's coordinates
         br = box_bracket(ebm, target.x_fit, x_test, args.chains, args.temps, args.repeats,
                          dtype=dtype, **kw)
     else:
@@ -231,7 +236,7 @@ def report(args, br, ebm, target, dtype):
     f, r = br.forward, br.reverse
     dim = target.x_test.shape[1]
     where = "R^D" if target.box is None else f"[{target.box[0]:g}, {target.box[1]:g}]^{dim}"
-    base = (args.base if target.box is None
+    base = (args.base if target.box is None or args.base == "flow"
             else "N(0, I) in w, y = tanh(mu + L w) (whitened atanh)")
     print(f"{args.run}: AIS {args.transition}, {args.repeats} x {args.chains} chains, "
           f"{args.temps} temperatures ({args.schedule}), base {base}, density on {where}")
