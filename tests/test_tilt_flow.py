@@ -129,9 +129,9 @@ def test_tilt_step_descends_and_refuses_non_finite():
     t = _linear_tilt([0.5, 0.0])
     opt = torch.optim.SGD(t.g.parameters(), lr=0.1)
     x, y = torch.randn(64, 2, dtype=torch.float64) - 1, torch.randn(64, 2, dtype=torch.float64)
-    before = float(tilt.ml_tilt_loss(t, x, y))
+    before = float(tilt.ml_tilt_loss(t, x, y).detach())
     tilt.tilt_step(t, x, y, opt, "ml")
-    assert float(tilt.ml_tilt_loss(t, x, y)) < before
+    assert float(tilt.ml_tilt_loss(t, x, y).detach()) < before
     x[0, 0] = math.nan
     state = {k: v.clone() for k, v in t.g.state_dict().items()}
     assert math.isnan(float(tilt.tilt_step(t, x, y, opt, "ml")))
