@@ -299,7 +299,7 @@ def test_select_keeps_the_best_scoring_weights_and_stops_on_patience():
         assert loop["stopped"] == (k == 3)
     assert loop["best_val"] == 3.0 and loop["since_best"] == 2
     train.restore_best(loop, {"flow": flow})
-    assert float(flow.weight) == 1.0
+    assert float(flow.weight.detach()) == 1.0
 
 
 def test_unbounded_ray_finds_energies_without_a_normaliser_only():
