@@ -209,8 +209,12 @@ def where_the_mass_is(br, ebm, target) -> str:
     fwd = br.forward
     f_end = ebm(fwd.x).double()
     w = torch.softmax(fwd.log_w.flatten(), 0)
+    inside = torch.isfinite(f_end)  # a tilt on the box: +inf at chains left outside it
     line = (f"f      held-out mean {-br.mean_neg_f:.4f} | forward chains' end: mean "
-            f"{float(f_end.mean()):.4f}, weighted by w {float((w * f_end).sum()):.4f}")
+            f"{float(f_end[inside].mean()):.4f}, weighted by w "
+            f"{float((w[inside] * f_end[inside]).sum()):.4f}")
+    if not inside.all():
+        line += f" (the {int(inside.sum())} of {len(f_end)} chains where f is finite)"
     if target.levels is not None:
         share = [float((x.abs() > 0.98).double().mean()) for x in (target.x_test, fwd.x)]
         line += f" | coordinates at the walls: held-out {share[0]:.3f}, chains {share[1]:.3f}"
@@ -252,7 +256,7 @@ def report(args, br, ebm, target, dtype):
         print(f"log Z  grid [-{datasets.BOUND}, {datasets.BOUND}]^2, {datasets.GRID}^2 cells: "
               f"{gridmath.grid_log_Z(neg_f, area):.4f}")
     print(where_the_mass_is(br, ebm, target))
-    if isinstance(getattr(ebm, "c", None), Tensor):
+    if isinstance(getattr(ebm, "c", None), Tensor) and not tasks.is_tilt(ebm):
         print(f"log Z  learned c of the EBM: {float(ebm.c.detach()):.4f}")
     note = gap_note(br)
     flag = "" if br.reliable else " UNRELIABLE (degenerate weights, see above)"

@@ -271,13 +271,18 @@ def tilt_digits_run(tmp_path):
 def test_cli_tilt_run_is_annealed_from_its_own_base_on_the_box(tmp_path, capsys):
     """--base flow on a tilt run anneals from the tilt's base along q0 exp(-b g) on the box,
     as the run's summary does: the bracket holds the closed form within its 0.06-nat width
-    (from the whitened-atanh Gaussian of the other image runs, 10 temperatures give no such
-    bracket); the forward end's share of chains inside the box has sd 0.012 nats here; a flow that is not a tilt's base is still refused on the box."""
+    (the forward end's share of chains inside the box has sd 0.012 nats here; from the
+    whitened-atanh Gaussian of the other image runs, 10 temperatures give no such bracket),
+    no learned c is printed and the chains' energy is read where it is finite; a flow that is
+    not a tilt's base is still refused on the box."""
     run, exact = tilt_digits_run(tmp_path)
     assert ais.main([run, "--base", "flow", "--chains", "200", "--temps", "10",
                      "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "base flow, density on [-1, 1]^64" in out.splitlines()[0]
+    f_line = next(ln for ln in out.splitlines() if ln.startswith("f "))
+    assert "inf" not in f_line and "nan" not in f_line  # chains left outside the box: +inf
+    assert "learned c" not in out  # a tilt's g carries no learned log Z
     line = next(ln for ln in out.splitlines() if ln.startswith("test log-likelihood"))
     lo, hi = (float(v) for v in line.split("[")[1].split("]")[0].split(", "))
     assert lo - 0.01 <= exact <= hi + 0.05 and hi - lo < 0.2, (lo, exact, hi)  # 4 sd
