@@ -35,6 +35,7 @@ import datasets
 import gridmath
 import image_data
 import tasks
+import tilt
 import util
 from annealing import (ADAPT, SCHEDULES, TARGET_ACCEPTANCE, box_bracket, loglik_bracket,
                        unbounded_ray)
@@ -56,7 +57,11 @@ def build_parser():
     p.add_argument("--base", choices=["gaussian", "flow"], default="gaussian",
                    help="q0: a Gaussian fitted to data (2D: the held-out set; images: the "
                         "dequantised training images), or the run's flow")
-    p.add_argument("--transition", choices=list(TARGET_ACCEPTANCE), default="hmc")
+    p.add_argument("--transition", choices=["auto", *TARGET_ACCEPTANCE], default="auto",
+                   help="the Markov kernel at each temperature: hmc, mala, or independence "
+                        "(independent Metropolis-Hastings proposing fresh draws of the base); "
+                        "auto: independence for a tilt annealed from its own base (--base "
+                        "flow), else hmc")
     p.add_argument("--leapfrog", type=config.positive_int, default=5, help="HMC leapfrog steps")
     p.add_argument("--eps", type=config.positive_float, default=0.1,
                    help="initial HMC / MALA step size (then adapted, see --adapt)")
@@ -169,7 +174,8 @@ def make_base(args, target: Target, dtype):
         if target.box is not None and not tasks.is_tilt(target.energy):
             config.fail("a flow is a density on R^D, not on the box; use --domain free with "
                         "--base flow, or --base gaussian")
-        return target.flow.to(dtype)
+        flow = target.flow.to(dtype)
+        return tilt.BaseOnBox(flow) if target.box is not None else flow
     if target.box is not None:
         return None
     return gaussian_fit(target.x_fit).to(dtype)
@@ -189,6 +195,9 @@ def main(argv=None):
     base = make_base(args, target, dtype)
     ebm = target.energy.to(dtype)
     util.set_seed(args.seed)
+    if args.transition == "auto":
+        args.transition = "independence" if base is not None and tasks.is_tilt(
+            target.energy) and args.base == "flow" else "hmc"
     kw = dict(schedule_kind=args.schedule, transition=args.transition,
               n_leapfrog=args.leapfrog, eps=args.eps, adapt=args.adapt)
     if base is None:  # the box, from N(0, I) in the map's coordinates

@@ -30,6 +30,10 @@ mass and a Metropolis test on H = -log pi_b(x) + |rho|^2 / 2; MALA is the one-le
 temperature to the next towards a target acceptance (0.65 HMC, 0.57 MALA; Neal 2011, Roberts
 & Rosenthal 1998):  log eps <- log eps + gamma (a - a*), with a the Metropolis acceptance
 probability of each chain ("chain") or its mean over a repeat's chains ("global").
+`transition="independence"`: independent Metropolis-Hastings, a fresh draw of the base as the
+proposal (`independence`): no gradients and no step size, the kernel of choice when the target
+is a bounded tilt of the base (p = q0 exp(-g) / Z, tilt.FlowTilt), where HMC, hemmed in by the
+box's walls, barely moves the chains.
 
     res = ais_log_Z(ebm, base, n_chains=256, n_temps=500, repeats=4)
     res.log_Z, res.log_Z_sd, res.ess, res.acceptance
@@ -60,7 +64,7 @@ from flows import gaussian
 from samplers import frozen
 
 SCHEDULES = ("sigmoid", "geometric", "linear")
-TARGET_ACCEPTANCE = {"hmc": 0.65, "mala": 0.57}
+TARGET_ACCEPTANCE = {"hmc": 0.65, "mala": 0.57, "independence": None}  # None: no step size
 ADAPT = ("global", "chain", "none")
 ESS_FLOOR = 0.05  # a repeat whose ESS is below this fraction of its chains is degenerate
 
@@ -124,8 +128,11 @@ class _State:
                         for new, o in zip(vars(self).values(), vars(old).values())))
 
 
-def _evaluate(energy, base, x):
-    """f, log q0 and their gradients at x (autograd w.r.t. x only)."""
+def _evaluate(energy, base, x, grads=True):
+    """f, log q0 and their gradients at x (autograd w.r.t. x only; zeros without `grads`)."""
+    if not grads:
+        zero = torch.zeros_like(x)
+        return _State(x, energy(x).detach(), base.log_prob(x).detach(), zero, zero)
     with torch.enable_grad():
         y = x.detach().requires_grad_(True)
         f, log_q0 = energy(y), base.log_prob(y)
@@ -220,6 +227,26 @@ def hmc(energy, base, s: _State, b: float, eps: Tensor, n_leapfrog: int):
     return t.where(metropolis(log_a), s), log_a.exp()
 
 
+def independence(energy, base, s: _State, b: float):
+    """One independent Metropolis-Hastings transition leaving pi_b invariant, the proposal a
+    fresh draw of the base, x' ~ q0 (each chain's proposal marginally q0: the draws are
+    shuffled, a mixture base samples in strata), accepted with probability
+
+        min(1, pi_b(x') q0(x) / (pi_b(x) q0(x'))) = min(1, exp(-b [h(x') - h(x)])),
+        h = f + log q0,
+
+    which for a tilt of its base (f = g - log q0, h = g) is at least exp(-2 b B) when |g| < B:
+    no gradients, no step size, and the chains forget where they started. Returns the new
+    state and the acceptance probabilities (n,)."""
+    n = s.x.shape[0]
+    order = torch.randperm(n, device=s.x.device)
+    x_new, log_q0 = (v.detach()[order] for v in base.sample_and_log_prob(n))
+    t = _State(x_new, energy(x_new).detach(), log_q0, s.grad_f, s.grad_log_q0)
+    h_new, h_old = (u.f.double() + u.log_q0.double() for u in (t, s))
+    log_a = torch.nan_to_num(-b * (h_new - h_old), nan=-math.inf).clamp(max=0.0)
+    return t.where(metropolis(log_a), s), log_a.exp()
+
+
 def _adapt(log_eps, a, target, adapt, repeats, gamma):
     """log eps <- log eps + gamma (a - a*), per chain or per repeat's mean acceptance."""
     if adapt == "none":
@@ -259,7 +286,7 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
     temperature (geometric mean over chains) and the final chains."""
     n_leapfrog = 1 if transition == "mala" else n_leapfrog
     target = TARGET_ACCEPTANCE[transition]
-    s = _evaluate(energy, base, x)
+    s = _evaluate(energy, base, x, grads=target is not None)
     log_w = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     log_eps = torch.full((x.shape[0], 1), math.log(eps), dtype=x.dtype, device=x.device)
     acc, used = [], []
@@ -271,12 +298,15 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
                                   nan=-math.inf)
         if k == len(betas) - 1:
             break
-        if step_sizes is not None:
-            log_eps = torch.full_like(log_eps, math.log(float(step_sizes[k - 1])))
-        s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog)
+        if target is None:
+            s, a = independence(energy, base, s, b)
+        else:
+            if step_sizes is not None:
+                log_eps = torch.full_like(log_eps, math.log(float(step_sizes[k - 1])))
+            s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog)
         acc.append(float(a.mean()))
         used.append(float(log_eps.mean().exp()))
-        if step_sizes is None:
+        if step_sizes is None and target is not None:
             log_eps = _adapt(log_eps, a.to(x.dtype), target, adapt, repeats, gamma)
     return log_w, torch.tensor(acc, dtype=torch.float64), torch.tensor(used, dtype=torch.float64), s.x
 
@@ -336,12 +366,22 @@ def ais_log_Z(energy: Callable[[Tensor], Tensor], base, n_chains: int = 256,
     _check(transition, adapt)
     betas = schedule(n_temps, schedule_kind)
     with _fixed_modules(energy, base), torch.no_grad():
-        x = base.sample_and_log_prob(n_chains * repeats)[0].detach()
+        x = base_draws(base, n_chains, repeats)
         log_w, acc, used, x = anneal(energy, base, x, betas, transition, n_leapfrog, eps,
                                      step_sizes, adapt, repeats)
     res = _result(log_w.view(repeats, n_chains), 1.0, acc, used, "forward")
     res.x = x
     return res
+
+
+def base_draws(base, n_chains, repeats):
+    """n_chains * repeats starting points x ~ q0, drawn per repeat when the base samples in
+    strata (a flows.FlowMixture: each repeat is then a stratified sample of the whole mixture,
+    its estimate unbiased for Z; one draw would give each repeat only some members)."""
+    n = n_chains * repeats
+    if hasattr(base, "members") and repeats > 1:
+        return torch.cat([base.sample_and_log_prob(n_chains)[0] for _ in range(repeats)]).detach()
+    return base.sample_and_log_prob(n)[0].detach()
 
 
 def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
@@ -369,7 +409,8 @@ def reverse_ais_log_Z(energy: Callable[[Tensor], Tensor], base, x_start: Tensor,
 
 def _check(transition, adapt):
     if transition not in TARGET_ACCEPTANCE:
-        raise ValueError(f"unknown transition {transition!r}; choose hmc or mala")
+        raise ValueError(f"unknown transition {transition!r}; choose one of: "
+                         f"{', '.join(TARGET_ACCEPTANCE)}")
     if adapt not in ADAPT:
         raise ValueError(f"unknown adapt {adapt!r}; choose one of: {', '.join(ADAPT)}")
 

@@ -171,8 +171,9 @@ class Images:
         by importance sampling from the base (`ll_ebm_is`, `is_ess`, `is_se` in nats), its gain
         over the base on the same footing (`tilt_gain`: against the base renormalised to the
         box by the share of the same samples inside it), and at
-        the final evaluation the AIS bracket from the base to the tilt (a second estimate: HMC
-        moves the chains) and the verdict `ll_ebm_trusted` (`trust`)."""
+        the final evaluation the AIS bracket from the base to the tilt (a second estimate: on
+        the box from the base given the box, tilt.BaseOnBox, by independence moves that
+        propose fresh base draws) and the verdict `ll_ebm_trusted` (`trust`)."""
         import annealing
         import tilt
         n_is = n_is or (self.is_samples if final else VAL_IS)
@@ -185,10 +186,12 @@ class Images:
             - math.log(share)  # the base restricted and renormalised to the box, as the tilt
         m = {"ll_ebm": ll, "ll_ebm_is": ll, "log_Z_is": log_Z, "is_ess": ess,
              "is_ess_fraction": ess / n_is, "is_se": se, "tilt_gain": ll - base_box}
-        if final:  # AIS from the base q0 to q0 exp(-g): HMC on the box, weights in float64
-            kw = dict(self.ais, n_temps=min(self.ais["n_temps"], TILT_AIS_TEMPS))
+        if final:  # AIS from q0 (on the box: q0 given the box) to q0 exp(-g), weights float64
+            kw = dict(self.ais, n_temps=min(self.ais["n_temps"], TILT_AIS_TEMPS),
+                      transition="independence")
+            base = tilt.BaseOnBox(tilt_ebm.base) if tilt_ebm.box else tilt_ebm.base
             with torch.no_grad():
-                br = annealing.loglik_bracket(tilt_ebm, tilt_ebm.base, self.x_test, **kw)
+                br = annealing.loglik_bracket(tilt_ebm, base, self.x_test, **kw)
             lower, upper = self.nats(br.lower), self.nats(br.upper)
             m.update(ll_ebm_lower=lower, ll_ebm_upper=upper, ais_gap=br.gap,
                      ais_ess=float(br.forward.ess.min()), ais_acceptance=br.forward.acceptance,

@@ -163,6 +163,60 @@ def in_box(x):
     return ((x >= -1) & (x <= 1)).all(-1)
 
 
+def iid_draws(base, n):
+    """n independent draws of a flow; of a flows.FlowMixture each from a member chosen at
+    random (its own `sample` stratifies: fixed counts per member, in member order)."""
+    if not hasattr(base, "members"):
+        return base.sample(n)
+    flows = base.active()
+    counts = torch.bincount(torch.randint(len(flows), (n,)), minlength=len(flows)).tolist()
+    x = torch.cat([f.sample(c) for f, c in zip(flows, counts) if c > 0])
+    return x[torch.randperm(n, device=x.device)]
+
+
+class BaseOnBox(torch.nn.Module):
+    """A base flow q0 restricted to the box [-1, 1]^D and renormalised,
+
+        q0_box(x) = q0(x) 1_box(x) / Q,    Q = P_q0(box),
+
+    Q estimated once from n fresh draws of q0. The start and the proposal of AIS towards a
+    tilt on the box (annealing, `transition="independence"`): every chain starts where the tilt
+    has mass, and log Z = log Q + log E_{q0_box} exp(-g), the two factors estimated from
+    independent draws. Samples by rejection (exact draws of q0 given the box)."""
+
+    def __init__(self, base, n=20_000, chunk=5000):
+        super().__init__()
+        self.base, self.dim = base, base.dim
+        with torch.no_grad():
+            inside = sum(int(in_box(iid_draws(base, min(chunk, n - i))).sum())
+                         for i in range(0, n, chunk))
+        if inside == 0:
+            raise ValueError(f"none of {n} draws of the base falls inside the box")
+        self.log_Q = math.log(inside / n)
+
+    @property
+    def _anchor(self):
+        return self.base._anchor
+
+    def log_prob(self, x):
+        """log q0(x) - log Q inside the box, -inf outside, shape (N,)."""
+        lp = self.base.log_prob(x) - self.log_Q
+        return torch.where(in_box(x), lp, torch.full_like(lp, -math.inf))
+
+    def sample_and_log_prob(self, n, z=None):
+        """n exact draws of q0 given the box (rejection) and their log q0_box."""
+        kept, k = [], 0
+        while k < n:
+            y = iid_draws(self.base, max(2 * (n - k), 64))
+            kept.append(y[in_box(y)])
+            k += len(kept[-1])
+        x = torch.cat(kept)[:n]
+        return x, self.log_prob(x)
+
+    def sample(self, n, z=None):
+        return self.sample_and_log_prob(n)[0]
+
+
 class FlowTilt(torch.nn.Module):
     """An EBM built on a flow: the exponential tilt of a base flow q0 by a learned energy g,
 

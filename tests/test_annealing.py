@@ -17,6 +17,7 @@ if __name__ == "__main__":  # python tests/test_annealing.py prints the validati
 import annealing  # noqa: E402
 import gridmath  # noqa: E402
 from ebm import EBM  # noqa: E402
+import flows  # noqa: E402
 from flows import gaussian, gaussian_fit, maf  # noqa: E402
 
 
@@ -169,6 +170,69 @@ def test_unbiased_with_three_temperatures():
     temperature is biased by much more at such a short schedule)."""
     res, log_Z = case_three_temperatures()
     assert abs(res.log_Z - log_Z) < 0.03, (res.log_Z, log_Z, float(res.ess[0]))
+
+
+def test_independence_moves_leave_the_tempered_target_invariant():
+    """For q0 = N(0, 1.5 I) and f = (x - m)^T A (x - m) / 2, pi_b = q0^(1 - b) exp(-b f) is
+    N(b P^-1 A m, P^-1), P = (1 - b) / 1.5 + b A: chains started at its exact draws keep its
+    mean and covariance through 10 independence moves at b = 0.6 (a kernel without the b, or
+    with the ratio upside down, drifts to another law)."""
+    torch.manual_seed(11)
+    A = torch.tensor([[2.0, 0.6], [0.6, 0.8]], dtype=torch.float64)
+    m = torch.tensor([1.5, -1.0], dtype=torch.float64)
+    base, b, n = std_gaussian(2, 1.5), 0.6, 20_000
+    P = (1 - b) / 1.5 * torch.eye(2, dtype=torch.float64) + b * A
+    cov = torch.linalg.inv(P)
+    mean = b * cov @ A @ m
+
+    def f(x):
+        d = x - m
+        return 0.5 * ((d @ A) * d).sum(1)
+
+    x = mean + torch.randn(n, 2, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    s = annealing._evaluate(f, base, x, grads=False)
+    for _ in range(10):
+        s, a = annealing.independence(f, base, s, b)
+    assert 0.3 < float(a.mean()) < 1.0
+    assert torch.allclose(s.x.mean(0), mean, atol=0.03), (s.x.mean(0), mean)
+    assert torch.allclose(torch.cov(s.x.T), cov, atol=0.03), (torch.cov(s.x.T), cov)
+
+
+def test_independence_moves_from_a_stratified_mixture_base():
+    """A FlowMixture samples in strata (member 0 fills the first rows), so its proposals are
+    shuffled across the chains. The tilt of q0 = (N(-1, 0.25) + N(1.5, 0.25)) / 2 by g = x at
+    b = 0.5 is the mixture of N(mu_k - 0.125, 0.25) with weights proportional to
+    exp(-mu_k / 2): chains started at its exact draws keep its mean in the first and the
+    second half of the rows alike through 10 moves (unshuffled, each half would propose
+    from one member only and drift)."""
+    torch.manual_seed(13)
+    mus, sd, b, n = torch.tensor([-1.0, 1.5], dtype=torch.float64), 0.5, 0.5, 20_000
+    mix = flows.FlowMixture([gaussian(1, mu[None], torch.eye(1) * sd ** 2).double()
+                             for mu in mus]).double()
+    weights = torch.softmax(-b * mus, 0)
+    k = torch.multinomial(weights, n, replacement=True)
+    x = (mus[k] - b * sd ** 2 + sd * torch.randn(n, dtype=torch.float64))[:, None]
+    f = lambda y: y[:, 0] - mix.log_prob(y)  # noqa: E731  (g = x, f = g - log q0)
+    s = annealing._evaluate(f, mix, x, grads=False)
+    for _ in range(10):
+        s, _ = annealing.independence(f, mix, s, b)
+    mean = float((weights * (mus - b * sd ** 2)).sum())
+    for half in (s.x[: n // 2], s.x[n // 2:]):
+        assert float(half.mean()) == pytest.approx(mean, abs=0.05)
+
+
+def test_each_repeat_starts_from_the_whole_mixture():
+    """A FlowMixture base samples in strata (member 0 first): drawn in one piece, the first
+    repeat would hold only member 0 and the second only member 1. For the target member 0
+    (log Z = 0), q0 = (N0 + N1) / 2 far apart, every draw of N0 carries w = 2 and of N1 w = 0:
+    each repeat, holding half of each, estimates log Z = 0."""
+    torch.manual_seed(12)
+    members = [gaussian(1, torch.tensor([mu]), torch.eye(1) * 0.01).double()
+               for mu in (-5.0, 5.0)]
+    mix = flows.FlowMixture(members).double()
+    res = annealing.ais_log_Z(lambda x: -members[0].log_prob(x), mix, n_chains=100, n_temps=3,
+                              repeats=2, transition="independence")
+    assert torch.allclose(res.log_Z_repeats, torch.zeros(2, dtype=torch.float64), atol=0.01)
 
 
 # ----------------------------------------------------------------------------- the bracket
