@@ -48,6 +48,7 @@ ESTIMATORS = {  # label: (script, flags)
     "fce-maf": ("train.py", ["--estimator", "fce", "--flow", "maf"]),
     "fce-glow": ("train.py", ["--estimator", "fce", "--flow", "glow"]),
     "fce-nsf": ("train.py", ["--estimator", "fce", "--flow", "nsf_coupling"]),
+    "fce-tilt": ("train.py", ["--estimator", "fce", "--flow", "nsf_coupling", "--ebm_on_flow"]),
     "mle-maf": ("train.py", ["--estimator", "mle", "--flow", "maf"]),
     "mle-glow": ("train.py", ["--estimator", "mle", "--flow", "glow"]),
     "mle-nsf": ("train.py", ["--estimator", "mle", "--flow", "nsf"]),
