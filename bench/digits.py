@@ -207,6 +207,8 @@ def collect(args):
 
 
 def report(args):
+    import tasks
+
     rows = collect(args)
     if not rows:
         print(f"bench/digits.py: no scored runs under {args.root}: nothing written",
@@ -219,7 +221,9 @@ def report(args):
     lines = [f"Equal budget: {args.budget:g} CPU-seconds of training per run; mean ± sd over "
              f"seeds {' '.join(map(str, args.seeds))}. Test log-likelihood of the 449 held-out "
              f"digits, dequantised, in nats per image (bits per dimension: bpd); EBMs by AIS "
-             f"({ais['repeats']} x {ais['n_chains']} chains, {ais['n_temps']} temperatures); "
+             f"({ais['repeats']} x {ais['n_chains']} chains, {ais['n_temps']} temperatures, "
+             f"HMC in the box's whitened coordinates; a tilt's from its base given the box, "
+             f"{min(ais['n_temps'], tasks.TILT_AIS_TEMPS)} temperatures, independence moves); "
              f"`ll_ebm` the best estimate (a tilt's importance sampling, else forward AIS), "
              f"`trusted` the share of seeds whose two estimates agree (tasks.trust).",
              "", *gather.table(["estimator", "seeds", *KEYS],
