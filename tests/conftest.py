@@ -3,7 +3,8 @@ and timings are steadier), the project root is importable, and Ctrl-C (SIGINT) h
 default handler even when the suite runs as a background job (which inherits SIGINT
 ignored).
 
-Two tiers: `python -m pytest -q tests` runs the fast tier (every kind of check, at small sizes);
+Two tiers: `python -m pytest -q -n 2 tests` runs the fast tier (every kind of check, at small
+sizes; `-n 2`: pytest-xdist on two cores);
 `--all` adds the tests marked `@pytest.mark.slow` (long trainings, sweeps over every set,
 benchmarks end to end); `-m slow` runs the slow tier alone."""
 import os
