@@ -15,8 +15,8 @@ Then `python -m bench.digits --score <run>` (its own process) writes <run>/score
   image on the [0, 17) scale and bits per dimension: exact for a flow; for an EBM the bracket
   of annealed importance sampling (annealing.loglik_bracket: forward AIS from the base gives the
   upper end, reverse AIS started at the test images the lower end), with the gap, the base
-  (the run's flow, else a Gaussian fitted to the dequantised training digits), the forward
-  ESS and HMC acceptance;
+  (a tilt's own base given the box, moved by independence moves; else HMC in the box's
+  whitened coordinates from N(0, I)), the forward ESS and the acceptance;
 - samples: 1000 of the model (a flow's own; an EBM's from forward AIS chains; short-run MCMC's
   own short-run chains from its initialisation) scored by image_metrics.SampleMetric (FD of
   classifier features to the held-out digits, and label TV) beside the FD of 1000 real training
