@@ -196,8 +196,8 @@ def main(argv=None):
     ebm = target.energy.to(dtype)
     util.set_seed(args.seed)
     if args.transition == "auto":
-        args.transition = "independence" if base is not None and tasks.is_tilt(
-            target.energy) and args.base == "flow" else "hmc"
+        args.transition = "independence" if args.base == "flow" and tasks.is_tilt(
+            target.energy) else "hmc"
     kw = dict(schedule_kind=args.schedule, transition=args.transition,
               n_leapfrog=args.leapfrog, eps=args.eps, adapt=args.adapt)
     if base is None:  # the box, from N(0, I) in the map's coordinates

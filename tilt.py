@@ -203,7 +203,7 @@ class BaseOnBox(torch.nn.Module):
         lp = self.base.log_prob(x) - self.log_Q
         return torch.where(in_box(x), lp, torch.full_like(lp, -math.inf))
 
-    def sample_and_log_prob(self, n, z=None):
+    def sample_and_log_prob(self, n):
         """n exact draws of q0 given the box (rejection) and their log q0_box."""
         kept, k = [], 0
         while k < n:
@@ -213,7 +213,7 @@ class BaseOnBox(torch.nn.Module):
         x = torch.cat(kept)[:n]
         return x, self.log_prob(x)
 
-    def sample(self, n, z=None):
+    def sample(self, n):
         return self.sample_and_log_prob(n)[0]
 
 

@@ -279,6 +279,7 @@ def test_cli_tilt_run_is_annealed_from_its_own_base_on_the_box(tmp_path, capsys)
     assert ais.main([run, "--base", "flow", "--chains", "200", "--temps", "10",
                      "--repeats", "2"]) == 0
     out = capsys.readouterr().out
+    assert "AIS independence" in out.splitlines()[0]  # --transition auto on a tilt's base
     assert "base flow, density on [-1, 1]^64" in out.splitlines()[0]
     f_line = next(ln for ln in out.splitlines() if ln.startswith("f "))
     assert "inf" not in f_line and "nan" not in f_line  # chains left outside the box: +inf
