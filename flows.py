@@ -159,6 +159,31 @@ class MADE(nn.Module):
         h = self.out(self.body(x))
         return h.view(x.shape[0], self.n_params, self.dim).unbind(1)
 
+    def invert(self, z, solve):
+        """Invert z_i = t(x_i; theta_i(x_<i)) one coordinate at a time, in order of degree
+        (MAF sec. 3.1: D passes). Pass k computes only the n_params outputs of the coordinate
+        it fixes, and the first layer's pre-activation is updated by that one input's column,
+        so a pass costs the deeper layers alone. `solve(z_i, theta_i)` -> (x_i, ld_i) on
+        (N, 1) and (N, 1, n_params); returns x (N, D) and the summed ld (N,)."""
+        n, layers = z.shape[0], list(self.body)
+        first = layers.pop(0) if layers else None
+        pre = z.new_zeros(n, self.dim) if first is None else first.bias.expand(n, -1)
+        w_in = None if first is None else first.weight * first.mask
+        w_out, cols, ld = self.out.weight * self.out.mask, [None] * self.dim, 0
+        for i in torch.argsort(self.input_degrees).tolist():
+            h = pre
+            for layer in layers:
+                h = layer(h)
+            rows = torch.arange(self.n_params) * self.dim + i
+            theta = F.linear(h, w_out[rows], self.out.bias[rows])
+            cols[i], ld_i = solve(z[:, i:i + 1], theta[:, None, :])
+            ld = ld + ld_i[:, 0]
+            if w_in is None:  # no hidden layer: the outputs read x itself
+                pre = pre.index_add(1, torch.tensor([i]), cols[i])
+            else:
+                pre = pre + cols[i] * w_in[:, i]
+        return torch.cat(cols, 1), ld
+
 
 def _act(name):
     from ebm import ACTIVATIONS
@@ -186,14 +211,10 @@ class MAFLayer(nn.Module):
         return (x - mu) * torch.exp(-alpha), -alpha.sum(-1)
 
     def inverse(self, z):
-        # pass k fixes the coordinate of degree k. The first pass sees x = 0 in every row,
-        # so it runs on one row and broadcasts: D - 1 full passes instead of D.
-        mu, alpha = self._mu_alpha(z.new_zeros(1, z.shape[-1]))
-        x = z * torch.exp(alpha) + mu
-        for _ in range(z.shape[-1] - 1):
-            mu, alpha = self._mu_alpha(x)
-            x = z * torch.exp(alpha) + mu
-        return x, alpha.sum(-1).expand(z.shape[0])
+        def solve(z_i, theta):  # x_i = z_i exp(alpha_i) + mu_i
+            alpha = soft_clamp(theta[:, :, 1], self.bound)
+            return z_i * torch.exp(alpha) + theta[:, :, 0], alpha
+        return self.made.invert(z, solve)
 
 
 class BatchNormFlow(nn.Module):
@@ -353,10 +374,8 @@ class SplineAutoregressive(nn.Module):
         return z, ld.sum(-1)
 
     def inverse(self, z):
-        x = torch.zeros_like(z)
-        for _ in range(z.shape[-1]):  # pass k fixes the coordinate of degree k
-            x, ld = rational_quadratic_spline(z, self._params(x), self.bound, inverse=True)
-        return x, ld.sum(-1)
+        return self.made.invert(z, lambda z_i, theta: rational_quadratic_spline(
+            z_i, theta, self.bound, inverse=True))
 
 
 class SplineCoupling(nn.Module):
