@@ -143,7 +143,7 @@ class MADE(nn.Module):
         super().__init__()
         self.dim, self.n_params = dim, n_params
         deg = made_degrees(dim, hidden, reverse)
-        self.input_degrees = deg[0]
+        self.input_degrees, self.degrees = deg[0], deg
         layers = []
         for d_prev, d_next in zip(deg[:-1], deg[1:]):
             mask = (d_next[:, None] >= d_prev[None, :])
@@ -161,27 +161,33 @@ class MADE(nn.Module):
 
     def invert(self, z, solve):
         """Invert z_i = t(x_i; theta_i(x_<i)) one coordinate at a time, in order of degree
-        (MAF sec. 3.1: D passes). Pass k computes only the n_params outputs of the coordinate
-        it fixes, and the first layer's pre-activation is updated by that one input's column,
-        so a pass costs the deeper layers alone. `solve(z_i, theta_i)` -> (x_i, ld_i) on
-        (N, 1) and (N, 1, n_params); returns x (N, D) and the summed ld (N,)."""
-        n, layers = z.shape[0], list(self.body)
-        first = layers.pop(0) if layers else None
-        pre = z.new_zeros(n, self.dim) if first is None else first.bias.expand(n, -1)
-        w_in = None if first is None else first.weight * first.mask
+        (MAF sec. 3.1: D passes), at the multiply-adds of one forward pass.
+
+        A unit of degree m reads only inputs of degree <= m, so once the input of degree k is
+        fixed, every unit of degree k is final: its activation is added once into the next
+        layer's pre-activations, and the output of degree k + 1 reads only final units.
+        `solve(z_i, theta_i)` -> (x_i, ld_i) on (N, 1) and (N, 1, n_params); returns x (N, D)
+        and the summed ld (N,)."""
+        n, degrees = z.shape[0], self.degrees
+        units = [[(d == k).nonzero()[:, 0].to(z.device) for k in range(self.dim + 1)]
+                 for d in degrees]  # units[l][k]: layer l's units of degree k (l = 0: inputs)
+        lins, acts = self.body[0::2], self.body[1::2]
+        weights = [lin.weight * lin.mask for lin in lins]
+        pre = [lin.bias.expand(n, -1) for lin in lins]
+        last = z.new_zeros(n, len(degrees[-1]))  # the last layer's final units, 0 elsewhere
         w_out, cols, ld = self.out.weight * self.out.mask, [None] * self.dim, 0
         for i in torch.argsort(self.input_degrees).tolist():
-            h = pre
-            for layer in layers:
-                h = layer(h)
             rows = torch.arange(self.n_params) * self.dim + i
-            theta = F.linear(h, w_out[rows], self.out.bias[rows])
+            theta = F.linear(last, w_out[rows], self.out.bias[rows])
             cols[i], ld_i = solve(z[:, i:i + 1], theta[:, None, :])
             ld = ld + ld_i[:, 0]
-            if w_in is None:  # no hidden layer: the outputs read x itself
-                pre = pre.index_add(1, torch.tensor([i]), cols[i])
-            else:
-                pre = pre + cols[i] * w_in[:, i]
+            k = int(self.input_degrees[i])
+            idx, a = units[0][k], cols[i]
+            for l, act in enumerate(acts):  # the units of degree k, layer by layer
+                pre[l] = pre[l] + a @ weights[l][:, idx].T
+                idx = units[l + 1][k]
+                a = act(pre[l][:, idx])
+            last = last.index_copy(1, idx, a)
         return torch.cat(cols, 1), ld
 
 
