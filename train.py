@@ -568,11 +568,12 @@ def gif_hint(folder: str) -> str:
 
 def stage_progress(args, state, progress):
     """Where the learning-rate schedule stands: the run's progress, or for a tilt the
-    progress within its stage (the base until --base_share of the run, then g)."""
+    progress within its stage (a single base flow until --base_share of the run, then g)."""
     if args.estimator != "tilt":
         return progress
-    if state["phase"] == "base":
-        return 0.0  # each base flow at --lr_flow until it stops early or its share is spent
+    if state["phase"] == "base":  # one flow: the schedule over its share, as a flow alone
+        # over its run; several: each at --lr_flow until it stops early or the share is spent
+        return min(progress / args.base_share, 1.0) if args.base_flows == 1 else 0.0
     return min((progress - state["switch"]) / max(1.0 - state["switch"], 1e-9), 1.0)
 
 
