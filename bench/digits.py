@@ -43,8 +43,8 @@ from bench import gather, runner
 
 ESTIMATORS = {  # label: (script, flags)
     "tilt": ("train.py", ["--estimator", "tilt"]),
-    "tilt-nsf": ("train.py", ["--estimator", "tilt", "--flow", "nsf", "--base_share", "0.7",
-                              "--bank", "10000"]),
+    "tilt-nsf": ("train.py", ["--estimator", "tilt", "--flow", "nsf", "--base_flows", "1",
+                              "--base_share", "0.7", "--bank", "10000"]),
     "tilt-nce": ("train.py", ["--estimator", "tilt", "--tilt_loss", "nce"]),
     "nce": ("train.py", ["--estimator", "nce"]),
     "fce-maf": ("train.py", ["--estimator", "fce", "--flow", "maf"]),

@@ -281,3 +281,16 @@ def test_load_run_rebuilds_models(tmp_path):
     assert run.ebm(x).shape == (7,)
     s = run.flow.sample(5)
     assert s.shape == (5, 2) and torch.isfinite(run.flow.log_prob(s)).all()
+
+
+def test_tilt_learning_rate_schedule_runs_within_each_stage():
+    """A single base flow decays over its share of the run, as a flow alone over its run;
+    several base flows each train at the full rate; g's schedule starts at its switch."""
+    from argparse import Namespace
+    one = Namespace(estimator="tilt", base_share=0.5, base_flows=1)
+    assert train.stage_progress(one, {"phase": "base"}, 0.25) == pytest.approx(0.5)
+    assert train.stage_progress(one, {"phase": "base"}, 0.6) == 1.0
+    several = Namespace(estimator="tilt", base_share=0.5, base_flows=5)
+    assert train.stage_progress(several, {"phase": "base"}, 0.25) == 0.0
+    assert train.stage_progress(one, {"phase": "tilt", "switch": 0.4}, 0.7) == pytest.approx(0.5)
+    assert train.stage_progress(Namespace(estimator="mle"), {}, 0.3) == 0.3
