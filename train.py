@@ -65,8 +65,9 @@ OTHER_LRS = {"lr_ebm": 2e-3, "lr_flow": 3e-3}
 THRESHOLD_WINDOW = 4
 # sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
 IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_every": 100,
-                  "lr_flow": 1e-3, "base_flows": 5, "epoch": 1000,
-                  "plot_every": 100}  # an epoch of the digits is 4 iterations
+                  "lr_flow": 1e-3, "epoch": 1000, "plot_every": 100,  # an epoch: 4 iterations
+                  "tilt_flow": "nsf", "base_flows": 5, "base_share": 0.7, "bank": 10_000}
+TILT_2D = {"base_flows": 1, "base_share": 0.5, "bank": 50_000}  # a tilt's base in 2D
 TILT_LOSSES = ("ml", "nce")
 
 
@@ -147,9 +148,10 @@ def build_parser():
     p.add_argument("--tilt_loss", default="ml", choices=TILT_LOSSES,
                    help="tilt: how g learns against the frozen base q0: ml (mean g(data) + log Z "
                         "by importance sampling on base samples) or nce (logistic, logit -g - c)")
-    p.add_argument("--base_share", type=config.open_unit, default=0.5,
+    p.add_argument("--base_share", type=config.open_unit, default=None,
                    help="tilt: share of the run (iterations or --budget) for the base flow; it "
-                        "ends sooner when its validation score stops improving (images)")
+                        "ends sooner when its validation score stops improving (images); "
+                        "default 0.5, images 0.7")
     config.add_flag(p, "--ebm_on_flow", help="fce: the EBM is a tilt of FCE's own flow, "
                     "p = q_flow exp(-g - c) (tilt.FlowTilt), scored like a tilt")
     p.add_argument("--tilt_bound", type=config.positive_float, default=4.0,
@@ -159,11 +161,16 @@ def build_parser():
                    help="tilt: the base is an equal mixture of this many flows trained one "
                         "after another (flows.FlowMixture), each early-stopped; default 1, "
                         "images 5")
+    p.add_argument("--base_schedule", default="constant", choices=["constant", "share"],
+                   help="tilt: constant: each base flow at --lr_flow until it stops early or "
+                        "the base's share is spent; share: one base flow on --lr_schedule over "
+                        "the base's share, as a flow alone over its run")
     p.add_argument("--base_run", default=None,
                    help="tilt: a finished train.py run whose flow is the frozen base (its "
                         "training CPU-s count in this run's --budget); default: train one")
-    p.add_argument("--bank", type=config.positive_int, default=50_000,
-                   help="tilt: base samples drawn once, when the base freezes (the noise)")
+    p.add_argument("--bank", type=config.positive_int, default=None,
+                   help="tilt: base samples drawn once, when the base freezes (the noise); "
+                        "default 50,000, images 10,000")
     p.add_argument("--is_samples", type=config.positive_int, default=100_000,
                    help="tilt: base samples of the final importance-sampling log Z")
     p.add_argument("--val_every", type=config.positive_int, default=50,
@@ -208,8 +215,9 @@ def resolve_estimator(args):
         args.ebm_hidden = IMAGE_DEFAULTS["ebm_hidden"] if image else [128, 128, 128]
     if args.flow_hidden is None:
         args.flow_hidden = IMAGE_DEFAULTS["flow_hidden"] if image else [64, 64]
-    if args.base_flows is None:
-        args.base_flows = IMAGE_DEFAULTS["base_flows"] if image else 1
+    for key in TILT_2D:
+        if getattr(args, key) is None:
+            setattr(args, key, (IMAGE_DEFAULTS if image else TILT_2D)[key])
     if args.epoch is None:
         args.epoch = IMAGE_DEFAULTS["epoch"] if image else 12
     if args.eval_every is None:
@@ -224,9 +232,11 @@ def resolve_estimator(args):
     if args.flow == "gaussian" and args.estimator == "fce":
         args.estimator = "nce"  # a fixed Gaussian noise model is NCE
     # images: FCE with a coupling spline flow (a 64-D MAF samples one pixel at a time: 298
-    # iterations in 120 CPU-s against 624, and an EBM 23 nats per image lower; docs/digits.md)
-    args.flow = args.flow or ("nsf_coupling" if image and args.estimator == "fce"
-                              else DEFAULT_FLOW[args.estimator])
+    # iterations in 120 CPU-s against 624, and an EBM 23 nats per image lower); a tilt of
+    # the autoregressive NSF, the best flow alone (docs/digits.md)
+    image_flow = {"fce": "nsf_coupling", "tilt": IMAGE_DEFAULTS["tilt_flow"]}
+    args.flow = args.flow or (image and image_flow.get(args.estimator)
+                              or DEFAULT_FLOW[args.estimator])
     if args.estimator == "nce" and args.flow != "gaussian":
         config.fail(f"--estimator=nce uses the fixed Gaussian noise; drop --flow={args.flow} "
                     f"or use --estimator=fce")
@@ -235,6 +245,9 @@ def resolve_estimator(args):
     if args.estimator in ("mle", "tilt") and args.flow == "gaussian":
         config.fail(f"--estimator={args.estimator} needs a learned flow: pass --flow="
                     + "/".join(LEARNED_FLOWS))
+    if args.base_schedule == "share" and args.base_flows > 1:
+        config.fail(f"--base_schedule share decays one base flow over the base's share; "
+                    f"drop it or use --base_flows 1 (not {args.base_flows})")
     if args.base_run and args.estimator != "tilt":
         config.fail("--base_run is the base of a tilt; drop it or use --estimator=tilt")
     if args.ebm_on_flow and args.estimator != "fce":
@@ -568,12 +581,12 @@ def gif_hint(folder: str) -> str:
 
 def stage_progress(args, state, progress):
     """Where the learning-rate schedule stands: the run's progress, or for a tilt the
-    progress within its stage (a single base flow until --base_share of the run, then g)."""
+    progress within its stage (the base until --base_share of the run, then g)."""
     if args.estimator != "tilt":
         return progress
-    if state["phase"] == "base":  # one flow: the schedule over its share, as a flow alone
-        # over its run; several: each at --lr_flow until it stops early or the share is spent
-        return min(progress / args.base_share, 1.0) if args.base_flows == 1 else 0.0
+    if state["phase"] == "base":  # --base_schedule share: over the base's share of the run,
+        # as a flow alone over its run; constant: at --lr_flow until it stops or the share ends
+        return min(progress / args.base_share, 1.0) if args.base_schedule == "share" else 0.0
     return min((progress - state["switch"]) / max(1.0 - state["switch"], 1e-9), 1.0)
 
 

@@ -42,9 +42,11 @@ import config
 from bench import gather, runner
 
 ESTIMATORS = {  # label: (script, flags)
-    "tilt": ("train.py", ["--estimator", "tilt"]),
-    "tilt-nsf": ("train.py", ["--estimator", "tilt", "--flow", "nsf", "--base_flows", "1",
-                              "--base_share", "0.7", "--bank", "10000"]),
+    "tilt": ("train.py", ["--estimator", "tilt"]),  # the default: autoregressive NSF flows
+    "tilt-1flow": ("train.py", ["--estimator", "tilt", "--base_flows", "1", "--base_schedule",
+                                "share"]),  # one, on the schedule over its share
+    "tilt-coupling": ("train.py", ["--estimator", "tilt", "--flow", "nsf_coupling",
+                                   "--base_share", "0.5", "--bank", "50000"]),
     "tilt-nce": ("train.py", ["--estimator", "tilt", "--tilt_loss", "nce"]),
     "nce": ("train.py", ["--estimator", "nce"]),
     "fce-maf": ("train.py", ["--estimator", "fce", "--flow", "maf"]),

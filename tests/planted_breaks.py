@@ -215,7 +215,7 @@ BREAKS = [
      "tests/test_ais.py::test_cli_tilt_run_is_annealed_from_its_own_base_on_the_box"),
     ("flows.py", "k = int(self.input_degrees[i])", "k = int(self.input_degrees[i]) - 1",
      "tests/test_flow_battery.py::test_inverse_of_forward_is_identity"),
-    ("train.py", "if args.base_flows == 1 else 0.0", "if args.base_flows == 0 else 0.0",
+    ("train.py", 'if args.base_schedule == "share" else 0.0', "if False else 0.0",
      "tests/test_train.py::test_tilt_learning_rate_schedule_runs_within_each_stage"),
 ]
 

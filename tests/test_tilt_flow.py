@@ -303,6 +303,7 @@ def test_tilt_in_2d_is_scored_on_the_grid(tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--estimator", "tilt", "--flow", "gaussian"], "needs a learned flow"),
     (["--estimator", "nce", "--ebm_on_flow"], "--ebm_on_flow"),
+    (["--estimator", "tilt", "--base_schedule", "share", "--base_flows", "3"], "--base_flows 1"),
 ])
 def test_tilt_bad_input(tmp_path, capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -391,3 +392,17 @@ def test_a_tilt_whose_is_ess_is_below_one_percent_warns_beside_its_number():
     assert "WARNING: IS ESS 0.90% of the samples, below 1%" in low and "-90.00" in low
     assert "WARNING" not in tasks.format_metrics({**m, "is_ess": 110.0,
                                                   "is_ess_fraction": 0.011})
+
+
+def test_the_digits_default_is_autoregressive_base_flows_and_2d_keeps_its_own():
+    """`train.py --dataset digits` is the tilt the digits table measures as `tilt` (up to
+    five autoregressive NSF flows in 70% of the budget, a bank of 10,000); a 2D tilt keeps one
+    coupling flow, half the run and 50,000 samples."""
+    a = train.get_args(["--dataset", "digits"])
+    assert (a.estimator, a.flow, a.base_flows, a.base_share, a.bank, a.base_schedule) == (
+        "tilt", "nsf", 5, 0.7, 10_000, "constant")
+    b = train.get_args(["--estimator", "tilt"])
+    assert (b.flow, b.base_flows, b.base_share, b.bank) == ("nsf_coupling", 1, 0.5, 50_000)
+    c = train.get_args(["--dataset", "digits", "--base_flows", "5", "--bank", "3"])
+    assert (c.base_flows, c.bank) == (5, 3)
+    assert train.get_args(["--dataset", "digits", "--estimator", "fce"]).flow == "nsf_coupling"

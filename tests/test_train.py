@@ -284,13 +284,15 @@ def test_load_run_rebuilds_models(tmp_path):
 
 
 def test_tilt_learning_rate_schedule_runs_within_each_stage():
-    """A single base flow decays over its share of the run, as a flow alone over its run;
-    several base flows each train at the full rate; g's schedule starts at its switch."""
+    """--base_schedule share: the base flow decays over its share of the run, as a flow alone
+    over its run; constant: each base flow trains at the full rate; g's schedule starts at its
+    switch."""
     from argparse import Namespace
-    one = Namespace(estimator="tilt", base_share=0.5, base_flows=1)
-    assert train.stage_progress(one, {"phase": "base"}, 0.25) == pytest.approx(0.5)
-    assert train.stage_progress(one, {"phase": "base"}, 0.6) == 1.0
-    several = Namespace(estimator="tilt", base_share=0.5, base_flows=5)
-    assert train.stage_progress(several, {"phase": "base"}, 0.25) == 0.0
-    assert train.stage_progress(one, {"phase": "tilt", "switch": 0.4}, 0.7) == pytest.approx(0.5)
+    share = Namespace(estimator="tilt", base_share=0.5, base_schedule="share")
+    assert train.stage_progress(share, {"phase": "base"}, 0.25) == pytest.approx(0.5)
+    assert train.stage_progress(share, {"phase": "base"}, 0.6) == 1.0
+    constant = Namespace(estimator="tilt", base_share=0.5, base_schedule="constant")
+    assert train.stage_progress(constant, {"phase": "base"}, 0.25) == 0.0
+    assert train.stage_progress(share, {"phase": "tilt", "switch": 0.4}, 0.7) == pytest.approx(
+        0.5)
     assert train.stage_progress(Namespace(estimator="mle"), {}, 0.3) == 0.3
