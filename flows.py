@@ -133,6 +133,9 @@ def made_degrees(dim, hidden, reverse=False):
     return degrees
 
 
+PASSES_UP_TO = 4  # MADE.invert: whole passes up to this many inputs (faster there, 5 blocks)
+
+
 class MADE(nn.Module):
     """Masked autoencoder: outputs[..., i] depend only on inputs x_j of lower degree.
 
@@ -166,8 +169,11 @@ class MADE(nn.Module):
         A unit of degree m reads only inputs of degree <= m, so once the input of degree k is
         fixed, every unit of degree k is final: its activation is added once into the next
         layer's pre-activations, and the output of degree k + 1 reads only final units.
-        `solve(z_i, theta_i)` -> (x_i, ld_i) on (N, 1) and (N, 1, n_params); returns x (N, D)
-        and the summed ld (N,)."""
+        `solve(z, params)` -> (x, ld), elementwise: z (N, d) and the n_params outputs (N, d) of
+        the d coordinates it solves (here d = 1; D in the whole-pass path below); returns x
+        (N, D) and the summed ld (N,)."""
+        if self.dim <= PASSES_UP_TO:
+            return self._invert_by_passes(z, solve)
         n, degrees = z.shape[0], self.degrees
         units = [[(d == k).nonzero()[:, 0].to(z.device) for k in range(self.dim + 1)]
                  for d in degrees]  # units[l][k]: layer l's units of degree k (l = 0: inputs)
@@ -179,7 +185,7 @@ class MADE(nn.Module):
         for i in torch.argsort(self.input_degrees).tolist():
             rows = torch.arange(self.n_params) * self.dim + i
             theta = F.linear(last, w_out[rows], self.out.bias[rows])
-            cols[i], ld_i = solve(z[:, i:i + 1], theta[:, None, :])
+            cols[i], ld_i = solve(z[:, i:i + 1], theta[:, None, :].unbind(-1))
             ld = ld + ld_i[:, 0]
             k = int(self.input_degrees[i])
             idx, a = units[0][k], cols[i]
@@ -189,6 +195,16 @@ class MADE(nn.Module):
                 a = act(pre[l][:, idx])
             last = last.index_copy(1, idx, a)
         return torch.cat(cols, 1), ld
+
+    def _invert_by_passes(self, z, solve):
+        """The same in D whole passes of the network, pass k fixing the coordinate of degree
+        k: in a few dimensions cheaper than the bookkeeping above."""
+        params = self(z.new_zeros(1, self.dim))  # the first pass sees x = 0 in every row
+        for k in range(self.dim):
+            x, ld = solve(z, params)
+            if k + 1 < self.dim:
+                params = self(x)
+        return x, ld.sum(-1)
 
 
 def _act(name):
@@ -217,9 +233,9 @@ class MAFLayer(nn.Module):
         return (x - mu) * torch.exp(-alpha), -alpha.sum(-1)
 
     def inverse(self, z):
-        def solve(z_i, theta):  # x_i = z_i exp(alpha_i) + mu_i
-            alpha = soft_clamp(theta[:, :, 1], self.bound)
-            return z_i * torch.exp(alpha) + theta[:, :, 0], alpha
+        def solve(z_i, params):  # x_i = z_i exp(alpha_i) + mu_i
+            alpha = soft_clamp(params[1], self.bound)
+            return z_i * torch.exp(alpha) + params[0], alpha.expand_as(z_i)
         return self.made.invert(z, solve)
 
 
@@ -380,8 +396,8 @@ class SplineAutoregressive(nn.Module):
         return z, ld.sum(-1)
 
     def inverse(self, z):
-        return self.made.invert(z, lambda z_i, theta: rational_quadratic_spline(
-            z_i, theta, self.bound, inverse=True))
+        return self.made.invert(z, lambda z_i, params: rational_quadratic_spline(
+            z_i, torch.stack(params, -1).expand(*z_i.shape, -1), self.bound, inverse=True))
 
 
 class SplineCoupling(nn.Module):
