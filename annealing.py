@@ -283,7 +283,8 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
     `step_sizes` (len(betas) - 2,) fixes eps per inner temperature (no adaptation: the kernels
     are chosen in advance and AIS is exactly unbiased); otherwise eps starts at `eps` and adapts.
     Returns log w (n,) float64, acceptance per inner temperature, eps used per inner
-    temperature (geometric mean over chains) and the final chains."""
+    temperature (geometric mean over chains; NaN for independence moves, which have no step
+    size) and the final chains."""
     n_leapfrog = 1 if transition == "mala" else n_leapfrog
     target = TARGET_ACCEPTANCE[transition]
     s = _evaluate(energy, base, x, grads=target is not None)
@@ -305,7 +306,7 @@ def anneal(energy, base, x: Tensor, betas: Tensor, transition: str = "hmc",
                 log_eps = torch.full_like(log_eps, math.log(float(step_sizes[k - 1])))
             s, a = hmc(energy, base, s, b, log_eps.exp(), n_leapfrog)
         acc.append(float(a.mean()))
-        used.append(float(log_eps.mean().exp()))
+        used.append(float(log_eps.mean().exp()) if target is not None else math.nan)
         if step_sizes is None and target is not None:
             log_eps = _adapt(log_eps, a.to(x.dtype), target, adapt, repeats, gamma)
     return log_w, torch.tensor(acc, dtype=torch.float64), torch.tensor(used, dtype=torch.float64), s.x

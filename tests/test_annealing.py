@@ -233,6 +233,7 @@ def test_each_repeat_starts_from_the_whole_mixture():
     res = annealing.ais_log_Z(lambda x: -members[0].log_prob(x), mix, n_chains=100, n_temps=3,
                               repeats=2, transition="independence")
     assert torch.allclose(res.log_Z_repeats, torch.zeros(2, dtype=torch.float64), atol=0.01)
+    assert res.eps.isnan().all()  # independence moves have no step size to report
 
 
 # ----------------------------------------------------------------------------- the bracket
