@@ -146,7 +146,9 @@ class MADE(nn.Module):
         super().__init__()
         self.dim, self.n_params = dim, n_params
         deg = made_degrees(dim, hidden, reverse)
-        self.input_degrees, self.degrees = deg[0], deg
+        self.input_degrees = deg[0]
+        # MADE.invert: units[l][k], layer l's units of degree k (l = 0: the inputs)
+        self._units = [[(d == k).nonzero()[:, 0] for k in range(dim + 1)] for d in deg]
         layers = []
         for d_prev, d_next in zip(deg[:-1], deg[1:]):
             mask = (d_next[:, None] >= d_prev[None, :])
@@ -174,17 +176,16 @@ class MADE(nn.Module):
         (N, D) and the summed ld (N,)."""
         if self.dim <= PASSES_UP_TO:
             return self._invert_by_passes(z, solve)
-        n, degrees = z.shape[0], self.degrees
-        units = [[(d == k).nonzero()[:, 0].to(z.device) for k in range(self.dim + 1)]
-                 for d in degrees]  # units[l][k]: layer l's units of degree k (l = 0: inputs)
+        n = z.shape[0]
+        units = [[idx.to(z.device) for idx in layer] for layer in self._units]
         lins, acts = self.body[0::2], self.body[1::2]
         weights = [lin.weight * lin.mask for lin in lins]
         pre = [lin.bias.expand(n, -1) for lin in lins]
-        last = z.new_zeros(n, len(degrees[-1]))  # the last layer's final units, 0 elsewhere
-        w_out, cols, ld = self.out.weight * self.out.mask, [None] * self.dim, 0
+        last = z.new_zeros(n, self.out.in_features)  # the last layer's final units, 0 elsewhere
+        w_out = (self.out.weight * self.out.mask).view(self.n_params, self.dim, -1)
+        b_out, cols, ld = self.out.bias.view(self.n_params, self.dim), [None] * self.dim, 0
         for i in torch.argsort(self.input_degrees).tolist():
-            rows = torch.arange(self.n_params) * self.dim + i
-            theta = F.linear(last, w_out[rows], self.out.bias[rows])
+            theta = F.linear(last, w_out[:, i], b_out[:, i])  # (N, n_params): coordinate i's
             cols[i], ld_i = solve(z[:, i:i + 1], theta[:, None, :].unbind(-1))
             ld = ld + ld_i[:, 0]
             k = int(self.input_degrees[i])
@@ -224,9 +225,13 @@ class MAFLayer(nn.Module):
         self.made = MADE(dim, hidden, 2, act, reverse)
         self.bound = bound
 
-    def _mu_alpha(self, x):
-        mu, alpha = self.made(x)
+    def _clamp(self, params):
+        """The MADE's outputs as (mu, alpha), alpha soft-clamped."""
+        mu, alpha = params
         return mu, soft_clamp(alpha, self.bound)
+
+    def _mu_alpha(self, x):
+        return self._clamp(self.made(x))
 
     def forward(self, x):
         mu, alpha = self._mu_alpha(x)
@@ -234,8 +239,8 @@ class MAFLayer(nn.Module):
 
     def inverse(self, z):
         def solve(z_i, params):  # x_i = z_i exp(alpha_i) + mu_i
-            alpha = soft_clamp(params[1], self.bound)
-            return z_i * torch.exp(alpha) + params[0], alpha.expand_as(z_i)
+            mu, alpha = self._clamp(params)
+            return z_i * torch.exp(alpha) + mu, alpha.expand_as(z_i)
         return self.made.invert(z, solve)
 
 

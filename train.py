@@ -66,7 +66,11 @@ THRESHOLD_WINDOW = 4
 # sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
 IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_every": 100,
                   "lr_flow": 1e-3, "epoch": 1000, "plot_every": 100,  # an epoch: 4 iterations
-                  "tilt_flow": "nsf", "base_flows": 5, "base_share": 0.7, "bank": 10_000}
+                  "base_flows": 5, "base_share": 0.7, "bank": 10_000}
+# the flow where --flow is not given on images: FCE's coupling spline flow (a 64-D MAF samples
+# one pixel at a time: 298 iterations in 120 CPU-s against 624, and an EBM 23 nats per image
+# lower); a tilt of the autoregressive NSF, the best flow alone (docs/digits.md)
+IMAGE_FLOW = {"fce": "nsf_coupling", "tilt": "nsf"}
 TILT_2D = {"base_flows": 1, "base_share": 0.5, "bank": 50_000}  # a tilt's base in 2D
 TILT_LOSSES = ("ml", "nce")
 
@@ -231,11 +235,7 @@ def resolve_estimator(args):
         return args
     if args.flow == "gaussian" and args.estimator == "fce":
         args.estimator = "nce"  # a fixed Gaussian noise model is NCE
-    # images: FCE with a coupling spline flow (a 64-D MAF samples one pixel at a time: 298
-    # iterations in 120 CPU-s against 624, and an EBM 23 nats per image lower); a tilt of
-    # the autoregressive NSF, the best flow alone (docs/digits.md)
-    image_flow = {"fce": "nsf_coupling", "tilt": IMAGE_DEFAULTS["tilt_flow"]}
-    args.flow = args.flow or (image and image_flow.get(args.estimator)
+    args.flow = args.flow or (image and IMAGE_FLOW.get(args.estimator)
                               or DEFAULT_FLOW[args.estimator])
     if args.estimator == "nce" and args.flow != "gaussian":
         config.fail(f"--estimator=nce uses the fixed Gaussian noise; drop --flow={args.flow} "

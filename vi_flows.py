@@ -207,11 +207,10 @@ class IAFLayer(MAFLayer):
         return z * torch.exp(alpha) + mu, alpha.sum(-1)
 
     def forward(self, x):
-        z = torch.zeros_like(x)
-        for _ in range(x.shape[-1]):  # pass k fixes the coordinate of degree k
-            mu, alpha = self._mu_alpha(z)
-            z = (x - mu) * torch.exp(-alpha)
-        return z, -alpha.sum(-1)
+        def solve(x_i, params):  # z_i = (x_i - mu_i) exp(-alpha_i)
+            mu, alpha = self._clamp(params)
+            return (x_i - mu) * torch.exp(-alpha), -alpha.expand_as(x_i)
+        return self.made.invert(x, solve)
 
 
 def _vi_flow(layers: Sequence[nn.Module], dim: int, base: str, spec: dict[str, Any]) -> Flow:
