@@ -37,27 +37,38 @@ class Adam:
         self.param_groups = [dict(params=params, lr=lr, betas=tuple(betas), eps=eps,
                                   **TORCH_GROUP)]
         self.state: dict[Tensor, dict[str, Tensor]] = {}
+        self._steps: dict[Tensor, int] = {}  # each parameter's t, "step" of its state as an int
 
     @torch.no_grad()
     def step(self) -> None:
+        """One update of every parameter that has a gradient, in a few `torch._foreach_*`
+        calls (one C++ loop each over the parameters: on small networks the per-call overhead
+        of a loop in Python is most of an optimizer step), elementwise the same arithmetic."""
         for group in self.param_groups:
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                s = self.state.get(p)
-                if s is None:
-                    s = self.state[p] = {
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p not in self.state:
+                    self.state[p] = {
                         "step": torch.tensor(0.0),
                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-                s["step"] += 1
-                s["exp_avg"].lerp_(p.grad, 1 - beta1)
-                s["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                t = s["step"].item()
-                step_size = lr / (1 - beta1 ** t)
-                denom = (s["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)
-                p.addcdiv_(s["exp_avg"], denom, value=-step_size)
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1.0)
+            ts = [self._steps.get(p, 0) + 1 for p in params]
+            self._steps.update(zip(params, ts))
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in ts])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in ts])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -100,3 +111,4 @@ class Adam:
             p = by_index[int(i)]
             self.state[p] = {k: (v.to(torch.float32).cpu() if k == "step" else
                                  v.to(p.device, p.dtype)).clone() for k, v in s.items()}
+        self._steps = {p: int(s["step"]) for p, s in self.state.items()}

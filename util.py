@@ -162,7 +162,9 @@ def guarded_step(opt, loss, ascend=None) -> bool:
     grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps], allow_unused=True))
     grads = [[None if (g := next(grads)) is None else sign * g for _ in ps]
              for (_, sign), ps in zip(groups, params)]
-    if not all(torch.isfinite(g).all() for gs in grads for g in gs if g is not None):
+    present = [g for gs in grads for g in gs if g is not None]
+    # one check for all: the largest |g| of each (NaN if any entry is NaN)
+    if present and not torch.isfinite(torch.stack(torch._foreach_norm(present, math.inf))).all():
         return False
     for (o, _), ps, gs in zip(groups, params, grads):
         for p, g in zip(ps, gs):

@@ -159,3 +159,17 @@ def test_guarded_step_takes_no_step_on_a_non_finite_gradient(bad):
     assert util.guarded_step(opt, loss, ascend=up) is False
     assert (a.item(), b.item(), unused.item()) == (1.0, 2.0, 5.0)
     assert a.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_guarded_step_sees_one_bad_entry_among_many(bad):
+    """A single non-finite entry in one of several multi-entry gradients stops the step."""
+    w = torch.ones(50, requires_grad=True)
+    v = torch.ones(3, requires_grad=True)
+    scale = torch.ones(50)
+    scale[17] = bad
+    opt = torch.optim.SGD([v, w], lr=0.1)
+    assert util.guarded_step(opt, (v * v).sum() + (w * scale).sum()) is False
+    assert torch.equal(w.detach(), torch.ones(50)) and torch.equal(v.detach(), torch.ones(3))
+    assert util.guarded_step(opt, (v * v).sum() + w.sum()) is True
+    assert torch.allclose(v.detach(), torch.full((3,), 0.8))
