@@ -5,8 +5,9 @@
 
 Panels (plots.training_curves): -V against its optimum log 4 (or a flow's training NLL),
 accuracy and the running flow-step fraction against the threshold, KL(p_data || model) of the
-EBM and the flow (test NLL when the density is unknown), and c - log Z. train.py refreshes
-runs/<run>/curves.png at every evaluation; this command draws the same figure for any run.
+EBM and the flow (test NLL when the density is unknown), and c - log Z. train.py draws
+runs/<run>/curves.png at its last evaluation (and at others a minute apart); this command
+draws the same figure for any run.
 """
 import json
 import os

@@ -271,12 +271,20 @@ class StepResult(NamedTuple):
     flow: bool
 
 
-def _contrast(ebm, x: Tensor, noise: Noise):
-    """V, its accuracy and the accuracy on the flow's own samples, for one noise batch."""
-    n = x.shape[0]
-    log_p_x, log_p_y = ebm.log_prob(torch.cat([x, noise.y])).split([n, len(noise.y)])
+def _contrast(ebm, x: Tensor, noise: Noise, ebm_learns: bool = True):
+    """V, its accuracy and the accuracy on the flow's own samples, for one noise batch.
+    When the EBM does not learn from this V (a flow step of "threshold"), log p is taken
+    with a graph only at the flow's own samples, the one place V depends on the flow
+    through the EBM; at the data and the Gaussian's samples it is a constant."""
+    n, k = x.shape[0], noise.n_flow
+    if ebm_learns:
+        log_p_x, log_p_y = ebm.log_prob(torch.cat([x, noise.y])).split([n, len(noise.y)])
+    else:
+        with torch.no_grad():
+            log_p_x, log_p_yg = ebm.log_prob(torch.cat([x, noise.y[k:]])).split(
+                [n, len(noise.y) - k])
+        log_p_y = torch.cat([ebm.log_prob(noise.y[:k]), log_p_yg])
     V, acc = value_function(log_p_x, noise.log_q_x, log_p_y, noise.log_q_y)
-    k = noise.n_flow
     acc_flow = 0.5 * ((log_p_x > noise.log_q_x).float().mean()
                       + (noise.log_q_y[:k] > log_p_y[:k]).float().mean()) if k else acc
     return V, acc, acc_flow
@@ -296,8 +304,8 @@ def fce_step(ebm, contrast: Contrast, step: int, x: Tensor, batch_at, opt_ebm, o
     parameters only (`torch.autograd.grad`)."""
     flow_turn = rule.flow_due(step) if flow_turn is None else flow_turn
     if opt_flow is not None and flow_turn:
-        V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x))
         both = rule.name == "every"
+        V, acc, acc_flow = _contrast(ebm, x, noise := contrast.live(step, x), both)
         if not torch.isfinite(V) or not util.guarded_step(
                 opt_flow, rule.flow_loss(V, noise), opt_ebm if both else None):
             return StepResult(V.detach() * math.nan, acc, acc_flow, False, False)

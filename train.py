@@ -31,6 +31,7 @@ import math
 import os
 import shlex
 import sys
+import time
 
 import torch
 
@@ -720,10 +721,24 @@ def evaluate(args, run, state, task, ebm, flow, final=False):
     state["flow_steps_at_eval"] = state["flow_steps"]
     run.log.log({**m, "epoch": ep, "cpu_s": run.loop.cpu_s, "flow_steps": state["flow_steps"]},
                 state["step"])
-    threshold = args.threshold if args.estimator == "fce" and args.rule == "threshold" else None
-    plots.training_curves(os.path.join(args.out_dir, "curves.png"),
-                          {run.name: (read_metrics(args.out_dir), threshold)})
+    draw_curves(args, run, final)
     return m
+
+
+CURVES_EVERY_S = 60  # curves.png: redrawn at an evaluation this long after its last drawing
+_curves_drawn = {}  # its path -> time.monotonic() of that drawing
+
+
+def draw_curves(args, run, final):
+    """curves.png from the run's metrics (plots.training_curves): at the last evaluation, and
+    at the others when a minute has passed since it was drawn (a drawing costs about a
+    CPU-second; wandb has the live curves)."""
+    path = os.path.join(args.out_dir, "curves.png")
+    if not final and time.monotonic() - _curves_drawn.get(path, -math.inf) < CURVES_EVERY_S:
+        return
+    threshold = args.threshold if args.estimator == "fce" and args.rule == "threshold" else None
+    plots.training_curves(path, {run.name: (read_metrics(args.out_dir), threshold)})
+    _curves_drawn[path] = time.monotonic()
 
 
 def flow_notes(args, m, state):

@@ -296,3 +296,24 @@ def test_tilt_learning_rate_schedule_runs_within_each_stage():
     assert train.stage_progress(share, {"phase": "tilt", "switch": 0.4}, 0.7) == pytest.approx(
         0.5)
     assert train.stage_progress(Namespace(estimator="mle"), {}, 0.3) == 0.3
+
+
+def test_curves_are_drawn_at_the_last_evaluation_and_at_most_once_a_minute_before(
+        tmp_path, monkeypatch):
+    """train.draw_curves: an evaluation within CURVES_EVERY_S of the last drawing skips it,
+    a later one and the final one draw."""
+    drawn, now = [], [1000.0]
+    monkeypatch.setattr(train.plots, "training_curves", lambda path, runs: drawn.append(path))
+    monkeypatch.setattr(train, "read_metrics", lambda out: [])
+    monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+    args = train.get_args(["--out_dir", str(tmp_path / "r"), "--wandb", "disabled"])
+    run = type("Run", (), {"name": "r"})()
+    train.draw_curves(args, run, final=False)  # the first evaluation draws
+    now[0] += train.CURVES_EVERY_S - 1
+    train.draw_curves(args, run, final=False)
+    assert len(drawn) == 1
+    train.draw_curves(args, run, final=True)
+    assert len(drawn) == 2
+    now[0] += train.CURVES_EVERY_S
+    train.draw_curves(args, run, final=False)
+    assert len(drawn) == 3 and drawn[0].endswith("curves.png")
