@@ -113,7 +113,7 @@ BREAKS = [
      "return 0.5 * sigma ** 2 * ((s - eps / sigma) ** 2).sum(-1).mean()", SM),
     ("score_matching.py", "total = total + ((grad_sv * v).sum(-1) + 0.5 * sv ** 2).mean()",
      "total = total + ((grad_sv * v).sum(-1) - 0.5 * sv ** 2).mean()", SM),
-    ("adam.py", "step_size = lr / (1 - beta1 ** t)", "step_size = lr",
+    ("adam.py", "[-lr / (1 - beta1 ** t) for t in ts]", "[-lr for t in ts]",
      "tests/test_adam.py::test_the_same_weights_as_torch_adam_bit_for_bit"),
     ("fce.py", "opt_flow, rule.flow_loss(V, noise), opt_ebm if both else None):",
      "opt_flow, rule.flow_loss(V, noise), opt_ebm):", THRESHOLD),
@@ -221,6 +221,16 @@ BREAKS = [
      "tests/test_flow_battery.py::test_inverse_of_forward_is_identity"),
     ("annealing.py", "if target is not None else math.nan)", "if True else math.nan)",
      A + "test_each_repeat_starts_from_the_whole_mixture"),
+    ("adam.py", "torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in ts])",
+     "torch._foreach_div_(denom, [(1 - beta2 ** (t + 1)) ** 0.5 for t in ts])",
+     "tests/test_adam.py::test_the_same_weights_as_torch_adam_bit_for_bit"),
+    ("util.py", "torch._foreach_norm(present, math.inf)", "torch._foreach_norm(present[:1], math.inf)",
+     "tests/test_util.py::test_guarded_step_sees_one_bad_entry_among_many"),
+    ("fce.py", "log_p_y = torch.cat([ebm.log_prob(noise.y[:k]), log_p_yg])",
+     "log_p_y = torch.cat([ebm.log_prob(noise.y[:k].detach()), log_p_yg])",
+     "tests/test_fce.py::test_flow_step_descends_V_plus_the_weighted_nll"),
+    ("train.py", "    if not final and time.monotonic()", "    if False and time.monotonic()",
+     "tests/test_train.py::test_curves_are_drawn_at_the_last_evaluation_and_at_most_once_a_minute_before"),
 ]
 
 
