@@ -37,7 +37,6 @@ class Adam:
         self.param_groups = [dict(params=params, lr=lr, betas=tuple(betas), eps=eps,
                                   **TORCH_GROUP)]
         self.state: dict[Tensor, dict[str, Tensor]] = {}
-        self._steps: dict[Tensor, int] = {}  # each parameter's t, "step" of its state as an int
 
     @torch.no_grad()
     def step(self) -> None:
@@ -60,8 +59,7 @@ class Adam:
             m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1.0)
-            ts = [self._steps.get(p, 0) + 1 for p in params]
-            self._steps.update(zip(params, ts))
+            ts = torch.stack(steps).tolist()  # each parameter's t, read in one call
             torch._foreach_lerp_(m, grads, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
@@ -111,4 +109,3 @@ class Adam:
             p = by_index[int(i)]
             self.state[p] = {k: (v.to(torch.float32).cpu() if k == "step" else
                                  v.to(p.device, p.dtype)).clone() for k, v in s.items()}
-        self._steps = {p: int(s["step"]) for p, s in self.state.items()}
