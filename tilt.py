@@ -33,6 +33,7 @@ default in train_tilt.py: exactly 30/40/30, `mixture_sample(..., stratified=True
 """
 import copy
 import math
+import time
 
 import numpy as np
 import torch
@@ -293,13 +294,22 @@ def tilt_step(tilt, x_data, y_base, opt, loss="ml"):
     return value.detach()
 
 
-def base_samples(base, n, generator, chunk=5000):
-    """n samples of a frozen base flow, its base draws from `generator` (CPU): the same numbers
-    at every call with an equally seeded generator (a bank rebuilt on resume)."""
+def base_samples(base, n, generator, chunk=5000, until=None):
+    """n samples of a frozen base flow, its base draws from `generator` (CPU) in chunks of
+    `chunk`: the same numbers at every call with an equally seeded generator (a bank rebuilt
+    on resume). `until(drawn, cpu_s)`, asked after each chunk with the count drawn and the
+    process CPU-seconds taken so far, ends the drawing early when true: the samples are then
+    the first whole chunks of the n."""
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    out, start = [], time.process_time()
     with torch.no_grad():
-        return torch.cat([base.sample(k, torch.randn(k, base.dim, generator=generator).to(
-            base._anchor)) for k in sizes])
+        for k in sizes:
+            z = torch.randn(k, base.dim, generator=generator).to(base._anchor)
+            out.append(base.sample(k, z))
+            drawn = sum(map(len, out))
+            if until is not None and drawn < n and until(drawn, time.process_time() - start):
+                break
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ THRESHOLD_WINDOW = 4
 # sizes for the 64-dimensional images where a flag is not given (2D: the flag defaults)
 IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_every": 100,
                   "lr_flow": 1e-3, "epoch": 1000, "plot_every": 100,  # an epoch: 4 iterations
-                  "base_flows": 5, "base_share": 0.7, "bank": 10_000}
+                  "base_flows": 5, "base_share": 0.7, "bank": 100_000}
 # the flow where --flow is not given on images: FCE's coupling spline flow (a 64-D MAF samples
 # one pixel at a time: 298 iterations in 120 CPU-s against 624, and an EBM 23 nats per image
 # lower); a tilt of the autoregressive NSF, the best flow alone (docs/digits.md)
@@ -175,7 +175,9 @@ def build_parser():
                         "training CPU-s count in this run's --budget); default: train one")
     p.add_argument("--bank", type=config.positive_int, default=None,
                    help="tilt: base samples drawn once, when the base freezes (the noise); "
-                        "default 50,000, images 10,000")
+                        "default 50,000, images 100,000; fewer when a --budget is short (the "
+                        "drawing stops after half of what is left, the validation samples "
+                        "counted)")
     p.add_argument("--is_samples", type=config.positive_int, default=100_000,
                    help="tilt: base samples of the final importance-sampling log Z")
     p.add_argument("--val_every", type=config.positive_int, default=50,
@@ -449,7 +451,7 @@ def train(args, run, device, task=None):
                        if args.estimator == "tilt" else None)
     checkpoints.load_or_save_first(lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
                                    ebm=getattr(ebm, "g", ebm), opt_ebm=opt_ebm)
-    bank = Bank(args, ebm, flow) if args.estimator == "tilt" else None
+    bank = Bank(args, ebm, flow, state) if args.estimator == "tilt" else None
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
                 if opt is not None]
     print_start(args, run, total, iters, device)
@@ -519,7 +521,8 @@ def train(args, run, device, task=None):
     print(f"done: {args.out_dir} (curves: {os.path.join(args.out_dir, 'curves.png')}; gif: "
           f"{gif_hint(args.image_dir)})")
     stages = {"base_steps": state["base_steps"], "base_cpu_s": state["base_cpu_s"] + offset,
-              "best_val": state["best_val"]} if args.estimator == "tilt" else \
+              "bank_draws": state["bank_draws"], "best_val": state["best_val"]} \
+        if args.estimator == "tilt" else \
         {"best_val": state["best_val"]} if state["best_state"] else {}
     return {**metrics, **steps, **stages} if metrics else None
 
@@ -538,28 +541,39 @@ def steps_line(args, steps):
 
 # ----------------------------------------------------------------------------- selection
 SELECTION = dict(best_val=-math.inf, best_state=None, since_best=0, stopped=False, switch=0.0,
-                 base_steps=0, base_cpu_s=0.0, member=0)
+                 base_steps=0, base_cpu_s=0.0, member=0, bank_draws=0)
 
 
 class Bank:
     """A tilt's noise: --bank samples of its frozen base, drawn once when the base freezes (on
     images those inside the box, where the tilt lives), and tasks.VAL_IS more for the
-    validation log Z; both from the seed, so a resumed run redraws them."""
+    validation log Z; both from the seed, and as many as were drawn then (`bank_draws` in the
+    run's state), so a resumed run redraws the same ones."""
 
-    def __init__(self, args, ebm, flow):
+    def __init__(self, args, ebm, flow, state):
         self.tilt, self.flow, self.n, self.seed = ebm, flow, args.bank, args.seed
-        self.y = self.y_val = None
+        self.state, self.y, self.y_val = state, None, None
 
-    def freeze(self):
-        """Freeze the base (no gradient, eval mode) and draw the bank."""
+    def freeze(self, cpu_s_left=None):
+        """Freeze the base (no gradient, eval mode) and draw the bank. With `cpu_s_left` (the
+        budget left when the base froze) the drawing stops early once it has taken half of
+        that less what the validation samples will take at the same rate: g then trains for
+        at least as long as its bank took to draw."""
         import tilt
         self.flow.requires_grad_(False)
         self.flow.eval()
         gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
-        y = tilt.base_samples(self.flow, self.n, gen)
+
+        def enough(drawn, cpu_s):
+            return 2 * cpu_s + cpu_s / drawn * tasks.VAL_IS >= cpu_s_left
+
+        resumed = self.state["bank_draws"] > 0
+        y = tilt.base_samples(self.flow, self.state["bank_draws"] if resumed else self.n, gen,
+                              until=enough if cpu_s_left is not None and not resumed else None)
+        self.state["bank_draws"] = len(y)
         self.y = y[tilt.in_box(y)] if self.tilt.box else y  # where the tilt lives
         if len(self.y) == 0:
-            config.fail(f"the base flow put none of its {self.n} samples inside the box, so the "
+            config.fail(f"the base flow put none of its {len(y)} samples inside the box, so the "
                         f"tilt has nothing to train against; train the base longer (a larger "
                         f"--budget or --max_steps) or raise --bank")
         self.y_val = tilt.base_samples(self.flow, tasks.VAL_IS, gen)
@@ -633,12 +647,12 @@ def select(args, run, state, task, ebm, flow, bank, progress):
             "best_val", "best_state", "since_best")})
         if state["member"] < args.base_flows and not cut:
             return
-        bank.freeze()
+        bank.freeze(args.budget * (1 - progress) if args.budget else None)
         state.update(phase="tilt", switch=progress, base_steps=state["step"],
                      base_cpu_s=run.loop.cpu_s)
         run.loop.print(f"step {state['step']} | the base ({int(flow.n_active)} flows) is "
-                       f"frozen; the tilt g trains against {len(bank.y)} of its {args.bank} "
-                       f"samples (those where the tilt lives)")
+                       f"frozen; the tilt g trains against {len(bank.y)} of its {state['bank_draws']} "
+                       f"samples (those where the tilt lives; --bank {args.bank})")
         if image:
             select(args, run, state, task, ebm, flow, bank, progress)  # g = 0 scores first
     elif patience_out:

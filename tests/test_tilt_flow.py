@@ -177,6 +177,48 @@ def test_iid_draws_of_a_mixture_pick_members_at_random():
     assert 0.4 < share < 0.6, share
 
 
+def test_base_samples_stop_early_at_a_whole_chunk_of_the_same_draws():
+    """base_samples with `until`: the drawing ends after the first chunk for which until(drawn,
+    cpu_s) holds, and what it kept is the start of the full draw from an equally seeded
+    generator (a resumed run redraws its bank by count)."""
+    base = flows.gaussian(2)
+    full = tilt.base_samples(base, 2500, torch.Generator().manual_seed(3), chunk=1000)
+    asked = []
+    part = tilt.base_samples(base, 2500, torch.Generator().manual_seed(3), chunk=1000,
+                             until=lambda drawn, cpu_s: asked.append((drawn, cpu_s)) or
+                             drawn >= 2000)
+    assert full.shape == (2500, 2) and part.shape == (2000, 2)
+    assert torch.equal(part, full[:2000])
+    assert [d for d, _ in asked] == [1000, 2000] and all(c >= 0 for _, c in asked)
+    never = tilt.base_samples(base, 2500, torch.Generator().manual_seed(3), chunk=1000,
+                              until=lambda drawn, cpu_s: False)
+    assert torch.equal(never, full)
+
+
+def test_bank_is_cut_by_the_budget_left_and_redrawn_by_count_on_resume():
+    """A tilt's bank: --bank draws with no budget; with none of the budget left only the first
+    chunk (the drawing stops once it took half of what is left); its count goes into the
+    run's state, and a Bank resumed with that state draws the same samples and the same
+    validation samples."""
+    args = train.get_args(["--estimator", "tilt", "--bank", "12000", "--seed", "4"])
+    flow, g = flows.gaussian(2), EBM(2, [8])
+    ebm = tilt.FlowTilt(flow, g)
+
+    def bank(cpu_s_left=None, draws=0):
+        state = {"bank_draws": draws}
+        b = train.Bank(args, ebm, flow, state)
+        b.y = None
+        return b.freeze(cpu_s_left), state
+
+    whole, s_whole = bank()
+    cut, s_cut = bank(cpu_s_left=0.0)
+    assert s_whole["bank_draws"] == len(whole.y) == 12000
+    assert s_cut["bank_draws"] == len(cut.y) == 5000 and torch.equal(cut.y, whole.y[:5000])
+    again, s_again = bank(cpu_s_left=1e9, draws=5000)  # resumed: the count, not the budget
+    assert torch.equal(again.y, cut.y) and torch.equal(again.y_val, cut.y_val)
+    assert s_again["bank_draws"] == 5000 and len(cut.y_val) == tasks.VAL_IS
+
+
 def test_ais_of_a_tilt_on_the_box_against_the_closed_form():
     """AIS from the base given the box (BaseOnBox) to the linear tilt on the box, by
     independence moves (annealing, as tasks.Images scores a tilt): log Z within 0.03 of the
@@ -396,11 +438,11 @@ def test_a_tilt_whose_is_ess_is_below_one_percent_warns_beside_its_number():
 
 def test_the_digits_default_is_autoregressive_base_flows_and_2d_keeps_its_own():
     """`train.py --dataset digits` is the tilt the digits table measures as `tilt` (up to
-    five autoregressive NSF flows in 70% of the budget, a bank of 10,000); a 2D tilt keeps one
+    five autoregressive NSF flows in 70% of the budget, a bank of 100,000); a 2D tilt keeps one
     coupling flow, half the run and 50,000 samples."""
     a = train.get_args(["--dataset", "digits"])
     assert (a.estimator, a.flow, a.base_flows, a.base_share, a.bank, a.base_schedule) == (
-        "tilt", "nsf", 5, 0.7, 10_000, "constant")
+        "tilt", "nsf", 5, 0.7, 100_000, "constant")
     b = train.get_args(["--estimator", "tilt"])
     assert (b.flow, b.base_flows, b.base_share, b.bank) == ("nsf_coupling", 1, 0.5, 50_000)
     c = train.get_args(["--dataset", "digits", "--base_flows", "5", "--bank", "3"])
