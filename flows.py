@@ -177,7 +177,9 @@ class MADE(nn.Module):
         if self.dim <= PASSES_UP_TO:
             return self._invert_by_passes(z, solve)
         n = z.shape[0]
-        units = [[idx.to(z.device) for idx in layer] for layer in self._units]
+        if self._units[0][0].device != z.device:  # moved once, on the first pass there
+            self._units = [[idx.to(z.device) for idx in layer] for layer in self._units]
+        units = self._units
         lins, acts = self.body[0::2], self.body[1::2]
         weights = [lin.weight * lin.mask for lin in lins]
         pre = [lin.bias.expand(n, -1) for lin in lins]
