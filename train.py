@@ -544,6 +544,13 @@ SELECTION = dict(best_val=-math.inf, best_state=None, since_best=0, stopped=Fals
                  base_steps=0, base_cpu_s=0.0, member=0, bank_draws=0)
 
 
+def bank_drawn(drawn, cpu_s, cpu_s_left, n_val=tasks.VAL_IS):
+    """Whether a bank whose `drawn` samples took `cpu_s` is drawn: it has then taken half of
+    the `cpu_s_left` it started with, less what `n_val` validation samples will take at its
+    rate, 2 cpu_s + n_val cpu_s / drawn >= cpu_s_left (g keeps the rest, as long again)."""
+    return 2 * cpu_s + n_val * cpu_s / drawn >= cpu_s_left
+
+
 class Bank:
     """A tilt's noise: --bank samples of its frozen base, drawn once when the base freezes (on
     images those inside the box, where the tilt lives), and tasks.VAL_IS more for the
@@ -564,12 +571,10 @@ class Bank:
         self.flow.eval()
         gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
 
-        def enough(drawn, cpu_s):
-            return 2 * cpu_s + cpu_s / drawn * tasks.VAL_IS >= cpu_s_left
-
         resumed = self.state["bank_draws"] > 0
         y = tilt.base_samples(self.flow, self.state["bank_draws"] if resumed else self.n, gen,
-                              until=enough if cpu_s_left is not None and not resumed else None)
+                              until=None if cpu_s_left is None or resumed else
+                              lambda drawn, cpu_s: bank_drawn(drawn, cpu_s, cpu_s_left))
         self.state["bank_draws"] = len(y)
         self.y = y[tilt.in_box(y)] if self.tilt.box else y  # where the tilt lives
         if len(self.y) == 0:

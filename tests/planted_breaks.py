@@ -231,6 +231,14 @@ BREAKS = [
      "tests/test_fce.py::test_flow_step_descends_V_plus_the_weighted_nll"),
     ("train.py", "    if not final and time.monotonic()", "    if False and time.monotonic()",
      "tests/test_train.py::test_curves_are_drawn_at_the_last_evaluation_and_at_most_once_a_minute_before"),
+    ("tilt.py", "if until is not None and drawn < n and until(drawn, time.process_time() - start):",
+     "if until is not None and drawn < n and until(drawn, 0.0) and False:",
+     T + "test_base_samples_stop_early_at_a_whole_chunk_of_the_same_draws"),
+    ("train.py", "resumed = self.state[\"bank_draws\"] > 0", "resumed = False",
+     T + "test_bank_is_cut_by_the_budget_left_and_redrawn_by_count_on_resume"),
+    ("train.py", "return 2 * cpu_s + n_val * cpu_s / drawn >= cpu_s_left",
+     "return cpu_s + n_val * cpu_s / drawn >= cpu_s_left",
+     T + "test_bank_is_cut_by_the_budget_left_and_redrawn_by_count_on_resume"),
 ]
 
 

@@ -210,6 +210,9 @@ def test_bank_is_cut_by_the_budget_left_and_redrawn_by_count_on_resume():
         b.y = None
         return b.freeze(cpu_s_left), state
 
+    # half of what is left less the validation samples (20,000) at the bank's rate
+    assert not train.bank_drawn(15_000, 10.5, 36.0) and train.bank_drawn(20_000, 14.0, 36.0)
+    assert not train.bank_drawn(100_000, 70.0, 175.0) and train.bank_drawn(5000, 3.5, 0.0)
     whole, s_whole = bank()
     cut, s_cut = bank(cpu_s_left=0.0)
     assert s_whole["bank_draws"] == len(whole.y) == 12000
