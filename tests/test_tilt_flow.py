@@ -304,7 +304,7 @@ def test_tilt_run_on_digits_reports_a_trusted_checked_likelihood(tmp_path):
         assert key in s, key
     assert s["ll_flow_box"] > s["ll_flow"]  # renormalised from E to [-1, 1]^64: Q(box) < 1
     assert s["ll_ebm"] - s["ll_flow_box"] - 0.2 < s["tilt_gain"] < s["ll_ebm"] - s["ll_flow"]
-    assert 0 < s["base_steps"] < s["steps"]
+    assert 0 < s["base_steps"] < s["steps"] and s["bank_draws"] == 2000  # --bank, no budget
     run = checkpoint.load_run(str(out))
     assert isinstance(run.ebm, tilt.FlowTilt) and 1 <= int(run.flow.n_active) <= 2
     task = tasks.make_task(train.get_args(["--dataset", "digits"]), "cpu")
