@@ -570,7 +570,6 @@ class Bank:
         self.flow.requires_grad_(False)
         self.flow.eval()
         gen = torch.Generator().manual_seed(self.seed * 7919 + 3)
-
         resumed = self.state["bank_draws"] > 0
         y = tilt.base_samples(self.flow, self.state["bank_draws"] if resumed else self.n, gen,
                               until=None if cpu_s_left is None or resumed else
@@ -656,8 +655,9 @@ def select(args, run, state, task, ebm, flow, bank, progress):
         state.update(phase="tilt", switch=progress, base_steps=state["step"],
                      base_cpu_s=run.loop.cpu_s)
         run.loop.print(f"step {state['step']} | the base ({int(flow.n_active)} flows) is "
-                       f"frozen; the tilt g trains against {len(bank.y)} of its {state['bank_draws']} "
-                       f"samples (those where the tilt lives; --bank {args.bank})")
+                       f"frozen; the tilt g trains against {len(bank.y)} of its "
+                       f"{state['bank_draws']} samples (those where the tilt lives; --bank "
+                       f"{args.bank})")
         if image:
             select(args, run, state, task, ebm, flow, bank, progress)  # g = 0 scores first
     elif patience_out:
