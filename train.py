@@ -73,6 +73,8 @@ IMAGE_DEFAULTS = {"ebm_hidden": [256, 256], "flow_hidden": [128, 128], "eval_eve
 # lower); a tilt of the autoregressive NSF, the best flow alone (docs/digits.md)
 IMAGE_FLOW = {"fce": "nsf_coupling", "tilt": "nsf"}
 TILT_2D = {"base_flows": 1, "base_share": 0.5, "bank": 50_000}  # a tilt's base in 2D
+# a tilt's g on images: wider than the MLP EBM and bounded closer (docs/digits.md, "The g")
+TILT_IMAGE = {"ebm_hidden": [512, 512], "tilt_bound": 3.0}
 TILT_LOSSES = ("ml", "nce")
 
 
@@ -129,7 +131,7 @@ def build_parser():
     p.add_argument("--sm_projections", type=config.positive_int, default=1,
                    help="ssm: random projections per data point")
     p.add_argument("--ebm_hidden", type=config.positive_int, nargs="+", default=None,
-                   help="EBM MLP widths (default 128 128 128; images 256 256)")
+                   help="EBM MLP widths (default 128 128 128; images 256 256, a tilt's g 512 512)")
     p.add_argument("--ebm_act", default="silu", choices=["silu", "softplus", "tanh", "elu",
                                                          "leakyrelu", "relu"])
     p.add_argument("--flow_mle", type=config.nonnegative_float, default=1.0,
@@ -159,9 +161,9 @@ def build_parser():
                         "default 0.5, images 0.7")
     config.add_flag(p, "--ebm_on_flow", help="fce: the EBM is a tilt of FCE's own flow, "
                     "p = q_flow exp(-g - c) (tilt.FlowTilt), scored like a tilt")
-    p.add_argument("--tilt_bound", type=config.positive_float, default=4.0,
+    p.add_argument("--tilt_bound", type=config.positive_float, default=None,
                    help="tilt: |g| < B (B tanh(g / B)): the tilt reweights its base by at most "
-                        "e^(2B)")
+                        "e^(2B); default 4, a tilt on images 3")
     p.add_argument("--base_flows", type=config.positive_int, default=None,
                    help="tilt: the base is an equal mixture of this many flows trained one "
                         "after another (flows.FlowMixture), each early-stopped; default 1, "
@@ -218,8 +220,12 @@ def resolve_estimator(args):
     for key, value in (THRESHOLD_LRS if threshold_2d else OTHER_LRS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    tilt_image = image and args.estimator == "tilt"
     if args.ebm_hidden is None:
-        args.ebm_hidden = IMAGE_DEFAULTS["ebm_hidden"] if image else [128, 128, 128]
+        args.ebm_hidden = (TILT_IMAGE if tilt_image else IMAGE_DEFAULTS)["ebm_hidden"] \
+            if image else [128, 128, 128]
+    if args.tilt_bound is None:
+        args.tilt_bound = TILT_IMAGE["tilt_bound"] if tilt_image else 4.0
     if args.flow_hidden is None:
         args.flow_hidden = IMAGE_DEFAULTS["flow_hidden"] if image else [64, 64]
     for key in TILT_2D:

@@ -441,13 +441,19 @@ def test_a_tilt_whose_is_ess_is_below_one_percent_warns_beside_its_number():
 
 def test_the_digits_default_is_autoregressive_base_flows_and_2d_keeps_its_own():
     """`train.py --dataset digits` is the tilt the digits table measures as `tilt` (up to
-    five autoregressive NSF flows in 70% of the budget, a bank of 100,000); a 2D tilt keeps one
-    coupling flow, half the run and 50,000 samples."""
+    five autoregressive NSF flows in 70% of the budget, a bank of 100,000, g 512-512 bounded by
+    3); a 2D tilt keeps one coupling flow, half the run, 50,000 samples and the bound 4, and
+    the other image EBMs (FCE's tilt of its flow included) their 256-256 MLP and bound 4."""
     a = train.get_args(["--dataset", "digits"])
     assert (a.estimator, a.flow, a.base_flows, a.base_share, a.bank, a.base_schedule) == (
         "tilt", "nsf", 5, 0.7, 100_000, "constant")
+    assert (a.ebm_hidden, a.tilt_bound) == ([512, 512], 3.0)
     b = train.get_args(["--estimator", "tilt"])
     assert (b.flow, b.base_flows, b.base_share, b.bank) == ("nsf_coupling", 1, 0.5, 50_000)
+    assert (b.ebm_hidden, b.tilt_bound) == ([128, 128, 128], 4.0)
+    f = train.get_args(["--dataset", "digits", "--estimator", "fce", "--ebm_on_flow"])
+    assert (f.ebm_hidden, f.tilt_bound) == ([256, 256], 4.0)
+    assert train.get_args(["--dataset", "digits", "--tilt_bound", "5"]).tilt_bound == 5.0
     c = train.get_args(["--dataset", "digits", "--base_flows", "5", "--bank", "3"])
     assert (c.base_flows, c.bank) == (5, 3)
     assert train.get_args(["--dataset", "digits", "--estimator", "fce"]).flow == "nsf_coupling"
