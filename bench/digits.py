@@ -41,12 +41,15 @@ if not __package__:  # run as a file (python bench/x.py): the repository root, n
 import config
 from bench import gather, runner
 
+# the tilt's g before the default on images widened it (64-256-256-1, |g| < 4): a short run's
+# g, which has about 10 CPU-s at 120 CPU-s (docs/digits.md, "The g")
+G_SMALL = ["--ebm_hidden", "256", "256", "--tilt_bound", "4"]
 ESTIMATORS = {  # label: (script, flags)
     "tilt": ("train.py", ["--estimator", "tilt"]),  # the default: autoregressive NSF flows
     "tilt-1flow": ("train.py", ["--estimator", "tilt", "--base_flows", "1", "--base_schedule",
-                                "share"]),  # one, on the schedule over its share
+                                "share", *G_SMALL]),  # one, on the schedule over its share
     "tilt-coupling": ("train.py", ["--estimator", "tilt", "--flow", "nsf_coupling",
-                                   "--base_share", "0.5", "--bank", "50000"]),
+                                   "--base_share", "0.5", "--bank", "50000", *G_SMALL]),
     "tilt-nce": ("train.py", ["--estimator", "tilt", "--tilt_loss", "nce"]),
     "nce": ("train.py", ["--estimator", "nce"]),
     "fce-maf": ("train.py", ["--estimator", "fce", "--flow", "maf"]),
