@@ -463,6 +463,8 @@ def train(args, run, device, task=None):
     print_start(args, run, total, iters, device)
 
     offset = getattr(flow, "base_cpu_s", 0.0)  # --base_run: its training counts too
+    if args.base_run and not state["step"]:  # g's stage, and its schedule, start here
+        state["switch"] = offset / args.budget if args.budget else 0.0
 
     def progress_at(step):
         return max(step / total, (loop.cpu_s + offset) / args.budget if args.budget else 0)
@@ -715,7 +717,8 @@ def log_row(run, state, args, opt_ebm, opt_flow):
     sums start again) and their timing, and the threshold rule's current threshold."""
     m, estimator = run.loop.means(), args.estimator
     row = ({"nll_train": m["v_sum"]} if estimator == "mle" or state["phase"] == "base" else
-           {"tilt_loss": m["v_sum"]} if state["phase"] == "tilt" else
+           {"tilt_loss": m["v_sum"], "lr_ebm": opt_ebm.param_groups[0]["lr"]}
+           if state["phase"] == "tilt" else
            {"sm_loss": m["v_sum"], "lr_ebm": opt_ebm.param_groups[0]["lr"]}
            if estimator in SCORE_MATCHING else
            {"value": -m["v_sum"], "accuracy": m["acc_sum"], "accuracy_flow": m["acc_flow_sum"],

@@ -9,6 +9,7 @@ import torch
 
 import checkpoint
 import flows
+import logger
 import gridmath
 import references
 import tasks
@@ -384,6 +385,20 @@ def test_base_run_is_the_frozen_base_and_bad_bases_are_one_line(tmp_path, capsys
             _run(tmp_path, *SMALL_2D, "--estimator", "tilt", "--base_run", *argv, name="bad")
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and needle in err and "\n" not in err, err
+
+
+def test_a_tilt_on_a_base_run_starts_its_schedule_at_the_peak_rate(tmp_path):
+    """With --base_run under a --budget, the base's CPU-s count in the budget, and g's
+    learning-rate schedule runs over what is left: its first rows are near --lr_ebm, not at
+    the point of the cosine the base's CPU-s reach (here half the budget)."""
+    code, base = _run(tmp_path, *SMALL_2D, "--estimator", "mle", "--flow", "maf", name="base")
+    cpu = json.load(open(base / "summary.json"))["cpu_s"]
+    code, out = _run(tmp_path, *SMALL_2D, "--estimator", "tilt", "--base_run", str(base),
+                     "--bank", "2000", "--budget", str(2 * cpu), "--lr_ebm", "2e-3",
+                     "--log_every", "1", name="tilt")
+    assert code == 0
+    lrs = [r["lr_ebm"] for r in logger.read_metrics(str(out)) if "tilt_loss" in r]
+    assert lrs and lrs[0] > 0.9 * 2e-3 and lrs == sorted(lrs, reverse=True), lrs
 
 
 def test_select_keeps_the_best_scoring_weights_and_stops_on_patience():
