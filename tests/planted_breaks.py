@@ -239,6 +239,9 @@ BREAKS = [
     ("train.py", "return 2 * cpu_s + n_val * cpu_s / drawn >= cpu_s_left",
      "return cpu_s + n_val * cpu_s / drawn >= cpu_s_left",
      T + "test_bank_is_cut_by_the_budget_left_and_redrawn_by_count_on_resume"),
+    ("train.py", 'state["switch"] = offset / args.budget if args.budget else 0.0',
+     'state["switch"] = 0.0',
+     T + "test_a_tilt_on_a_base_run_starts_its_schedule_at_the_peak_rate"),
 ]
 
 
