@@ -123,7 +123,8 @@ class Folder:
         (config.json or checkpoint.pt) or, for `images`, only images."""
         entries = os.listdir(path) if os.path.isdir(path) else []
         if entries and not self.args.overwrite:
-            resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable else ""
+            resume = f"continue it with --resume {shlex.quote(path)}, " if self.resumable \
+                and not images else ""  # a figure folder is not a run to continue
             config.fail(f"{path} already holds files of another run; {resume}clear it with "
                         f"--overwrite, or choose another --out_dir/--image_dir")
         kinds = (".png", ".gif", ".json", ".jpg", ".pdf", ".svg")

@@ -232,6 +232,18 @@ def test_used_output_folder_is_refused(script, clean_cwd, capsys):
     assert os.listdir(used) == ["config.json"]
 
 
+@pytest.mark.parametrize("script", RESUMABLE)
+def test_used_image_folder_is_refused_without_offering_to_resume_it(script, clean_cwd, capsys):
+    """A fresh run whose --image_dir holds another run's figures: one line naming --overwrite,
+    and no `--resume <image folder>` (a figure folder is not a run to continue)."""
+    used = clean_cwd / "inputs" / "figures"
+    os.makedirs(used)
+    (used / "old.png").write_bytes(b"x")
+    err = fails(script, ["--out_dir", str(clean_cwd / "fresh"), "--image_dir", str(used)],
+                capsys, "--overwrite")
+    assert "--resume" not in err and os.listdir(used) == ["old.png"]
+
+
 # ----------------------------------------------------------------------------- benchmarks
 def test_bench_report_without_finished_runs_writes_nothing(tmp_path, capsys):
     out = tmp_path / "docs"
