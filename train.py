@@ -450,21 +450,20 @@ def train(args, run, device, task=None):
     # what the experiment adds to the loop's state (kept in checkpoints: a resumed run writes
     # the same rows as an uninterrupted one)
     checkpoints, loop = run.checkpoints, run.loop
+    offset = getattr(flow, "base_cpu_s", 0.0)  # --base_run: its training counts too
     state = loop.track(epochs=True, sums=ROW_SUMS, flow_steps=0, ebm_steps=0,
                        flow_steps_at_eval=0, **SELECTION,
                        **{**WHO, "threshold": the_rule.threshold},
                        phase=("tilt" if args.base_run else "base")
                        if args.estimator == "tilt" else None)
+    if args.base_run:  # g's stage, and its schedule, start with the run (a resume loads it)
+        state["switch"] = offset / args.budget if args.budget else 0.0
     checkpoints.load_or_save_first(lambda: specs(ebm, flow), flow=flow, opt_flow=opt_flow,
                                    ebm=getattr(ebm, "g", ebm), opt_ebm=opt_ebm)
     bank = Bank(args, ebm, flow, state) if args.estimator == "tilt" else None
     base_lrs = [(opt, lr) for opt, lr in ((opt_ebm, args.lr_ebm), (opt_flow, args.lr_flow))
                 if opt is not None]
     print_start(args, run, total, iters, device)
-
-    offset = getattr(flow, "base_cpu_s", 0.0)  # --base_run: its training counts too
-    if args.base_run and not state["step"]:  # g's stage, and its schedule, start here
-        state["switch"] = offset / args.budget if args.budget else 0.0
 
     def progress_at(step):
         return max(step / total, (loop.cpu_s + offset) / args.budget if args.budget else 0)
@@ -717,13 +716,12 @@ def log_row(run, state, args, opt_ebm, opt_flow):
     sums start again) and their timing, and the threshold rule's current threshold."""
     m, estimator = run.loop.means(), args.estimator
     row = ({"nll_train": m["v_sum"]} if estimator == "mle" or state["phase"] == "base" else
-           {"tilt_loss": m["v_sum"], "lr_ebm": opt_ebm.param_groups[0]["lr"]}
-           if state["phase"] == "tilt" else
-           {"sm_loss": m["v_sum"], "lr_ebm": opt_ebm.param_groups[0]["lr"]}
-           if estimator in SCORE_MATCHING else
+           {"tilt_loss": m["v_sum"]} if state["phase"] == "tilt" else
+           {"sm_loss": m["v_sum"]} if estimator in SCORE_MATCHING else
            {"value": -m["v_sum"], "accuracy": m["acc_sum"], "accuracy_flow": m["acc_flow_sum"],
-            "ebm_step_fraction": m["n_ebm"], "flow_step_fraction": m["n_flow"],
-            "lr_ebm": opt_ebm.param_groups[0]["lr"]})
+            "ebm_step_fraction": m["n_ebm"], "flow_step_fraction": m["n_flow"]})
+    if opt_ebm is not None and state["phase"] != "base":  # the EBM (or g) is training
+        row["lr_ebm"] = opt_ebm.param_groups[0]["lr"]
     if estimator == "fce" and args.rule == "threshold":
         row["threshold"] = state["threshold"]
     row.update(epoch=state["epoch"], cpu_s=run.loop.cpu_s)

@@ -9,8 +9,8 @@ import torch
 
 import checkpoint
 import flows
-import logger
 import gridmath
+import logger
 import references
 import tasks
 import tilt
